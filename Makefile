@@ -1,0 +1,22 @@
+# Two entry points, each of which sets up its own virtual environment:
+#   make demo   train, quantise, export and verify on sklearn's bundled digits
+#   make test   run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test,examples]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m examples.quickstart
+
+test: venv
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q
+
+.PHONY: venv demo test
