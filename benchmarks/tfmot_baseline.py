@@ -1,0 +1,399 @@
+"""Baseline: TensorFlow Model Optimization (tfmot) weight clustering.
+
+tfmot only works with tf_keras (Keras 2), and importing it sets
+`TF_USE_LEGACY_KERAS=1` for the whole process. So this is a standalone
+script, run in its own process and in its own environment; the library
+never imports it. Set that environment up with:
+
+    python3 -m venv /work/venv-compare
+    /work/venv-compare/bin/pip install tensorflow==2.21.0 tf-keras==2.21.0 \\
+        tensorflow-model-optimization numpy absl-py scikit-learn
+
+and call it from the Keras 3 side with `benchmarks.tfmot_runner`
+(`run_tfmot_baseline(...)`), or directly:
+
+    /work/venv-compare/bin/python benchmarks/tfmot_baseline.py \\
+        --model=digits --data=digits --num_clusters=16 --epochs=2 \\
+        --out=/tmp/tfmot.json
+
+What it does, from one set of initial weights (`--weights_in`, else a
+seeded random init, optionally float-trained `--pretrain_epochs`):
+
+1. float run: plain tf_keras training for `--epochs`, timed;
+2. clustering run: `tfmot.clustering.keras.cluster_weights` on every
+   Conv2D/Dense kernel with `--num_clusters` centroids, fine-tuned for
+   `--epochs` (timed), then `strip_clustering` and evaluated.
+
+The architectures are the tf_keras twins of `examples/models.py`
+(`digits_cnn`, `lenet`, `mlp`), layer by layer, so that
+`np.savez(path, *keras3_model.get_weights())` loads here in order.
+
+Output (`--out`, JSON): test accuracies (initial, float after training,
+clustered before fine-tuning, clustered after fine-tuning and stripping),
+the median train-step time of each run in ms/step (per-epoch time divided
+by steps, median over epochs, the first epoch excluded since it includes
+tracing/compilation), and the number of distinct values of each kernel
+after stripping (a sanity check: at most `--num_clusters`).
+"""
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# tfmot needs Keras 2; say so before TensorFlow is imported.
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+# Run as a file (`python benchmarks/tfmot_baseline.py`): make the repo root
+# importable for `examples.datasets` (numpy-only at import time).
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+MODELS = ("digits_cnn", "lenet", "mlp")
+# Short names accepted by --model.
+MODEL_ALIASES = {"digits": "digits_cnn", "cnn": "digits_cnn"}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string(
+    "model",
+    "digits",
+    "Architecture: mlp | lenet | digits_cnn (aliases: digits, cnn).",
+)
+flags.DEFINE_integer("num_clusters", 16, "Clusters (LUT entries) per kernel.")
+flags.DEFINE_integer("epochs", 2, "Epochs of each timed run.")
+flags.DEFINE_integer("batch_size", 32, "Batch size.")
+flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate, both runs.")
+flags.DEFINE_string(
+    "data",
+    "digits",
+    "digits | synthetic | path to mnist.npz (or a directory holding it).",
+)
+flags.DEFINE_string(
+    "weights_in",
+    None,
+    "Optional .npz of initial weights in model.get_weights() order "
+    "(np.savez(path, *model.get_weights()) on the Keras 3 side).",
+)
+flags.DEFINE_integer(
+    "pretrain_epochs",
+    0,
+    "Untimed float training before both runs (for a sensible start "
+    "without --weights_in).",
+)
+flags.DEFINE_enum(
+    "centroid_init",
+    "kmeans_plus_plus",
+    ["kmeans_plus_plus", "linear", "density_based", "random"],
+    "tfmot CentroidInitialization.",
+)
+flags.DEFINE_string("weights_out", None, "Optional .npz of stripped weights.")
+flags.DEFINE_string("out", None, "Where to write the JSON result.")
+flags.DEFINE_integer("seed", 0, "Seed of the random init and shuffling.")
+
+
+# ---------------------------------------------------------------------------
+# Models: tf_keras twins of examples/models.py (same layers, order, names).
+# ---------------------------------------------------------------------------
+
+
+def build_model(keras, name, input_shape, num_classes=10):
+    """Builds `name` in tf_keras, matching `examples.models` layer by layer."""
+    L = keras.layers
+    inputs = keras.Input(shape=input_shape, name="image")
+    if name == "digits_cnn":
+        x = L.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(
+            inputs
+        )
+        x = L.Conv2D(32, 3, activation="relu", name="conv2")(x)
+        x = L.MaxPooling2D(2, name="pool")(x)
+        x = L.Flatten(name="flatten")(x)
+        x = L.Dense(64, activation="relu", name="fc1")(x)
+        outputs = L.Dense(num_classes, activation="softmax", name="fc2")(x)
+    elif name == "lenet":
+        x = L.Conv2D(20, 5, activation="relu", name="conv1")(inputs)
+        x = L.MaxPooling2D(2, name="pool1")(x)
+        x = L.Conv2D(50, 5, activation="relu", name="conv2")(x)
+        x = L.MaxPooling2D(2, name="pool2")(x)
+        x = L.Flatten(name="flatten")(x)
+        x = L.Dense(500, activation="relu", name="fc1")(x)
+        outputs = L.Dense(num_classes, activation="softmax", name="fc2")(x)
+    elif name == "mlp":
+        # Flatten has no weights: same get_weights() as mlp(input_dim=784).
+        x = L.Flatten(name="flatten")(inputs)
+        x = L.Dense(512, activation="relu", name="fc1")(x)
+        x = L.Dense(512, activation="relu", name="fc2")(x)
+        outputs = L.Dense(num_classes, activation="softmax", name="fc3")(x)
+    else:
+        raise ValueError(f"--model must be one of {MODELS}, got {name!r}.")
+    return keras.Model(inputs, outputs, name=name)
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+def synthetic_data(image_shape, num_classes=10, n_train=2048, n_test=512, seed=0):
+    """Random images labelled by a fixed random linear teacher (learnable)."""
+    rng = np.random.default_rng(seed)
+    dim = int(np.prod(image_shape))
+    teacher = rng.standard_normal((dim, num_classes)).astype(np.float32)
+
+    def make(n):
+        x = rng.random((n,) + tuple(image_shape), dtype=np.float32)
+        y = ((x.reshape(n, -1) - 0.5) @ teacher).argmax(1).astype(np.int32)
+        return x, y
+
+    return make(n_train), make(n_test)
+
+
+def load_data(data, model_name, seed):
+    from examples import datasets
+
+    if data == "digits":
+        return datasets.load_digits(seed=seed)
+    if data == "synthetic":
+        shape = (8, 8, 1) if model_name == "digits_cnn" else (28, 28, 1)
+        return synthetic_data(shape, seed=seed)
+    if os.path.exists(os.path.expanduser(data)):
+        return datasets.load_mnist(data)
+    raise ValueError(
+        f"--data must be 'digits', 'synthetic' or an existing path to "
+        f"mnist.npz (or a directory holding it); got {data!r}."
+    )
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+
+def make_epoch_timer(keras):
+    class EpochTimer(keras.callbacks.Callback):
+        """Records the wall time of each training epoch."""
+
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._t0)
+
+    return EpochTimer()
+
+
+def ms_per_step(epoch_seconds, steps):
+    """Per-epoch ms/step and their median (first epoch dropped if possible)."""
+    per_epoch = [1000.0 * s / steps for s in epoch_seconds]
+    timed = per_epoch[1:] if len(per_epoch) > 1 else per_epoch
+    return statistics.median(timed), per_epoch
+
+
+def fit_timed(keras, model, x, y, epochs, batch_size, seed):
+    timer = make_epoch_timer(keras)
+    keras.utils.set_random_seed(seed)
+    model.fit(
+        x,
+        y,
+        batch_size=batch_size,
+        epochs=epochs,
+        shuffle=True,
+        verbose=0,
+        callbacks=[timer],
+    )
+    steps = -(-len(x) // batch_size)
+    return ms_per_step(timer.seconds, steps)
+
+
+def compile_model(keras, model, learning_rate):
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def accuracy(model, x, y):
+    return float(model.evaluate(x, y, batch_size=256, verbose=0)[1])
+
+
+def load_weights_npz(path, model):
+    """Sets weights from an .npz saved as `np.savez(path, *get_weights())`."""
+    with np.load(path, allow_pickle=False) as f:
+        keys = list(f.files)
+        # np.savez(*arrays) names them arr_0, arr_1, ...: sort numerically.
+        if all(k.startswith("arr_") and k[4:].isdigit() for k in keys):
+            keys.sort(key=lambda k: int(k[4:]))
+        weights = [f[k] for k in keys]
+    expected = [tuple(w.shape) for w in model.get_weights()]
+    got = [tuple(w.shape) for w in weights]
+    if expected != got:
+        raise ValueError(
+            f"--weights_in {path!r} does not fit model {model.name!r}: "
+            f"expected shapes {expected}, got {got}. Save it with "
+            "np.savez(path, *model.get_weights()) from the same architecture."
+        )
+    model.set_weights(weights)
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+
+def run(
+    model_name,
+    num_clusters,
+    epochs,
+    batch_size,
+    data,
+    weights_in=None,
+    learning_rate=1e-3,
+    pretrain_epochs=0,
+    centroid_init="kmeans_plus_plus",
+    weights_out=None,
+    seed=0,
+):
+    """Runs both baselines and returns the result dict (see module doc)."""
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+    import tf_keras as keras
+
+    model_name = MODEL_ALIASES.get(model_name, model_name)
+    if model_name not in MODELS:
+        raise ValueError(
+            f"--model must be one of {MODELS} or {sorted(MODEL_ALIASES)}, "
+            f"got {model_name!r}."
+        )
+    if num_clusters < 2:
+        raise ValueError(f"--num_clusters must be >= 2, got {num_clusters}.")
+    t_start = time.perf_counter()
+    (x_train, y_train), (x_test, y_test) = load_data(data, model_name, seed)
+    expected_hw = (8, 8) if model_name == "digits_cnn" else (28, 28)
+    if model_name != "mlp" and tuple(x_train.shape[1:3]) != expected_hw:
+        raise ValueError(
+            f"--model {model_name} takes {expected_hw} images but --data "
+            f"{data!r} has {tuple(x_train.shape[1:])}."
+        )
+    input_shape = tuple(x_train.shape[1:])
+
+    keras.utils.set_random_seed(seed)
+    initial = build_model(keras, model_name, input_shape)
+    if weights_in:
+        load_weights_npz(weights_in, initial)
+    compile_model(keras, initial, learning_rate)
+    if pretrain_epochs:
+        initial.fit(
+            x_train, y_train, batch_size=batch_size, epochs=pretrain_epochs,
+            verbose=0,
+        )
+    start_weights = initial.get_weights()
+    initial_acc = accuracy(initial, x_test, y_test)
+
+    # 1. Float run, same start, same schedule.
+    float_model = build_model(keras, model_name, input_shape)
+    float_model.set_weights(start_weights)
+    compile_model(keras, float_model, learning_rate)
+    float_ms, float_per_epoch = fit_timed(
+        keras, float_model, x_train, y_train, epochs, batch_size, seed
+    )
+    float_acc = accuracy(float_model, x_test, y_test)
+
+    # 2. Clustering run.
+    base = build_model(keras, model_name, input_shape)
+    base.set_weights(start_weights)
+    init = getattr(
+        tfmot.clustering.keras.CentroidInitialization, centroid_init.upper()
+    )
+    clustered = tfmot.clustering.keras.cluster_weights(
+        base, number_of_clusters=num_clusters, cluster_centroids_init=init
+    )
+    compile_model(keras, clustered, learning_rate)
+    clustered_acc_before = accuracy(clustered, x_test, y_test)
+    cluster_ms, cluster_per_epoch = fit_timed(
+        keras, clustered, x_train, y_train, epochs, batch_size, seed
+    )
+    stripped = tfmot.clustering.keras.strip_clustering(clustered)
+    compile_model(keras, stripped, learning_rate)
+    clustered_acc = accuracy(stripped, x_test, y_test)
+
+    distinct = {
+        layer.name: int(np.unique(layer.kernel.numpy()).size)
+        for layer in stripped.layers
+        if hasattr(layer, "kernel")
+    }
+    if weights_out:
+        np.savez(weights_out, *stripped.get_weights())
+
+    return {
+        "model": model_name,
+        "data": data,
+        "input_shape": list(input_shape),
+        "num_train": int(len(x_train)),
+        "num_test": int(len(x_test)),
+        "num_clusters": num_clusters,
+        "centroid_init": centroid_init,
+        "epochs": epochs,
+        "pretrain_epochs": pretrain_epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "steps_per_epoch": -(-len(x_train) // batch_size),
+        "weights_in": weights_in,
+        "initial_test_accuracy": initial_acc,
+        "float_test_accuracy": float_acc,
+        "clustered_test_accuracy_before_finetune": clustered_acc_before,
+        "test_accuracy": clustered_acc,
+        "ms_per_step": cluster_ms,
+        "ms_per_step_epochs": cluster_per_epoch,
+        "float_ms_per_step": float_ms,
+        "float_ms_per_step_epochs": float_per_epoch,
+        "slowdown_vs_float": cluster_ms / float_ms,
+        "distinct_values_per_kernel": distinct,
+        "distinct_values_ok": all(n <= num_clusters for n in distinct.values()),
+        "num_params": int(stripped.count_params()),
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "tf_keras": keras.__version__,
+            "tfmot": getattr(tfmot, "__version__", "unknown"),
+        },
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+
+
+def main(argv):
+    del argv
+    result = run(
+        FLAGS.model,
+        FLAGS.num_clusters,
+        FLAGS.epochs,
+        FLAGS.batch_size,
+        FLAGS.data,
+        weights_in=FLAGS.weights_in,
+        learning_rate=FLAGS.learning_rate,
+        pretrain_epochs=FLAGS.pretrain_epochs,
+        centroid_init=FLAGS.centroid_init,
+        weights_out=FLAGS.weights_out,
+        seed=FLAGS.seed,
+    )
+    text = json.dumps(result, indent=2)
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        with open(FLAGS.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,134 @@
+"""Runs the tfmot clustering baseline in its own process (Keras 3 side).
+
+`benchmarks/tfmot_baseline.py` needs tf_keras + tfmot, which switch the
+whole process to Keras 2, so it must never be imported here. This module
+only launches it with `subprocess` and parses its JSON; it imports neither
+tfmot nor tf_keras (nor Keras).
+
+The interpreter is, in order: the `python` argument, the environment
+variable `LUTQ_COMPARE_PYTHON` (e.g. `/work/venv-compare/bin/python`), or
+the current interpreter.
+
+Example (Keras 3 side):
+
+    model = examples.models.digits_cnn()
+    save_initial_weights(model, "/tmp/init.npz")
+    result = run_tfmot_baseline(
+        model="digits", num_clusters=16, epochs=2, data="digits",
+        weights_in="/tmp/init.npz")
+    result["test_accuracy"], result["ms_per_step"]
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tfmot_baseline.py")
+
+
+def compare_python():
+    """The interpreter used for the baseline (see module doc)."""
+    return os.environ.get("LUTQ_COMPARE_PYTHON") or sys.executable
+
+
+def save_initial_weights(model, path):
+    """Saves `model.get_weights()` in order, as `--weights_in` expects.
+
+    Args:
+        model: a Keras 3 model from `examples.models` (`digits_cnn`,
+            `lenet` or `mlp`), trained or freshly initialised.
+        path: destination .npz path.
+
+    Returns:
+        `path`.
+    """
+    np.savez(path, *model.get_weights())
+    return path
+
+
+def run_tfmot_baseline(
+    model="digits",
+    num_clusters=16,
+    epochs=2,
+    batch_size=32,
+    data="digits",
+    weights_in=None,
+    learning_rate=None,
+    pretrain_epochs=None,
+    seed=None,
+    out=None,
+    python=None,
+    timeout=None,
+    extra_flags=(),
+):
+    """Runs `tfmot_baseline.py` in a subprocess and returns its result.
+
+    Args:
+        model: `"mlp"`, `"lenet"`, `"digits_cnn"` (aliases `"digits"`,
+            `"cnn"`).
+        num_clusters: clusters per kernel (K).
+        epochs: epochs of the timed float and clustering runs.
+        batch_size: batch size.
+        data: `"digits"`, `"synthetic"` or a path to `mnist.npz`.
+        weights_in: optional .npz of initial weights (`save_initial_weights`).
+        learning_rate, pretrain_epochs, seed: passed on when not None.
+        out: where the script writes its JSON; a temporary file if None.
+        python: interpreter to use; see `compare_python()`.
+        timeout: seconds before the subprocess is killed (None: no limit).
+        extra_flags: further `--flag=value` strings.
+
+    Returns:
+        The result dict (keys `test_accuracy`, `ms_per_step`,
+        `float_ms_per_step`, `distinct_values_per_kernel`, ...).
+
+    Raises:
+        RuntimeError: if the script fails; the message holds the end of its
+            stderr (e.g. tfmot missing: point `LUTQ_COMPARE_PYTHON` at the
+            compare venv's python).
+    """
+    python = python or compare_python()
+    flags = [
+        f"--model={model}",
+        f"--num_clusters={int(num_clusters)}",
+        f"--epochs={int(epochs)}",
+        f"--batch_size={int(batch_size)}",
+        f"--data={data}",
+    ]
+    if weights_in is not None:
+        flags.append(f"--weights_in={os.fspath(weights_in)}")
+    if learning_rate is not None:
+        flags.append(f"--learning_rate={learning_rate}")
+    if pretrain_epochs is not None:
+        flags.append(f"--pretrain_epochs={int(pretrain_epochs)}")
+    if seed is not None:
+        flags.append(f"--seed={int(seed)}")
+    flags.extend(extra_flags)
+
+    with tempfile.TemporaryDirectory(prefix="lutq_tfmot_") as tmp:
+        out_path = os.fspath(out) if out else os.path.join(tmp, "result.json")
+        env = dict(os.environ)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # The child picks its own Keras; don't leak a choice from here.
+        env.pop("TF_USE_LEGACY_KERAS", None)
+        proc = subprocess.run(
+            [python, SCRIPT, *flags, f"--out={out_path}"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+            raise RuntimeError(
+                f"tfmot baseline failed (exit {proc.returncode}) with "
+                f"{python}. If tfmot/tf_keras are missing, set "
+                "LUTQ_COMPARE_PYTHON to the python of a venv with "
+                "tensorflow, tf-keras and tensorflow-model-optimization "
+                f"(see benchmarks/tfmot_baseline.py).\n{tail}"
+            )
+        with open(out_path) as f:
+            return json.load(f)

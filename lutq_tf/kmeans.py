@@ -1,0 +1,214 @@
+"""The LUT-Q k-means step on one weight matrix, as pure TensorFlow functions.
+
+Weights are viewed as a matrix `x` of shape `[M, C]`: C tables (1 for a
+per-tensor dictionary, else one per output channel) of M weights each. The
+dictionary `d` is `[K, C]` and the assignment `a` is `[M, C]` with values in
+`[0, K)`; the quantised weights are `q[m, c] = d[a[m, c], c]`.
+
+With pruning, row 0 of `d` is the pruning entry, fixed at exactly 0, and
+exactly `num_pruned` weights of each table (the smallest |x|; ties broken by
+position) are assigned to it; the other weights go to the nearest of rows
+`1..K-1`.
+
+Every function is deterministic: ties in the assignment go to the lower
+dictionary value, ties in pruning to the earlier weight.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+# Up to this many entries, counting the midpoints below each weight (K-1
+# fused compares) beats the binary search's gathers on CPU under XLA.
+_LINEAR_SEARCH_MAX_VALUES = 32
+
+
+def nearest_assignment(x, dictionary):
+    """Index of the nearest dictionary row for every weight.
+
+    Works on the sorted midpoints between entries: for small K it counts the
+    midpoints below each weight (K-1 compares that XLA fuses into one pass),
+    for larger K it runs a branchless binary search, O(log K) per weight
+    (one small-table gather and one compare per round). Both beat
+    tf.searchsorted and an `[M, C, K]` distance matrix on CPU.
+
+    Args:
+        x: float32 `[M, C]`.
+        dictionary: float32 `[K, C]`, in any order.
+
+    Returns:
+        int32 `[M, C]`, row indices into `dictionary`.
+    """
+    num_values = dictionary.shape[0]
+    channels = x.shape[1]
+    if num_values == 1:
+        return tf.zeros_like(x, dtype=tf.int32)
+    table = tf.transpose(dictionary)  # [C, K]: one contiguous row per table.
+    order = tf.argsort(table, axis=1, stable=True)
+    sorted_table = tf.gather(table, order, batch_dims=1)
+    midpoints = 0.5 * (sorted_table[:, 1:] + sorted_table[:, :-1])
+    if num_values <= _LINEAR_SEARCH_MAX_VALUES:
+        columns = tf.transpose(midpoints)  # [K-1, C]
+        position = tf.zeros_like(x, dtype=tf.int32)
+        for j in range(num_values - 1):
+            # Strictly above the midpoint goes up: a tie stays low.
+            position += tf.cast(x > columns[j][None, :], tf.int32)
+    else:
+        position = _binary_search(x, midpoints)
+    flat_order = tf.reshape(order, [-1])
+    return tf.gather(
+        flat_order,
+        tf.range(channels, dtype=tf.int32)[None, :] * num_values + position,
+    )
+
+
+def _binary_search(x, midpoints):
+    """Number of midpoints strictly below x per column; midpoints `[C, K-1]`."""
+    channels, count = midpoints.shape
+    # Pad to 2**r - 1 midpoints with +inf so every round halves exactly.
+    rounds = int(np.ceil(np.log2(count + 1)))
+    width = 2**rounds - 1
+    midpoints = tf.pad(
+        midpoints, [[0, 0], [0, width - count]], constant_values=np.inf
+    )
+    flat_midpoints = tf.reshape(midpoints, [-1])
+    row_offset = tf.range(channels, dtype=tf.int32)[None, :] * width
+    position = tf.zeros_like(x, dtype=tf.int32)
+    for r in reversed(range(rounds)):
+        candidate = position + 2**r
+        threshold = tf.gather(flat_midpoints, row_offset + candidate - 1)
+        position = tf.where(x > threshold, candidate, position)
+    return position
+
+
+def pruning_mask(x, num_pruned):
+    """The `num_pruned` smallest-|x| weights of each column, ties by position.
+
+    Finds each column's threshold exactly by bisection on the bit patterns
+    of |x| (non-negative floats order like their int32 bits), 31 counting
+    passes instead of a sort.
+
+    Args:
+        x: float32 `[M, C]`, finite.
+        num_pruned: Python int in `[0, M]`.
+
+    Returns:
+        bool `[M, C]` with exactly `num_pruned` True per column.
+    """
+    if num_pruned == 0:
+        return tf.zeros_like(x, dtype=tf.bool)
+    bits = tf.bitcast(tf.abs(x), tf.int32)
+    channels = x.shape[1]
+    low = tf.fill([channels], tf.constant(-1, tf.int32))
+    high = tf.fill([channels], tf.constant(0x7F800000, tf.int32))
+    # Invariant: count(bits <= low) < num_pruned <= count(bits <= high).
+    for _ in range(31):
+        middle = low + (high - low) // 2
+        count = tf.reduce_sum(tf.cast(bits <= middle[None, :], tf.int32), 0)
+        enough = count >= num_pruned
+        high = tf.where(enough, middle, high)
+        low = tf.where(enough, low, middle)
+    below = bits < high[None, :]
+    at = bits == high[None, :]
+    missing = num_pruned - tf.reduce_sum(tf.cast(below, tf.int32), axis=0)
+    rank_at = tf.cumsum(tf.cast(at, tf.int32), axis=0)
+    return below | (at & (rank_at <= missing[None, :]))
+
+
+def assign(x, dictionary, num_pruned):
+    """The LUT-Q assignment: nearest entry, with pruning if `num_pruned`.
+
+    Args:
+        x: float32 `[M, C]`.
+        dictionary: float32 `[K, C]`; with pruning row 0 is the zero entry.
+        num_pruned: Python int; 0 disables pruning.
+
+    Returns:
+        int32 `[M, C]`.
+    """
+    if num_pruned == 0:
+        return nearest_assignment(x, dictionary)
+    nearest = nearest_assignment(x, dictionary[1:]) + 1
+    return tf.where(pruning_mask(x, num_pruned), 0, nearest)
+
+
+def cluster_sums(x, assignment, num_values):
+    """Per-entry weight sums and counts, each float32 `[K, C]`."""
+    channels = x.shape[1]
+    segment = assignment * channels + tf.range(channels, dtype=tf.int32)[None]
+    segment = tf.reshape(segment, [-1])
+    values = tf.stack([tf.reshape(x, [-1]), tf.ones([tf.size(x)])], axis=1)
+    sums = tf.math.unsorted_segment_sum(values, segment,
+                                        num_values * channels)
+    sums = tf.reshape(sums, [num_values, channels, 2])
+    return sums[..., 0], sums[..., 1]
+
+
+def lookup(dictionary, assignment):
+    """q = d[a] per column: float32 `[M, C]`."""
+    num_values, channels = dictionary.shape
+    flat = tf.reshape(dictionary, [-1])
+    return tf.gather(
+        flat, assignment * channels + tf.range(channels, dtype=tf.int32)[None]
+    )
+
+
+def kmeans_step(x, dictionary, constraint, num_pruned):
+    """One LUT-Q k-means step.
+
+    Assignment to the nearest entry (pruning first, if any), cluster means
+    (an empty cluster keeps its value), then the constraint's projection.
+
+    Args:
+        x: float32 `[M, C]`, the full-precision weights.
+        dictionary: float32 `[K, C]`.
+        constraint: a `lutq_tf.constraints.Constraint`.
+        num_pruned: Python int, weights per column fixed to the zero entry.
+
+    Returns:
+        `(dictionary, assignment, quantised)`: float32 `[K, C]`, int32
+        `[M, C]` and float32 `[M, C]` with `quantised == d[a]` exactly.
+    """
+    num_values = dictionary.shape[0]
+    fixed_zero = num_pruned > 0
+    assignment = assign(x, dictionary, num_pruned)
+    sums, counts = cluster_sums(x, assignment, num_values)
+    means = tf.where(counts > 0, sums / tf.maximum(counts, 1.0), dictionary)
+    if fixed_zero:
+        means = tf.concat([tf.zeros_like(means[:1]), means[1:]], axis=0)
+    projected = constraint.project(means, counts, dictionary, fixed_zero)
+    return projected, assignment, lookup(projected, assignment)
+
+
+def initial_dictionary(x, num_values, constraint, num_pruned, iterations):
+    """A dictionary fitted to `x` by k-means from quantile seeds.
+
+    Quantile seeding is deterministic and, in one dimension, places seeds
+    where the weights are dense, which k-means++ only does in expectation.
+    Seeds are projected onto the constraint before the Lloyd iterations.
+
+    Args:
+        x: float32 `[M, C]`, finite.
+        num_values: K.
+        constraint: a `Constraint`.
+        num_pruned: Python int.
+        iterations: number of Lloyd iterations (k-means steps).
+
+    Returns:
+        `(dictionary, assignment, quantised)` as `kmeans_step` returns them.
+    """
+    fixed_zero = num_pruned > 0
+    free = num_values - 1 if fixed_zero else num_values
+    rows = x.shape[0]
+    ordered = tf.sort(x, axis=0)
+    positions = np.floor((np.arange(free) + 0.5) / free * rows).astype(np.int32)
+    seeds = tf.gather(ordered, np.minimum(positions, rows - 1), axis=0)
+    if fixed_zero:
+        seeds = tf.concat([tf.zeros_like(seeds[:1]), seeds], axis=0)
+    dictionary = constraint.project(
+        seeds, tf.ones_like(seeds), seeds, fixed_zero
+    )
+    result = kmeans_step(x, dictionary, constraint, num_pruned)
+    for _ in range(iterations - 1):
+        result = kmeans_step(x, result[0], constraint, num_pruned)
+    return result

@@ -1,0 +1,91 @@
+"""`summary`: what LUT-Q did to each quantised tensor of a model."""
+
+import dataclasses
+
+import numpy as np
+
+from lutq_tf.model import lutq_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSummary:
+    """One quantised weight tensor.
+
+    Attributes:
+        layer: the layer's name.
+        tensor: the weight's attribute ("kernel", "depthwise_kernel", ...).
+        num_values: K, dictionary entries per table.
+        per_channel: one dictionary per output channel (else per tensor).
+        in_use: distinct entries that some weight is assigned to (the
+            largest count over tables when per channel).
+        prune_rate: fraction of weights that are exactly 0.
+        index_bits: bits per assignment index, ceil(log2 K).
+        weight_count: number of weights.
+        constraint: the dictionary constraint's description.
+    """
+
+    layer: str
+    tensor: str
+    num_values: int
+    per_channel: bool
+    in_use: int
+    prune_rate: float
+    index_bits: int
+    weight_count: int
+    constraint: str
+
+
+def summary(model, print_fn=print):
+    """Per quantised tensor: K, entries in use, pruning, index bits, size.
+
+    Args:
+        model: a model containing `LUTQWrapper` layers.
+        print_fn: called with the table as one string; None prints nothing.
+
+    Returns:
+        A list of `TensorSummary`.
+    """
+    rows = []
+    for layer in lutq_layers(model):
+        quantizer = layer.quantizer
+        for state in layer.tensor_states:
+            assignment = state.to_matrix(state.assignment.value).numpy()
+            quantized = state.quantized.numpy()
+            in_use = max(
+                len(np.unique(assignment[:, c]))
+                for c in range(assignment.shape[1])
+            )
+            rows.append(TensorSummary(
+                layer=layer.name,
+                tensor=state.spec.attribute,
+                num_values=quantizer.num_values,
+                per_channel=quantizer.per_channel,
+                in_use=in_use,
+                prune_rate=float(np.mean(quantized == 0)),
+                index_bits=quantizer.index_bits,
+                weight_count=int(quantized.size),
+                constraint=repr(quantizer.constraint),
+            ))
+    if print_fn is not None:
+        print_fn(format_table(rows))
+    return rows
+
+
+def format_table(rows):
+    """Renders `TensorSummary` rows as a fixed-width text table."""
+    header = ("layer", "tensor", "K", "tables", "in use", "pruned", "bits",
+              "weights", "constraint")
+    body = [
+        (r.layer, r.tensor, str(r.num_values),
+         "channel" if r.per_channel else "tensor", str(r.in_use),
+         f"{100 * r.prune_rate:.1f}%", str(r.index_bits),
+         f"{r.weight_count:,}", r.constraint)
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
+              for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths))
+              for row in body]
+    return "\n".join(lines)

@@ -1,0 +1,290 @@
+"""`LUTQWrapper`: a layer whose kernels are LUT-Q look-up tables."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from lutq_tf import registry
+from lutq_tf.quantizer import LUTQuantizer
+
+
+@tf.custom_gradient
+def _straight_through(weights, quantized):
+    """Forward: exactly `quantized` (= d[A]). Backward: dL/dQ goes to W."""
+
+    def grad(upstream):
+        return upstream, tf.zeros_like(quantized)
+
+    return tf.identity(quantized), grad
+
+
+class _TensorState:
+    """The LUT-Q state of one quantised weight of the wrapped layer."""
+
+    def __init__(self, spec, variable, dictionary, assignment, quantized,
+                 permutation, channels):
+        self.spec = spec
+        self.variable = variable  # W, the wrapped layer's own variable.
+        self.dictionary = dictionary  # [K, C]
+        self.assignment = assignment  # shape of W, small unsigned ints
+        self.quantized = quantized  # d[A] in the shape of W, cached
+        self.permutation = permutation  # puts channel axes last, or None
+        self.channels = channels
+
+    def to_matrix(self, tensor):
+        """`[M, C]` view of a tensor shaped like W."""
+        if self.permutation is not None:
+            tensor = tf.transpose(tensor, self.permutation)
+        return tf.reshape(tensor, [-1, self.channels])
+
+    def from_matrix(self, matrix):
+        shape = self.variable.shape
+        if self.permutation is None:
+            return tf.reshape(matrix, shape)
+        permuted = [shape[i] for i in self.permutation]
+        return tf.transpose(
+            tf.reshape(matrix, permuted), np.argsort(self.permutation)
+        )
+
+
+@keras.saving.register_keras_serializable(package="lutq_tf")
+class LUTQWrapper(keras.layers.Wrapper):
+    """Wraps a Keras layer so that its kernels are LUT-Q quantised.
+
+    The wrapped layer's kernels W stay its trainable variables. For each one
+    the wrapper keeps, as non-trainable state, a dictionary d (`[K, C]`, C = 1
+    or the number of output channels), an assignment A (W's shape, the
+    smallest unsigned dtype that holds K) and the cached product d[A]. The
+    forward pass uses exactly d[A]; its gradient is applied to W
+    (straight-through). `kmeans_step()` refits A and d to W; models built with
+    `lutq_tf.quantize_model` or `LUTQModelMixin` call it after each
+    optimizer step.
+
+    Supported layers: Dense, Conv1D/2D/3D, DepthwiseConv1D/2D,
+    SeparableConv1D/2D (both kernels), Conv1D/2D/3DTranspose, Embedding.
+
+    Args:
+        layer: the Keras layer to wrap.
+        quantizer: a `lutq_tf.LUTQuantizer` (or its config dict). Defaults to
+            `LUTQuantizer(bits=4)`.
+        **kwargs: base layer arguments; `name` defaults to the layer's name.
+
+    Input and output shapes are those of the wrapped layer.
+    """
+
+    def __init__(self, layer, quantizer=None, **kwargs):
+        if not registry.is_supported(layer):
+            raise ValueError(
+                f"LUT-Q cannot quantise layer '{layer.name}' of type "
+                f"{type(layer).__name__}. Supported types: "
+                f"{', '.join(c.__name__ for c in registry.SUPPORTED_LAYERS)}."
+            )
+        kwargs.setdefault("name", layer.name)
+        super().__init__(layer, **kwargs)
+        if quantizer is None:
+            quantizer = LUTQuantizer(bits=4)
+        elif isinstance(quantizer, dict):
+            quantizer = keras.saving.deserialize_keras_object(quantizer)
+        if not isinstance(quantizer, LUTQuantizer):
+            raise ValueError(
+                f"LUTQWrapper '{kwargs['name']}': `quantizer` must be a "
+                f"lutq_tf.LUTQuantizer, got {quantizer!r}."
+            )
+        self.quantizer = quantizer
+        self.supports_masking = getattr(layer, "supports_masking", False)
+        self._states = []
+        self._compiled_step = None
+        self._compiled_init = None
+
+    # -- building -----------------------------------------------------------
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        for spec in registry.quantizable_tensors(self.layer):
+            self._states.append(self._make_state(spec))
+        # Set by LUTQModelMixin when W turns NaN/Inf; read after each step.
+        self.nonfinite_flag = self.add_weight(
+            name="nonfinite", shape=(), dtype="bool", initializer="zeros",
+            trainable=False, autocast=False,
+        )
+        self.built = True
+        # Fit the dictionaries to the current weights; init_scope lifts the
+        # work out of any graph being traced (Keras builds symbolically).
+        with tf.init_scope():
+            self.initialize()
+
+    def _make_state(self, spec):
+        variable = getattr(self.layer, spec.attribute)
+        if not isinstance(variable, keras.Variable):
+            raise ValueError(
+                f"Layer '{self.layer.name}': `{spec.attribute}` is not a plain "
+                "variable (LoRA or quantisation enabled?); LUT-Q needs the "
+                "float weights."
+            )
+        shape = tuple(variable.shape)
+        rank = len(shape)
+        channel_axes = [rank + a for a in spec.channel_axes]
+        permutation = None
+        channels = 1
+        if self.quantizer.per_channel:
+            channels = int(np.prod([shape[a] for a in channel_axes]))
+            if channel_axes != list(range(rank - len(channel_axes), rank)):
+                others = [a for a in range(rank) if a not in channel_axes]
+                permutation = others + channel_axes
+        size = int(np.prod(shape))
+        table_size = size // channels
+        k = self.quantizer.num_values
+        if k > table_size:
+            raise ValueError(
+                f"Layer '{self.layer.name}': K={k} dictionary entries exceed "
+                f"the {table_size} weights of each "
+                f"{'channel' if channels > 1 else 'tensor'} of "
+                f"`{spec.attribute}`. Use fewer bits for this layer (an "
+                "override), skip it, or raise `min_weights`."
+            )
+        prefix = spec.attribute
+        dictionary = self.add_weight(
+            name=f"{prefix}_dictionary", shape=(k, channels),
+            dtype="float32", initializer="zeros", trainable=False,
+            autocast=False,
+        )
+        assignment = self.add_weight(
+            name=f"{prefix}_assignment", shape=shape,
+            dtype=self.quantizer.assignment_dtype, initializer="zeros",
+            trainable=False, autocast=False,
+        )
+        quantized = self.add_weight(
+            name=f"{prefix}_quantized", shape=shape, dtype="float32",
+            initializer="zeros", trainable=False, autocast=False,
+        )
+        return _TensorState(spec, variable, dictionary, assignment, quantized,
+                            permutation, channels)
+
+    # -- the LUT-Q step -----------------------------------------------------
+
+    def initialize(self):
+        """Refit dictionaries and assignments to the current weights W.
+
+        Runs k-means (quantile seeds, `init_iterations` Lloyd steps) per
+        quantised tensor. Call it after changing W by hand.
+
+        Raises:
+            ValueError: if W holds NaN or Inf.
+        """
+        for state in self._states:
+            weights = tf.convert_to_tensor(state.variable.value, tf.float32)
+            if not bool(tf.reduce_all(tf.math.is_finite(weights))):
+                raise ValueError(
+                    f"Layer '{self.layer.name}': `{state.spec.attribute}` holds "
+                    "NaN or Inf; LUT-Q cannot fit a dictionary to it. Check "
+                    "the pretrained weights."
+                )
+            if self._compiled_init is None:
+                self._compiled_init = tf.function(
+                    lambda matrix: self.quantizer.initialize(matrix),
+                    jit_compile=True, reduce_retracing=True,
+                )
+            dictionary, assignment, quantized = self._compiled_init(
+                state.to_matrix(weights)
+            )
+            self._store(state, dictionary, assignment, quantized)
+
+    def kmeans_step(self):
+        """One k-means step for every quantised tensor of the layer.
+
+        Returns:
+            A bool scalar tensor: False if some W held NaN or Inf, in which
+            case that tensor's dictionary and assignment were left unchanged.
+        """
+        if self._compiled_step is None:
+            # XLA fuses the step's passes over W; it runs compiled whether
+            # or not the surrounding train function is.
+            self._compiled_step = tf.function(
+                self._step_values, jit_compile=True
+            )
+        all_finite = tf.constant(True)
+        for state in self._states:
+            finite, dictionary, assignment, quantized = self._compiled_step(
+                state.to_matrix(tf.cast(state.variable.value, tf.float32)),
+                state.dictionary.value,
+            )
+
+            def store(state=state, d=dictionary, a=assignment, q=quantized):
+                self._store(state, d, a, q)
+                return tf.constant(True)
+
+            tf.cond(finite, store, lambda: tf.constant(False))
+            all_finite = tf.logical_and(all_finite, finite)
+        return all_finite
+
+    def _step_values(self, matrix, dictionary):
+        finite = tf.reduce_all(tf.math.is_finite(matrix))
+        return (finite, *self.quantizer.step(matrix, dictionary))
+
+    def _store(self, state, dictionary, assignment, quantized):
+        state.dictionary.assign(dictionary)
+        state.assignment.assign(
+            tf.cast(state.from_matrix(assignment), state.assignment.dtype)
+        )
+        state.quantized.assign(state.from_matrix(quantized))
+
+    # -- forward ------------------------------------------------------------
+
+    def call(self, inputs, *args, **kwargs):
+        substitutes = {
+            id(state.variable): _straight_through(
+                state.variable.value, state.quantized.value
+            )
+            for state in self._states
+        }
+
+        def values(variables):
+            return [substitutes.get(id(v), v.value) for v in variables]
+
+        outputs, _, losses = self.layer.stateless_call(
+            values(self.layer.trainable_variables),
+            values(self.layer.non_trainable_variables),
+            inputs,
+            *args,
+            return_losses=True,
+            **kwargs,
+        )
+        for loss in losses:
+            self.add_loss(loss)
+        return outputs
+
+    def compute_output_shape(self, input_shape, *args, **kwargs):
+        return self.layer.compute_output_shape(input_shape, *args, **kwargs)
+
+    def compute_mask(self, inputs, mask=None):
+        return self.layer.compute_mask(inputs, mask)
+
+    # -- inspection ---------------------------------------------------------
+
+    @property
+    def quantized_tensors(self):
+        """`{attribute: (dictionary, assignment, quantized)}` as numpy arrays.
+
+        `dictionary` is `[K, C]`; `assignment` and `quantized` have the
+        kernel's shape; `quantized` equals the dictionary looked up at the
+        assignment, per channel.
+        """
+        return {
+            s.spec.attribute: (
+                s.dictionary.numpy(),
+                s.assignment.numpy(),
+                s.quantized.numpy(),
+            )
+            for s in self._states
+        }
+
+    @property
+    def tensor_states(self):
+        return tuple(self._states)
+
+    def get_config(self):
+        config = super().get_config()
+        config["quantizer"] = keras.saving.serialize_keras_object(
+            self.quantizer
+        )
+        return config

@@ -1,0 +1,196 @@
+"""Finds the look-up-table kernels of a model: the interface with `lutq_tf`.
+
+A LUT-Q model says itself which kernels are look-up tables
+(`lutq_tf.summary`) and hands over a plain Keras twin (`lutq_tf.strip_model`)
+whose kernels hold exactly `d[A]`. Any other Keras model is scanned: a kernel
+whose tables (the whole tensor, else each output channel) hold at most 128
+distinct values, fewer than their element count, is taken as a LUT kernel.
+This module is the only one that knows about `lutq_tf`.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+
+# TFLM's LUT compression stores indices of 1 to 7 bits.
+MAX_TABLE_VALUES = 128
+
+# Kernel attributes of the layers that become CONV_2D, DEPTHWISE_CONV_2D,
+# FULLY_CONNECTED or TRANSPOSE_CONV. (`embeddings` become GATHER, which TFLM
+# cannot decode from a LUT.)
+KERNEL_ATTRIBUTES = ("kernel", "depthwise_kernel", "pointwise_kernel")
+
+
+@dataclasses.dataclass
+class LutKernel:
+    """A LUT kernel of the plain Keras model.
+
+    Attributes:
+        layer: Layer name.
+        tensor: Kernel attribute name (`"kernel"`, `"depthwise_kernel"`, ...).
+        layer_type: Layer class name, for messages.
+        array: The kernel values, float32, in Keras layout.
+        num_values: K, the dictionary size per table.
+        per_channel: Whether the dictionary is per output channel.
+        source: `"lutq_tf"` or `"detected"`.
+    """
+
+    layer: str
+    tensor: str
+    layer_type: str
+    array: np.ndarray
+    num_values: int
+    per_channel: bool
+    source: str
+
+    @property
+    def index_bits(self):
+        """Bits an index into a K-entry table needs (at least 1)."""
+        return max(1, (int(self.num_values) - 1).bit_length())
+
+
+def _import_lutq():
+    try:
+        import lutq_tf
+    except ImportError:
+        return None
+    # lutq_tf is developed alongside; a partial package is not usable yet.
+    needed = ("strip_model", "summary", "is_quantized")
+    if not all(hasattr(lutq_tf, name) for name in needed):
+        return None
+    return lutq_tf
+
+
+def _layers(model):
+    """All layers of the model, nested models included."""
+    if hasattr(model, "_flatten_layers"):
+        return list(model._flatten_layers(include_self=False, recursive=True))
+    return list(model.layers)
+
+
+def _channel_tables(layer, attribute, array):
+    """Reshapes a Keras kernel to `[elements per channel, output channels]`."""
+    transposed = (
+        keras.layers.Conv1DTranspose,
+        keras.layers.Conv2DTranspose,
+        keras.layers.Conv3DTranspose,
+    )
+    depthwise = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+    if attribute == "depthwise_kernel" or isinstance(layer, depthwise):
+        # [..., in, multiplier]: output channel = in * multiplier + m.
+        return array.reshape(-1, array.shape[-2] * array.shape[-1])
+    if isinstance(layer, transposed):
+        # [..., out, in]
+        return np.moveaxis(array, -2, -1).reshape(-1, array.shape[-2])
+    return array.reshape(-1, array.shape[-1])
+
+
+def distinct_per_column(table):
+    """Number of distinct values in each column of a 2-D array."""
+    if table.shape[0] == 0:
+        return np.zeros(table.shape[1], dtype=np.int64)
+    ordered = np.sort(table, axis=0)
+    return 1 + np.count_nonzero(np.diff(ordered, axis=0), axis=0)
+
+
+def _detect(layer, attribute, array):
+    """Returns `(K, per_channel)` for a LUT kernel, else None."""
+    if array.size < 2:
+        return None
+    whole = int(distinct_per_column(array.reshape(-1, 1))[0])
+    if whole <= MAX_TABLE_VALUES and whole < array.size:
+        return whole, False
+    tables = _channel_tables(layer, attribute, array)
+    if tables.shape[0] < 2:
+        return None
+    most = int(distinct_per_column(tables).max())
+    if most <= MAX_TABLE_VALUES and most < tables.shape[0]:
+        return most, True
+    return None
+
+
+def _kernel(layer, attribute):
+    try:
+        variable = getattr(layer, attribute, None)
+    except Exception:  # Some layers compute the attribute and may refuse.
+        return None
+    if variable is None or not hasattr(variable, "numpy"):
+        return None
+    return np.asarray(variable.numpy(), dtype=np.float32)
+
+
+def find_lut_kernels(model):
+    """Finds the LUT kernels of a LUT-Q model or of a plain Keras model.
+
+    Args:
+        model: A `keras.Model`, LUT-Q (with `lutq_tf` layers) or plain.
+
+    Returns:
+        `(plain_model, kernels, notes)`: the plain Keras model to convert, a
+        list of `LutKernel`, and a list of strings for the report.
+
+    Raises:
+        ValueError: A LUT-Q table has more than 128 values.
+    """
+    lutq = _import_lutq()
+    notes = []
+    kernels = []
+    if lutq is not None and lutq.is_quantized(model):
+        rows = lutq.summary(model, print_fn=lambda *args, **kwargs: None)
+        plain = lutq.strip_model(model)
+        for row in rows:
+            if row.tensor not in KERNEL_ATTRIBUTES:
+                notes.append(
+                    f"{row.layer}.{row.tensor}: TFLM cannot decode a LUT for "
+                    "this tensor; it stays uncompressed."
+                )
+                continue
+            if row.num_values > MAX_TABLE_VALUES:
+                raise ValueError(
+                    f"Layer '{row.layer}' ({row.tensor}) has K={row.num_values}"
+                    f" values per table, but TFLM's LUT compression holds at "
+                    f"most {MAX_TABLE_VALUES} (7-bit indices). Retrain it with"
+                    f" num_values <= {MAX_TABLE_VALUES}, or leave the layer "
+                    "out of LUT-Q."
+                )
+            layer = plain.get_layer(row.layer)
+            array = _kernel(layer, row.tensor)
+            if array is None:
+                raise ValueError(
+                    f"lutq_tf.strip_model() gave layer '{row.layer}' no "
+                    f"'{row.tensor}' weight; cannot export it."
+                )
+            kernels.append(
+                LutKernel(
+                    layer=row.layer,
+                    tensor=row.tensor,
+                    layer_type=type(layer).__name__,
+                    array=array,
+                    num_values=int(row.num_values),
+                    per_channel=bool(row.per_channel),
+                    source="lutq_tf",
+                )
+            )
+        return plain, kernels, notes
+
+    for layer in _layers(model):
+        for attribute in KERNEL_ATTRIBUTES:
+            array = _kernel(layer, attribute)
+            if array is None:
+                continue
+            found = _detect(layer, attribute, array)
+            if found is None:
+                continue
+            kernels.append(
+                LutKernel(
+                    layer=layer.name,
+                    tensor=attribute,
+                    layer_type=type(layer).__name__,
+                    array=array,
+                    num_values=found[0],
+                    per_channel=found[1],
+                    source="detected",
+                )
+            )
+    return model, kernels, notes

@@ -1,0 +1,33 @@
+"""The one place that imports the optional `tflite-micro` package.
+
+`tflite-micro` ships nightly builds only, so it is an install extra rather
+than a hard dependency; everything else in `tflite_export` asks this module
+for it and so gets the same message when it is missing.
+"""
+
+INSTALL_HINT = (
+    "tflite_export needs the tflite-micro package (TFLM's compression tool and "
+    "Python interpreter). Install it with: pip install lutq-tf[export]"
+)
+
+
+def require():
+    """Imports tflite-micro.
+
+    Returns:
+        A `(compression, runtime, spec)` tuple: the compression module (with
+        `compress` and `SpecBuilder`), the TFLM runtime module (with
+        `Interpreter`) and the compression spec module (with `PerTensor`,
+        `PerChannel`).
+
+    Raises:
+        ImportError: tflite-micro is not installed; the message names the
+            install extra.
+    """
+    try:
+        from tflite_micro import compression
+        from tflite_micro import runtime
+        from tflite_micro.tensorflow.lite.micro.compression import spec
+    except ImportError as e:
+        raise ImportError(f"{INSTALL_HINT} ({e})") from e
+    return compression, runtime, spec
