@@ -103,6 +103,8 @@ def load_mnist(data_dir=None, limit=None):
         `(x_train, y_train), (x_test, y_test)`; images `(N, 28, 28, 1)`
         float32 in [0, 1], labels `(N,)` int32.
     """
+    if limit is not None:
+        _check_limit(limit)
     if data_dir is None:
         try:
             import keras
@@ -203,6 +205,8 @@ def load_cifar10(data_dir=None, limit=None, cache=True):
         `(x_train, y_train), (x_test, y_test)`; images `(N, 32, 32, 3)`
         float32 in [0, 1], labels `(N,)` int32.
     """
+    if limit is not None:
+        _check_limit(limit)
     if data_dir is None:
         try:
             import keras

@@ -55,7 +55,12 @@ def nearest_assignment(x, dictionary):
             position += tf.cast(x > columns[j][None, :], tf.int32)
     else:
         position = _binary_search(x, midpoints)
-    flat_order = tf.reshape(order, [-1])
+    # Equal entries (a projection can merge two) all map to the first of
+    # them, the one with the lowest index.
+    first_equal = tf.searchsorted(sorted_table, sorted_table, side="left")
+    flat_order = tf.reshape(
+        tf.gather(order, first_equal, batch_dims=1), [-1]
+    )
     return tf.gather(
         flat_order,
         tf.range(channels, dtype=tf.int32)[None, :] * num_values + position,

@@ -1,0 +1,315 @@
+"""`export`: a LUT-Q Keras model to a LUT-compressed .tflite file for TFLM."""
+
+import os
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+
+from tflite_export import arena
+from tflite_export import c_array as c_array_lib
+from tflite_export import compress
+from tflite_export import convert
+from tflite_export import flatbuffer
+from tflite_export import lut_tensors
+from tflite_export import mapping
+from tflite_export import tflm
+from tflite_export import verify as verify_lib
+from tflite_export.errors import ExportError
+from tflite_export.result import ExportResult
+from tflite_export.result import TensorReport
+
+WEIGHT_QUANTIZATION_CHOICES = ("auto",) + tuple(convert.WEIGHT_QUANTIZATION)
+
+# Inputs for verifying a float32 export when no representative data is given.
+_RANDOM_SAMPLES = 8
+
+
+def export(
+    model,
+    path,
+    representative_data=None,
+    quantize="int8",
+    verify=True,
+    c_array=None,
+    io_dtype=None,
+    weight_quantization="auto",
+    min_agreement=None,
+    max_verify_samples=100,
+):
+    """Exports a LUT-Q model as a .tflite file with LUT-compressed weights.
+
+    The model is converted with TF's TFLite converter, every weight tensor
+    that holds a LUT kernel is stored as bit-packed indices plus value
+    tables (TFLM's DECODE format), the smallest TFLM arena is measured, and
+    the result is verified on TFLM before anything is written.
+
+    Args:
+        model: A LUT-Q model (with `lutq_tf` layers) or a plain Keras model
+            (e.g. `lutq_tf.strip_model(model)`); one float input, one output.
+        path: The .tflite file to write (atomically).
+        representative_data: float array `(N,) + input shape` of typical
+            inputs. Required for int8 (calibration); used for verification.
+        quantize: `"int8"` (full integer) or `"float32"`.
+        verify: Run the compressed model and its uncompressed twin on TFLM
+            (outputs must be bit-exact) and compare with Keras.
+        c_array: Optional path of a `.cc` file to write the model to as a C
+            array, with a `.h` beside it.
+        io_dtype: Type of the model input and output: `"int8"` (default for
+            int8) or `"float32"`.
+        weight_quantization: For int8, how the converter quantises weights:
+            `"per_channel"`, `"dense_per_tensor"` (FULLY_CONNECTED per
+            tensor), `"per_tensor"`, or `"auto"` (the smallest tables that
+            keep every dictionary value a distinct int8 code).
+        min_agreement: If set, verification also fails when top-1 agreement
+            with Keras is below it.
+        max_verify_samples: Verify on at most this many inputs.
+
+    Returns:
+        An `ExportResult`; `print(result)` shows the report.
+
+    Raises:
+        ValueError: Bad arguments (the message names the argument).
+        ImportError: tflite-micro is not installed.
+        ExportError: The model cannot be converted, compressed or run on TFLM.
+        VerificationError: Verification failed; nothing was written.
+    """
+    if quantize not in convert.QUANTIZE_MODES:
+        raise ValueError(
+            f"quantize must be one of {convert.QUANTIZE_MODES}, got {quantize!r}."
+        )
+    io_dtype = io_dtype or quantize
+    if io_dtype not in convert.QUANTIZE_MODES or (
+        quantize == "float32" and io_dtype != "float32"
+    ):
+        allowed = ("int8", "float32") if quantize == "int8" else ("float32",)
+        raise ValueError(
+            f"io_dtype must be one of {allowed} with quantize={quantize!r}, "
+            f"got {io_dtype!r}."
+        )
+    if weight_quantization not in WEIGHT_QUANTIZATION_CHOICES:
+        raise ValueError(
+            f"weight_quantization must be one of {WEIGHT_QUANTIZATION_CHOICES}, "
+            f"got {weight_quantization!r}."
+        )
+    path = _check_writable(path, "path")
+    outputs = [path]
+    if c_array is not None:
+        c_array = _check_writable(c_array, "c_array")
+        outputs += [c_array, c_array_lib.header_path(c_array)]
+    if len(set(outputs)) != len(outputs):
+        raise ValueError("path and c_array (and its .h) must be different files.")
+    tflm.require()  # fail before the slow steps
+
+    plain, kernels, notes = lut_tensors.find_lut_kernels(model)
+    convert.check_model(plain)
+    data = convert.check_representative_data(plain, representative_data, quantize)
+
+    baseline, info, plans, unmatched, chosen = _convert_and_plan(
+        plain, kernels, quantize, data, io_dtype, weight_quantization
+    )
+    for plan in plans:
+        compress.decide(plan)
+    if not kernels:
+        notes.append("No LUT-Q layers found: exported without compression.")
+    for kernel in unmatched:
+        notes.append(
+            f"layer '{kernel.layer}' ({kernel.tensor}): no weight tensor of "
+            "the converted model holds this LUT kernel; not compressed."
+        )
+    merged = [p for p in plans if p.merged]
+    if merged:
+        warnings.warn(
+            "int8 weight quantisation merged distinct LUT values in "
+            + ", ".join(f"'{p.match.kernel.layer}'" for p in merged)
+            + "; the report lists how many.",
+            stacklevel=2,
+        )
+
+    compressed = compress.compress_model(baseline, plans)
+    num_inputs = info.num_inputs
+    baseline_arena = arena.find_arena_size(baseline, num_inputs, "uncompressed model")
+    arena_bytes = (
+        arena.find_arena_size(compressed, num_inputs, "compressed model")
+        if compressed != baseline
+        else baseline_arena
+    )
+
+    verification = None
+    if verify:
+        if data is not None:
+            inputs, source = data[:max_verify_samples], "representative_data"
+        else:
+            shape = convert.input_shape(plain, None)[1:]
+            rng = np.random.default_rng(0)
+            inputs = rng.standard_normal((_RANDOM_SAMPLES,) + shape).astype(np.float32)
+            source = "random"
+        verification = verify_lib.verify(
+            compressed,
+            baseline if compressed != baseline else compressed,
+            plain,
+            inputs,
+            arena_bytes,
+            baseline_arena,
+            input_source=source,
+            min_agreement=min_agreement,
+        )
+
+    files = {path: compressed}
+    if c_array is not None:
+        source_text, header_text = c_array_lib.render(compressed, c_array)
+        files[c_array] = source_text.encode()
+        files[c_array_lib.header_path(c_array)] = header_text.encode()
+    _write_atomically(files)
+
+    return ExportResult(
+        path=path,
+        size_bytes=len(compressed),
+        baseline_bytes=len(baseline),
+        quantize=quantize,
+        io_dtype=io_dtype,
+        weight_quantization=chosen,
+        tensors=[_report(p) for p in plans],
+        verification=verification,
+        arena_bytes=arena_bytes,
+        baseline_arena_bytes=baseline_arena,
+        c_array=(c_array, c_array_lib.header_path(c_array)) if c_array else None,
+        notes=notes,
+    )
+
+
+def _weight_layers(model):
+    return [
+        layer
+        for layer in lut_tensors._layers(model)
+        if any(
+            getattr(layer, a, None) is not None for a in lut_tensors.KERNEL_ATTRIBUTES
+        )
+    ]
+
+
+def _candidate_plans(model, kernels, quantize, weight_quantization):
+    """Weight quantisations to try, the smallest tables first."""
+    if quantize == "float32":
+        return ["float"]
+    if weight_quantization != "auto":
+        return [weight_quantization]
+    per_tensor = {k.layer for k in kernels if not k.per_channel}
+    layers = _weight_layers(model)
+    plans = []
+    # Per-tensor weights give one small table instead of one per channel,
+    # but would cost accuracy in layers that are not LUT-Q: only when every
+    # weight layer (resp. every Dense) has a per-tensor dictionary.
+    if per_tensor and all(layer.name in per_tensor for layer in layers):
+        plans.append("per_tensor")
+    dense = [layer for layer in layers if isinstance(layer, keras.layers.Dense)]
+    if dense and all(layer.name in per_tensor for layer in dense):
+        plans.append("dense_per_tensor")
+    plans.append("per_channel")
+    return plans
+
+
+def _convert_and_plan(model, kernels, quantize, data, io_dtype, weight_quantization):
+    """Converts with each candidate weight quantisation until one keeps the LUTs.
+
+    A quantisation keeps the LUTs when no table holds more codes than its
+    dictionary has values (a per-tensor table of a kernel with a folded
+    batch norm does) and no two dictionary values round to one code.
+    """
+    candidates = _candidate_plans(model, kernels, quantize, weight_quantization)
+    for chosen in candidates:
+        baseline = convert.convert(
+            model,
+            quantize,
+            data,
+            io_dtype=io_dtype,
+            weight_quantization=chosen if chosen != "float" else "per_channel",
+        )
+        info = flatbuffer.read(baseline)
+        matches, unmatched = mapping.match(info.weights, kernels)
+        plans = [compress.plan_table(m) for m in matches]
+        if not any(p.spread or p.merged for p in plans):
+            break
+    if quantize == "int8":
+        spread = [p for p in plans if p.spread]
+        if spread:
+            raise ExportError(
+                "int8 weight quantisation '" + chosen + "' gives tables with more "
+                "codes than the LUT-Q dictionary has values: "
+                + "; ".join(
+                    f"layer '{p.match.kernel.layer}' ({p.match.weight.op}): "
+                    f"{p.codes} codes, K={p.match.kernel.num_values}"
+                    for p in spread
+                )
+                + ". A batch norm folded into a kernel needs per-channel "
+                "tables: use weight_quantization='per_channel' (or 'auto')."
+            )
+    return baseline, info, plans, unmatched, chosen
+
+
+def _report(plan):
+    weight = plan.match.weight
+    kernel = plan.match.kernel
+    return TensorReport(
+        layer=kernel.layer,
+        tensor=kernel.tensor,
+        op=weight.op,
+        tflite_name=weight.name,
+        num_values=kernel.num_values,
+        codes=plan.codes,
+        index_bits=plan.index_bits,
+        table_mode=(
+            f"per-channel(axis={plan.axis})" if plan.per_channel else "per-tensor"
+        ),
+        tables=plan.tables,
+        bytes_before=plan.bytes_before,
+        bytes_after=plan.bytes_after if plan.compress else plan.bytes_before,
+        compressed=plan.compress,
+        note=plan.note,
+    )
+
+
+def _check_writable(path, argument):
+    """Checks early that `path` names a file that can be created."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{argument} must be a file path, got {type(path).__name__}.")
+    path = os.fspath(path)
+    if not path or os.path.isdir(path):
+        raise ValueError(
+            f"{argument}={path!r} is a directory or empty; give a file path."
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(
+            f"{argument}={path!r}: directory {directory!r} does not exist; "
+            "create it first."
+        )
+    if not os.access(directory, os.W_OK):
+        raise ValueError(
+            f"{argument}={path!r}: directory {directory!r} is not writable."
+        )
+    return path
+
+
+def _write_atomically(files):
+    """Writes every file or none: temp files in the target dirs, then rename."""
+    temps = {}
+    try:
+        for path, data in files.items():
+            directory = os.path.dirname(os.path.abspath(path))
+            fd, temp = tempfile.mkstemp(
+                dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
+            )
+            temps[path] = temp
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, temp in temps.items():
+            os.replace(temp, path)
+    except OSError as e:
+        for temp in temps.values():
+            if os.path.exists(temp):
+                os.unlink(temp)
+        raise ValueError(f"cannot write {e.filename or ''}: {e.strerror or e}") from e

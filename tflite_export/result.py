@@ -1,0 +1,142 @@
+"""The report of an export: `ExportResult` and its text table."""
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class TensorReport:
+    """One LUT weight tensor of the exported model.
+
+    Attributes:
+        layer: Keras layer name.
+        tensor: Kernel attribute (`"kernel"`, `"depthwise_kernel"`, ...).
+        op: TFLite op reading it, e.g. `"CONV_2D"`.
+        tflite_name: Tensor name in the flatbuffer.
+        num_values: K, the dictionary size per table.
+        codes: Distinct stored values in the fullest table.
+        index_bits: Bits per index.
+        table_mode: `"per-tensor"` or `"per-channel(axis=N)"`.
+        tables: Number of value tables.
+        bytes_before: Tensor bytes uncompressed.
+        bytes_after: Bytes of indices + tables + metadata when compressed
+            (equal to `bytes_before` when kept uncompressed).
+        compressed: Whether it was compressed.
+        note: Remarks (kept uncompressed and why, values merged, folding).
+    """
+
+    layer: str
+    tensor: str
+    op: str
+    tflite_name: str
+    num_values: int
+    codes: int
+    index_bits: int
+    table_mode: str
+    tables: int
+    bytes_before: int
+    bytes_after: int
+    compressed: bool
+    note: str = ""
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What `export` wrote and what it checked.
+
+    Attributes:
+        path: The .tflite file written.
+        size_bytes: Its size.
+        baseline_bytes: Size of the same model without compression (the
+            int8 or float32 baseline).
+        quantize: `"int8"` or `"float32"`.
+        io_dtype: Type of the model input and output.
+        weight_quantization: How the converter quantised weights
+            (`"per_channel"`, `"dense_per_tensor"`, `"per_tensor"`; `"float"`
+            for float32).
+        tensors: A `TensorReport` per LUT weight tensor.
+        verification: A `verify.Verification`, or None if not verified.
+        arena_bytes: Smallest TFLM arena that runs the written model.
+        baseline_arena_bytes: The same for the uncompressed baseline.
+        c_array: `(source, header)` paths written, or None.
+        notes: Other remarks (e.g. nothing compressed, LUT kernels the
+            converter dropped).
+    """
+
+    path: str
+    size_bytes: int
+    baseline_bytes: int
+    quantize: str
+    io_dtype: str
+    weight_quantization: str
+    tensors: list
+    verification: object
+    arena_bytes: int
+    baseline_arena_bytes: int
+    c_array: object = None
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def compressed_tensors(self):
+        return [t for t in self.tensors if t.compressed]
+
+    @property
+    def ratio(self):
+        """Baseline bytes over written bytes."""
+        return self.baseline_bytes / self.size_bytes if self.size_bytes else 0.0
+
+    def table(self):
+        """Renders the report as a plain-text table."""
+        lines = [
+            f"TFLM export: {self.path}",
+            f"  quantize={self.quantize}  io={self.io_dtype}  "
+            f"weights={self.weight_quantization}",
+            f"  size {self.size_bytes} bytes vs {self.baseline_bytes} uncompressed "
+            f"({self.ratio:.2f}x, {self.baseline_bytes - self.size_bytes:+d} bytes saved)",
+            f"  arena {self.arena_bytes} bytes vs {self.baseline_arena_bytes} "
+            "uncompressed",
+        ]
+        if self.c_array:
+            lines.append(f"  C array: {self.c_array[0]}, {self.c_array[1]}")
+        lines.append("")
+        if self.tensors:
+            header = ("layer", "tensor", "op", "K", "codes", "bits", "table",
+                      "before", "after", "note")
+            rows = [
+                (t.layer, t.tensor, t.op, str(t.num_values), str(t.codes),
+                 str(t.index_bits) if t.compressed else "-", t.table_mode,
+                 str(t.bytes_before), str(t.bytes_after), t.note)
+                for t in self.tensors
+            ]
+            lines += _grid(header, rows)
+        if not self.compressed_tensors:
+            lines.append("Nothing was compressed.")
+        for note in self.notes:
+            lines.append(f"Note: {note}")
+        v = self.verification
+        lines.append("")
+        if v is None:
+            lines.append("Not verified.")
+        else:
+            top1 = "n/a" if v.top1_agreement is None else f"{v.top1_agreement:.2%}"
+            diff = f"{v.max_abs_diff:.4g}"
+            if v.output_step:
+                diff += f" ({v.max_abs_diff / v.output_step:.1f} output steps)"
+            lines.append(
+                f"Verified on {v.samples} {v.inputs.replace('_', ' ')} inputs: "
+                f"compressed == uncompressed on TFLM: "
+                f"{'bit-exact' if v.bit_exact else 'DIFFERENT'}; "
+                f"vs Keras: top-1 agreement {top1}, max |diff| {diff}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.table()
+
+
+def _grid(header, rows):
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
