@@ -266,9 +266,17 @@ def run(
     seed=0,
 ):
     """Runs both baselines and returns the result dict (see module doc)."""
-    import tensorflow as tf
-    import tensorflow_model_optimization as tfmot
-    import tf_keras as keras
+    try:
+        import tensorflow as tf
+        import tensorflow_model_optimization as tfmot
+        import tf_keras as keras
+    except ImportError as e:
+        raise ImportError(
+            f"{e}. This baseline needs tensorflow, tf-keras and "
+            "tensorflow-model-optimization: run it with the python of a "
+            "separate venv that has them (see the module docstring), e.g. "
+            "LUTQ_COMPARE_PYTHON=/work/venv-compare/bin/python."
+        ) from e
 
     model_name = MODEL_ALIASES.get(model_name, model_name)
     if model_name not in MODELS:

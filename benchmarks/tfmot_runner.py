@@ -27,6 +27,8 @@ import tempfile
 
 import numpy as np
 
+_TF_LOG_PREFIXES = ("I0000", "W0000", "E0000", "WARNING: All log messages")
+
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tfmot_baseline.py")
 
 
@@ -122,7 +124,13 @@ def run_tfmot_baseline(
             env=env,
         )
         if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+            # Drop TensorFlow's C++ start-up chatter, keep the traceback.
+            lines = [
+                line
+                for line in proc.stderr.strip().splitlines()
+                if not line.startswith(_TF_LOG_PREFIXES)
+            ]
+            tail = "\n".join(lines[-20:])
             raise RuntimeError(
                 f"tfmot baseline failed (exit {proc.returncode}) with "
                 f"{python}. If tfmot/tf_keras are missing, set "

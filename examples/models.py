@@ -251,20 +251,33 @@ def transfer_weights(source, target):
     return target
 
 
-def load_pretrained_resnet8(path, rebuild=True):
+# The reference ResNet-8 was trained on raw pixel values in [0, 255].
+PRETRAINED_RESNET8_INPUT_SCALE = 255.0
+
+
+def load_pretrained_resnet8(path, rebuild=True, rescale_inputs=True):
     """Loads the MLPerf Tiny pretrained ResNet-8 (`pretrainedResnet.h5`).
 
     The reference file (Keras 2.4, 78,666 parameters) loads in Keras 3 as a
     Functional model with generic layer names (`conv2d`, `conv2d_1`, ...,
     `batch_normalization`, `activation`, `add`, `average_pooling2d`,
-    `flatten`, `dense`) and `Activation("relu")` layers.
+    `flatten`, `dense`) and `Activation("relu")` layers. It expects RGB
+    pixel values in [0, 255], not [0, 1]: fed the [0, 1] images of
+    `examples.datasets` as-is it predicts one class (10 % accuracy).
 
     Args:
         path: path of the .h5 file.
         rebuild: if True (default), return this module's `resnet8()` (with
             descriptive layer names and ReLU layers) holding the file's
-            weights; the two compute the same function. If False, return
-            the model as loaded from the file.
+            weights. If False, return the model exactly as loaded (inputs
+            in [0, 255]); `rescale_inputs` is then ignored.
+        rescale_inputs: only with `rebuild`: if True (default), fold the
+            x255 input scale into the stem conv kernel, so the model takes
+            [0, 1] images like the loaders and computes the same function
+            as the reference on 255 times its input. No extra layer: the
+            graph stays TFLite-friendly. The stem's L2 factor is divided by
+            255**2 so its penalty is unchanged. If False, the rebuilt model
+            takes [0, 255] inputs like the file.
 
     Returns:
         An uncompiled `keras.Model`, `(batch, 32, 32, 3)` ->
@@ -283,4 +296,16 @@ def load_pretrained_resnet8(path, rebuild=True):
         input_shape=tuple(loaded.input_shape[1:]),
         num_classes=int(loaded.output_shape[-1]),
     )
-    return transfer_weights(loaded, model)
+    transfer_weights(loaded, model)
+    if rescale_inputs:
+        scale = PRETRAINED_RESNET8_INPUT_SCALE
+        stem = model.get_layer("stem_conv")
+        # conv(scale * x, k) == conv(x, scale * k): the bias is untouched.
+        stem.kernel.assign(stem.kernel * scale)
+        l2 = float(stem.kernel_regularizer.l2) / scale**2
+        regularizer = keras.regularizers.L2(l2)
+        # Keras 3 computes the penalty from the variable's regularizer; the
+        # layer attribute is what get_config() reports.
+        stem.kernel_regularizer = regularizer
+        stem.kernel.regularizer = regularizer
+    return model

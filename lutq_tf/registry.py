@@ -23,8 +23,10 @@ _KERNEL = QuantizableTensor("kernel", (-1,))
 # Transposed convolutions store kernels as [..., filters, in_channels].
 _TRANSPOSED_KERNEL = QuantizableTensor("kernel", (-2,))
 # Depthwise kernels are [..., in_channels, multiplier]; TFLite's channel is
-# in_channels * multiplier.
-_DEPTHWISE_KERNEL = QuantizableTensor("depthwise_kernel", (-2, -1))
+# in_channels * multiplier. DepthwiseConv calls its kernel `kernel`,
+# SeparableConv `depthwise_kernel`.
+_DEPTHWISE_KERNEL = QuantizableTensor("kernel", (-2, -1))
+_SEPARABLE_DEPTHWISE_KERNEL = QuantizableTensor("depthwise_kernel", (-2, -1))
 _POINTWISE_KERNEL = QuantizableTensor("pointwise_kernel", (-1,))
 _EMBEDDINGS = QuantizableTensor("embeddings", (-1,))
 
@@ -33,8 +35,8 @@ _TENSORS_BY_LAYER = (
     (keras.layers.Conv1DTranspose, (_TRANSPOSED_KERNEL,)),
     (keras.layers.Conv2DTranspose, (_TRANSPOSED_KERNEL,)),
     (keras.layers.Conv3DTranspose, (_TRANSPOSED_KERNEL,)),
-    (keras.layers.SeparableConv1D, (_DEPTHWISE_KERNEL, _POINTWISE_KERNEL)),
-    (keras.layers.SeparableConv2D, (_DEPTHWISE_KERNEL, _POINTWISE_KERNEL)),
+    (keras.layers.SeparableConv1D, (_SEPARABLE_DEPTHWISE_KERNEL, _POINTWISE_KERNEL)),
+    (keras.layers.SeparableConv2D, (_SEPARABLE_DEPTHWISE_KERNEL, _POINTWISE_KERNEL)),
     (keras.layers.DepthwiseConv1D, (_DEPTHWISE_KERNEL,)),
     (keras.layers.DepthwiseConv2D, (_DEPTHWISE_KERNEL,)),
     (keras.layers.Conv1D, (_KERNEL,)),

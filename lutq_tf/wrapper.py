@@ -182,7 +182,7 @@ class LUTQWrapper(keras.layers.Wrapper):
             if self._compiled_init is None:
                 self._compiled_init = tf.function(
                     lambda matrix: self.quantizer.initialize(matrix),
-                    jit_compile=True, reduce_retracing=True,
+                    jit_compile=True,
                 )
             dictionary, assignment, quantized = self._compiled_init(
                 state.to_matrix(weights)

@@ -21,10 +21,13 @@ from tflite_export.lut_tensors import distinct_per_column
 # Bytes of the DECODE op's common metadata in front of the value tables.
 _DCM_BYTES = 16
 # File bytes a compressed tensor adds beyond its data: the DECODE op, an
-# ancillary and a decoded tensor (named after the original) and buffer
-# alignment. Measured at 260-350 bytes plus the two names on small models;
-# rounded up so that a tensor kept compressed never grows the file.
-_OVERHEAD_BYTES = 360
+# ancillary tensor and a decoded tensor (named after the original) and
+# buffer alignment: measured 150-190 bytes plus the two names on small
+# models, rounded up so that a tensor we compress never grows the file.
+_OVERHEAD_BYTES = 256
+# The decoded tensor copies the quantisation: a float32 scale and an int64
+# zero point per channel.
+_BYTES_PER_SCALE = 12
 
 
 @dataclasses.dataclass
@@ -114,10 +117,11 @@ def decide(plan):
         raise ExportError(
             f"{where}: a value table would need {plan.codes} entries, more "
             f"than the {MAX_TABLE_VALUES} TFLM's LUT compression holds (K="
-            f"{kernel.num_values}). This happens when a batch norm is folded "
-            "into a float32 kernel (TFLM decodes float tensors with one table "
-            "only): export with quantize='int8' (per-channel tables), or "
-            "train without batch norm after this layer."
+            f"{kernel.num_values}). TFLM decodes a float32 tensor with one "
+            "table, so per-channel dictionaries or a batch norm folded into "
+            "the kernel put up to K values per channel into it. Export with "
+            "quantize='int8' (per-channel tables), or use per-tensor "
+            "dictionaries without a batch norm after this layer."
         )
     notes = []
     if plan.merged:
@@ -129,7 +133,9 @@ def decide(plan):
             f"{plan.codes} codes > K={kernel.num_values}"
             + (" (batch norm folded)" if plan.match.folded else "")
         )
-    overhead = _OVERHEAD_BYTES + 2 * len(plan.match.weight.name)
+    weight = plan.match.weight
+    scales = 0 if weight.scales is None else len(weight.scales)
+    overhead = _OVERHEAD_BYTES + 2 * len(weight.name) + _BYTES_PER_SCALE * scales
     plan.compress = plan.bytes_after + overhead < plan.bytes_before
     if not plan.compress:
         notes.append(

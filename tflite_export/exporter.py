@@ -147,7 +147,7 @@ def export(
             source = "random"
         verification = verify_lib.verify(
             compressed,
-            baseline if compressed != baseline else compressed,
+            baseline,
             plain,
             inputs,
             arena_bytes,
@@ -179,16 +179,6 @@ def export(
     )
 
 
-def _weight_layers(model):
-    return [
-        layer
-        for layer in lut_tensors._layers(model)
-        if any(
-            getattr(layer, a, None) is not None for a in lut_tensors.KERNEL_ATTRIBUTES
-        )
-    ]
-
-
 def _candidate_plans(model, kernels, quantize, weight_quantization):
     """Weight quantisations to try, the smallest tables first."""
     if quantize == "float32":
@@ -196,7 +186,7 @@ def _candidate_plans(model, kernels, quantize, weight_quantization):
     if weight_quantization != "auto":
         return [weight_quantization]
     per_tensor = {k.layer for k in kernels if not k.per_channel}
-    layers = _weight_layers(model)
+    layers = lut_tensors.weight_layers(model)
     plans = []
     # Per-tensor weights give one small table instead of one per channel,
     # but would cost accuracy in layers that are not LUT-Q: only when every

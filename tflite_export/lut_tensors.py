@@ -69,6 +69,15 @@ def _layers(model):
     return list(model.layers)
 
 
+def weight_layers(model):
+    """Layers of the model that have a kernel TFLM could decode from a LUT."""
+    return [
+        layer
+        for layer in _layers(model)
+        if any(_kernel(layer, a) is not None for a in KERNEL_ATTRIBUTES)
+    ]
+
+
 def _channel_tables(layer, attribute, array):
     """Reshapes a Keras kernel to `[elements per channel, output channels]`."""
     transposed = (
@@ -95,19 +104,27 @@ def distinct_per_column(table):
 
 
 def _detect(layer, attribute, array):
-    """Returns `(K, per_channel)` for a LUT kernel, else None."""
+    """Returns `(K, per_channel)` for a LUT kernel, else None.
+
+    When both readings fit, the one with fewer index bits wins (per-channel
+    dictionaries of K values make a tensor of up to K * channels values);
+    per tensor on a tie, as one table is smaller.
+    """
     if array.size < 2:
         return None
     whole = int(distinct_per_column(array.reshape(-1, 1))[0])
+    found = None
     if whole <= MAX_TABLE_VALUES and whole < array.size:
-        return whole, False
+        found = (whole, False)
     tables = _channel_tables(layer, attribute, array)
-    if tables.shape[0] < 2:
-        return None
-    most = int(distinct_per_column(tables).max())
-    if most <= MAX_TABLE_VALUES and most < tables.shape[0]:
-        return most, True
-    return None
+    if tables.shape[0] >= 2:
+        most = int(distinct_per_column(tables).max())
+        fewer_bits = (most - 1).bit_length() < (whole - 1).bit_length()
+        if most <= MAX_TABLE_VALUES and most < tables.shape[0] and (
+            found is None or fewer_bits
+        ):
+            found = (most, True)
+    return found
 
 
 def _kernel(layer, attribute):
@@ -139,6 +156,7 @@ def find_lut_kernels(model):
     if lutq is not None and lutq.is_quantized(model):
         rows = lutq.summary(model, print_fn=lambda *args, **kwargs: None)
         plain = lutq.strip_model(model)
+        by_name = {layer.name: layer for layer in _layers(plain)}
         for row in rows:
             if row.tensor not in KERNEL_ATTRIBUTES:
                 notes.append(
@@ -154,8 +172,11 @@ def find_lut_kernels(model):
                     f" num_values <= {MAX_TABLE_VALUES}, or leave the layer "
                     "out of LUT-Q."
                 )
-            layer = plain.get_layer(row.layer)
-            array = _kernel(layer, row.tensor)
+            layer = by_name.get(row.layer)
+            array = None if layer is None else _kernel(layer, row.tensor)
+            if array is None and layer is not None and row.tensor == "depthwise_kernel":
+                # Keras 3's DepthwiseConv2D names its depthwise kernel `kernel`.
+                array = _kernel(layer, "kernel")
             if array is None:
                 raise ValueError(
                     f"lutq_tf.strip_model() gave layer '{row.layer}' no "

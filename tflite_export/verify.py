@@ -108,7 +108,7 @@ def verify(compressed, baseline, keras_model, inputs, arena, baseline_arena,
         VerificationError: The outputs differ, or agreement is too low.
     """
     raw, real, details = run_tflm(compressed, inputs, arena + _ARENA_MARGIN)
-    if compressed is baseline:
+    if bytes(compressed) == bytes(baseline):  # nothing was compressed
         twin = raw
     else:
         twin, _, _ = run_tflm(baseline, inputs, baseline_arena + _ARENA_MARGIN)

@@ -1,0 +1,92 @@
+"""Tests of the export command line and of the C array for firmware."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import tflite_export
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _lut_model(seed=0):
+    """A stripped LUT-Q model: Dense kernels with 4 values per tensor."""
+    rng = np.random.default_rng(seed)
+    inp = keras.Input((64,))
+    x = keras.layers.Dense(64, activation="relu", name="fc")(inp)
+    model = keras.Model(inp, keras.layers.Dense(10, name="head")(x))
+    for layer in model.layers[1:]:
+        d = np.linspace(-0.5, 0.5, 4).astype(np.float32)
+        layer.kernel.assign(d[rng.integers(0, 4, layer.kernel.shape)])
+    return model, rng.normal(size=(16, 64)).astype(np.float32)
+
+
+def _run_cli(*args, cwd):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "tflite_export", *args],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_cli_exports_and_prints_the_report(tmp_path):
+    model, data = _lut_model()
+    model.save(tmp_path / "model.keras")
+    np.save(tmp_path / "data.npy", data)
+    proc = _run_cli(
+        "model.keras", "--out", "model.tflite", "--quantize", "int8",
+        "--representative", "data.npy", "--c_array", "model_data.cc",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    size = os.path.getsize(tmp_path / "model.tflite")
+    assert f"size {size} bytes" in proc.stdout
+    for needle in ("fc", "FULLY_CONNECTED", "per-tensor", "bit-exact"):
+        assert needle in proc.stdout
+    assert (tmp_path / "model_data.cc").exists() and (tmp_path / "model_data.h").exists()
+
+
+@pytest.mark.slow
+def test_cli_reports_bad_input_and_writes_nothing(tmp_path):
+    model, _ = _lut_model()
+    model.save(tmp_path / "model.keras")
+    proc = _run_cli("model.keras", "--out", "model.tflite", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "needs representative_data" in proc.stderr
+    assert not (tmp_path / "model.tflite").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_c_array_compiles_and_holds_the_model_bytes(tmp_path):
+    model, data = _lut_model()
+    result = tflite_export.export(
+        model, tmp_path / "model.tflite", representative_data=data,
+        c_array=tmp_path / "model_data.cc",
+    )
+    assert result.c_array == (str(tmp_path / "model_data.cc"), str(tmp_path / "model_data.h"))
+    main = tmp_path / "main.cc"
+    main.write_text(
+        '#include <cstdint>\n#include <cstdio>\n#include "model_data.h"\n'
+        "int main(int argc, char** argv) {\n"
+        "  if (reinterpret_cast<std::uintptr_t>(model_data) % 16 != 0) return 2;\n"
+        '  FILE* f = std::fopen(argv[1], "wb");\n'
+        "  std::fwrite(model_data, 1, model_data_len, f);\n"
+        "  return std::fclose(f);\n}\n"
+    )
+    binary = tmp_path / "dump"
+    subprocess.run(
+        ["g++", "-std=c++17", "-Wall", "-Werror", "-o", str(binary),
+         str(main), str(tmp_path / "model_data.cc")],
+        check=True, cwd=tmp_path,
+    )
+    subprocess.run([str(binary), str(tmp_path / "dumped.bin")], check=True)
+    with open(tmp_path / "dumped.bin", "rb") as f, open(result.path, "rb") as g:
+        assert f.read() == g.read()

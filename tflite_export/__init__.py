@@ -1,0 +1,24 @@
+"""tflite_export: LUT-Q Keras models to TFLite for Microcontrollers.
+
+Weights that are look-up tables (`Q = d[A]`) are stored the way TFLM's
+DECODE op reads them: bit-packed indices plus value tables.
+
+    result = tflite_export.export(model, "model.tflite", representative_data=x)
+    print(result)
+"""
+
+from tflite_export.errors import ExportError
+from tflite_export.errors import VerificationError
+from tflite_export.exporter import export
+from tflite_export.result import ExportResult
+from tflite_export.result import TensorReport
+from tflite_export.verify import Verification
+
+__all__ = [
+    "ExportError",
+    "ExportResult",
+    "TensorReport",
+    "Verification",
+    "VerificationError",
+    "export",
+]
