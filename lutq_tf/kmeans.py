@@ -185,22 +185,21 @@ def kmeans_step(x, dictionary, constraint, num_pruned):
     return projected, assignment, lookup(projected, assignment)
 
 
-def initial_dictionary(x, num_values, constraint, num_pruned, iterations):
-    """A dictionary fitted to `x` by k-means from quantile seeds.
+def seed_dictionary(x, num_values, constraint, num_pruned):
+    """Initial entries from the quantiles of each column, projected.
 
     Quantile seeding is deterministic and, in one dimension, places seeds
     where the weights are dense, which k-means++ only does in expectation.
-    Seeds are projected onto the constraint before the Lloyd iterations.
+    Lloyd iterations (`kmeans_step`) refine them.
 
     Args:
         x: float32 `[M, C]`, finite.
         num_values: K.
         constraint: a `Constraint`.
-        num_pruned: Python int.
-        iterations: number of Lloyd iterations (k-means steps).
+        num_pruned: Python int; if > 0, row 0 is the zero entry.
 
     Returns:
-        `(dictionary, assignment, quantised)` as `kmeans_step` returns them.
+        float32 `[K, C]`.
     """
     fixed_zero = num_pruned > 0
     free = num_values - 1 if fixed_zero else num_values
@@ -210,10 +209,4 @@ def initial_dictionary(x, num_values, constraint, num_pruned, iterations):
     seeds = tf.gather(ordered, np.minimum(positions, rows - 1), axis=0)
     if fixed_zero:
         seeds = tf.concat([tf.zeros_like(seeds[:1]), seeds], axis=0)
-    dictionary = constraint.project(
-        seeds, tf.ones_like(seeds), seeds, fixed_zero
-    )
-    result = kmeans_step(x, dictionary, constraint, num_pruned)
-    for _ in range(iterations - 1):
-        result = kmeans_step(x, result[0], constraint, num_pruned)
-    return result
+    return constraint.project(seeds, tf.ones_like(seeds), seeds, fixed_zero)

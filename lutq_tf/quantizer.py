@@ -80,15 +80,20 @@ class LUTQuantizer:
         # (0.5 * 10) from rounding up through float error.
         return min(table_size, math.ceil(self.prune_rate * table_size - 1e-9))
 
-    def initialize(self, matrix):
-        """Initial `(dictionary, assignment, quantised)` for a `[M, C]` matrix."""
-        return kmeans.initial_dictionary(
-            matrix,
-            self.num_values,
-            self.constraint,
+    def initialize(self, matrix, step=None):
+        """Initial `(dictionary, assignment, quantised)` for a `[M, C]` matrix.
+
+        Quantile seeds, then `init_iterations` k-means steps, each run by
+        `step` (default: `self.step`; pass a compiled one to reuse it).
+        """
+        step = step or self.step
+        dictionary = kmeans.seed_dictionary(
+            matrix, self.num_values, self.constraint,
             self.num_pruned(matrix.shape[0]),
-            self.init_iterations,
         )
+        for _ in range(self.init_iterations):
+            dictionary, assignment, quantized = step(matrix, dictionary)
+        return dictionary, assignment, quantized
 
     def step(self, matrix, dictionary):
         """One k-means step: `(dictionary, assignment, quantised)`."""

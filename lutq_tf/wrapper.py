@@ -94,7 +94,6 @@ class LUTQWrapper(keras.layers.Wrapper):
         self.supports_masking = getattr(layer, "supports_masking", False)
         self._states = []
         self._compiled_step = None
-        self._compiled_init = None
 
     # -- building -----------------------------------------------------------
 
@@ -179,13 +178,8 @@ class LUTQWrapper(keras.layers.Wrapper):
                     "NaN or Inf; LUT-Q cannot fit a dictionary to it. Check "
                     "the pretrained weights."
                 )
-            if self._compiled_init is None:
-                self._compiled_init = tf.function(
-                    lambda matrix: self.quantizer.initialize(matrix),
-                    jit_compile=True,
-                )
-            dictionary, assignment, quantized = self._compiled_init(
-                state.to_matrix(weights)
+            dictionary, assignment, quantized = self.quantizer.initialize(
+                state.to_matrix(weights), step=self._compiled_quantizer_step
             )
             self._store(state, dictionary, assignment, quantized)
 
@@ -196,17 +190,12 @@ class LUTQWrapper(keras.layers.Wrapper):
             A bool scalar tensor: False if some W held NaN or Inf, in which
             case that tensor's dictionary and assignment were left unchanged.
         """
-        if self._compiled_step is None:
-            # XLA fuses the step's passes over W; it runs compiled whether
-            # or not the surrounding train function is.
-            self._compiled_step = tf.function(
-                self._step_values, jit_compile=True
-            )
         all_finite = tf.constant(True)
         for state in self._states:
-            finite, dictionary, assignment, quantized = self._compiled_step(
-                state.to_matrix(tf.cast(state.variable.value, tf.float32)),
-                state.dictionary.value,
+            matrix = state.to_matrix(tf.cast(state.variable.value, tf.float32))
+            finite = tf.reduce_all(tf.math.is_finite(matrix))
+            dictionary, assignment, quantized = (
+                self._compiled_quantizer_step(matrix, state.dictionary.value)
             )
 
             def store(state=state, d=dictionary, a=assignment, q=quantized):
@@ -217,9 +206,15 @@ class LUTQWrapper(keras.layers.Wrapper):
             all_finite = tf.logical_and(all_finite, finite)
         return all_finite
 
-    def _step_values(self, matrix, dictionary):
-        finite = tf.reduce_all(tf.math.is_finite(matrix))
-        return (finite, *self.quantizer.step(matrix, dictionary))
+    @property
+    def _compiled_quantizer_step(self):
+        if self._compiled_step is None:
+            # XLA fuses the step's passes over W; it runs compiled whether
+            # or not the surrounding train function is.
+            self._compiled_step = tf.function(
+                self.quantizer.step, jit_compile=True
+            )
+        return self._compiled_step
 
     def _store(self, state, dictionary, assignment, quantized):
         state.dictionary.assign(dictionary)
