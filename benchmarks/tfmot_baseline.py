@@ -74,7 +74,8 @@ flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate, both runs.")
 flags.DEFINE_string(
     "data",
     "digits",
-    "digits | synthetic | path to mnist.npz (or a directory holding it).",
+    "digits | synthetic (random images, for timing only) | path to "
+    "mnist.npz (or a directory holding it).",
 )
 flags.DEFINE_string(
     "weights_in",

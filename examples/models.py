@@ -17,6 +17,10 @@ layer by layer in tf_keras and loads `model.get_weights()` in order).
 
 (counts for `num_classes=10`; ResNet-8's includes the 480 BatchNormalization
 moving statistics, as does `model.count_params()`.)
+
+Every builder takes `batch_size=None`; `batch_size=1` builds a static-shape
+twin for TFLite export (load weights with `transfer_weights`), so Flatten
+converts to a single RESHAPE.
 """
 
 import os
@@ -25,7 +29,7 @@ import keras
 from keras import layers
 
 
-def digits_cnn(num_classes=10, classifier_activation="softmax"):
+def digits_cnn(num_classes=10, classifier_activation="softmax", batch_size=None):
     """Small CNN for scikit-learn's 8x8 digits.
 
     Conv2D(16, 3x3, same, relu) -> Conv2D(32, 3x3, valid, relu)
@@ -35,12 +39,15 @@ def digits_cnn(num_classes=10, classifier_activation="softmax"):
         num_classes: number of output classes.
         classifier_activation: activation of the last Dense layer,
             `"softmax"` (probabilities) or `None` (logits).
+        batch_size: optional fixed batch size of the input. `None` (any
+            batch) for training; 1 gives a static graph for TFLite export
+            (otherwise Flatten converts to SHAPE/STRIDED_SLICE/PACK/RESHAPE).
 
     Returns:
         A `keras.Model` mapping `(batch, 8, 8, 1)` float images to
         `(batch, num_classes)`. 23,946 parameters for 10 classes.
     """
-    inputs = keras.Input(shape=(8, 8, 1), name="image")
+    inputs = keras.Input(shape=(8, 8, 1), batch_size=batch_size, name="image")
     x = layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(
         inputs
     )  # -> (8, 8, 16)
@@ -54,7 +61,7 @@ def digits_cnn(num_classes=10, classifier_activation="softmax"):
     return keras.Model(inputs, outputs, name="digits_cnn")
 
 
-def lenet(num_classes=10, classifier_activation="softmax"):
+def lenet(num_classes=10, classifier_activation="softmax", batch_size=None):
     """LeNet-5-style CNN for 28x28 MNIST (the 20/50/500 "Caffe" variant).
 
     Conv2D(20, 5x5, valid, relu) -> MaxPooling2D(2)
@@ -68,12 +75,15 @@ def lenet(num_classes=10, classifier_activation="softmax"):
         num_classes: number of output classes.
         classifier_activation: activation of the last Dense layer,
             `"softmax"` or `None` (logits).
+        batch_size: optional fixed batch size of the input. `None` (any
+            batch) for training; 1 gives a static graph for TFLite export
+            (otherwise Flatten converts to SHAPE/STRIDED_SLICE/PACK/RESHAPE).
 
     Returns:
         A `keras.Model` mapping `(batch, 28, 28, 1)` to
         `(batch, num_classes)`. 431,080 parameters for 10 classes.
     """
-    inputs = keras.Input(shape=(28, 28, 1), name="image")
+    inputs = keras.Input(shape=(28, 28, 1), batch_size=batch_size, name="image")
     x = layers.Conv2D(20, 5, activation="relu", name="conv1")(inputs)  # 24x24
     x = layers.MaxPooling2D(2, name="pool1")(x)  # 12x12x20
     x = layers.Conv2D(50, 5, activation="relu", name="conv2")(x)  # 8x8
@@ -91,6 +101,7 @@ def mlp(
     hidden=(512, 512),
     num_classes=10,
     classifier_activation="softmax",
+    batch_size=None,
 ):
     """Fully connected network, by default the 784-512-512-10 MNIST MLP.
 
@@ -103,6 +114,9 @@ def mlp(
         num_classes: number of output classes.
         classifier_activation: activation of the last Dense layer,
             `"softmax"` or `None` (logits).
+        batch_size: optional fixed batch size of the input. `None` (any
+            batch) for training; 1 gives a static graph for TFLite export
+            (otherwise Flatten converts to SHAPE/STRIDED_SLICE/PACK/RESHAPE).
 
     Returns:
         A `keras.Model` mapping `(batch, input_dim)` (or
@@ -110,10 +124,14 @@ def mlp(
         669,706 parameters.
     """
     if isinstance(input_dim, int):
-        inputs = keras.Input(shape=(input_dim,), name="features")
+        inputs = keras.Input(
+            shape=(input_dim,), batch_size=batch_size, name="features"
+        )
         x = inputs
     else:
-        inputs = keras.Input(shape=tuple(input_dim), name="image")
+        inputs = keras.Input(
+            shape=tuple(input_dim), batch_size=batch_size, name="image"
+        )
         x = layers.Flatten(name="flatten")(inputs)
     for i, units in enumerate(hidden, start=1):
         x = layers.Dense(units, activation="relu", name=f"fc{i}")(x)
@@ -170,6 +188,7 @@ def resnet8(
     num_classes=10,
     weight_decay=1e-4,
     classifier_activation="softmax",
+    batch_size=None,
 ):
     """ResNet-8 of the MLPerf Tiny image-classification benchmark.
 
@@ -186,6 +205,9 @@ def resnet8(
         num_classes: number of output classes.
         weight_decay: L2 factor on conv kernels (MLPerf Tiny: 1e-4).
         classifier_activation: `"softmax"` (reference) or `None` (logits).
+        batch_size: optional fixed batch size of the input. `None` (any
+            batch) for training; 1 gives a static graph for TFLite export
+            (otherwise Flatten converts to SHAPE/STRIDED_SLICE/PACK/RESHAPE).
 
     Returns:
         A `keras.Model` mapping `(batch, 32, 32, 3)` to
@@ -193,7 +215,9 @@ def resnet8(
         trainable + 480 BN moving statistics), the same as the reference
         `pretrainedResnet.h5`.
     """
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    inputs = keras.Input(
+        shape=tuple(input_shape), batch_size=batch_size, name="image"
+    )
     x = _conv(16, 3, 1, "stem_conv", weight_decay)(inputs)
     x = layers.BatchNormalization(name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)

@@ -459,9 +459,7 @@ def test_lutq_summary_decides_which_layers_and_k(tmp_path, monkeypatch):
     model, data = _two_dense(4, per_channel=False)
     # LUT-Q says only `fc` is quantised, with K=8 (4 entries in use).
     _fake_lutq(monkeypatch, model, [_row("fc", 8)])
-    result = tflite_export.export(
-        object(), tmp_path / "m.tflite", representative_data=data
-    )
+    result = tflite_export.export(model, tmp_path / "m.tflite", representative_data=data)
     (fc,) = result.tensors
     assert (fc.layer, fc.num_values, fc.codes) == ("fc", 8, 4)
     assert fc.compressed and fc.index_bits == 2
@@ -471,7 +469,7 @@ def test_lutq_k_over_128_is_an_error_saying_what_to_do(tmp_path, monkeypatch):
     model, data = _two_dense(4, per_channel=False)
     _fake_lutq(monkeypatch, model, [_row("fc", 256)])
     with pytest.raises(ValueError, match=r"'fc'.*K=256.*num_values <= 128"):
-        tflite_export.export(object(), tmp_path / "m.tflite", representative_data=data)
+        tflite_export.export(model, tmp_path / "m.tflite", representative_data=data)
 
 
 @pytest.mark.slow
@@ -549,6 +547,11 @@ def test_bad_arguments_name_the_argument(tmp_path):
         tflite_export.export(model, tmp_path / "m.tflite", quantize="float32", io_dtype="int8")
     with pytest.raises(ValueError, match="weight_quantization"):
         tflite_export.export(model, tmp_path / "m.tflite", data, weight_quantization="x")
+    with pytest.raises(TypeError, match="model must be a keras.Model"):
+        tflite_export.export("model.keras", tmp_path / "m.tflite", data)
+    with pytest.raises(ValueError, match="min_agreement"):
+        tflite_export.export(model, tmp_path / "m.tflite", data, min_agreement=90)
+    assert os.listdir(tmp_path) == []
 
 
 def test_output_path_that_cannot_be_written(tmp_path):

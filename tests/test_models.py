@@ -46,7 +46,7 @@ ALLOWED_LAYERS = {
         (models.lenet, {}, (28, 28, 1), 431_080),
         (models.mlp, {}, (784,), 669_706),
         (models.mlp, {"input_dim": (28, 28, 1)}, (28, 28, 1), 669_706),
-        (models.mlp, {"input_dim": 64, "hidden": (32,)}, (64,), 64 * 32 + 32 + 330),
+        (models.mlp, {"input_dim": 64, "hidden": (32,)}, (64,), 2410),
         (models.resnet8, {}, (32, 32, 3), 78_666),
     ],
 )
@@ -142,3 +142,19 @@ def test_pretrained_resnet8_matches_h5():
 
     as_loaded = models.load_pretrained_resnet8(RESNET8_H5, rebuild=False)
     assert [l.name for l in as_loaded.layers] == [l.name for l in reference.layers]
+
+
+@pytest.mark.parametrize(
+    "builder", [models.digits_cnn, models.lenet, models.mlp, models.resnet8]
+)
+def test_fixed_batch_twin_shares_weights(builder):
+    # batch_size=1 builds the static-shape twin used for TFLite export.
+    trained = builder()
+    static = builder(batch_size=1)
+    assert static.input_shape[0] == 1 and trained.input_shape[0] is None
+    models.transfer_weights(trained, static)
+    shape = (1,) + tuple(trained.input_shape[1:])
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    np.testing.assert_allclose(
+        np.asarray(static(x)), np.asarray(trained(x)), rtol=1e-6
+    )

@@ -11,6 +11,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 _OUT = flags.DEFINE_string(
     "out", None, "The .tflite file to write (default: MODEL with .tflite)."
@@ -43,6 +44,8 @@ _MIN_AGREEMENT = flags.DEFINE_float(
 
 
 def main(argv):
+    # absl turns on INFO logging, which TF and the converter flood.
+    logging.set_verbosity(logging.WARNING)
     if len(argv) != 2:
         raise app.UsageError("give exactly one MODEL.keras path")
     model_path = argv[1]

@@ -93,6 +93,12 @@ def export(
             f"weight_quantization must be one of {WEIGHT_QUANTIZATION_CHOICES}, "
             f"got {weight_quantization!r}."
         )
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+    if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
+        raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}.")
+    if int(max_verify_samples) < 1:
+        raise ValueError(f"max_verify_samples must be >= 1, got {max_verify_samples}.")
     path = _check_writable(path, "path")
     outputs = [path]
     if c_array is not None:
@@ -128,6 +134,16 @@ def export(
         )
 
     compressed = compress.compress_model(baseline, plans)
+    if len(compressed) >= len(baseline) and compressed != baseline:
+        # The per-tensor size estimate was beaten by file overhead: keep the
+        # smaller, uncompressed model.
+        for plan in plans:
+            if plan.compress:
+                plan.compress = False
+                plan.note = "; ".join(
+                    filter(None, [plan.note, "kept uncompressed: the file would grow"])
+                )
+        compressed = baseline
     num_inputs = info.num_inputs
     baseline_arena = arena.find_arena_size(baseline, num_inputs, "uncompressed model")
     arena_bytes = (
@@ -302,4 +318,7 @@ def _write_atomically(files):
         for temp in temps.values():
             if os.path.exists(temp):
                 os.unlink(temp)
-        raise ValueError(f"cannot write {e.filename or ''}: {e.strerror or e}") from e
+        raise ExportError(
+            f"cannot write {e.filename or path}: {e.strerror or e}; nothing "
+            "was written."
+        ) from e

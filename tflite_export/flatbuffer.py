@@ -24,11 +24,6 @@ _OP_NAMES = {
     for name, value in vars(schema.BuiltinOperator).items()
     if not name.startswith("_")
 }
-_TYPE_NAMES = {
-    value: name
-    for name, value in vars(schema.TensorType).items()
-    if not name.startswith("_")
-}
 _NUMPY_TYPES = {
     schema.TensorType.FLOAT32: np.float32,
     schema.TensorType.FLOAT16: np.float16,
@@ -161,7 +156,3 @@ def read(model_bytes):
         num_inputs=len(subgraph.inputs),
         num_outputs=len(subgraph.outputs),
     )
-
-
-def type_name(tensor_type):
-    return _TYPE_NAMES.get(tensor_type, str(tensor_type))

@@ -1,0 +1,105 @@
+"""Bad input gets a clear error naming the layer or argument."""
+
+import keras
+import numpy as np
+import pytest
+
+import lutq_tf
+
+L = keras.layers
+
+
+def _model():
+    inputs = keras.Input((6, 6, 1))
+    x = L.Conv2D(4, 3, name="conv")(inputs)
+    x = L.Flatten(name="flatten")(x)
+    return keras.Model(inputs, L.Dense(3, name="fc")(x))
+
+
+def test_unsupported_layer_named_explicitly():
+    with pytest.raises(ValueError, match="'flatten'.*Flatten.*cannot"):
+        lutq_tf.quantize_model(_model(), layer_names=["flatten"])
+    with pytest.raises(ValueError, match="layer_types.*BatchNormalization"):
+        lutq_tf.quantize_model(_model(), layer_types=L.BatchNormalization)
+    with pytest.raises(ValueError, match="Flatten"):
+        lutq_tf.LUTQWrapper(L.Flatten())
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"bits": 0}, "bits must be an integer >= 1"),
+    ({"bits": 2.5}, "bits must be an integer"),
+    ({"num_values": 1}, r"num_values \(K\) must be an integer >= 2"),
+    ({"bits": 2, "num_values": 3}, "disagree"),
+    ({"prune_rate": 1.0}, r"prune_rate must be a fraction in \[0, 1\)"),
+    ({"prune_rate": -0.1}, "prune_rate"),
+    ({"constraint": "log"}, "Unknown constraint 'log'"),
+    ({"kmeans_every": 0}, "kmeans_every"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        lutq_tf.quantize_model(_model(), **options)
+
+
+def test_k_larger_than_the_tensor_names_the_layer():
+    # conv has 36 weights, 9 per channel.
+    with pytest.raises(ValueError, match="'conv'.*K=64.*36 weights"):
+        lutq_tf.quantize_model(_model(), bits=6)
+    with pytest.raises(ValueError, match="'conv'.*K=16.*9 weights.*channel"):
+        lutq_tf.quantize_model(_model(), bits=4, per_channel=True)
+    # The hint works: skipping the layer fixes it.
+    quantized = lutq_tf.quantize_model(_model(), bits=6, skip=["conv"])
+    assert [l.name for l in lutq_tf.lutq_layers(quantized)] == ["fc"]
+
+
+def test_non_finite_weights_at_initialisation():
+    model = _model()
+    kernel = model.get_layer("fc").kernel
+    kernel.assign(np.where(np.arange(kernel.shape[0])[:, None] == 3, np.nan,
+                           kernel.numpy()))
+    with pytest.raises(ValueError, match="'fc'.*NaN or Inf"):
+        lutq_tf.quantize_model(model, bits=2)
+
+
+def test_non_finite_weights_in_training_stop_fit_and_keep_dictionary():
+    quantized = lutq_tf.quantize_model(_model(), bits=2)
+    quantized.compile("sgd", "mse")
+    before = quantized.get_layer("fc").quantized_tensors["kernel"][0]
+    x = np.ones((8, 6, 6, 1), np.float32)
+    x[0, 0, 0, 0] = np.nan
+    with pytest.raises(lutq_tf.NonFiniteWeightsError, match="'conv'"):
+        quantized.fit(x, np.zeros((8, 3)), epochs=1, batch_size=8,
+                      verbose=0)
+    after = quantized.get_layer("fc").quantized_tensors["kernel"][0]
+    np.testing.assert_array_equal(before, after)
+    assert np.all(np.isfinite(after))
+
+
+def test_override_naming_a_missing_layer():
+    with pytest.raises(ValueError, match=r"overrides.*\['dense_9'\]"):
+        lutq_tf.quantize_model(_model(), overrides={"dense_9": {"bits": 2}})
+    with pytest.raises(ValueError, match=r"skip.*\['nope'\]"):
+        lutq_tf.quantize_model(_model(), skip=["nope"])
+    with pytest.raises(ValueError, match=r"overrides\['fc'\].*bits"):
+        lutq_tf.quantize_model(_model(), overrides={"fc": {"bits": -1}})
+
+
+def test_subclassed_model_points_to_wrapper_and_mixin():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.fc = L.Dense(3)
+
+        def call(self, x):
+            return self.fc(x)
+
+    net = Net()
+    net(np.zeros((1, 4)))
+    with pytest.raises(TypeError, match="subclassed.*LUTQWrapper.*"
+                                        "LUTQModelMixin"):
+        lutq_tf.quantize_model(net)
+
+
+def test_already_quantised_model():
+    quantized = lutq_tf.quantize_model(_model(), bits=2)
+    with pytest.raises(ValueError, match="already LUT-Q quantised"):
+        lutq_tf.quantize_model(quantized)
