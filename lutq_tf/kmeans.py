@@ -53,6 +53,12 @@ def nearest_assignment(x, dictionary):
         for j in range(num_values - 1):
             # Strictly above the midpoint goes up: a tie stays low.
             position += tf.cast(x > columns[j][None, :], tf.int32)
+    elif channels == 1:
+        position = tf.cond(
+            _bins_separate(midpoints[0]),
+            lambda: _bin_search(x, midpoints[0]),
+            lambda: _binary_search(x, midpoints),
+        )
     else:
         position = _binary_search(x, midpoints)
     # Equal entries (a projection can merge two) all map to the first of
@@ -65,6 +71,53 @@ def nearest_assignment(x, dictionary):
         flat_order,
         tf.range(channels, dtype=tf.int32)[None, :] * num_values + position,
     )
+
+
+# Bins of the bucketed search: 2**16 (a 768 KiB table) separates the
+# midpoints of any realistic per-tensor dictionary of up to 256 entries.
+_NUM_BINS = 1 << 16
+
+
+def _bin_index(values, low, high):
+    """Bin of each value on a uniform grid over [low, high]: 0 .. _NUM_BINS.
+
+    Monotone non-decreasing in `values`, also under float rounding, which is
+    all that the bucketed search's exactness needs.
+    """
+    scale = (_NUM_BINS - 1) / tf.maximum(high - low, 1e-30)
+    bins = tf.floor(tf.clip_by_value((values - low) * scale, -1.0,
+                                     _NUM_BINS - 1.0))
+    return tf.cast(bins, tf.int32) + 1
+
+
+def _bins_separate(midpoints):
+    """True if distinct midpoints (sorted, `[K-1]`) fall in distinct bins."""
+    bins = _bin_index(midpoints, midpoints[0], midpoints[-1])
+    return tf.reduce_all(
+        (bins[1:] > bins[:-1]) | (midpoints[1:] == midpoints[:-1])
+    )
+
+
+def _bin_search(x, midpoints):
+    """Number of midpoints strictly below x, for one table (`x` `[M, 1]`).
+
+    One gather per weight from a table indexed by the weight's bin: the
+    midpoints below the bin, and the bin's one (possibly repeated) midpoint.
+    Exact when `_bins_separate(midpoints)`: a monotone binning puts every
+    midpoint of a lower bin below x and of a higher bin above it.
+    """
+    low, high = midpoints[0], midpoints[-1]
+    bins = _bin_index(midpoints, low, high)
+    in_bin = tf.math.unsorted_segment_sum(
+        tf.ones_like(midpoints), bins, _NUM_BINS + 1
+    )
+    below = tf.cumsum(in_bin, exclusive=True)
+    value = tf.math.unsorted_segment_max(midpoints, bins, _NUM_BINS + 1)
+    value = tf.where(in_bin > 0, value, np.inf)
+    table = tf.stack([below, value, in_bin], axis=1)  # [bins, 3]
+    row = tf.gather(table, _bin_index(x[:, 0], low, high))
+    position = row[:, 0] + tf.where(x[:, 0] > row[:, 1], row[:, 2], 0.0)
+    return tf.cast(position, tf.int32)[:, None]
 
 
 def _binary_search(x, midpoints):

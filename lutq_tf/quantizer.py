@@ -4,7 +4,6 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from lutq_tf import constraints as constraints_lib
 from lutq_tf import kmeans
@@ -80,19 +79,21 @@ class LUTQuantizer:
         # (0.5 * 10) from rounding up through float error.
         return min(table_size, math.ceil(self.prune_rate * table_size - 1e-9))
 
-    def initialize(self, matrix, step=None):
-        """Initial `(dictionary, assignment, quantised)` for a `[M, C]` matrix.
-
-        Quantile seeds, then `init_iterations` k-means steps, each run by
-        `step` (default: `self.step`; pass a compiled one to reuse it).
-        """
-        step = step or self.step
-        dictionary = kmeans.seed_dictionary(
+    def seed(self, matrix):
+        """Initial dictionary `[K, C]` for a `[M, C]` matrix: quantile seeds."""
+        return kmeans.seed_dictionary(
             matrix, self.num_values, self.constraint,
             self.num_pruned(matrix.shape[0]),
         )
+
+    def initialize(self, matrix):
+        """`(dictionary, assignment, quantised)` fitted to a `[M, C]` matrix.
+
+        Quantile seeds, then `init_iterations` k-means steps.
+        """
+        dictionary = self.seed(matrix)
         for _ in range(self.init_iterations):
-            dictionary, assignment, quantized = step(matrix, dictionary)
+            dictionary, assignment, quantized = self.step(matrix, dictionary)
         return dictionary, assignment, quantized
 
     def step(self, matrix, dictionary):

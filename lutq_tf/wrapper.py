@@ -30,6 +30,7 @@ class _TensorState:
         self.quantized = quantized  # d[A] in the shape of W, cached
         self.permutation = permutation  # puts channel axes last, or None
         self.channels = channels
+        self.update = None  # the compiled k-means step, made on first use
 
     def to_matrix(self, tensor):
         """`[M, C]` view of a tensor shaped like W."""
@@ -93,7 +94,6 @@ class LUTQWrapper(keras.layers.Wrapper):
         self.quantizer = quantizer
         self.supports_masking = getattr(layer, "supports_masking", False)
         self._states = []
-        self._compiled_step = None
 
     # -- building -----------------------------------------------------------
 
@@ -178,9 +178,11 @@ class LUTQWrapper(keras.layers.Wrapper):
                     "NaN or Inf; LUT-Q cannot fit a dictionary to it. Check "
                     "the pretrained weights."
                 )
-            dictionary, assignment, quantized = self.quantizer.initialize(
-                state.to_matrix(weights), step=self._compiled_quantizer_step
-            )
+            update = self._update_function(state)
+            dictionary = self.quantizer.seed(state.to_matrix(weights))
+            for _ in range(self.quantizer.init_iterations):
+                _, dictionary, assignment, quantized = update(weights,
+                                                              dictionary)
             self._store(state, dictionary, assignment, quantized)
 
     def kmeans_step(self):
@@ -192,10 +194,9 @@ class LUTQWrapper(keras.layers.Wrapper):
         """
         all_finite = tf.constant(True)
         for state in self._states:
-            matrix = state.to_matrix(tf.cast(state.variable.value, tf.float32))
-            finite = tf.reduce_all(tf.math.is_finite(matrix))
-            dictionary, assignment, quantized = (
-                self._compiled_quantizer_step(matrix, state.dictionary.value)
+            finite, dictionary, assignment, quantized = (
+                self._update_function(state)(state.variable.value,
+                                             state.dictionary.value)
             )
 
             def store(state=state, d=dictionary, a=assignment, q=quantized):
@@ -206,22 +207,32 @@ class LUTQWrapper(keras.layers.Wrapper):
             all_finite = tf.logical_and(all_finite, finite)
         return all_finite
 
-    @property
-    def _compiled_quantizer_step(self):
-        if self._compiled_step is None:
-            # XLA fuses the step's passes over W; it runs compiled whether
-            # or not the surrounding train function is.
-            self._compiled_step = tf.function(
-                self.quantizer.step, jit_compile=True
-            )
-        return self._compiled_step
+    def _update_function(self, state):
+        """The k-means step of one tensor, in W's layout, compiled with XLA.
+
+        `(W, d) -> (finite, d, A, d[A])`, A already in its storage dtype.
+        XLA fuses the passes over W into a few loops; it runs compiled
+        whether or not the surrounding train function is.
+        """
+        if state.update is None:
+
+            def update(weights, dictionary):
+                matrix = state.to_matrix(tf.cast(weights, tf.float32))
+                finite = tf.reduce_all(tf.math.is_finite(matrix))
+                dictionary, assignment, quantized = self.quantizer.step(
+                    matrix, dictionary)
+                assignment = tf.cast(state.from_matrix(assignment),
+                                     state.assignment.dtype)
+                return (finite, dictionary, assignment,
+                        state.from_matrix(quantized))
+
+            state.update = tf.function(update, jit_compile=True)
+        return state.update
 
     def _store(self, state, dictionary, assignment, quantized):
         state.dictionary.assign(dictionary)
-        state.assignment.assign(
-            tf.cast(state.from_matrix(assignment), state.assignment.dtype)
-        )
-        state.quantized.assign(state.from_matrix(quantized))
+        state.assignment.assign(assignment)
+        state.quantized.assign(quantized)
 
     # -- forward ------------------------------------------------------------
 

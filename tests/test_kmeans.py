@@ -32,11 +32,11 @@ def _random_problem(rng, rows, channels, k, fixed_zero):
 @pytest.mark.parametrize("name", sorted(CONSTRAINTS))
 @pytest.mark.parametrize("channels", [1, 5])
 @pytest.mark.parametrize("num_pruned", [0, 37])
-@pytest.mark.parametrize("k", [2, 3, 16, 40])
+@pytest.mark.parametrize("k", [2, 3, 16, 40, 256])
 def test_step_matches_numpy_reference(name, channels, num_pruned, k):
     rng = np.random.default_rng(k * 100 + channels + num_pruned)
     constraint = CONSTRAINTS[name]
-    x, d = _random_problem(rng, 120, channels, k, num_pruned > 0)
+    x, d = _random_problem(rng, 300, channels, k, num_pruned > 0)
     d = constraint.project(tf.constant(d), tf.ones_like(d), tf.constant(d),
                            num_pruned > 0).numpy()
     got_d, got_a, got_q = kmeans.kmeans_step(
@@ -173,3 +173,25 @@ def test_invariants_hold_after_every_step(problem):
             assert s[0] > 0
             if constraint.power_of_two_step:
                 assert np.frexp(s[0])[0] == 0.5
+
+
+@pytest.mark.parametrize("close", [False, True])
+def test_bucketed_search_and_its_fallback_are_exact(close):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4000, 1)).astype(np.float32)
+    d = np.sort(rng.normal(size=(200, 1)), axis=0).astype(np.float32)
+    x[:50, 0] = (d[:50, 0] + d[1:51, 0]) / 2  # weights exactly on midpoints
+    if close:  # two midpoints closer than a bin: the binary search runs
+        d[100, 0] = d[99, 0] + 1e-6
+        d[101, 0] = d[99, 0] + 3e-6
+    midpoints = tf.constant((d[1:, 0] + d[:-1, 0]) / 2)
+    assert bool(kmeans._bins_separate(midpoints)) == (not close)
+    # Weights on a midpoint go to the lower entry, as in the binary search;
+    # elsewhere the answer is the numpy reference's.
+    want = kmeans._binary_search(tf.constant(x),
+                                 midpoints[None, :]).numpy()
+    np.testing.assert_array_equal(want[50:], reference.assign(x, d, 0)[50:])
+    for jit in (False, True):
+        assign = tf.function(kmeans.nearest_assignment, jit_compile=jit)
+        np.testing.assert_array_equal(
+            assign(tf.constant(x), tf.constant(d)).numpy(), want)

@@ -1,0 +1,170 @@
+"""Train-step time of LUT-Q over plain float training.
+
+Same model, data and optimiser; the variants' epochs are interleaved
+(round-robin) so that background load hits them alike, and each figure is the
+median over epochs of the mean step time within an epoch (the first epoch,
+which compiles, is dropped). The k-means step runs after every optimizer
+step unless `kmeans_every` says otherwise.
+
+Models: an MLP 784-512-512-10 (every weight used once per example: the
+LUT-Q step's O(N) work is as large as the matmuls) and a small CNN on 28x28
+inputs (every weight reused hundreds of times).
+
+    python -m benchmarks.train_speed            # full: ~10 min on 2 cores
+    python -m benchmarks.train_speed --quick    # ~2 min
+
+Writes benchmarks/results/train_speed.{md,json}.
+"""
+
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import lutq_tf  # noqa: E402
+from examples import models  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "Fewer epochs and variants.")
+flags.DEFINE_integer("batch_size", 64, "Batch size.")
+flags.DEFINE_integer("steps", 60, "Optimizer steps per epoch.")
+flags.DEFINE_integer("epochs", 6, "Timed epochs per variant (plus one warm-up).")
+flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__),
+                                            "results"), "Output directory.")
+
+
+def small_cnn():
+    """Conv-heavy CNN, 28x28x1 -> 10: 32-64-64 3x3 convs, global pooling."""
+    inputs = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu",
+                            name="conv1")(inputs)
+    x = keras.layers.Conv2D(64, 3, strides=2, padding="same",
+                            activation="relu", name="conv2")(x)
+    x = keras.layers.Conv2D(64, 3, strides=2, padding="same",
+                            activation="relu", name="conv3")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="fc")(x))
+
+
+MODELS = {
+    "mlp": (lambda: models.mlp(classifier_activation=None), (784,)),
+    "cnn": (small_cnn, (28, 28, 1)),
+}
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def _variants(quick):
+    variants = [("float", None)]
+    for k in (4, 16, 256):
+        variants.append((f"LUT-Q K={k}", {"num_values": k}))
+    if not quick:
+        for every in (4, 16):
+            variants.append((f"LUT-Q K=256, k-means every {every}",
+                             {"num_values": 256, "kmeans_every": every}))
+        variants.append(("LUT-Q K=16 per channel",
+                         {"num_values": 16, "per_channel": True}))
+    return variants
+
+
+def measure(model_name, variants, epochs, steps, batch_size, jit_compile):
+    """Returns {variant: median ms/step} for one model."""
+    build, input_shape = MODELS[model_name]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(steps * batch_size, *input_shape)).astype("float32")
+    y = rng.integers(0, 10, len(x))
+    keras.utils.set_random_seed(0)
+    base = build()
+    runs = []
+    for name, options in variants:
+        model = base if options is None else lutq_tf.quantize_model(
+            base, **options)
+        if options is None:
+            model = keras.models.clone_model(base)
+            model.set_weights(base.get_weights())
+        model.compile(
+            optimizer="adam",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit_compile)
+        runs.append((name, model, _EpochTimer()))
+    for _ in range(epochs + 1):  # round-robin; epoch 0 compiles
+        for name, model, timer in runs:
+            model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0,
+                      shuffle=False, callbacks=[timer])
+    return {
+        name: 1000 * float(np.median(timer.seconds[1:])) / steps
+        for name, _, timer in runs
+    }
+
+
+def _markdown(results, config):
+    lines = [
+        "# Train-step time: LUT-Q vs float",
+        "",
+        f"`python -m benchmarks.train_speed{' --quick' if config['quick'] else ''}`"
+        f" on {config['machine']}, TF {config['tf']}, Keras {config['keras']}, "
+        f"batch {config['batch_size']}, {config['steps']} steps/epoch, median "
+        f"of {config['epochs']} epochs, jit_compile={config['jit_compile']}.",
+        "",
+        "| model | variant | ms/step | ratio to float |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for model_name, timings in results.items():
+        base = timings["float"]
+        for name, ms in timings.items():
+            lines.append(f"| {model_name} | {name} | {ms:.2f} | "
+                         f"{ms / base:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    epochs = 3 if FLAGS.quick else FLAGS.epochs
+    config = {
+        "quick": FLAGS.quick, "batch_size": FLAGS.batch_size,
+        "steps": FLAGS.steps, "epochs": epochs,
+        "jit_compile": FLAGS.jit_compile,
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+        "tf": tf.__version__, "keras": keras.__version__,
+    }
+    results = {}
+    for model_name in MODELS:
+        print(f"timing {model_name} ...", flush=True)
+        results[model_name] = measure(
+            model_name, _variants(FLAGS.quick), epochs, FLAGS.steps,
+            FLAGS.batch_size, FLAGS.jit_compile)
+        for name, ms in results[model_name].items():
+            print(f"  {name:40s} {ms:7.2f} ms/step  "
+                  f"{ms / results[model_name]['float']:.2f}x", flush=True)
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    suffix = "_xla" if FLAGS.jit_compile else ""
+    with open(os.path.join(FLAGS.out_dir, f"train_speed{suffix}.json"),
+              "w") as f:
+        json.dump({"config": config, "ms_per_step": results}, f, indent=2)
+    markdown = _markdown(results, config)
+    with open(os.path.join(FLAGS.out_dir, f"train_speed{suffix}.md"),
+              "w") as f:
+        f.write(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    app.run(main)
