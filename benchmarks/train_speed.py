@@ -61,15 +61,24 @@ MODELS = {
 
 
 class _EpochTimer(keras.callbacks.Callback):
+    """Wall and process CPU seconds of each epoch.
+
+    CPU time is reported beside wall time because it varies less when
+    other processes share the machine.
+    """
+
     def __init__(self):
         super().__init__()
         self.seconds = []
+        self.cpu_seconds = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
 
     def on_epoch_end(self, epoch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
+        self.cpu_seconds.append(time.process_time() - self._cpu_start)
 
 
 def _variants(quick):
@@ -86,7 +95,7 @@ def _variants(quick):
 
 
 def measure(model_name, variants, epochs, steps, batch_size, jit_compile):
-    """Returns {variant: median ms/step} for one model."""
+    """Returns {variant: (median wall ms/step, median CPU ms/step)}."""
     build, input_shape = MODELS[model_name]
     rng = np.random.default_rng(0)
     x = rng.normal(size=(steps * batch_size, *input_shape)).astype("float32")
@@ -110,7 +119,8 @@ def measure(model_name, variants, epochs, steps, batch_size, jit_compile):
             model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0,
                       shuffle=False, callbacks=[timer])
     return {
-        name: 1000 * float(np.median(timer.seconds[1:])) / steps
+        name: (1000 * float(np.median(timer.seconds[1:])) / steps,
+               1000 * float(np.median(timer.cpu_seconds[1:])) / steps)
         for name, _, timer in runs
     }
 
@@ -124,14 +134,15 @@ def _markdown(results, config):
         f"batch {config['batch_size']}, {config['steps']} steps/epoch, median "
         f"of {config['epochs']} epochs, jit_compile={config['jit_compile']}.",
         "",
-        "| model | variant | ms/step | ratio to float |",
-        "| --- | --- | ---: | ---: |",
+        "| model | variant | wall ms/step | ratio | CPU ms/step | ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for model_name, timings in results.items():
-        base = timings["float"]
-        for name, ms in timings.items():
-            lines.append(f"| {model_name} | {name} | {ms:.2f} | "
-                         f"{ms / base:.2f}x |")
+        wall0, cpu0 = timings["float"]
+        for name, (wall, cpu) in timings.items():
+            lines.append(f"| {model_name} | {name} | {wall:.2f} | "
+                         f"{wall / wall0:.2f}x | {cpu:.2f} | "
+                         f"{cpu / cpu0:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -151,9 +162,10 @@ def main(argv):
         results[model_name] = measure(
             model_name, _variants(FLAGS.quick), epochs, FLAGS.steps,
             FLAGS.batch_size, FLAGS.jit_compile)
-        for name, ms in results[model_name].items():
-            print(f"  {name:40s} {ms:7.2f} ms/step  "
-                  f"{ms / results[model_name]['float']:.2f}x", flush=True)
+        wall0, cpu0 = results[model_name]["float"]
+        for name, (wall, cpu) in results[model_name].items():
+            print(f"  {name:40s} {wall:7.2f} ms/step {wall / wall0:5.2f}x  "
+                  f"CPU {cpu:7.2f} ms/step {cpu / cpu0:5.2f}x", flush=True)
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     suffix = "_xla" if FLAGS.jit_compile else ""
     with open(os.path.join(FLAGS.out_dir, f"train_speed{suffix}.json"),
