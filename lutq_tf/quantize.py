@@ -53,7 +53,8 @@ def quantize_model(
         layer_types: quantise only layers of these types (a class or tuple).
         layer_names: quantise only the layers with these names.
         skip: names of layers to keep in float.
-        min_weights: layers with fewer weights stay float.
+        min_weights: layers whose quantisable kernels hold fewer weights
+            stay float.
         overrides: `{layer_name: options}` where options is a dict of the
             arguments above (`bits`, `num_values`, `constraint`,
             `prune_rate`, `per_channel`, `kmeans_every`), a `LUTQuantizer`,
@@ -201,10 +202,18 @@ def _plan(model, default, layer_types, layer_names, skip, min_weights,
             continue
         if layer_types is not None and not isinstance(layer, types):
             continue
-        if layer.count_params() < min_weights:
+        if _quantizable_size(layer) < min_weights:
             continue
         plan[name] = default
     return plan
+
+
+def _quantizable_size(layer):
+    """Number of weights LUT-Q would quantise in `layer` (biases excluded)."""
+    return sum(
+        int(np.prod(getattr(layer, spec.attribute).shape))
+        for spec in registry.quantizable_tensors(layer)
+    )
 
 
 def _rebuild(model, clone, functional_class, sequential_class):
@@ -240,7 +249,6 @@ def _copy_weights(source, target):
                          layer.tensor_states}
             values = [quantized.get(id(v), v).numpy()
                       for v in layer.layer.weights]
-            layer = layer.layer
         else:
             values = layer.get_weights()
         if isinstance(twin, LUTQWrapper):
