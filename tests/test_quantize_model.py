@@ -194,3 +194,22 @@ def test_mixin_and_wrapper_on_a_subclassed_model():
         np.testing.assert_allclose(d.ravel()[entry], w[a == entry].mean(),
                                    rtol=1e-4, atol=1e-6)
     assert len(np.unique(q)) <= 4
+
+
+@pytest.mark.parametrize("k, expected", [(2, 2), (3, 3)])
+def test_binary_and_ternary_networks(k, expected):
+    model = keras.Sequential([keras.Input((20,)), L.Dense(16, name="a"),
+                              L.Dense(4, name="b")])
+    quantized = lutq_tf.quantize_model(model, num_values=k,
+                                       constraint="uniform")
+    x = np.random.default_rng(0).normal(size=(32, 20))
+    y = np.random.default_rng(1).normal(size=(32, 4))
+    quantized.compile("adam", "mse")
+    quantized.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    for layer in lutq_tf.lutq_layers(quantized):
+        values = np.unique(layer.quantized_tensors["kernel"][2])
+        assert len(values) == expected
+        # Symmetric about 0: +-a (binary) or {-a, 0, a} (ternary).
+        np.testing.assert_array_equal(values, -values[::-1])
+        if k == 3:
+            assert values[1] == 0
