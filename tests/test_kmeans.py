@@ -195,3 +195,16 @@ def test_bucketed_search_and_its_fallback_are_exact(close):
         assign = tf.function(kmeans.nearest_assignment, jit_compile=jit)
         np.testing.assert_array_equal(
             assign(tf.constant(x), tf.constant(d)).numpy(), want)
+
+
+@pytest.mark.parametrize("values", [
+    np.array([[0.5, -0.0, np.inf, -3e-38, 7.0]], np.float32),
+    np.array([[-5, 0, 2**31 - 1, -2**31, 3]], np.int32),
+])
+def test_materialize_returns_its_input_bit_for_bit(values):
+    for jit in (False, True):
+        got = tf.function(kmeans.materialize, jit_compile=jit)(
+            tf.constant(values)).numpy()
+        assert got.dtype == values.dtype
+        np.testing.assert_array_equal(got.view(np.int32),
+                                      values.view(np.int32))
