@@ -10,8 +10,9 @@ exactly `num_pruned` weights of each table (the smallest |x|; ties broken by
 position) are assigned to it; the other weights go to the nearest of rows
 `1..K-1`.
 
+Dictionaries are kept sorted along axis 0 (with pruning, rows 1..K-1).
 Every function is deterministic: ties in the assignment go to the lower
-dictionary value, ties in pruning to the earlier weight.
+dictionary entry, ties in pruning to the earlier weight.
 """
 
 import numpy as np
@@ -51,8 +52,9 @@ def materialize(table):
 def nearest_assignment(x, dictionary):
     """Index of the nearest dictionary row for every weight.
 
-    Works on the sorted midpoints between entries. For small K it counts
-    the midpoints below each weight (K-1 compares that XLA fuses into one
+    Counts the midpoints between consecutive entries that lie strictly below
+    each weight: the nearest entry, ties going to the lower one. For small K
+    it compares against every midpoint (K-1 compares that XLA fuses into one
     pass). For larger K, a per-tensor dictionary uses a bucketed search (one
     gather per weight from a table indexed by the weight's bin, O(1)), and
     per-channel ones a branchless binary search (O(log K) gathers). All beat
@@ -60,7 +62,8 @@ def nearest_assignment(x, dictionary):
 
     Args:
         x: float32 `[M, C]`.
-        dictionary: float32 `[K, C]`, in any order.
+        dictionary: float32 `[K, C]`, sorted ascending along axis 0 (equal
+            entries split the weights at their value).
 
     Returns:
         int32 `[M, C]`, row indices into `dictionary`.
@@ -69,34 +72,26 @@ def nearest_assignment(x, dictionary):
     channels = x.shape[1]
     if num_values == 1:
         return tf.zeros_like(x, dtype=tf.int32)
-    table = tf.transpose(dictionary)  # [C, K]: one contiguous row per table.
-    order = tf.argsort(table, axis=1, stable=True)
-    sorted_table = tf.gather(table, order, batch_dims=1)
-    midpoints = materialize(
-        0.5 * (sorted_table[:, 1:] + sorted_table[:, :-1]))
+    midpoints = 0.5 * (dictionary[1:] + dictionary[:-1])  # [K-1, C]
+    if num_values <= _LINEAR_SEARCH_MAX_VALUES and channels == 1:
+        # XLA fuses the broadcast compare into the sum; no [M, 1, K-1]
+        # tensor is made.
+        above = x[:, :, None] > materialize(tf.transpose(midpoints))[None]
+        return tf.reduce_sum(tf.cast(above, tf.int32), axis=2)
     if num_values <= _LINEAR_SEARCH_MAX_VALUES:
-        # Strictly above a midpoint goes up: a tie stays low. XLA fuses the
-        # broadcast compare into the sum; no [M, C, K-1] tensor is made.
-        above = x[:, :, None] > midpoints[None, :, :]
-        position = tf.reduce_sum(tf.cast(above, tf.int32), axis=2)
-    elif channels == 1:
-        position = tf.cond(
-            _bins_separate(midpoints[0]),
-            lambda: _bin_search(x, midpoints[0]),
-            lambda: _binary_search(x, midpoints),
+        # Per channel, one compare per midpoint row vectorises along C.
+        rows = materialize(midpoints)
+        position = tf.zeros_like(x, dtype=tf.int32)
+        for j in range(num_values - 1):
+            position += tf.cast(x > rows[j][None, :], tf.int32)
+        return position
+    if channels == 1:
+        return tf.cond(
+            _bins_separate(midpoints[:, 0]),
+            lambda: _bin_search(x, materialize(midpoints[:, 0])),
+            lambda: _binary_search(x, tf.transpose(midpoints)),
         )
-    else:
-        position = _binary_search(x, midpoints)
-    # Equal entries (a projection can merge two) all map to the first of
-    # them, the one with the lowest index.
-    first_equal = tf.searchsorted(sorted_table, sorted_table, side="left")
-    flat_order = materialize(tf.reshape(
-        tf.gather(order, first_equal, batch_dims=1), [-1]
-    ))
-    return tf.gather(
-        flat_order,
-        tf.range(channels, dtype=tf.int32)[None, :] * num_values + position,
-    )
+    return _binary_search(x, tf.transpose(midpoints))
 
 
 # Bins of the bucketed search (a 192 KiB table). A k-means dictionary of
@@ -156,7 +151,7 @@ def _binary_search(x, midpoints):
     midpoints = tf.pad(
         midpoints, [[0, 0], [0, width - count]], constant_values=np.inf
     )
-    flat_midpoints = tf.reshape(midpoints, [-1])
+    flat_midpoints = materialize(tf.reshape(midpoints, [-1]))
     row_offset = tf.range(channels, dtype=tf.int32)[None, :] * width
     position = tf.zeros_like(x, dtype=tf.int32)
     for r in reversed(range(rounds)):
@@ -205,7 +200,8 @@ def assign(x, dictionary, num_pruned):
 
     Args:
         x: float32 `[M, C]`.
-        dictionary: float32 `[K, C]`; with pruning row 0 is the zero entry.
+        dictionary: float32 `[K, C]`, sorted; with pruning row 0 is the zero
+            entry and rows 1.. are sorted.
         num_pruned: Python int; 0 disables pruning.
 
     Returns:
@@ -215,6 +211,14 @@ def assign(x, dictionary, num_pruned):
         return nearest_assignment(x, dictionary)
     nearest = nearest_assignment(x, dictionary[1:]) + 1
     return tf.where(pruning_mask(x, num_pruned), 0, nearest)
+
+
+def sort_entries(dictionary, fixed_zero):
+    """Sorts each column's entries; with `fixed_zero`, row 0 stays first."""
+    if fixed_zero:
+        return tf.concat(
+            [dictionary[:1], tf.sort(dictionary[1:], axis=0)], axis=0)
+    return tf.sort(dictionary, axis=0)
 
 
 def cluster_sums(x, assignment, num_values):
@@ -256,6 +260,10 @@ def kmeans_step(x, dictionary, constraint, num_pruned):
     """
     num_values = dictionary.shape[0]
     fixed_zero = num_pruned > 0
+    # Every step keeps d sorted (cluster means of a nearest-entry partition
+    # stay in order, the projections are monotone); sorting again costs
+    # nothing and guards against a one-ulp inversion from rounding.
+    dictionary = sort_entries(dictionary, fixed_zero)
     assignment = assign(x, dictionary, num_pruned)
     sums, counts = cluster_sums(x, assignment, num_values)
     means = tf.where(counts > 0, sums / tf.maximum(counts, 1.0), dictionary)

@@ -5,18 +5,25 @@ import numpy as np
 
 
 def assign(x, d, num_pruned):
+    """Nearest entry of the sorted dictionary; a weight exactly between two
+    entries (or on a repeated entry's value) goes to the lower index."""
     m, c = x.shape
     a = np.zeros((m, c), np.int64)
+    first = 1 if num_pruned else 0
     for j in range(c):
-        col, entries = x[:, j], d[:, j]
-        first = 1 if num_pruned else 0
-        candidates = entries[first:]
-        # Nearest entry; ties go to the lower value.
-        distance = np.abs(col[:, None] - candidates[None, :])
-        best = np.min(distance, axis=1, keepdims=True)
-        tied = distance == best
-        values = np.where(tied, candidates[None, :], np.inf)
-        a[:, j] = np.argmin(values, axis=1) + first
+        col, candidates = x[:, j], d[first:, j]
+        assert np.all(np.diff(candidates) >= 0), "dictionary must be sorted"
+        for i, value in enumerate(col):
+            distance = np.abs(value - candidates)
+            best = np.flatnonzero(distance == distance.min())
+            # Among equally near entries, the lowest index, unless the value
+            # lies strictly above a repeated entry: then the last repeat.
+            k = best[0]
+            while (k + 1 < len(candidates)
+                   and candidates[k + 1] == candidates[k]
+                   and value > candidates[k]):
+                k += 1
+            a[i, j] = k + first
         if num_pruned:
             order = np.lexsort((np.arange(m), np.abs(col)))
             a[order[:num_pruned], j] = 0

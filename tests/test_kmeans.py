@@ -75,10 +75,12 @@ def test_empty_cluster_keeps_its_value():
 
 
 def test_assignment_ties_go_to_lower_value():
-    x = np.array([[0.5], [1.5]], np.float32)
-    d = np.array([[1.0], [0.0], [2.0]], np.float32)  # unsorted on purpose
+    x = np.array([[0.5], [1.5], [1.0], [1.2]], np.float32)
+    d = np.array([[0.0], [1.0], [1.0], [2.0]], np.float32)
     a = kmeans.nearest_assignment(tf.constant(x), tf.constant(d)).numpy()
-    assert a.ravel().tolist() == [1, 0]
+    # Midway goes to the lower value; a repeated entry takes weights at its
+    # value in its first copy and those above it in its last.
+    assert a.ravel().tolist() == [0, 2, 1, 2]
 
 
 def test_pruning_ties_broken_by_position():
