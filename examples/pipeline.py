@@ -98,8 +98,7 @@ def lutq_finetune(float_model, train, epochs, batch_size=32,
             `constraint`, `prune_rate`, `per_channel`, ...). With
             `per_channel`, layers whose output channels hold fewer than K
             weights (a 3x3 conv on one input channel has 9) get per-tensor
-            dictionaries, unless `overrides` is given. `constraint="pow2"`
-            becomes `pow2_constraint(float_model)`.
+            dictionaries, unless `overrides` is given.
 
     Returns:
         `(lutq_model, seconds)`: the trained LUT-Q model and the seconds
@@ -114,8 +113,6 @@ def lutq_finetune(float_model, train, epochs, batch_size=32,
             log(f"    per-tensor dictionaries for {', '.join(overrides)}: "
                 "fewer weights per output channel than K")
             quantize_options["overrides"] = overrides
-    if quantize_options.get("constraint") == "pow2":
-        quantize_options["constraint"] = pow2_constraint(float_model)
     keras.utils.set_random_seed(seed)  # k-means initialisation draws
     lutq_model = lutq_tf.quantize_model(float_model, **quantize_options)
     seconds = train_float(lutq_model, train, epochs, batch_size,
@@ -141,26 +138,6 @@ def small_channel_overrides(model, num_values):
             if int(np.prod(shape)) // channels < num_values:
                 overrides[layer.name] = {"per_channel": False}
     return overrides
-
-
-def pow2_constraint(model):
-    """A power-of-two constraint whose range covers the model's kernels.
-
-    `PowerOfTwo()` clips entries to 2**4 = 16 by default; a kernel with
-    larger weights (the pretrained ResNet-8's stem, which holds the x255
-    input scale, reaches 232) would be clipped silently.
-
-    Returns:
-        `lutq_tf.constraints.PowerOfTwo` with `max_exponent` at least 4 and
-        at least ceil(log2(largest |kernel weight|)).
-    """
-    largest = 0.0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        for spec in lutq_registry.quantizable_tensors(layer):
-            weights = np.asarray(getattr(layer, spec.attribute))
-            largest = max(largest, float(np.max(np.abs(weights))))
-    exponent = int(np.ceil(np.log2(largest))) if largest > 0 else 0
-    return lutq_tf.constraints.PowerOfTwo(max_exponent=max(4, exponent))
 
 
 # ---------------------------------------------------------------------------

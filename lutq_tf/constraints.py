@@ -75,12 +75,14 @@ class PowerOfTwo(Constraint):
 
     Args:
         min_exponent: smallest exponent e.
-        max_exponent: largest exponent e.
+        max_exponent: largest exponent e. The default leaves the top
+            unbounded (float32's range), so large weights are never clipped;
+            set it to the shift range of the target hardware.
         allow_zero: if True, an entry may also be exactly 0 (it becomes 0 when
             0 is nearer than 2**min_exponent).
     """
 
-    def __init__(self, min_exponent=-16, max_exponent=4, allow_zero=True):
+    def __init__(self, min_exponent=-16, max_exponent=127, allow_zero=True):
         if int(min_exponent) != min_exponent or int(max_exponent) != (
             max_exponent
         ):

@@ -210,3 +210,11 @@ def test_materialize_returns_its_input_bit_for_bit(values):
         assert got.dtype == values.dtype
         np.testing.assert_array_equal(got.view(np.int32),
                                       values.view(np.int32))
+
+
+def test_pow2_default_range_does_not_clip_large_weights():
+    # A stem conv with the x255 input scale folded in holds weights ~200.
+    pow2 = constraints.PowerOfTwo()
+    d = tf.constant([[231.6], [-70.0], [3e-6]])
+    got = pow2.project(d, tf.ones_like(d), d, False).numpy().ravel()
+    assert got.tolist() == [256.0, -64.0, 0.0]

@@ -118,16 +118,6 @@ def test_small_channel_overrides_only_for_channels_smaller_than_k():
         "conv1", "fc2"}
 
 
-def test_pow2_constraint_covers_the_largest_kernel_weight():
-    from examples import models
-
-    model = models.digits_cnn()
-    assert pipeline.pow2_constraint(model).max_exponent == 4  # the default
-    stem = model.get_layer("conv1")
-    stem.kernel.assign(stem.kernel * 0 + 231.6)  # like ResNet-8's x255 stem
-    assert pipeline.pow2_constraint(model).max_exponent == 8
-
-
 def test_subset_column_only_when_tflm_ran_on_a_subset():
     full = _row("a", 0.9, 0.9, 10, tflm_samples=450, test_samples=450,
                 keras_accuracy_tflm_samples=0.9)
