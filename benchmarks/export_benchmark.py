@@ -27,8 +27,9 @@ measures:
 
 Writes `export.md` and `export.json` to `--out_dir`, the .tflite files to
 `--work_dir`. A model whose data or .h5 is missing is skipped with the
-reason printed and in the markdown. Budget on 2 shared CPU cores: full
-~20 min, `--quick` (ResNet-8 on 5,000 train / 5,000 test images) ~5 min.
+reason printed and in the markdown. Measured on 2 CPU cores shared with
+another training run: full ~10 min, `--quick` (ResNet-8 on 5,000 train /
+5,000 test images) ~4.5 min.
 
     python -m benchmarks.export_benchmark [--quick]
     python -m benchmarks.export_benchmark \
@@ -580,8 +581,8 @@ the smallest TFLM tensor arena of the compressed model / its uncompressed
 twin; *arena + alt memory* the smallest main arena when the interpreter also
 gets `alt_decompression_memory_size` = the largest decoded kernel (second
 number). *ms/inference* median host time of one `invoke` in TFLM's Python
-interpreter (reference kernels; relative numbers only), compressed / int8
-twin. *train s* float training (float32 row) or LUT-Q fine-tuning seconds.
+interpreter (reference kernels; relative numbers only, and noisy on shared
+cores: each pair is measured back to back), compressed / int8 twin. *train s* float training (float32 row) or LUT-Q fine-tuning seconds.
 """
 
 _ARENA_NOTE = """\
@@ -590,9 +591,11 @@ with a DECODE op inserted right before its consumer, and the decoded kernel
 is an ordinary arena tensor whose lifetime is that one consumer (tflite-micro
 `compression/decode_insert.py`, `insert_decode_operators`: "DECODE outputs
 are tensors with a lifetime limited to the very next operator"). The planner
-reuses that memory, so the arena grows by (at most) the *largest* decoded
-kernel, not by all of them. The Python `Interpreter` (`from_bytes` /
-`from_file`) takes `alt_decompression_memory_size`: "If non-zero, DECODE
+reuses that memory, so the arena grows by at most about the *largest*
+decoded kernel (plus a few hundred bytes of DECODE state), not by all of
+them; less where the decoded kernel fits beside smaller activations. The
+Python `Interpreter` (`from_bytes` / `from_file`) takes
+`alt_decompression_memory_size`: "If non-zero, DECODE
 operators will use this memory instead of the main arena for decompressed
 tensor outputs"; that memory restarts at the same address for every DECODE.
 The *arena + alt memory* column shows the effect: the main arena drops to
