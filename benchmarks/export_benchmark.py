@@ -59,36 +59,43 @@ SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
 MODEL_NAMES = ("digits", "resnet8")
 BITS = (1, 2, 3, 4)
 
-_QUICK = flags.DEFINE_boolean(
-    "quick", False,
-    "~5 minute run: fewer digits epochs, ResNet-8 on 5,000 train / 5,000 "
-    "test images, fewer TFLM samples and latency runs.")
-_CIFAR10 = flags.DEFINE_string(
-    "cifar10", os.path.join(SHARED, "data", "cifar10_jpeg.tgz"),
-    "CIFAR-10 (python batches, class folders or .tgz); ResNet-8 is skipped "
-    "without it.")
-_RESNET8_H5 = flags.DEFINE_string(
-    "resnet8_h5", os.path.join(SHARED, "models", "mlperf_tiny_resnet8.h5"),
-    "MLPerf Tiny pretrained ResNet-8 .h5; ResNet-8 is skipped without it.")
-_OUT_DIR = flags.DEFINE_string(
-    "out_dir", None,
-    "Where export.md and export.json go (default: benchmarks/results/, or "
-    "benchmarks/results/quick/ with --quick, so a quick run never "
-    "overwrites the full one).")
-_WORK_DIR = flags.DEFINE_string(
-    "work_dir", os.path.join(REPO_ROOT, "out", "benchmarks", "export"),
-    "Where the .tflite files go.")
-_MODELS = flags.DEFINE_list("models", list(MODEL_NAMES),
-                            "Models to run: digits, resnet8.")
-_BITS = flags.DEFINE_list("bits", [str(b) for b in BITS],
-                          "LUT-Q index bits to run (K = 2**bits).")
-_EPOCHS = flags.DEFINE_integer(
-    "epochs", None, "Override the LUT-Q fine-tuning epochs of every model.")
-_FLOAT_EPOCHS = flags.DEFINE_integer(
-    "float_epochs", None, "Override the digits CNN's float training epochs.")
-_LATENCY_RUNS = flags.DEFINE_integer(
-    "latency_runs", None,
-    "Timed invokes per model (default 200, 50 with --quick).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defines the command-line flags (only when run as a script, so that
+    importing this module beside other benchmarks defines nothing)."""
+    flags.DEFINE_boolean(
+        "quick", False,
+        "~5 minute run: fewer digits epochs, ResNet-8 on 5,000 train / 5,000 "
+        "test images, fewer TFLM samples and latency runs.")
+    flags.DEFINE_string(
+        "cifar10", os.path.join(SHARED, "data", "cifar10_jpeg.tgz"),
+        "CIFAR-10 (python batches, class folders or .tgz); ResNet-8 is skipped "
+        "without it.")
+    flags.DEFINE_string(
+        "resnet8_h5", os.path.join(SHARED, "models", "mlperf_tiny_resnet8.h5"),
+        "MLPerf Tiny pretrained ResNet-8 .h5; ResNet-8 is skipped without it.")
+    flags.DEFINE_string(
+        "out_dir", None,
+        "Where export.md and export.json go (default: benchmarks/results/, or "
+        "benchmarks/results/quick/ with --quick, so a quick run never "
+        "overwrites the full one).")
+    flags.DEFINE_string(
+        "work_dir", os.path.join(REPO_ROOT, "out", "benchmarks", "export"),
+        "Where the .tflite files go.")
+    flags.DEFINE_list("models", list(MODEL_NAMES),
+                                "Models to run: digits, resnet8.")
+    flags.DEFINE_list("bits", [str(b) for b in BITS],
+                              "LUT-Q index bits to run (K = 2**bits).")
+    flags.DEFINE_integer(
+        "epochs", None, "Override the LUT-Q fine-tuning epochs of every model.")
+    flags.DEFINE_integer(
+        "float_epochs", None, "Override the digits CNN's float training epochs.")
+    flags.DEFINE_integer(
+        "latency_runs", None,
+        "Timed invokes per model (default 200, 50 with --quick).")
+
 
 # Untimed invokes before the timed ones.
 WARMUP_RUNS = 10
@@ -741,24 +748,25 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)  # TF/absl chatter drowns the output
     try:
-        bits = [int(b) for b in _BITS.value]
+        bits = [int(b) for b in FLAGS.bits]
     except ValueError as e:
         raise app.UsageError(f"--bits takes integers: {e}") from e
     try:
-        check_args(_MODELS.value, bits, _EPOCHS.value, _FLOAT_EPOCHS.value,
-                   _LATENCY_RUNS.value)
+        check_args(FLAGS.models, bits, FLAGS.epochs, FLAGS.float_epochs,
+                   FLAGS.latency_runs)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    out_dir = _OUT_DIR.value or os.path.join(
-        REPO_ROOT, "benchmarks", "results", *(["quick"] if _QUICK.value else []))
+    out_dir = FLAGS.out_dir or os.path.join(
+        REPO_ROOT, "benchmarks", "results", *(["quick"] if FLAGS.quick else []))
     path = run_benchmark(
-        out_dir, _WORK_DIR.value, quick=_QUICK.value,
-        model_names=_MODELS.value, bits=bits, cifar10=_CIFAR10.value,
-        resnet8_h5=_RESNET8_H5.value, epochs=_EPOCHS.value,
-        float_epochs=_FLOAT_EPOCHS.value, latency_runs=_LATENCY_RUNS.value)
+        out_dir, FLAGS.work_dir, quick=FLAGS.quick,
+        model_names=FLAGS.models, bits=bits, cifar10=FLAGS.cifar10,
+        resnet8_h5=FLAGS.resnet8_h5, epochs=FLAGS.epochs,
+        float_epochs=FLAGS.float_epochs, latency_runs=FLAGS.latency_runs)
     with open(path) as f:
         print(f.read())
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
