@@ -73,18 +73,12 @@ def nearest_assignment(x, dictionary):
     if num_values == 1:
         return tf.zeros_like(x, dtype=tf.int32)
     midpoints = 0.5 * (dictionary[1:] + dictionary[:-1])  # [K-1, C]
-    if num_values <= _LINEAR_SEARCH_MAX_VALUES and channels == 1:
-        # XLA fuses the broadcast compare into the sum; no [M, 1, K-1]
-        # tensor is made.
+    if num_values <= _LINEAR_SEARCH_MAX_VALUES:
+        # XLA fuses the broadcast compare into the sum; no [M, C, K-1]
+        # tensor is made. A reduction (unlike a chain of adds) is also
+        # never recomputed inside each consumer of the assignment.
         above = x[:, :, None] > materialize(tf.transpose(midpoints))[None]
         return tf.reduce_sum(tf.cast(above, tf.int32), axis=2)
-    if num_values <= _LINEAR_SEARCH_MAX_VALUES:
-        # Per channel, one compare per midpoint row vectorises along C.
-        rows = materialize(midpoints)
-        position = tf.zeros_like(x, dtype=tf.int32)
-        for j in range(num_values - 1):
-            position += tf.cast(x > rows[j][None, :], tf.int32)
-        return position
     if channels == 1:
         return tf.cond(
             _bins_separate(midpoints[:, 0]),
@@ -138,8 +132,11 @@ def _bin_search(x, midpoints):
     value = tf.where(in_bin > 0, value, np.inf)
     table = tf.stack([below, value, in_bin], axis=1)  # [bins, 3]
     row = tf.gather(table, _bin_index(x[:, 0], low, high))
-    position = row[:, 0] + tf.where(x[:, 0] > row[:, 1], row[:, 2], 0.0)
-    return tf.cast(position, tf.int32)[:, None]
+    # Summed as a reduction so XLA computes it once, not inside each
+    # consumer (sums, lookup, storage cast) as it would an elementwise op.
+    terms = tf.stack(
+        [row[:, 0], tf.where(x[:, 0] > row[:, 1], row[:, 2], 0.0)], axis=1)
+    return tf.cast(tf.reduce_sum(terms, axis=1), tf.int32)[:, None]
 
 
 def _binary_search(x, midpoints):
