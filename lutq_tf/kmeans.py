@@ -28,7 +28,7 @@ def materialize(table):
     """Returns a small float32 or int32 tensor unchanged, computed once.
 
     XLA fuses cheap producers into their consumers, so a table read by a
-    loop over every weight (midpoints, index maps, the dictionary) would be
+    loop over every weight (midpoints, the dictionary) would be
     recomputed for each weight: 10x slower at K=16. XLA never fuses a sort,
     so the values pass through one: packed as (position << 32 | bits) into
     int64 keys, sorted (a no-op on the order), and unpacked.
