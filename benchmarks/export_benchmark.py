@@ -99,7 +99,7 @@ def define_flags():
 
 # Untimed invokes before the timed ones.
 WARMUP_RUNS = 10
-# Arena head-room over the measured minimum, as in examples.tflm_eval.
+# Arena head-room over the measured minimum, as in tflite_export.evaluate.
 ARENA_MARGIN = 4096
 # TFLM aligns buffers to 16 bytes.
 GRANULE = 16

@@ -26,7 +26,6 @@ import numpy as np
 import lutq_tf
 import tflite_export
 from lutq_tf import registry as lutq_registry
-from examples import tflm_eval
 
 # Calibration samples for int8 conversion (the converter uses at most 1000).
 CALIBRATION_SAMPLES = 500
@@ -251,7 +250,7 @@ def evaluate_export(model, path, variant, calibration, test, quantize="int8",
     accuracy = keras_accuracy(plain, *test)
     result = export_model(model, path, calibration, quantize, c_array)
     x_tflm, y_tflm = subset(test, tflm_samples)
-    tflm = tflm_eval.tflm_accuracy(result.path, x_tflm, y_tflm,
+    tflm = tflite_export.tflm_accuracy(result.path, x_tflm, y_tflm,
                                    result.arena_bytes)
     keras_same = (accuracy if len(x_tflm) == len(test[0])
                   else keras_accuracy(plain, x_tflm, y_tflm))

@@ -8,6 +8,8 @@ DECODE op reads them: bit-packed indices plus value tables.
 """
 
 from tflite_export.errors import ExportError
+from tflite_export.evaluate import tflm_accuracy
+from tflite_export.evaluate import tflm_predict
 from tflite_export.errors import VerificationError
 from tflite_export.exporter import export
 from tflite_export.result import ExportResult
@@ -21,4 +23,6 @@ __all__ = [
     "Verification",
     "VerificationError",
     "export",
+    "tflm_accuracy",
+    "tflm_predict",
 ]

@@ -1,8 +1,8 @@
 """Runs an exported .tflite classifier on TFLite Micro over a whole test set.
 
-`tflite_export` verifies a model on at most a hundred inputs; the examples
-and benchmarks need the accuracy of the exported model on every test
-sample. This reuses the exporter's own TFLM runner
+`export` verifies a model on at most a hundred inputs; to measure the
+exported model's accuracy on a whole test set, use these. They reuse the
+exporter's own TFLM runner
 (`tflite_export.verify.run_tflm`, one sample at a time on TFLM's Python
 interpreter, with the same input quantisation), so what is measured here is
 what `export` verified.
@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from tflite_export import verify as _verify
+from tflite_export import verify as _verify  # the exporter's runner
 
 # Head-room over the measured minimum arena (the exporter's verification
 # uses the same kind of margin): the bisection's minimum is exact for the
@@ -46,7 +46,8 @@ def tflm_predict(model, x, arena_bytes, batch=1000):
             memory flat; TFLM itself runs one sample at a time).
 
     Returns:
-        float64 array `(N,) + output shape`, dequantised.
+        float64 array `(N,) + output shape` (without the export's batch
+        axis of 1), dequantised.
     """
     data = _model_bytes(model)
     x = np.asarray(x, dtype=np.float32)
@@ -56,7 +57,11 @@ def tflm_predict(model, x, arena_bytes, batch=1000):
             data, x[start:start + batch], int(arena_bytes) + ARENA_MARGIN
         )
         outputs.append(real)
-    return np.concatenate(outputs)
+    outputs = np.concatenate(outputs)
+    # Exports have batch 1: drop that axis from each sample's output.
+    if outputs.ndim > 2 and outputs.shape[1] == 1:
+        outputs = outputs[:, 0]
+    return outputs
 
 
 def tflm_accuracy(model, x, y, arena_bytes):
