@@ -160,8 +160,12 @@ def _layer_weights(lutq_model, layer_name):
     return layer.layer.kernel.numpy().ravel(), dictionary
 
 
-def save_json(result, path):
-    """Writes a suite's rows (without the export objects) as JSON."""
+def save_json(result, path, run=None):
+    """Writes a suite's rows (without the export objects) as JSON.
+
+    `run`: the `benchmarks.report.run_record` of the run (command, date,
+    environment, wall seconds).
+    """
     rows = [{field.name: getattr(row, field.name)
              for field in dataclasses.fields(row) if field.name != "result"}
             for row in result.rows]
@@ -175,6 +179,7 @@ def save_json(result, path):
             "num_train": result.num_train,
             "num_test": result.num_test,
             "seconds": result.seconds,
+            "run": run or {},
             "rows": rows,
         }, f, indent=2)
 

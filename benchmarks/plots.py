@@ -6,10 +6,10 @@
   entries d marked.
 
 `python -m benchmarks.plots [results dir]` redraws `accuracy_vs_bytes.png`
-from the suites' JSON files (after a style change, without re-running).
+from the suites' JSON files (after a style change, without re-running;
+`python -m benchmarks.run_all --report_only` redraws it with results.md).
 """
 
-import json
 import os
 import sys
 
@@ -20,7 +20,6 @@ matplotlib.use("Agg")  # before pyplot: headless machines, CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from examples.pipeline import ResultRow  # noqa: E402
 from examples.pipeline import pareto_front  # noqa: E402
 
 
@@ -112,18 +111,9 @@ def weight_histogram(weights, dictionary, path, title):
 
 def replot(results_dir):
     """Redraws `accuracy_vs_bytes.png` from `<suite>.json` in `results_dir`."""
-    from benchmarks.suites import make_suites
+    from benchmarks import report
 
-    titles = {name: suite.title for name, suite in make_suites(False).items()}
-    panels = []
-    for name in ("digits", "mnist", "cifar10"):
-        path = os.path.join(results_dir, f"{name}.json")
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            saved = json.load(f)
-        title = saved.get("title") or titles[name]
-        panels.append((title, [ResultRow(**row) for row in saved["rows"]]))
+    panels = [(r.title, r.rows) for r in report.load_suites(results_dir)]
     if not panels:
         raise FileNotFoundError(f"no suite JSON files in {results_dir!r}.")
     return accuracy_vs_bytes(panels,

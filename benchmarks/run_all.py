@@ -9,22 +9,32 @@
 4. Plots: accuracy vs flash bytes with the Pareto front; a weight histogram
    with its dictionary.
 
-Writes `results.md`, per suite a JSON of the rows and the exporter's
-per-tensor reports (`<suite>_exports.txt`), and the PNGs to `--out_dir`
-(default `benchmarks/results/`, `benchmarks/results/quick/` with `--quick`);
-the .tflite files go to `--work_dir` (default `out/benchmarks/`).
+Each part writes its JSON to `--out_dir` (default `benchmarks/results/`,
+`benchmarks/results/quick/` with `--quick`): `<suite>.json` with the rows
+(plus the exporter's per-tensor reports in `<suite>_exports.txt` and the
+weight histogram `weights_<suite>.png`), `tfmot.json`, `train_speed.json`;
+each JSON records its command, date and wall time. `results.md` and
+`accuracy_vs_bytes.png` are then rebuilt from *every* JSON in `--out_dir`
+(`benchmarks.report`): a run replaces only the parts it ran, so
+`--suites=cifar10 --notfmot --notrain_speed` updates just the CIFAR-10 rows
+of the one table. `--report_only` rebuilds the report without running
+anything. The .tflite files go to `--work_dir` (default `out/benchmarks/`).
 A suite whose data is missing is skipped, with the reason printed and in
-the markdown. Budget on 2 CPU cores: full ~60 min, `--quick` ~10 min.
+the markdown (its older JSON, if any, stays).
+
+Budget on 2 CPU cores (measured, see `results.md`): digits ~3 min, MNIST
+~18 min, tfmot comparison ~3 min, CIFAR-10 ~20 min, train_speed ~10 min;
+full under 60 min, `--quick` ~10 min.
 
     python -m benchmarks.run_all --quick
     python -m benchmarks.run_all --mnist=../shared/data/mnist.npz \
         --cifar10=../shared/data/cifar10_jpeg.tgz \
         --resnet8_h5=../shared/models/mlperf_tiny_resnet8.h5
+    python -m benchmarks.run_all --suites=cifar10 --notfmot --notrain_speed
+    python -m benchmarks.run_all --report_only
 """
 
-import datetime
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -77,33 +87,48 @@ _COMPARE_PYTHON = flags.DEFINE_string(
     "Python with tf-keras + tfmot (default: $LUTQ_COMPARE_PYTHON).")
 _TRAIN_SPEED = flags.DEFINE_boolean(
     "train_speed", True, "Run benchmarks.train_speed if it exists.")
+_REPORT_ONLY = flags.DEFINE_boolean(
+    "report_only", False,
+    "Run nothing: rebuild results.md and accuracy_vs_bytes.png from the "
+    "JSON files in --out_dir.")
 
 
-def _train_speed(quick, out_dir):
-    """Runs `benchmarks.train_speed` in its own process; returns markdown.
+def _train_speed(quick, out_dir, command):
+    """Runs `benchmarks.train_speed` in its own process.
 
     Its report goes to `out_dir` too, so a --quick run doesn't overwrite
-    the full run's `train_speed.md`.
+    the full run's `train_speed.md`; its wall time goes into the `"run"`
+    record of its `train_speed.json`.
+
+    Returns:
+        A note on the run for the markdown when it did not produce
+        `train_speed.md` (failure or missing script), else None.
     """
+    from benchmarks import report
+    from examples.pipeline import log
+
     script = os.path.join(suites_lib.REPO_ROOT, "benchmarks", "train_speed.py")
     if not os.path.exists(script):
         return "Not run: `benchmarks/train_speed.py` does not exist yet."
-    command = [sys.executable, "-m", "benchmarks.train_speed",
-               f"--out_dir={os.path.abspath(out_dir)}"]
-    command += ["--quick"] if quick else []
-    from examples.pipeline import log
-    log(f"[train_speed] {' '.join(command[1:])}")
+    argv = [sys.executable, "-m", "benchmarks.train_speed",
+            f"--out_dir={os.path.abspath(out_dir)}"]
+    argv += ["--quick"] if quick else []
+    log(f"[train_speed] {' '.join(argv[1:])}")
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=suites_lib.REPO_ROOT,
+    proc = subprocess.run(argv, cwd=suites_lib.REPO_ROOT,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - start
     shown = f"`python -m benchmarks.train_speed{' --quick' if quick else ''}`"
     if proc.returncode != 0:
         return (f"{shown} **failed (exit {proc.returncode})** after "
-                f"{seconds:.0f} s:\n\n```\n{proc.stderr.strip()[-2000:]}\n```")
+                f"{seconds:.0f} s (results below, if any, are older):"
+                f"\n\n```\n{proc.stderr.strip()[-2000:]}\n```")
+    json_path = os.path.join(out_dir, report.TRAIN_SPEED_JSON)
+    if os.path.exists(json_path):
+        report.add_run_record(json_path,
+                              report.run_record(command, seconds, quick))
     if os.path.exists(os.path.join(out_dir, "train_speed.md")):
-        return (f"{shown} ({seconds:.0f} s): see "
-                "[train_speed.md](train_speed.md).")
+        return None
     return f"{shown} ({seconds:.0f} s):\n\n```\n{proc.stdout.strip()[-4000:]}\n```"
 
 
@@ -114,6 +139,10 @@ def run_benchmarks(out_dir, work_dir, quick=False, suite_names=SUITE_NAMES,
                    command=None):
     """Runs the benchmarks and writes `results.md` + plots to `out_dir`.
 
+    The parts run now replace their own JSON files in `out_dir`; the
+    report is then built from every JSON there (`benchmarks.report`), so
+    the results of earlier runs of other parts are kept.
+
     Args: as the flags of the same names; `command` is the command line
     shown in the markdown (default: `python -m benchmarks.run_all`).
 
@@ -122,6 +151,7 @@ def run_benchmarks(out_dir, work_dir, quick=False, suite_names=SUITE_NAMES,
     """
     from benchmarks import accuracy_vs_bits
     from benchmarks import plots
+    from benchmarks import report
     from benchmarks import tfmot_compare
     from examples import pipeline
 
@@ -129,15 +159,15 @@ def run_benchmarks(out_dir, work_dir, quick=False, suite_names=SUITE_NAMES,
     if unknown:
         raise ValueError(f"--suites: unknown suite(s) {unknown}; choose from "
                          f"{', '.join(SUITE_NAMES)}.")
+    command = command or (
+        "python -m benchmarks.run_all" + (" --quick" if quick else ""))
     begin = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(work_dir, exist_ok=True)
     suites = suites_lib.make_suites(quick, mnist, cifar10, resnet8_h5,
                                     variant_keys, epochs, pretrain_epochs)
 
-    results = []
-    skipped = {name: "not run: not in --suites" for name in SUITE_NAMES
-               if name not in suite_names}
+    skipped = {}
     for name in suite_names:
         suite = suites[name]
         reason = suite.missing_data()
@@ -146,25 +176,21 @@ def run_benchmarks(out_dir, work_dir, quick=False, suite_names=SUITE_NAMES,
             pipeline.log(f"[{name}] skipped: {reason}")
             continue
         result = accuracy_vs_bits.run_suite(suite, work_dir)
-        accuracy_vs_bits.save_json(result, os.path.join(out_dir, f"{name}.json"))
+        accuracy_vs_bits.save_json(
+            result, os.path.join(out_dir, f"{name}.json"),
+            run=report.run_record(command, result.seconds, quick))
         accuracy_vs_bits.save_export_reports(
             result, os.path.join(out_dir, f"{name}_exports.txt"))
         print(pipeline.format_table(result.rows), flush=True)
+        histogram = os.path.join(out_dir, f"weights_{name}.png")
         if result.histogram_data is not None:
             weights, dictionary, label = result.histogram_data
             result.histogram = plots.weight_histogram(
-                weights, dictionary,
-                os.path.join(out_dir, f"weights_{name}.png"),
+                weights, dictionary, histogram,
                 f"{suite.title}: layer '{suite.histogram_layer}', {label}")
-        results.append(result)
+        elif os.path.exists(histogram):
+            os.remove(histogram)  # an older run's layer, not this one's
 
-    plot = None
-    if results:
-        plot = plots.accuracy_vs_bytes(
-            [(r.suite.title, r.rows) for r in results],
-            os.path.join(out_dir, "accuracy_vs_bytes.png"))
-
-    comparison = None
     if tfmot:
         if not quick and mnist and os.path.exists(mnist):
             model, data, k_epochs, k_pretrain = "lenet", mnist, 1, 2
@@ -180,98 +206,38 @@ def run_benchmarks(out_dir, work_dir, quick=False, suite_names=SUITE_NAMES,
         comparison = tfmot_compare.run_comparison(
             model, data, epochs=k_epochs, pretrain_epochs=k_pretrain,
             work_dir=work_dir, python=compare_python)
+        tfmot_compare.save_json(
+            comparison, os.path.join(out_dir, report.TFMOT_JSON),
+            run=report.run_record(command, comparison.seconds, quick))
         print(tfmot_compare.markdown(comparison), flush=True)
 
-    speed = (_train_speed(quick, out_dir) if train_speed
-             else "Not run (--notrain_speed).")
-    path = os.path.join(out_dir, "results.md")
-    with open(path, "w") as f:
-        f.write(_markdown(command, quick, results, skipped, plot, comparison,
-                          speed, time.perf_counter() - begin, tfmot_compare))
+    speed = (_train_speed(quick, out_dir, command) if train_speed else None)
+    path = report.write_report(
+        out_dir, command, skipped,
+        tfmot_note="Not run (--notfmot).",
+        train_speed_note=speed or (
+            None if train_speed else "Not run now (--notrain_speed)."))
     pipeline.log(f"wrote {path} ({(time.perf_counter() - begin) / 60:.1f} min)")
     return path
 
 
-def _markdown(command, quick, results, skipped, plot, comparison, speed,
-              seconds, tfmot_compare):
-    import keras
-    import tensorflow as tf
+def report_only(out_dir, command=None):
+    """Rebuilds `results.md` and the plot from the JSONs; runs nothing.
 
-    from examples import pipeline
+    Raises:
+        ValueError: `out_dir` holds no results JSON, or a malformed one.
+    """
+    from benchmarks import report
 
-    command = command or (
-        "python -m benchmarks.run_all" + (" --quick" if quick else ""))
-    out = [
-        "# LUT-Q benchmark results",
-        "",
-        f"Generated by `{command}` on {datetime.date.today()} "
-        f"({platform.machine()}, {os.cpu_count()} CPU cores, Python "
-        f"{platform.python_version()}, TensorFlow {tf.__version__}, Keras "
-        f"{keras.__version__}) in {seconds / 60:.1f} minutes.",
-        "",
-        "## 1. Accuracy vs bits",
-        "",
-        "Every variant starts from the same float model and is fine-tuned "
-        "for the same epochs with the same optimiser (the *float* row too, "
-        "so it is the fair reference). *Keras acc*: the Keras model on the "
-        "whole test set (LUT-Q: the stripped model, kernels = d[A]). *TFLM "
-        "acc*: the exported .tflite run on TFLite Micro on *TFLM n* test "
-        "images (a fixed random subset when smaller than the test set). "
-        "*flash bytes*: the .tflite file; *vs uncompressed*: the same model "
-        "without LUT compression; *arena bytes*: the smallest TFLM arena "
-        "(decoded LUT kernels live there). LUT-Q rows are exported as full "
-        "int8 with bit-packed index tensors + value tables. One seed per "
-        "variant: differences within about two standard errors, "
-        "sqrt(acc (1 - acc) / n), are noise (at 99 % on 10,000 images: "
-        "0.1 points; at 98 % on digits' 450: 0.7 points).",
-        "",
-    ]
-    for r in results:
-        out += [
-            f"### {r.suite.title}",
-            "",
-            f"{r.suite.describe()}. {r.num_train} train / {r.num_test} test "
-            f"images. Start model: {100 * r.start_accuracy:.2f}% test "
-            f"accuracy. Suite time {r.seconds / 60:.1f} min.",
-            "",
-            pipeline.markdown_table(r.rows),
-            "",
-        ]
-        failed = [row for row in r.rows if row.notes]
-        for row in failed:
-            out.append(f"- {row.variant}: {row.notes}")
-        if failed:
-            out.append("")
-    if skipped:
-        out += ["Skipped:", ""]
-        out += [f"- **{name}**: {reason}" for name, reason in skipped.items()]
-        out.append("")
-    out += ["## 2. LUT-Q vs tfmot weight clustering", ""]
-    if comparison is None:
-        out += ["Not run (--notfmot).", ""]
-    else:
-        out += [
-            f"{comparison.model} on {comparison.data}: both start from the "
-            f"same float weights ({100 * comparison.start_accuracy:.2f}% test "
-            f"accuracy), K values per kernel (per tensor, every Conv2D/Dense "
-            f"kernel), {comparison.epochs} epoch(s) of fine-tuning, Adam lr "
-            f"{comparison.learning_rate}, batch {comparison.batch_size}. "
-            "ms/step: median over epochs (first epoch dropped when there "
-            "are several); tfmot runs in tf_keras in its own process.",
-            "",
-            tfmot_compare.markdown(comparison),
-            "",
-        ]
-    out += ["## 3. Train-step time ratios", "", speed, ""]
-    out += ["## 4. Plots", ""]
-    if plot:
-        out += [f"![accuracy vs flash bytes]({os.path.basename(plot)})", "",
-                "Red: the Pareto front (no variant is both smaller and more "
-                "accurate on TFLM).", ""]
-    for r in results:
-        if r.histogram:
-            out += [f"![weights]({os.path.basename(r.histogram)})", ""]
-    return "\n".join(out) + "\n"
+    names = [f"{name}.json" for name in SUITE_NAMES]
+    names += [report.TFMOT_JSON, report.TRAIN_SPEED_JSON]
+    if not os.path.isdir(out_dir) or not any(
+            os.path.exists(os.path.join(out_dir, n)) for n in names):
+        raise ValueError(
+            f"--report_only: no results JSON ({', '.join(names)}) in "
+            f"{out_dir!r}; run the benchmarks first or pass --out_dir.")
+    return report.write_report(
+        out_dir, command or "python -m benchmarks.run_all --report_only")
 
 
 def main(argv):
@@ -284,12 +250,19 @@ def main(argv):
         out_dir = _OUT_DIR.value or os.path.join(
             suites_lib.REPO_ROOT, "benchmarks", "results",
             *(["quick"] if _QUICK.value else []))
+        command = " ".join(["python -m benchmarks.run_all", *sys.argv[1:]])
+        if _REPORT_ONLY.value:
+            try:
+                print(report_only(out_dir, command))
+            except ValueError as error:  # a missing or malformed JSON
+                raise app.UsageError(str(error)) from error
+            return
         run_benchmarks(
             out_dir, _WORK_DIR.value, _QUICK.value, _SUITES.value,
             _MNIST.value, _CIFAR10.value, _RESNET8_H5.value, variant_keys,
             _EPOCHS.value, _PRETRAIN_EPOCHS.value, _TFMOT.value,
             _COMPARE_PYTHON.value, _TRAIN_SPEED.value,
-            command=" ".join(["python -m benchmarks.run_all", *sys.argv[1:]]))
+            command=command)
     except ValueError as error:
         if str(error).startswith("--"):
             raise app.UsageError(str(error)) from error

@@ -11,6 +11,7 @@ tracing), measured the same way on both sides.
 """
 
 import dataclasses
+import json
 import os
 import statistics
 import time
@@ -149,6 +150,13 @@ def run_comparison(model_name, data, num_values=(4, 16), epochs=2,
         comparison.rows.append(row)
     comparison.seconds = time.perf_counter() - begin
     return comparison
+
+
+def save_json(comparison, path, run=None):
+    """Writes the comparison as JSON (`run`: command, date, wall seconds)."""
+    with open(path, "w") as f:
+        json.dump(dict(dataclasses.asdict(comparison), run=run or {}), f,
+                  indent=2)
 
 
 def markdown(comparison):
