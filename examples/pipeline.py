@@ -3,7 +3,8 @@
     float training -> LUT-Q fine-tuning -> Keras accuracy
         -> export to TFLM (+ verification) -> TFLM accuracy -> results table
 
-A typical run (see `examples/quickstart.py`):
+An example's `main` is its data and float model, then
+`finetune_export_report` (flags: `examples.cli`). By hand:
 
     model = models.digits_cnn()
     train_float(model, (x_train, y_train), epochs=20)
@@ -351,6 +352,61 @@ def report(rows, out_dir):
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown_table(rows) + "\n")
     log(f"done; files in {out_dir}/")
+
+
+def start_example(out_dir, seed):
+    """Creates `out_dir` and seeds Keras (Python, NumPy and TF generators)."""
+    os.makedirs(out_dir, exist_ok=True)
+    keras.utils.set_random_seed(seed)
+
+
+def finetune_export_report(float_model, train, test, out_dir, options,
+                           epochs, batch_size, learning_rate, seed,
+                           float_seconds, message, lutq_start=None,
+                           tflm_samples=None):
+    """Steps 3/5 to 5/5 of an example, after its data and float model.
+
+    3/5 LUT-Q fine-tuning (and `lutq_tf.summary`), 4/5 the three exports
+    (float32, int8 post-training, LUT-Q int8 + C array), each verified and
+    run on TFLM (`compare_exports`), 5/5 the table and `results.md`
+    (`report`).
+
+    Args:
+        float_model: the trained float model (exported as float32 and int8).
+        train, test: `(x, y)` data.
+        out_dir: where the files go.
+        options: `lutq_tf.quantize_model` options (`bits`, `constraint`,
+            `prune_rate`, `per_channel`); they name the LUT-Q row.
+        epochs, batch_size, learning_rate, seed: LUT-Q fine-tuning.
+        float_seconds: training time of the float model.
+        message: the 3/5 progress line after "3/5 ".
+        lutq_start: the model LUT-Q starts from. Default `float_model`
+            (the LUT-Q row's time is then float + LUT-Q); another model,
+            e.g. a second copy of a pretrained one, counts only its own.
+        tflm_samples: TFLM runs on this many test images (None: all).
+
+    Returns:
+        `[float32_row, int8_row, lutq_row]`.
+    """
+    log(f"3/5 {message}")
+    lutq_model, lutq_seconds = lutq_finetune(
+        float_model if lutq_start is None else lutq_start, train, epochs,
+        batch_size, learning_rate, seed=seed, **options)
+    lutq_tf.summary(lutq_model)
+
+    log("4/5 exports: float32, int8 post-training, LUT-Q int8; each "
+        "verified and run on TFLM")
+    rows = compare_exports(
+        float_model, lutq_model, out_dir, train[0], test,
+        variant_label(**options), tflm_samples=tflm_samples,
+        float_seconds=float_seconds,
+        lutq_seconds=lutq_seconds if lutq_start is None else 0.0,
+        bits=options["bits"], per_channel=options["per_channel"])
+    if lutq_start is not None:
+        rows[-1].train_seconds = lutq_seconds
+    log("5/5 results")
+    report(rows, out_dir)
+    return rows
 
 
 # ---------------------------------------------------------------------------

@@ -46,3 +46,30 @@ def test_bad_flags_name_the_flag(module, flag, message):
     proc = _run(module, flag, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+MNIST = os.path.join(SHARED, "data", "mnist.npz")
+
+
+def _check_table(proc, out_dir, label):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5"):
+        assert stage in proc.stdout
+    table = proc.stdout[proc.stdout.index("variant "):].splitlines()
+    assert [line.split("  ")[0] for line in table[2:5]] == [
+        "float", "float + int8 post-training", label]
+    text = (out_dir / "results.md").read_text()
+    assert f"| {label} | int8 |" in text
+    assert (out_dir / "lutq_model_data.cc").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(MNIST), reason=f"no {MNIST}")
+def test_mnist_example_runs_on_a_subset(tmp_path):
+    proc = _run("examples.mnist", f"--data_dir={MNIST}", "--limit=600",
+                "--float_epochs=1", "--lutq_epochs=1", "--bits=3",
+                "--constraint=pow2", "--tflm_samples=50",
+                f"--out_dir={tmp_path}")
+    _check_table(proc, tmp_path, "LUT-Q 3-bit pow2 / tensor + int8")
+    assert "3/5 LUT-Q 3-bit pow2 / tensor fine-tuning, 1 epochs" in proc.stdout
