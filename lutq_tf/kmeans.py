@@ -55,10 +55,10 @@ def nearest_assignment(x, dictionary):
     Counts the midpoints between consecutive entries that lie strictly below
     each weight: the nearest entry, ties going to the lower one. For small K
     it compares against every midpoint (K-1 compares that XLA fuses into one
-    pass). For larger K, a per-tensor dictionary uses a bucketed search (one
-    gather per weight from a table indexed by the weight's bin, O(1)), and
-    per-channel ones a branchless binary search (O(log K) gathers). All beat
-    tf.searchsorted and an `[M, C, K]` distance matrix on CPU under XLA.
+    pass). For larger K, a per-tensor dictionary uses a bucketed search (a
+    few gathers from small tables per weight, O(1)), and per-channel ones a
+    branchless binary search (O(log K) gathers). All beat tf.searchsorted
+    and an `[M, C, K]` distance matrix on CPU under XLA.
 
     Args:
         x: float32 `[M, C]`.
@@ -81,17 +81,22 @@ def nearest_assignment(x, dictionary):
         return tf.reduce_sum(tf.cast(above, tf.int32), axis=2)
     if channels == 1:
         return tf.cond(
-            _bins_separate(midpoints[:, 0]),
+            _bins_fit(midpoints[:, 0]),
             lambda: _bin_search(x, materialize(midpoints[:, 0])),
             lambda: _binary_search(x, tf.transpose(midpoints)),
         )
     return _binary_search(x, tf.transpose(midpoints))
 
 
-# Bins of the bucketed search (a 192 KiB table). A k-means dictionary of
-# 256 entries fitted to Gaussian weights needs about 1,400; closer
-# midpoints fall back to the binary search.
-_NUM_BINS = 1 << 14
+# The bucketed search: a uniform grid of bins over the midpoints' range,
+# and per bin the number of midpoints below it. A bin may hold up to
+# _BIN_CAPACITY midpoints, which each weight compares against. Small tables
+# matter: XLA's CPU gathers cost ~0.5 ns from an L1-resident table and ~5 ns
+# from a 192 KiB one. A 256-entry k-means dictionary fitted to Gaussian
+# weights fills at most 2 midpoints per bin; denser ones fall back to the
+# binary search.
+_NUM_BINS = 2048
+_BIN_CAPACITY = 4
 
 
 def _bin_index(values, low, high):
@@ -106,37 +111,41 @@ def _bin_index(values, low, high):
     return tf.cast(bins, tf.int32) + 1
 
 
-def _bins_separate(midpoints):
-    """True if distinct midpoints (sorted, `[K-1]`) fall in distinct bins."""
+def _midpoints_per_bin(midpoints):
+    """Midpoints (sorted, `[K-1]`) in each bin: int32 `[_NUM_BINS + 1]`."""
     bins = _bin_index(midpoints, midpoints[0], midpoints[-1])
-    return tf.reduce_all(
-        (bins[1:] > bins[:-1]) | (midpoints[1:] == midpoints[:-1])
-    )
+    return tf.math.unsorted_segment_sum(tf.ones_like(bins), bins,
+                                        _NUM_BINS + 1)
+
+
+def _bins_fit(midpoints):
+    """True if no bin holds more than `_BIN_CAPACITY` midpoints."""
+    return tf.reduce_max(_midpoints_per_bin(midpoints)) <= _BIN_CAPACITY
 
 
 def _bin_search(x, midpoints):
     """Number of midpoints strictly below x, for one table (`x` `[M, 1]`).
 
-    One gather per weight from a table indexed by the weight's bin: the
-    midpoints below the bin, and the bin's one (possibly repeated) midpoint.
-    Exact when `_bins_separate(midpoints)`: a monotone binning puts every
-    midpoint of a lower bin below x and of a higher bin above it.
+    Per weight: one gather of the count of midpoints below its bin, then
+    `_BIN_CAPACITY` compares against the next midpoints (+inf past the
+    end). Exact when `_bins_fit(midpoints)`: by the binning's monotonicity,
+    midpoints of lower bins are below x and those of higher bins are not, so
+    only the bin's own midpoints need comparing.
     """
     low, high = midpoints[0], midpoints[-1]
-    bins = _bin_index(midpoints, low, high)
-    in_bin = tf.math.unsorted_segment_sum(
-        tf.ones_like(midpoints), bins, _NUM_BINS + 1
-    )
-    below = tf.cumsum(in_bin, exclusive=True)
-    value = tf.math.unsorted_segment_max(midpoints, bins, _NUM_BINS + 1)
-    value = tf.where(in_bin > 0, value, np.inf)
-    table = tf.stack([below, value, in_bin], axis=1)  # [bins, 3]
-    row = tf.gather(table, _bin_index(x[:, 0], low, high))
+    below = materialize(tf.cumsum(_midpoints_per_bin(midpoints),
+                                  exclusive=True))
+    padded = tf.concat(
+        [midpoints, tf.fill([_BIN_CAPACITY], np.float32(np.inf))], axis=0)
+    values = x[:, 0]
+    start = tf.gather(below, _bin_index(values, low, high))
     # Summed as a reduction so XLA computes it once, not inside each
     # consumer (sums, lookup, storage cast) as it would an elementwise op.
-    terms = tf.stack(
-        [row[:, 0], tf.where(x[:, 0] > row[:, 1], row[:, 2], 0.0)], axis=1)
-    return tf.cast(tf.reduce_sum(terms, axis=1), tf.int32)[:, None]
+    terms = [start] + [
+        tf.cast(values > tf.gather(padded, start + j), tf.int32)
+        for j in range(_BIN_CAPACITY)
+    ]
+    return tf.reduce_sum(tf.stack(terms, axis=1), axis=1)[:, None]
 
 
 def _binary_search(x, midpoints):
@@ -252,8 +261,10 @@ def kmeans_step(x, dictionary, constraint, num_pruned):
         num_pruned: Python int, weights per column fixed to the zero entry.
 
     Returns:
-        `(dictionary, assignment, quantised)`: float32 `[K, C]`, int32
-        `[M, C]` and float32 `[M, C]` with `quantised == d[a]` exactly.
+        `(dictionary, assignment, quantised, finite)`: float32 `[K, C]`,
+        int32 `[M, C]`, float32 `[M, C]` with `quantised == d[a]` exactly,
+        and a bool scalar, False if `x` holds NaN or Inf (the other outputs
+        are then meaningless).
     """
     num_values = dictionary.shape[0]
     fixed_zero = num_pruned > 0
@@ -263,12 +274,15 @@ def kmeans_step(x, dictionary, constraint, num_pruned):
     dictionary = sort_entries(dictionary, fixed_zero)
     assignment = assign(x, dictionary, num_pruned)
     sums, counts = cluster_sums(x, assignment, num_values)
+    # Every weight, pruned ones included, adds to some sum, so a NaN or Inf
+    # in x shows here: a [K, C] check instead of a pass over x.
+    finite = tf.reduce_all(tf.math.is_finite(sums))
     means = tf.where(counts > 0, sums / tf.maximum(counts, 1.0), dictionary)
     if fixed_zero:
         means = tf.concat([tf.zeros_like(means[:1]), means[1:]], axis=0)
     projected = materialize(
         constraint.project(means, counts, dictionary, fixed_zero))
-    return projected, assignment, lookup(projected, assignment)
+    return projected, assignment, lookup(projected, assignment), finite
 
 
 def seed_dictionary(x, num_values, constraint, num_pruned):

@@ -15,6 +15,10 @@ def lutq_layers(model):
     ]
 
 
+# The train step's log entry that carries the non-finite check to the host.
+_NONFINITE_LOG = "_lutq_nonfinite"
+
+
 class NonFiniteWeightsError(FloatingPointError):
     """W of a LUT-Q layer became NaN or Inf during training."""
 
@@ -41,12 +45,25 @@ class LUTQModelMixin:
 
     def train_step(self, data):
         logs = super().train_step(data)
-        self.lutq_step()
+        nonfinite = self.lutq_step()
+        if isinstance(logs, dict):
+            # Read back by the wrapped train function, then removed: a
+            # per-step check without an extra host read.
+            logs = dict(logs)
+            logs[_NONFINITE_LOG] = nonfinite
         return logs
 
     def lutq_step(self):
-        """Runs the due k-means steps; records layers whose W is not finite."""
+        """Runs the due k-means steps.
+
+        A layer whose W is not finite keeps its dictionary and raises its
+        (sticky) `nonfinite_flag`.
+
+        Returns:
+            A bool scalar tensor: True if some layer's flag is raised.
+        """
         iterations = self.optimizer.iterations
+        any_nonfinite = tf.constant(False)
         for layer in lutq_layers(self):
             every = layer.quantizer.kmeans_every
 
@@ -61,7 +78,11 @@ class LUTQModelMixin:
                     step,
                     lambda: tf.constant(True),
                 )
-            layer.nonfinite_flag.assign(tf.logical_not(finite))
+            flag = tf.logical_or(layer.nonfinite_flag.value,
+                                 tf.logical_not(finite))
+            layer.nonfinite_flag.assign(flag)
+            any_nonfinite = tf.logical_or(any_nonfinite, flag)
+        return any_nonfinite
 
     def make_train_function(self, force=False):
         super().make_train_function(force=force)
@@ -71,7 +92,12 @@ class LUTQModelMixin:
 
         def checked(iterator):
             logs = train_function(iterator)
-            self._raise_if_nonfinite()
+            nonfinite = (logs.pop(_NONFINITE_LOG, None)
+                         if isinstance(logs, dict) else None)
+            # Without the log entry (a train_step that drops it), read the
+            # layers' flags instead.
+            if nonfinite is None or bool(nonfinite):
+                self._raise_if_nonfinite()
             return logs
 
         checked._lutq_checked = True
@@ -79,16 +105,20 @@ class LUTQModelMixin:
         return checked
 
     def _raise_if_nonfinite(self):
-        for layer in lutq_layers(self):
-            if bool(layer.nonfinite_flag.numpy()):
-                layer.nonfinite_flag.assign(False)
-                raise NonFiniteWeightsError(
-                    f"LUT-Q layer '{layer.name}': its full-precision weights "
-                    "became NaN or Inf during training (step "
-                    f"{int(self.optimizer.iterations.numpy())}). Its dictionary "
-                    "was kept as it was. Lower the learning rate, clip "
-                    "gradients, or check the data for NaN."
-                )
+        bad = [layer for layer in lutq_layers(self)
+               if bool(layer.nonfinite_flag.numpy())]
+        if not bad:
+            return
+        for layer in bad:
+            layer.nonfinite_flag.assign(False)
+        names = ", ".join(f"'{layer.name}'" for layer in bad)
+        raise NonFiniteWeightsError(
+            f"LUT-Q layer {names}: its full-precision weights became NaN or "
+            f"Inf during training (by step "
+            f"{int(self.optimizer.iterations.numpy())}). Its dictionary was "
+            "kept as it was. Lower the learning rate, clip gradients, or "
+            "check the data for NaN."
+        )
 
 
 @keras.saving.register_keras_serializable(package="lutq_tf")

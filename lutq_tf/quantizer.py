@@ -93,11 +93,12 @@ class LUTQuantizer:
         """
         dictionary = self.seed(matrix)
         for _ in range(self.init_iterations):
-            dictionary, assignment, quantized = self.step(matrix, dictionary)
+            dictionary, assignment, quantized, _ = self.step(matrix,
+                                                             dictionary)
         return dictionary, assignment, quantized
 
     def step(self, matrix, dictionary):
-        """One k-means step: `(dictionary, assignment, quantised)`."""
+        """One k-means step: `(dictionary, assignment, quantised, finite)`."""
         return kmeans.kmeans_step(
             matrix,
             dictionary,

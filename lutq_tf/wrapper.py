@@ -218,9 +218,8 @@ class LUTQWrapper(keras.layers.Wrapper):
 
             def update(weights, dictionary):
                 matrix = state.to_matrix(tf.cast(weights, tf.float32))
-                finite = tf.reduce_all(tf.math.is_finite(matrix))
-                dictionary, assignment, quantized = self.quantizer.step(
-                    matrix, dictionary)
+                dictionary, assignment, quantized, finite = (
+                    self.quantizer.step(matrix, dictionary))
                 assignment = tf.cast(state.from_matrix(assignment),
                                      state.assignment.dtype)
                 return (finite, dictionary, assignment,

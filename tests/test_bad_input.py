@@ -60,9 +60,13 @@ def test_non_finite_weights_at_initialisation():
         lutq_tf.quantize_model(model, bits=2)
 
 
-def test_non_finite_weights_in_training_stop_fit_and_keep_dictionary():
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_non_finite_weights_in_training_stop_fit_and_keep_dictionary(
+        steps_per_execution, jit_compile):
     quantized = lutq_tf.quantize_model(_model(), bits=2)
-    quantized.compile("sgd", "mse")
+    quantized.compile("sgd", "mse", steps_per_execution=steps_per_execution,
+                      jit_compile=jit_compile)
     before = quantized.get_layer("fc").quantized_tensors["kernel"][0]
     x = np.ones((8, 6, 6, 1), np.float32)
     x[0, 0, 0, 0] = np.nan
@@ -72,6 +76,10 @@ def test_non_finite_weights_in_training_stop_fit_and_keep_dictionary():
     after = quantized.get_layer("fc").quantized_tensors["kernel"][0]
     np.testing.assert_array_equal(before, after)
     assert np.all(np.isfinite(after))
+    # The flags were cleared: training on clean data goes on.
+    quantized.set_weights([np.nan_to_num(w) for w in quantized.get_weights()])
+    x[0, 0, 0, 0] = 0.0
+    quantized.fit(x, np.zeros((8, 3)), epochs=1, batch_size=8, verbose=0)
 
 
 def test_override_naming_a_missing_layer():

@@ -39,8 +39,9 @@ def test_step_matches_numpy_reference(name, channels, num_pruned, k):
     x, d = _random_problem(rng, 300, channels, k, num_pruned > 0)
     d = constraint.project(tf.constant(d), tf.ones_like(d), tf.constant(d),
                            num_pruned > 0).numpy()
-    got_d, got_a, got_q = kmeans.kmeans_step(
+    got_d, got_a, got_q, finite = kmeans.kmeans_step(
         tf.constant(x), tf.constant(d), constraint, num_pruned)
+    assert bool(finite)
     want_d, want_a = reference.step(x, d, constraint, num_pruned)
     np.testing.assert_array_equal(got_a.numpy(), want_a)
     np.testing.assert_allclose(got_d.numpy(), want_d, rtol=1e-5, atol=1e-7)
@@ -64,11 +65,28 @@ def test_xla_step_equals_eager_assignment(k):
                                rtol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("num_pruned", [0, 150, 299])
+@pytest.mark.parametrize("k", [4, 64])
+def test_step_reports_non_finite_weights(bad, num_pruned, k):
+    # The check reads the cluster sums instead of every weight; each weight,
+    # wherever it is assigned, must still reach it.
+    rng = np.random.default_rng(7)
+    x, d = _random_problem(rng, 300, 1, k, num_pruned > 0)
+    x[17, 0] = bad
+    step = tf.function(
+        lambda x, d: kmeans.kmeans_step(x, d, constraints.Free(), num_pruned),
+        jit_compile=True)
+    assert not bool(step(tf.constant(x), tf.constant(d))[3])
+    x[17, 0] = 0.0
+    assert bool(step(tf.constant(x), tf.constant(d))[3])
+
+
 def test_empty_cluster_keeps_its_value():
     x = np.array([[0.0], [0.1], [0.2], [5.0]], np.float32)
     d = np.array([[0.05], [3.0], [5.0]], np.float32)  # entry 1 gets nothing
-    new_d, a, _ = kmeans.kmeans_step(tf.constant(x), tf.constant(d),
-                                     constraints.Free(), 0)
+    new_d, a, _, _ = kmeans.kmeans_step(tf.constant(x), tf.constant(d),
+                                        constraints.Free(), 0)
     assert a.numpy().ravel().tolist() == [0, 0, 0, 2]
     np.testing.assert_allclose(new_d.numpy().ravel(), [0.1, 3.0, 5.0],
                                rtol=1e-6)
@@ -128,7 +146,7 @@ def test_invariants_hold_after_every_step(problem):
                              prune_rate=rate, init_iterations=2)
     num_pruned = quantizer.num_pruned(x.shape[0])
     d, a, q = quantizer.initialize(tf.constant(x))
-    d, a, q = quantizer.step(tf.constant(x), d)
+    d, a, q, _ = quantizer.step(tf.constant(x), d)
     d, a, q = d.numpy(), a.numpy(), q.numpy()
     cols = np.arange(x.shape[1])[None, :]
     # Q is exactly d[A], with at most K values per table.
@@ -180,17 +198,18 @@ def test_invariants_hold_after_every_step(problem):
                 assert np.frexp(s[0])[0] == 0.5
 
 
-@pytest.mark.parametrize("close", [False, True])
-def test_bucketed_search_and_its_fallback_are_exact(close):
+@pytest.mark.parametrize("crowded", [0, 4, 5])
+def test_bucketed_search_and_its_fallback_are_exact(crowded):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(4000, 1)).astype(np.float32)
     d = np.sort(rng.normal(size=(200, 1)), axis=0).astype(np.float32)
     x[:50, 0] = (d[:50, 0] + d[1:51, 0]) / 2  # weights exactly on midpoints
-    if close:  # two midpoints closer than a bin: the binary search runs
-        d[100, 0] = d[99, 0] + 1e-6
-        d[101, 0] = d[99, 0] + 3e-6
+    # `crowded` midpoints within 1e-5, one bin: up to the bin capacity (4)
+    # the bucketed search handles them, above it the binary search runs.
+    d[100:100 + crowded, 0] = d[99, 0] + 2e-6 * np.arange(1, crowded + 1)
+    x[50:60, 0] = d[99, 0] + 1e-6 * (np.arange(10) + 0.5)  # among them
     midpoints = tf.constant((d[1:, 0] + d[:-1, 0]) / 2)
-    assert bool(kmeans._bins_separate(midpoints)) == (not close)
+    assert bool(kmeans._bins_fit(midpoints)) == (crowded <= 4)
     # Weights on a midpoint go to the lower entry, as in the binary search;
     # elsewhere the answer is the numpy reference's.
     want = kmeans._binary_search(tf.constant(x),

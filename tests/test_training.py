@@ -59,7 +59,8 @@ def test_fit_with_and_without_xla(jit_compile):
     _compile(model, jit_compile=jit_compile)
     history = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
-    assert "accuracy" in history.history
+    # The non-finite check rides in the step's logs; users never see it.
+    assert sorted(history.history) == ["accuracy", "loss"]
     _assert_lutq_state(model, 4)
     stripped = lutq_tf.strip_model(model)
     np.testing.assert_allclose(model.predict(x, verbose=0),
