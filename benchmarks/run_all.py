@@ -22,9 +22,10 @@ anything. The .tflite files go to `--work_dir` (default `out/benchmarks/`).
 A suite whose data is missing is skipped, with the reason printed and in
 the markdown (its older JSON, if any, stays).
 
-Budget on 2 CPU cores (measured, see `results.md`): digits ~3 min, MNIST
-~18 min, tfmot comparison ~3 min, CIFAR-10 ~20 min, train_speed ~10 min;
-full under 60 min, `--quick` ~10 min.
+Budget on 2 CPU cores (per-part times in `results.md`): digits ~3 min,
+MNIST ~18 min, tfmot comparison ~3 min, CIFAR-10 ~20 min (25.8 measured
+with another job sharing the cores), train_speed ~10 min; full under 60
+min on a quiet machine, `--quick` ~10 min.
 
     python -m benchmarks.run_all --quick
     python -m benchmarks.run_all --mnist=../shared/data/mnist.npz \
