@@ -25,28 +25,18 @@ _LINEAR_SEARCH_MAX_VALUES = 32
 
 
 def materialize(table):
-    """Returns a small float32 or int32 tensor unchanged, computed once.
+    """Returns a small tensor unchanged, computed once.
 
     XLA fuses cheap producers into their consumers, so a table read by a
-    loop over every weight (midpoints, the dictionary) would be
-    recomputed for each weight: 10x slower at K=16. XLA never fuses a sort,
-    so the values pass through one: packed as (position << 32 | bits) into
-    int64 keys, sorted (a no-op on the order), and unpacked.
+    loop over every weight (midpoints, the dictionary, a cumsum) would be
+    recomputed for each weight: 10x slower at K=16. XLA never fuses a
+    scatter into its consumers, so the values pass through one that writes
+    every position (a copy).
     """
-    dtype = table.dtype
     flat = tf.reshape(table, [-1])
-    if dtype == tf.float32:
-        flat = tf.bitcast(flat, tf.int32)
-    low = tf.bitwise.bitwise_and(tf.cast(flat, tf.int64), 0xFFFFFFFF)
-    position = tf.range(tf.size(flat, out_type=tf.int64), dtype=tf.int64)
-    keys = tf.sort(tf.bitwise.bitwise_or(
-        tf.bitwise.left_shift(position, 32), low))
-    bits = tf.bitcast(
-        tf.cast(tf.bitwise.bitwise_and(keys, 0xFFFFFFFF), tf.uint32),
-        tf.int32)
-    if dtype == tf.float32:
-        bits = tf.bitcast(bits, tf.float32)
-    return tf.reshape(bits, tf.shape(table))
+    positions = tf.range(tf.size(flat))[:, None]
+    copied = tf.tensor_scatter_nd_update(tf.zeros_like(flat), positions, flat)
+    return tf.reshape(copied, tf.shape(table))
 
 
 def nearest_assignment(x, dictionary):
@@ -111,16 +101,21 @@ def _bin_index(values, low, high):
     return tf.cast(bins, tf.int32) + 1
 
 
-def _midpoints_per_bin(midpoints):
-    """Midpoints (sorted, `[K-1]`) in each bin: int32 `[_NUM_BINS + 1]`."""
+def _midpoints_below_bins(midpoints):
+    """Midpoints (sorted, `[K-1]`) below each bin: int32 `[_NUM_BINS + 2]`.
+
+    Entry b counts the midpoints in bins < b (b = 0 .. _NUM_BINS + 1).
+    """
     bins = _bin_index(midpoints, midpoints[0], midpoints[-1])
-    return tf.math.unsorted_segment_sum(tf.ones_like(bins), bins,
-                                        _NUM_BINS + 1)
+    in_bin = tf.math.unsorted_segment_sum(tf.ones_like(bins), bins,
+                                          _NUM_BINS + 2)
+    return materialize(tf.cumsum(in_bin, exclusive=True))
 
 
 def _bins_fit(midpoints):
     """True if no bin holds more than `_BIN_CAPACITY` midpoints."""
-    return tf.reduce_max(_midpoints_per_bin(midpoints)) <= _BIN_CAPACITY
+    below = _midpoints_below_bins(midpoints)
+    return tf.reduce_max(below[1:] - below[:-1]) <= _BIN_CAPACITY
 
 
 def _bin_search(x, midpoints):
@@ -133,8 +128,7 @@ def _bin_search(x, midpoints):
     only the bin's own midpoints need comparing.
     """
     low, high = midpoints[0], midpoints[-1]
-    below = materialize(tf.cumsum(_midpoints_per_bin(midpoints),
-                                  exclusive=True))
+    below = _midpoints_below_bins(midpoints)
     padded = tf.concat(
         [midpoints, tf.fill([_BIN_CAPACITY], np.float32(np.inf))], axis=0)
     values = x[:, 0]

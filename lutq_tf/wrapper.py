@@ -13,7 +13,8 @@ def _straight_through(weights, quantized):
     """Forward: exactly `quantized` (= d[A]). Backward: dL/dQ goes to W."""
 
     def grad(upstream):
-        return upstream, tf.zeros_like(quantized)
+        # d[A] is state, not trained: no gradient (and no zeros to fill).
+        return upstream, None
 
     return tf.identity(quantized), grad
 
