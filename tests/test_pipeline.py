@@ -141,23 +141,16 @@ def test_train_samples_column_only_when_rows_differ():
         "500", "500", "200"]
 
 
-def test_full_cifar10_suite_keeps_every_variant_some_on_a_subset():
-    full = suites.make_suites(False)["cifar10"]
-    assert tuple(v.key for v in full.variants) == suites.VARIANT_KEYS
-    assert full.subset_size == 20000 and full.tflm_samples == 1000
-    subset = set(full.subset_variants)
-    assert subset <= set(suites.VARIANT_KEYS)
-    # Float, int8, every per-tensor variant and 4-bit per channel: all data.
-    assert {k for k in suites.VARIANT_KEYS if k not in subset} == {
-        "float", "int8", "lutq1", "lutq2", "lutq3", "lutq4", "pow2_4",
-        "prune50_4", "prune75_4", "lutq4_pc"}
-    assert "20,000-image subset" in full.describe()
-    assert "LUT-Q 2-bit / channel" in full.describe()
-    quick = suites.make_suites(True)["cifar10"]
-    assert quick.subset_variants == () and "subset" not in quick.describe()
-    for name, suite in suites.make_suites(False).items():
-        if name != "cifar10":
+def test_full_suites_run_every_variant_on_all_training_data():
+    for quick in (False, True):
+        for suite in suites.make_suites(quick).values():
             assert suite.subset_variants == ()
+            assert "subset of the training set" not in suite.describe()
+    full = suites.make_suites(False)
+    assert tuple(v.key for v in full["cifar10"].variants) == \
+        suites.VARIANT_KEYS
+    assert full["cifar10"].tflm_samples == 1000
+    assert full["mnist"].tflm_samples == 2000
     with pytest.raises(ValueError, match="subset_size >= 1"):
         suites.Suite("x", "x", "lenet", None, subset_variants=("lutq2",))
 
