@@ -94,8 +94,11 @@ _REPORT_ONLY = flags.DEFINE_boolean(
     "JSON files in --out_dir.")
 
 
-def _train_speed(quick, out_dir, command):
+def _train_speed(quick, out_dir, command, tfmot=False, compare_python=None):
     """Runs `benchmarks.train_speed` in its own process.
+
+    With `tfmot`, it also times tfmot clustering on the same models (with
+    `compare_python`, else $LUTQ_COMPARE_PYTHON).
 
     Its report goes to `out_dir` too, so a --quick run doesn't overwrite
     the full run's `train_speed.md`; its wall time goes into the `"run"`
@@ -114,12 +117,17 @@ def _train_speed(quick, out_dir, command):
     argv = [sys.executable, "-m", "benchmarks.train_speed",
             f"--out_dir={os.path.abspath(out_dir)}"]
     argv += ["--quick"] if quick else []
+    argv += ["--tfmot"] if tfmot else ["--notfmot"]
+    env = dict(os.environ)
+    if compare_python:
+        env["LUTQ_COMPARE_PYTHON"] = compare_python
     log(f"[train_speed] {' '.join(argv[1:])}")
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=suites_lib.REPO_ROOT,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
-    shown = f"`python -m benchmarks.train_speed{' --quick' if quick else ''}`"
+    shown = (f"`python -m benchmarks.train_speed{' --quick' if quick else ''}"
+             f"{' --tfmot' if tfmot else ''}`")
     if proc.returncode != 0:
         return (f"{shown} **failed (exit {proc.returncode})** after "
                 f"{seconds:.0f} s (results below, if any, are older):"
@@ -212,7 +220,8 @@ def run_benchmarks(out_dir, work_dir, quick=False, suite_names=SUITE_NAMES,
             run=report.run_record(command, comparison.seconds, quick))
         print(tfmot_compare.markdown(comparison), flush=True)
 
-    speed = (_train_speed(quick, out_dir, command) if train_speed else None)
+    speed = (_train_speed(quick, out_dir, command, tfmot, compare_python)
+             if train_speed else None)
     path = report.write_report(
         out_dir, command, skipped,
         tfmot_note="Not run (--notfmot).",

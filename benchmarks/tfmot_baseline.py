@@ -57,7 +57,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-MODELS = ("digits_cnn", "lenet", "mlp")
+MODELS = ("digits_cnn", "lenet", "mlp", "speed_cnn")
 # Short names accepted by --model.
 MODEL_ALIASES = {"digits": "digits_cnn", "cnn": "digits_cnn"}
 
@@ -65,7 +65,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string(
     "model",
     "digits",
-    "Architecture: mlp | lenet | digits_cnn (aliases: digits, cnn).",
+    "Architecture: mlp | lenet | digits_cnn | speed_cnn (aliases: digits, "
+    "cnn).",
 )
 flags.DEFINE_integer("num_clusters", 16, "Clusters (LUT entries) per kernel.")
 flags.DEFINE_integer("epochs", 2, "Epochs of each timed run.")
@@ -132,6 +133,16 @@ def build_model(keras, name, input_shape, num_classes=10):
         x = L.Dense(512, activation="relu", name="fc1")(x)
         x = L.Dense(512, activation="relu", name="fc2")(x)
         outputs = L.Dense(num_classes, activation="softmax", name="fc3")(x)
+    elif name == "speed_cnn":
+        # benchmarks/train_speed.py's conv-heavy CNN.
+        x = L.Conv2D(32, 3, padding="same", activation="relu",
+                     name="conv1")(inputs)
+        x = L.Conv2D(64, 3, strides=2, padding="same", activation="relu",
+                     name="conv2")(x)
+        x = L.Conv2D(64, 3, strides=2, padding="same", activation="relu",
+                     name="conv3")(x)
+        x = L.GlobalAveragePooling2D(name="pool")(x)
+        outputs = L.Dense(num_classes, activation="softmax", name="fc")(x)
     else:
         raise ValueError(f"--model must be one of {MODELS}, got {name!r}.")
     return keras.Model(inputs, outputs, name=name)

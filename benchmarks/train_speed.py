@@ -10,7 +10,13 @@ Models: an MLP 784-512-512-10 (every weight used once per example: the
 LUT-Q step's O(N) work is as large as the matmuls) and a small CNN on 28x28
 inputs (every weight reused hundreds of times).
 
+With `--tfmot` (the default when `LUTQ_COMPARE_PYTHON` names a venv with
+tf-keras and tfmot), tfmot weight clustering is timed on the same
+architectures at the same K, batch and optimiser, against tf_keras float
+training in its own process (`benchmarks/tfmot_runner.py`).
+
     python -m benchmarks.train_speed            # full: ~10 min on 2 cores
+    python -m benchmarks.train_speed --tfmot    # + tfmot: ~5 min more
     python -m benchmarks.train_speed --quick    # ~2 min
 
 Writes benchmarks/results/train_speed.{md,json}.
@@ -32,14 +38,28 @@ import lutq_tf  # noqa: E402
 from examples import models  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "Fewer epochs and variants.")
-flags.DEFINE_integer("batch_size", 64, "Batch size.")
-flags.DEFINE_integer("steps", 60, "Optimizer steps per epoch.")
-flags.DEFINE_integer("epochs", 6, "Timed epochs per variant (plus one warm-up).")
-flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
-flags.DEFINE_list("models", ["mlp", "cnn"], "Models to time: mlp, cnn.")
-flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__),
-                                            "results"), "Output directory.")
+
+
+def define_flags():
+    """Defines the command-line flags (only when run as a script, so that
+    importing this module beside other benchmarks defines nothing)."""
+    flags.DEFINE_bool("quick", False, "Fewer epochs and variants.")
+    flags.DEFINE_integer("batch_size", 64, "Batch size.")
+    flags.DEFINE_integer("steps", 60, "Optimizer steps per epoch.")
+    flags.DEFINE_integer("epochs", 6,
+                         "Timed epochs per variant (plus one warm-up).")
+    flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+    flags.DEFINE_list("models", ["mlp", "cnn"], "Models to time: mlp, cnn.")
+    flags.DEFINE_bool("tfmot", "LUTQ_COMPARE_PYTHON" in os.environ,
+                      "Also time tfmot clustering (in its own tf_keras "
+                      "process, $LUTQ_COMPARE_PYTHON) at K = 4, 16, 256. "
+                      "Default: on if LUTQ_COMPARE_PYTHON is set.")
+    flags.DEFINE_integer("tfmot_epochs", 4,
+                         "Epochs of each tfmot and tf_keras float run (the "
+                         "first, which compiles, is dropped).")
+    flags.DEFINE_string(
+        "out_dir", os.path.join(os.path.dirname(__file__), "results"),
+        "Output directory.")
 
 
 def small_cnn():
@@ -59,6 +79,9 @@ MODELS = {
     "mlp": (lambda: models.mlp(classifier_activation=None), (784,)),
     "cnn": (small_cnn, (28, 28, 1)),
 }
+# The same architectures in benchmarks/tfmot_baseline.py.
+TFMOT_MODELS = {"mlp": "mlp", "cnn": "speed_cnn"}
+TFMOT_K = (4, 16, 256)
 
 
 class _EpochTimer(keras.callbacks.Callback):
@@ -128,11 +151,34 @@ def measure(model_name, variants, epochs, steps, batch_size, jit_compile):
     }
 
 
-def _markdown(results, config):
+def measure_tfmot(model_name, batch_size, epochs, ks=TFMOT_K):
+    """tfmot clustering vs tf_keras float, in the baseline's own process.
+
+    Returns:
+        `{K: {"tfmot": ms/step, "float": ms/step}}`, or a string saying why
+        it did not run.
+    """
+    from benchmarks import tfmot_runner
+
+    timings = {}
+    for k in ks:
+        try:
+            result = tfmot_runner.run_tfmot_baseline(
+                model=TFMOT_MODELS[model_name], num_clusters=k, epochs=epochs,
+                batch_size=batch_size, data="synthetic")
+        except RuntimeError as e:
+            return f"not run: {str(e).splitlines()[0]}"
+        timings[k] = {"tfmot": result["ms_per_step"],
+                      "float": result["float_ms_per_step"]}
+    return timings
+
+
+def _markdown(results, config, tfmot=None):
     lines = [
         "# Train-step time: LUT-Q vs float",
         "",
-        f"`python -m benchmarks.train_speed{' --quick' if config['quick'] else ''}`"
+        f"`python -m benchmarks.train_speed{' --quick' if config['quick'] else ''}"
+        f"{' --tfmot' if config.get('tfmot') else ''}`"
         f" on {config['machine']}, TF {config['tf']}, Keras {config['keras']}, "
         f"batch {config['batch_size']}, {config['steps']} steps/epoch, median "
         f"of {config['epochs']} epochs, jit_compile={config['jit_compile']}.",
@@ -146,6 +192,31 @@ def _markdown(results, config):
             lines.append(f"| {model_name} | {name} | {wall:.2f} | "
                          f"{wall / wall0:.2f}x | {cpu:.2f} | "
                          f"{cpu / cpu0:.2f}x |")
+    if tfmot:
+        lines += [
+            "",
+            "## tfmot weight clustering on the same models",
+            "",
+            "tfmot (tf_keras 2, its own process) against tf_keras float "
+            "training in that process: same architecture, K, batch and "
+            "Adam; synthetic 28x28 data, 32 steps/epoch, median of "
+            f"{config['tfmot_epochs'] - 1} epochs after the first.",
+            "",
+            "| model | K | LUT-Q / float | tfmot ms/step | tf_keras float "
+            "ms/step | tfmot / float |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for model_name, timings in tfmot.items():
+            if isinstance(timings, str):
+                lines.append(f"| {model_name} | | | {timings} | | |")
+                continue
+            wall0 = results[model_name]["float"][0]
+            for k, t in timings.items():
+                lutq = results[model_name].get(f"LUT-Q K={k}")
+                lutq = f"{lutq[0] / wall0:.2f}x" if lutq else ""
+                lines.append(f"| {model_name} | {k} | {lutq} | "
+                             f"{t['tfmot']:.1f} | {t['float']:.1f} | "
+                             f"{t['tfmot'] / t['float']:.1f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,6 +229,7 @@ def main(argv):
         "jit_compile": FLAGS.jit_compile,
         "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
         "tf": tf.__version__, "keras": keras.__version__,
+        "tfmot": FLAGS.tfmot, "tfmot_epochs": FLAGS.tfmot_epochs,
     }
     results = {}
     for model_name in FLAGS.models:
@@ -169,12 +241,21 @@ def main(argv):
         for name, (wall, cpu) in results[model_name].items():
             print(f"  {name:40s} {wall:7.2f} ms/step {wall / wall0:5.2f}x  "
                   f"CPU {cpu:7.2f} ms/step {cpu / cpu0:5.2f}x", flush=True)
+    tfmot = {}
+    if FLAGS.tfmot:
+        for model_name in FLAGS.models:
+            print(f"timing tfmot on {model_name} ...", flush=True)
+            tfmot[model_name] = measure_tfmot(
+                model_name, FLAGS.batch_size, FLAGS.tfmot_epochs,
+                TFMOT_K[:2] if FLAGS.quick else TFMOT_K)
+            print(f"  {tfmot[model_name]}", flush=True)
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     suffix = "_xla" if FLAGS.jit_compile else ""
     with open(os.path.join(FLAGS.out_dir, f"train_speed{suffix}.json"),
               "w") as f:
-        json.dump({"config": config, "ms_per_step": results}, f, indent=2)
-    markdown = _markdown(results, config)
+        json.dump({"config": config, "ms_per_step": results,
+                   "tfmot_ms_per_step": tfmot}, f, indent=2)
+    markdown = _markdown(results, config, tfmot)
     with open(os.path.join(FLAGS.out_dir, f"train_speed{suffix}.md"),
               "w") as f:
         f.write(markdown)
@@ -182,4 +263,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
