@@ -70,10 +70,12 @@ def nearest_assignment(x, dictionary):
         above = x[:, :, None] > materialize(tf.transpose(midpoints))[None]
         return tf.reduce_sum(tf.cast(above, tf.int32), axis=2)
     if channels == 1:
+        midpoints = materialize(midpoints[:, 0])
+        below = _midpoints_below_bins(midpoints)
         return tf.cond(
-            _bins_fit(midpoints[:, 0]),
-            lambda: _bin_search(x, materialize(midpoints[:, 0])),
-            lambda: _binary_search(x, tf.transpose(midpoints)),
+            _bins_fit(below),
+            lambda: _bin_search(x, midpoints, below),
+            lambda: _binary_search(x, midpoints[None, :]),
         )
     return _binary_search(x, tf.transpose(midpoints))
 
@@ -112,13 +114,16 @@ def _midpoints_below_bins(midpoints):
     return materialize(tf.cumsum(in_bin, exclusive=True))
 
 
-def _bins_fit(midpoints):
-    """True if no bin holds more than `_BIN_CAPACITY` midpoints."""
-    below = _midpoints_below_bins(midpoints)
+def _bins_fit(below):
+    """True if no bin holds more than `_BIN_CAPACITY` midpoints.
+
+    Args:
+        below: `_midpoints_below_bins(midpoints)`.
+    """
     return tf.reduce_max(below[1:] - below[:-1]) <= _BIN_CAPACITY
 
 
-def _bin_search(x, midpoints):
+def _bin_search(x, midpoints, below):
     """Number of midpoints strictly below x, for one table (`x` `[M, 1]`).
 
     Per weight: one gather of the count of midpoints below its bin, then
@@ -126,9 +131,13 @@ def _bin_search(x, midpoints):
     end). Exact when `_bins_fit(midpoints)`: by the binning's monotonicity,
     midpoints of lower bins are below x and those of higher bins are not, so
     only the bin's own midpoints need comparing.
+
+    Args:
+        x: float32 `[M, 1]`.
+        midpoints: float32 `[K-1]`, sorted.
+        below: `_midpoints_below_bins(midpoints)`.
     """
     low, high = midpoints[0], midpoints[-1]
-    below = _midpoints_below_bins(midpoints)
     padded = tf.concat(
         [midpoints, tf.fill([_BIN_CAPACITY], np.float32(np.inf))], axis=0)
     values = x[:, 0]
