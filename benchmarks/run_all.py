@@ -97,8 +97,8 @@ _REPORT_ONLY = flags.DEFINE_boolean(
 def _train_speed(quick, out_dir, command, tfmot=False, compare_python=None):
     """Runs `benchmarks.train_speed` in its own process.
 
-    With `tfmot`, it also times tfmot clustering on the same models (with
-    `compare_python`, else $LUTQ_COMPARE_PYTHON).
+    With `tfmot` (full runs only), it also times tfmot clustering on the
+    same models (with `compare_python`, else $LUTQ_COMPARE_PYTHON).
 
     Its report goes to `out_dir` too, so a --quick run doesn't overwrite
     the full run's `train_speed.md`; its wall time goes into the `"run"`
@@ -117,7 +117,8 @@ def _train_speed(quick, out_dir, command, tfmot=False, compare_python=None):
     argv = [sys.executable, "-m", "benchmarks.train_speed",
             f"--out_dir={os.path.abspath(out_dir)}"]
     argv += ["--quick"] if quick else []
-    argv += ["--tfmot"] if tfmot else ["--notfmot"]
+    # tfmot's timing adds ~4 min: full runs only (--quick stays in 10 min).
+    argv += ["--tfmot"] if tfmot and not quick else ["--notfmot"]
     env = dict(os.environ)
     if compare_python:
         env["LUTQ_COMPARE_PYTHON"] = compare_python
@@ -127,7 +128,7 @@ def _train_speed(quick, out_dir, command, tfmot=False, compare_python=None):
                           capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     shown = (f"`python -m benchmarks.train_speed{' --quick' if quick else ''}"
-             f"{' --tfmot' if tfmot else ''}`")
+             f"{' --tfmot' if tfmot and not quick else ''}`")
     if proc.returncode != 0:
         return (f"{shown} **failed (exit {proc.returncode})** after "
                 f"{seconds:.0f} s (results below, if any, are older):"
