@@ -128,7 +128,7 @@ def _bin_search(x, midpoints, below):
 
     Per weight: one gather of the count of midpoints below its bin, then
     `_BIN_CAPACITY` compares against the next midpoints (+inf past the
-    end). Exact when `_bins_fit(midpoints)`: by the binning's monotonicity,
+    end). Exact when `_bins_fit(below)`: by the binning's monotonicity,
     midpoints of lower bins are below x and those of higher bins are not, so
     only the bin's own midpoints need comparing.
 
