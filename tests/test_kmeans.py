@@ -175,8 +175,10 @@ def test_invariants_hold_after_every_step(problem):
         chosen = np.abs(xs - ordered[again[:, c], c])
         best = np.min(np.abs(xs[:, None] - candidates[None, :]), axis=1)
         keep = again[:, c] != 0 if num_pruned else slice(None)
-        np.testing.assert_allclose(chosen[keep], best[keep], rtol=1e-6,
-                                   atol=1e-30)
+        # Midpoints are rounded to float32: a weight within half an ulp of
+        # one may go to the entry an ulp farther away.
+        slack = 2 * np.spacing(np.abs(x[:, c])).astype(np.float64)
+        assert np.all(chosen[keep] <= best[keep] * (1 + 1e-6) + slack[keep])
     # The constraint is exact.
     values = d[first:]
     if isinstance(constraint, constraints.PowerOfTwo):
@@ -198,19 +200,21 @@ def test_invariants_hold_after_every_step(problem):
                 assert np.frexp(s[0])[0] == 0.5
 
 
-@pytest.mark.parametrize("crowded", [0, 4, 5])
+@pytest.mark.parametrize("crowded", [0, kmeans._BIN_CAPACITY,
+                                     kmeans._BIN_CAPACITY + 1])
 def test_bucketed_search_and_its_fallback_are_exact(crowded):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(4000, 1)).astype(np.float32)
     d = np.sort(rng.normal(size=(200, 1)), axis=0).astype(np.float32)
     x[:50, 0] = (d[:50, 0] + d[1:51, 0]) / 2  # weights exactly on midpoints
-    # `crowded` midpoints within 1e-5, one bin: up to the bin capacity (4)
-    # the bucketed search handles them, above it the binary search runs.
+    # `crowded` midpoints within 1e-5, one bin: up to the bin capacity the
+    # bucketed search handles them, above it the binary search runs.
     d[100:100 + crowded, 0] = d[99, 0] + 2e-6 * np.arange(1, crowded + 1)
     x[50:60, 0] = d[99, 0] + 1e-6 * (np.arange(10) + 0.5)  # among them
     midpoints = tf.constant((d[1:, 0] + d[:-1, 0]) / 2)
     below = kmeans._midpoints_below_bins(midpoints)
-    assert bool(kmeans._bins_fit(below)) == (crowded <= 4)
+    assert bool(kmeans._bins_fit(below)) == (
+        crowded <= kmeans._BIN_CAPACITY)
     # Weights on a midpoint go to the lower entry, as in the binary search;
     # elsewhere the answer is the numpy reference's.
     want = kmeans._binary_search(tf.constant(x),
