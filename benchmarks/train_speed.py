@@ -1,10 +1,13 @@
 """Train-step time of LUT-Q over plain float training.
 
 Same model, data and optimiser; the variants' epochs are interleaved
-(round-robin) so that background load hits them alike, and each figure is the
-median over epochs of the mean step time within an epoch (the first epoch,
-which compiles, is dropped). The k-means step runs after every optimizer
-step unless `kmeans_every` says otherwise.
+(round-robin) so that background load hits them alike; a run's figure is
+the median over epochs of the mean step time within an epoch (the first
+epoch, which compiles, is dropped). Ratios also differ between processes
+(by up to +-0.1 here, more than between epochs), so `--repeats` runs the
+whole measurement in that many fresh processes and reports the median ratio
+with its range. The k-means step runs after every optimizer step unless
+`kmeans_every` says otherwise.
 
 Models: an MLP 784-512-512-10 (every weight used once per example: the
 LUT-Q step's O(N) work is as large as the matmuls) and a small CNN on 28x28
@@ -15,17 +18,19 @@ tf-keras and tfmot), tfmot weight clustering is timed on the same
 architectures at the same K, batch and optimiser, against tf_keras float
 training in its own process (`benchmarks/tfmot_runner.py`).
 
-    python -m benchmarks.train_speed            # full: ~10 min on 2 cores
-    python -m benchmarks.train_speed --tfmot    # + tfmot: ~5 min more
-    python -m benchmarks.train_speed --quick    # ~2 min
+    python -m benchmarks.train_speed            # full, 3 processes: ~9 min on 2 cores
+    python -m benchmarks.train_speed --tfmot    # + tfmot: ~3 min more
+    python -m benchmarks.train_speed --quick    # one process: ~1 min
 
 Writes benchmarks/results/train_speed.{md,json}.
 """
 
 import json
+import multiprocessing
 import os
 import platform
 import time
+from concurrent import futures
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -48,6 +53,10 @@ def define_flags():
     flags.DEFINE_integer("steps", 60, "Optimizer steps per epoch.")
     flags.DEFINE_integer("epochs", 6,
                          "Timed epochs per variant (plus one warm-up).")
+    flags.DEFINE_integer("repeats", 3,
+                         "Fresh processes, each timing every variant; the "
+                         "report gives the median ratio and its range. "
+                         "--quick: 1.")
     flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
     flags.DEFINE_list("models", ["mlp", "cnn"], "Models to time: mlp, cnn.")
     flags.DEFINE_bool("tfmot", "LUTQ_COMPARE_PYTHON" in os.environ,
@@ -151,6 +160,58 @@ def measure(model_name, variants, epochs, steps, batch_size, jit_compile):
     }
 
 
+def measure_repeated(model_name, variants, epochs, steps, batch_size,
+                     jit_compile, repeats):
+    """`measure` in `repeats` fresh processes (in this one if 1).
+
+    Returns:
+        `{variant: {"wall": [ms/step per repeat], "cpu": [...]}}`.
+    """
+    args = (model_name, variants, epochs, steps, batch_size, jit_compile)
+    runs = []
+    for _ in range(repeats):
+        if repeats == 1:
+            runs.append(measure(*args))
+            continue
+        # One process per repeat: what differs between processes (memory
+        # layout, thread placement) is part of what a user sees.
+        with futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs.append(pool.submit(measure, *args).result())
+    return {name: {"wall": [run[name][0] for run in runs],
+                   "cpu": [run[name][1] for run in runs]}
+            for name, _ in variants}
+
+
+def summarize(timings):
+    """Per variant: median wall and CPU ms/step, and the ratios to float.
+
+    A repeat's ratio divides by that repeat's float time; the figures are
+    medians over repeats, with the range of the wall-time ratio.
+
+    Args:
+        timings: `measure_repeated`'s result; must hold a "float" variant.
+
+    Returns:
+        `{variant: {"wall", "cpu", "ratio", "ratio_min", "ratio_max",
+        "cpu_ratio"}}`.
+    """
+    wall0 = np.array(timings["float"]["wall"])
+    cpu0 = np.array(timings["float"]["cpu"])
+    summary = {}
+    for name, t in timings.items():
+        ratios = np.array(t["wall"]) / wall0
+        summary[name] = {
+            "wall": float(np.median(t["wall"])),
+            "cpu": float(np.median(t["cpu"])),
+            "ratio": float(np.median(ratios)),
+            "ratio_min": float(ratios.min()),
+            "ratio_max": float(ratios.max()),
+            "cpu_ratio": float(np.median(np.array(t["cpu"]) / cpu0)),
+        }
+    return summary
+
+
 def measure_tfmot(model_name, batch_size, epochs, ks=TFMOT_K):
     """tfmot clustering vs tf_keras float, in the baseline's own process.
 
@@ -174,24 +235,30 @@ def measure_tfmot(model_name, batch_size, epochs, ks=TFMOT_K):
 
 
 def _markdown(results, config, tfmot=None):
+    """The report; `results` maps model -> `summarize` output."""
+    repeats = config["repeats"]
+    command = "python -m benchmarks.train_speed" + "".join(
+        f" --{flag}" for flag in ("quick", "jit_compile", "tfmot")
+        if config.get(flag))
     lines = [
         "# Train-step time: LUT-Q vs float",
         "",
-        f"`python -m benchmarks.train_speed{' --quick' if config['quick'] else ''}"
-        f"{' --tfmot' if config.get('tfmot') else ''}`"
-        f" on {config['machine']}, TF {config['tf']}, Keras {config['keras']}, "
-        f"batch {config['batch_size']}, {config['steps']} steps/epoch, median "
-        f"of {config['epochs']} epochs, jit_compile={config['jit_compile']}.",
+        f"`{command}` on {config['machine']}, TF {config['tf']}, Keras "
+        f"{config['keras']}, batch {config['batch_size']}, "
+        f"{config['steps']} steps/epoch, median of {config['epochs']} epochs "
+        f"in each of {repeats} process{'es' if repeats > 1 else ''}, "
+        f"jit_compile={config['jit_compile']}. Ratio: median over the "
+        "processes of each one's LUT-Q / float time.",
         "",
-        "| model | variant | wall ms/step | ratio | CPU ms/step | ratio |",
+        "| model | variant | wall ms/step | ratio | ratio range | CPU ratio |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for model_name, timings in results.items():
-        wall0, cpu0 = timings["float"]
-        for name, (wall, cpu) in timings.items():
-            lines.append(f"| {model_name} | {name} | {wall:.2f} | "
-                         f"{wall / wall0:.2f}x | {cpu:.2f} | "
-                         f"{cpu / cpu0:.2f}x |")
+    for model_name, summary in results.items():
+        for name, t in summary.items():
+            lines.append(
+                f"| {model_name} | {name} | {t['wall']:.2f} | "
+                f"{t['ratio']:.2f}x | {t['ratio_min']:.2f}-"
+                f"{t['ratio_max']:.2f}x | {t['cpu_ratio']:.2f}x |")
     if tfmot:
         lines += [
             "",
@@ -210,10 +277,9 @@ def _markdown(results, config, tfmot=None):
             if isinstance(timings, str):
                 lines.append(f"| {model_name} | | | {timings} | | |")
                 continue
-            wall0 = results[model_name]["float"][0]
             for k, t in timings.items():
                 lutq = results[model_name].get(f"LUT-Q K={k}")
-                lutq = f"{lutq[0] / wall0:.2f}x" if lutq else ""
+                lutq = f"{lutq['ratio']:.2f}x" if lutq else ""
                 lines.append(f"| {model_name} | {k} | {lutq} | "
                              f"{t['tfmot']:.1f} | {t['float']:.1f} | "
                              f"{t['tfmot'] / t['float']:.1f}x |")
@@ -223,24 +289,28 @@ def _markdown(results, config, tfmot=None):
 def main(argv):
     del argv
     epochs = 3 if FLAGS.quick else FLAGS.epochs
+    repeats = 1 if FLAGS.quick else FLAGS.repeats
+    if repeats < 1:
+        raise app.UsageError(f"--repeats must be >= 1, got {repeats}.")
     config = {
         "quick": FLAGS.quick, "batch_size": FLAGS.batch_size,
-        "steps": FLAGS.steps, "epochs": epochs,
+        "steps": FLAGS.steps, "epochs": epochs, "repeats": repeats,
         "jit_compile": FLAGS.jit_compile,
         "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
         "tf": tf.__version__, "keras": keras.__version__,
         "tfmot": FLAGS.tfmot, "tfmot_epochs": FLAGS.tfmot_epochs,
     }
-    results = {}
+    timings, results = {}, {}
     for model_name in FLAGS.models:
-        print(f"timing {model_name} ...", flush=True)
-        results[model_name] = measure(
+        print(f"timing {model_name} ({repeats} processes) ...", flush=True)
+        timings[model_name] = measure_repeated(
             model_name, _variants(FLAGS.quick), epochs, FLAGS.steps,
-            FLAGS.batch_size, FLAGS.jit_compile)
-        wall0, cpu0 = results[model_name]["float"]
-        for name, (wall, cpu) in results[model_name].items():
-            print(f"  {name:40s} {wall:7.2f} ms/step {wall / wall0:5.2f}x  "
-                  f"CPU {cpu:7.2f} ms/step {cpu / cpu0:5.2f}x", flush=True)
+            FLAGS.batch_size, FLAGS.jit_compile, repeats)
+        results[model_name] = summarize(timings[model_name])
+        for name, t in results[model_name].items():
+            print(f"  {name:40s} {t['wall']:7.2f} ms/step {t['ratio']:5.2f}x "
+                  f"({t['ratio_min']:.2f}-{t['ratio_max']:.2f}x)  CPU "
+                  f"{t['cpu_ratio']:5.2f}x", flush=True)
     tfmot = {}
     if FLAGS.tfmot:
         for model_name in FLAGS.models:
@@ -253,8 +323,9 @@ def main(argv):
     suffix = "_xla" if FLAGS.jit_compile else ""
     with open(os.path.join(FLAGS.out_dir, f"train_speed{suffix}.json"),
               "w") as f:
-        json.dump({"config": config, "ms_per_step": results,
-                   "tfmot_ms_per_step": tfmot}, f, indent=2)
+        json.dump({"config": config, "summary": results,
+                   "ms_per_step": timings, "tfmot_ms_per_step": tfmot},
+                  f, indent=2)
     markdown = _markdown(results, config, tfmot)
     with open(os.path.join(FLAGS.out_dir, f"train_speed{suffix}.md"),
               "w") as f:

@@ -1,11 +1,14 @@
 """benchmarks.train_speed's tfmot timing and report, without timing."""
 
+import pytest
+
 from benchmarks import tfmot_runner
 from benchmarks import train_speed
 
 _CONFIG = {"quick": False, "tfmot": True, "tfmot_epochs": 4,
            "machine": "2 CPU cores", "tf": "2.x", "keras": "3.x",
-           "batch_size": 64, "steps": 60, "epochs": 6, "jit_compile": False}
+           "batch_size": 64, "steps": 60, "epochs": 6, "repeats": 2,
+           "jit_compile": False}
 
 
 def test_tfmot_runs_on_the_same_architectures(monkeypatch):
@@ -33,19 +36,50 @@ def test_tfmot_failure_is_reported_not_raised(monkeypatch):
     assert got == "not run: tfmot baseline failed (exit 1): no tfmot"
 
 
+def test_summary_takes_each_repeats_ratio_then_the_median():
+    timings = {"float": {"wall": [5.0, 6.0, 8.0], "cpu": [8.0, 9.0, 8.0]},
+               "LUT-Q K=16": {"wall": [6.0, 9.0, 8.8],
+                              "cpu": [12.0, 9.0, 10.0]}}
+    got = train_speed.summarize(timings)["LUT-Q K=16"]
+    # Ratios per repeat: 1.2, 1.5, 1.1 (not median 8.8 / median 6.0).
+    assert got["ratio"] == pytest.approx(1.2)
+    assert got["ratio_min"] == pytest.approx(1.1)
+    assert got["ratio_max"] == pytest.approx(1.5)
+    assert got["wall"] == pytest.approx(8.8)
+    assert got["cpu_ratio"] == pytest.approx(1.25)
+    assert train_speed.summarize(timings)["float"]["ratio"] == 1.0
+
+
+def test_repeats_collect_one_figure_per_process(monkeypatch):
+    calls = iter([{"float": (5.0, 7.0), "LUT-Q K=4": (6.0, 8.0)},
+                  {"float": (6.0, 7.5), "LUT-Q K=4": (6.6, 8.5)}])
+    monkeypatch.setattr(train_speed, "measure", lambda *a: next(calls))
+    variants = [("float", None), ("LUT-Q K=4", {"num_values": 4})]
+    got = train_speed.measure_repeated("mlp", variants, 2, 10, 64, False, 1)
+    assert got == {"float": {"wall": [5.0], "cpu": [7.0]},
+                   "LUT-Q K=4": {"wall": [6.0], "cpu": [8.0]}}
+
+
 def test_markdown_puts_lutq_and_tfmot_ratios_side_by_side():
-    results = {"mlp": {"float": (5.0, 8.0), "LUT-Q K=4": (6.0, 9.0),
-                       "LUT-Q K=16": (6.5, 9.5)},
-               "cnn": {"float": (20.0, 30.0)}}
+    results = {"mlp": train_speed.summarize({
+        "float": {"wall": [5.0, 4.0], "cpu": [8.0, 8.0]},
+        "LUT-Q K=4": {"wall": [6.0, 4.8], "cpu": [9.0, 9.0]},
+        "LUT-Q K=16": {"wall": [6.5, 5.6], "cpu": [9.5, 9.5]}}),
+        "cnn": train_speed.summarize(
+            {"float": {"wall": [20.0], "cpu": [30.0]}})}
     tfmot = {"mlp": {4: {"tfmot": 20.0, "float": 8.0},
                      256: {"tfmot": 296.0, "float": 8.0}},
              "cnn": "not run: no tfmot"}
     text = train_speed._markdown(results, _CONFIG, tfmot)
     assert "`python -m benchmarks.train_speed --tfmot`" in text
-    assert "| mlp | LUT-Q K=16 | 6.50 | 1.30x | 9.50 | 1.19x |" in text
+    assert "in each of 2 processes" in text
+    # K=16: ratios 1.30 and 1.40 -> median 1.35; wall median 6.05.
+    assert "| mlp | LUT-Q K=16 | 6.05 | 1.35x | 1.30-1.40x | 1.19x |" in text
     assert "| mlp | 4 | 1.20x | 20.0 | 8.0 | 2.5x |" in text
     # No LUT-Q row at K=256 in this run: its cell stays empty.
     assert "| mlp | 256 |  | 296.0 | 8.0 | 37.0x |" in text
     assert "| cnn | | | not run: no tfmot | | |" in text
     assert "tfmot" not in train_speed._markdown(
         results, dict(_CONFIG, tfmot=False))
+    assert "--jit_compile" in train_speed._markdown(
+        results, dict(_CONFIG, jit_compile=True))
