@@ -18,7 +18,7 @@ tf-keras and tfmot), tfmot weight clustering is timed on the same
 architectures at the same K, batch and optimiser, against tf_keras float
 training in its own process (`benchmarks/tfmot_runner.py`).
 
-    python -m benchmarks.train_speed            # full, 3 processes: ~9 min on 2 cores
+    python -m benchmarks.train_speed            # full, 5 processes: ~10 min on 2 cores
     python -m benchmarks.train_speed --tfmot    # + tfmot: ~3 min more
     python -m benchmarks.train_speed --quick    # one process: ~1 min
 
@@ -51,9 +51,9 @@ def define_flags():
     flags.DEFINE_bool("quick", False, "Fewer epochs and variants.")
     flags.DEFINE_integer("batch_size", 64, "Batch size.")
     flags.DEFINE_integer("steps", 60, "Optimizer steps per epoch.")
-    flags.DEFINE_integer("epochs", 6,
+    flags.DEFINE_integer("epochs", 4,
                          "Timed epochs per variant (plus one warm-up).")
-    flags.DEFINE_integer("repeats", 3,
+    flags.DEFINE_integer("repeats", 5,
                          "Fresh processes, each timing every variant; the "
                          "report gives the median ratio and its range. "
                          "--quick: 1.")
@@ -234,16 +234,19 @@ def measure_tfmot(model_name, batch_size, epochs, ks=TFMOT_K):
     return timings
 
 
+def _command(config):
+    return "python -m benchmarks.train_speed" + "".join(
+        f" --{flag}" for flag in ("quick", "jit_compile", "tfmot")
+        if config.get(flag))
+
+
 def _markdown(results, config, tfmot=None):
     """The report; `results` maps model -> `summarize` output."""
     repeats = config["repeats"]
-    command = "python -m benchmarks.train_speed" + "".join(
-        f" --{flag}" for flag in ("quick", "jit_compile", "tfmot")
-        if config.get(flag))
     lines = [
         "# Train-step time: LUT-Q vs float",
         "",
-        f"`{command}` on {config['machine']}, TF {config['tf']}, Keras "
+        f"`{_command(config)}` on {config['machine']}, TF {config['tf']}, Keras "
         f"{config['keras']}, batch {config['batch_size']}, "
         f"{config['steps']} steps/epoch, median of {config['epochs']} epochs "
         f"in each of {repeats} process{'es' if repeats > 1 else ''}, "
@@ -288,6 +291,9 @@ def _markdown(results, config, tfmot=None):
 
 def main(argv):
     del argv
+    from benchmarks import report
+
+    start = time.perf_counter()
     epochs = 3 if FLAGS.quick else FLAGS.epochs
     repeats = 1 if FLAGS.quick else FLAGS.repeats
     if repeats < 1:
@@ -324,7 +330,10 @@ def main(argv):
     with open(os.path.join(FLAGS.out_dir, f"train_speed{suffix}.json"),
               "w") as f:
         json.dump({"config": config, "summary": results,
-                   "ms_per_step": timings, "tfmot_ms_per_step": tfmot},
+                   "ms_per_step": timings, "tfmot_ms_per_step": tfmot,
+                   "run": report.run_record(_command(config),
+                                            time.perf_counter() - start,
+                                            FLAGS.quick)},
                   f, indent=2)
     markdown = _markdown(results, config, tfmot)
     with open(os.path.join(FLAGS.out_dir, f"train_speed{suffix}.md"),
