@@ -168,16 +168,16 @@ def measure_repeated(model_name, variants, epochs, steps, batch_size,
         `{variant: {"wall": [ms/step per repeat], "cpu": [...]}}`.
     """
     args = (model_name, variants, epochs, steps, batch_size, jit_compile)
-    runs = []
-    for _ in range(repeats):
-        if repeats == 1:
-            runs.append(measure(*args))
-            continue
+    if repeats == 1:
+        runs = [measure(*args)]
+    else:
         # One process per repeat: what differs between processes (memory
         # layout, thread placement) is part of what a user sees.
-        with futures.ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs.append(pool.submit(measure, *args).result())
+        runs = []
+        for _ in range(repeats):
+            with futures.ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                runs.append(pool.submit(measure, *args).result())
     return {name: {"wall": [run[name][0] for run in runs],
                    "cpu": [run[name][1] for run in runs]}
             for name, _ in variants}
