@@ -25,8 +25,7 @@ the markdown (its older JSON, if any, stays).
 Budget on 2 CPU cores (per-part times in `results.md`): digits ~3 min,
 MNIST ~18 min, tfmot comparison ~3 min, CIFAR-10 ~20 min (25.8 measured
 with another job sharing the cores), train_speed ~15 min (5 processes,
-with tfmot); full about 60
-min on a quiet machine, `--quick` ~10 min.
+with tfmot); full about 60 min on a quiet machine, `--quick` ~10 min.
 
     python -m benchmarks.run_all --quick
     python -m benchmarks.run_all --mnist=../shared/data/mnist.npz \
