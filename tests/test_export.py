@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 
+import lutq_tf
 import tflite_export
 from tflite_export import compress as compress_lib
 from tflite_export import lut_tensors
@@ -474,9 +475,6 @@ def test_lutq_k_over_128_is_an_error_saying_what_to_do(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_real_lutq_model(tmp_path):
-    lutq_tf = pytest.importorskip("lutq_tf")
-    if not hasattr(lutq_tf, "quantize_model"):
-        pytest.skip("lutq_tf.quantize_model not available yet")
     rng = np.random.default_rng(0)
     inp = keras.Input((64,))
     x = keras.layers.Dense(64, activation="relu", name="fc")(inp)
