@@ -18,7 +18,7 @@ tf-keras and tfmot), tfmot weight clustering is timed on the same
 architectures at the same K, batch and optimiser, against tf_keras float
 training in its own process (`benchmarks/tfmot_runner.py`).
 
-    python -m benchmarks.train_speed            # full, 5 processes: ~10 min on 2 cores
+    python -m benchmarks.train_speed            # full, 5 processes: ~12 min on 2 cores
     python -m benchmarks.train_speed --tfmot    # + tfmot: ~3 min more
     python -m benchmarks.train_speed --quick    # one process: ~1 min
 
