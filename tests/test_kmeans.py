@@ -65,6 +65,28 @@ def test_xla_step_equals_eager_assignment(k):
                                rtol=1e-6)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 301])
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 7, 16, 17])
+def test_cluster_sums_match_bincount(k, rows, jit):
+    # Small per-tensor K adds several weights per scatter update (joint
+    # bins); row counts that are not a multiple of the group are padded.
+    rng = np.random.default_rng(k * 1000 + rows)
+    x = rng.normal(size=(rows, 1)).astype(np.float32)
+    a = rng.integers(0, k, size=(rows, 1)).astype(np.int32)
+    sums_fn = tf.function(lambda x, a: kmeans.cluster_sums(x, a, k),
+                          jit_compile=True) if jit else (
+        lambda x, a: kmeans.cluster_sums(x, a, k))
+    sums, counts = sums_fn(tf.constant(x), tf.constant(a))
+    assert sums.shape == counts.shape == (k, 1)
+    np.testing.assert_array_equal(counts.numpy()[:, 0],
+                                  np.bincount(a[:, 0], minlength=k))
+    np.testing.assert_allclose(
+        sums.numpy()[:, 0],
+        np.bincount(a[:, 0], weights=x[:, 0], minlength=k),
+        rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("num_pruned", [0, 150, 299])
 @pytest.mark.parametrize("k", [4, 64])
