@@ -278,9 +278,9 @@ def _grouped_cluster_sums(x, assignment, num_values, group):
         joint = joint * num_values + assignment[:, j]
     values = tf.concat([x, tf.ones_like(x[:, :1])], axis=1)
     bins = tf.math.unsorted_segment_sum(values, joint, num_values**group)
-    # Bin `joint` holds the j-th weights' sum in column j and the group
-    # count in the last column; the j-th weight's entry is digit j of
-    # `joint` in base K, the middle axis below.
+    # Column j of a bin sums the groups' j-th weights, the last column counts
+    # the groups. The j-th weight's entry is digit j (most significant
+    # first) of `joint` in base K: the middle axis below.
     sums = 0.0
     counts = 0.0
     for j in range(group):
