@@ -227,7 +227,8 @@ def run_benchmarks(out_dir, work_dir, quick=False, suite_names=SUITE_NAMES,
         out_dir, command, skipped,
         tfmot_note="Not run (--notfmot).",
         train_speed_note=speed or (
-            None if train_speed else "Not run now (--notrain_speed)."))
+            None if train_speed else
+            "Not rerun by this command (--notrain_speed); the latest run:"))
     pipeline.log(f"wrote {path} ({(time.perf_counter() - begin) / 60:.1f} min)")
     return path
 
