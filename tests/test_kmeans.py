@@ -74,9 +74,11 @@ def test_cluster_sums_match_bincount(k, rows, jit):
     rng = np.random.default_rng(k * 1000 + rows)
     x = rng.normal(size=(rows, 1)).astype(np.float32)
     a = rng.integers(0, k, size=(rows, 1)).astype(np.int32)
-    sums_fn = tf.function(lambda x, a: kmeans.cluster_sums(x, a, k),
-                          jit_compile=True) if jit else (
-        lambda x, a: kmeans.cluster_sums(x, a, k))
+    def sums_fn(x, a):
+        return kmeans.cluster_sums(x, a, k)
+
+    if jit:
+        sums_fn = tf.function(sums_fn, jit_compile=True)
     sums, counts = sums_fn(tf.constant(x), tf.constant(a))
     assert sums.shape == counts.shape == (k, 1)
     np.testing.assert_array_equal(counts.numpy()[:, 0],
