@@ -5,6 +5,7 @@ Quantization" (arXiv 1811.05355).
 """
 
 from lutq_tf import constraints
+from lutq_tf.loading import load_model
 from lutq_tf.model import LUTQModel
 from lutq_tf.model import LUTQModelMixin
 from lutq_tf.model import LUTQSequential

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import tflite_export
+from test_loading import save_tf_keras_style_h5
+from test_loading import small_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +53,30 @@ def test_cli_exports_and_prints_the_report(tmp_path):
     for needle in ("fc", "FULLY_CONNECTED", "per-tensor", "bit-exact"):
         assert needle in proc.stdout
     assert (tmp_path / "model_data.cc").exists() and (tmp_path / "model_data.h").exists()
+
+
+@pytest.mark.slow
+def test_cli_exports_a_tf_keras_2_h5(tmp_path):
+    model, data = small_model()
+    # DepthwiseConv2D with tf.keras 2.x's `groups` key, which Keras 3 refuses.
+    save_tf_keras_style_h5(model, tmp_path / "model.h5", groups=1)
+    np.save(tmp_path / "data.npy", data)
+    proc = _run_cli(
+        "model.h5", "--quantize", "int8", "--representative", "data.npy",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    size = os.path.getsize(tmp_path / "model.tflite")
+    assert f"size {size} bytes" in proc.stdout and "bit-exact" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_reports_an_unreadable_h5_and_writes_nothing(tmp_path):
+    (tmp_path / "model.h5").write_bytes(b"not an HDF5 file")
+    proc = _run_cli("model.h5", "--out", "model.tflite", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "error: model.h5 is not a Keras model file" in proc.stderr
+    assert not (tmp_path / "model.tflite").exists()
 
 
 @pytest.mark.slow

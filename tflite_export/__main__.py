@@ -1,9 +1,10 @@
 """Command line: export a saved LUT-Q Keras model to a TFLM .tflite file.
 
-    python -m tflite_export MODEL.keras --out model.tflite [--quantize int8]
+    python -m tflite_export MODEL --out model.tflite [--quantize int8]
         [--representative data.npy] [--c_array model_data.cc]
 
-Prints the export report as a table.
+MODEL is a `.keras` file or an HDF5 `.h5` file, also one saved by tf.keras
+2.x (loaded by `lutq_tf.load_model`). Prints the export report as a table.
 """
 
 import os
@@ -47,22 +48,25 @@ def main(argv):
     # absl turns on INFO logging, which TF and the converter flood.
     logging.set_verbosity(logging.WARNING)
     if len(argv) != 2:
-        raise app.UsageError("give exactly one MODEL.keras path")
+        raise app.UsageError("give exactly one MODEL path (.keras or .h5)")
     model_path = argv[1]
     if not os.path.isfile(model_path):
         raise app.UsageError(f"no such model file: {model_path}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    import keras
     import numpy as np
 
+    # Registers the LUT-Q layers, and loads tf.keras 2.x .h5 files too.
+    import lutq_tf
     import tflite_export
 
     try:
-        import lutq_tf  # noqa: F401  (registers the LUT-Q layers for loading)
-    except ImportError:
-        pass
-    model = keras.saving.load_model(model_path)
+        # Uncompiled: the export needs no optimizer, and a tf.keras 2.x
+        # training config may not compile in Keras 3.
+        model = lutq_tf.load_model(model_path)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     data = np.load(_REPRESENTATIVE.value) if _REPRESENTATIVE.value else None
     out = _OUT.value or os.path.splitext(model_path)[0] + ".tflite"
     try:
