@@ -174,11 +174,12 @@ def _bits(n):
 def check_written(result, model, data, min_top1):
     """Checks the written file against the report and against Keras."""
     assert os.path.getsize(result.path) == result.size_bytes
+    assert result.anatomy.total == result.size_bytes
     assert result.verification.bit_exact
     assert result.arena_bytes > 0 and result.arena_bytes % 16 == 0
     compressed = result.compressed_tensors
     assert decode_op_count(result.path) >= len(compressed) > 0
-    assert result.size_bytes < result.baseline_bytes
+    assert result.size_bytes < result.slim_baseline_bytes <= result.baseline_bytes
     got = tflm_outputs(result.path, data)
     expected = model.predict(data, verbose=0)
     top1 = np.mean(got.argmax(-1) == expected.argmax(-1))
@@ -205,6 +206,8 @@ LAYER_CASES = [
     # Float tables are per tensor: 32 channels x K=4 = 128 values, the most.
     ("conv2d_transpose", "float32", True, 4),
     ("conv_bn", "int8", True, 8),
+    ("conv_bn", "int8", False, 8),
+    ("dense", "int8", False, 4),
     ("conv_bn", "float32", False, 4),
 ]
 
@@ -230,9 +233,11 @@ def test_layer_exports_bit_exact_and_agrees_with_keras(
         assert t.bytes_after < t.bytes_before
         if quantize == "int8":
             # Weights are per-channel int8 here (the head is not LUT-Q), so
-            # tables follow: axis 3 for depthwise, 0 otherwise.
+            # tables follow: axis 3 for depthwise, 0 otherwise; one table
+            # shared by all channels when they draw on one dictionary.
             axis = 3 if op == "DEPTHWISE_CONV_2D" else 0
-            assert t.table_mode == f"per-channel(axis={axis})"
+            mode = "per-channel" if per_channel else "shared"
+            assert t.table_mode == f"{mode}(axis={axis})"
             assert t.codes <= k
         else:
             # TFLM decodes float tensors with one table only.
@@ -312,29 +317,45 @@ def test_per_tensor_dictionary_tables_smaller_than_forced_per_channel(tmp_path):
     auto = tflite_export.export(model, tmp_path / "a.tflite", representative_data=data)
     forced = tflite_export.export(
         model, tmp_path / "b.tflite", representative_data=data,
+        weight_quantization="per_channel", shared_tables=False,
+    )
+    shared = tflite_export.export(
+        model, tmp_path / "c.tflite", representative_data=data,
         weight_quantization="per_channel",
     )
     a = {t.layer: t for t in auto.tensors}["fc"]
     b = {t.layer: t for t in forced.tensors}["fc"]
+    c = {t.layer: t for t in shared.tensors}["fc"]
     assert (a.table_mode, a.tables) == ("per-tensor", 1)
     assert (b.table_mode, b.tables) == ("per-channel(axis=0)", 64)
+    assert (c.table_mode, c.tables, c.codes) == ("shared(axis=0)", 1, 4)
     # Same indices, but 64 tables of 4 instead of one.
     assert b.bytes_after - a.bytes_after == 63 * 4
+    assert c.bytes_after == a.bytes_after
     assert auto.size_bytes < forced.size_bytes
-    assert auto.verification.bit_exact and forced.verification.bit_exact
+    assert shared.size_bytes < forced.size_bytes
+    for result in (auto, forced, shared):
+        assert result.verification.bit_exact
 
 
 @pytest.mark.slow
-def test_folded_batch_norm_falls_back_to_per_channel_tables(tmp_path):
+def test_folded_batch_norm_gets_one_shared_table(tmp_path):
     # Every weight layer LUT-Q per tensor: per-tensor weights are tried first,
-    # but the folded batch norm spreads K values over 32 channels.
+    # but the folded batch norm spreads K values over 32 channels; per-channel
+    # weights with rewritten scales give every channel the same codes.
     model, _, data = make_model("conv_bn", 4, per_channel=False)
     set_lut(model.get_layer("head"), "kernel", 4, False, np.random.default_rng(1))
     result = tflite_export.export(model, tmp_path / "m.tflite", representative_data=data)
     assert result.weight_quantization in ("dense_per_tensor", "per_channel")
     conv = {t.layer: t for t in result.tensors}["conv"]
-    assert conv.table_mode == "per-channel(axis=0)"
+    assert (conv.table_mode, conv.tables) == ("shared(axis=0)", 1)
     assert conv.codes <= 4 and conv.index_bits == 2
+    unshared = tflite_export.export(
+        model, tmp_path / "u.tflite", representative_data=data, shared_tables=False
+    )
+    conv = {t.layer: t for t in unshared.tensors}["conv"]
+    assert (conv.table_mode, conv.tables) == ("per-channel(axis=0)", 32)
+    assert result.size_bytes < unshared.size_bytes
     with pytest.raises(tflite_export.ExportError, match="per_channel"):
         tflite_export.export(
             model, tmp_path / "n.tflite", representative_data=data,
@@ -384,9 +405,11 @@ def test_report_table_and_arena(tmp_path):
     result = tflite_export.export(model, tmp_path / "m.tflite", representative_data=data)
     text = str(result)
     assert text == result.table()
-    for needle in ("conv", "CONV_2D", "per-channel(axis=0)", "bit-exact",
+    # The head gives logits, not probabilities: judged as a regression.
+    for needle in ("conv", "CONV_2D", "shared(axis=0)", "bit-exact",
                    str(result.size_bytes), str(result.baseline_bytes),
-                   str(result.arena_bytes), "top-1 agreement"):
+                   str(result.slim_baseline_bytes), str(result.arena_bytes),
+                   "information limit", "packed indices", "SNR"):
         assert needle in text
     # The arena is the smallest that runs: 16 bytes less fails.
     from tflite_micro import runtime
@@ -411,7 +434,7 @@ def test_model_without_lut_layers_exports_uncompressed(tmp_path):
     data = np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32)
     result = tflite_export.export(model, tmp_path / "m.tflite", representative_data=data)
     assert result.tensors == [] and result.compressed_tensors == []
-    assert result.size_bytes == result.baseline_bytes
+    assert result.size_bytes == result.slim_baseline_bytes < result.baseline_bytes
     assert decode_op_count(result.path) == 0
     assert "Nothing was compressed" in result.table()
     assert any("No LUT-Q layers" in n for n in result.notes)
@@ -430,7 +453,7 @@ def test_small_tensor_stays_uncompressed_and_report_says_so(tmp_path):
     (tiny,) = result.tensors
     assert not tiny.compressed and tiny.bytes_after == tiny.bytes_before
     assert "kept uncompressed" in tiny.note
-    assert result.size_bytes == result.baseline_bytes
+    assert result.size_bytes == result.slim_baseline_bytes
     assert result.verification.inputs == "random"
 
 
@@ -613,7 +636,7 @@ def test_failed_verification_raises_and_writes_nothing(tmp_path, monkeypatch):
     def wrong_mode(model_bytes, plans):
         for plan in plans:
             codes = len(np.unique(plan.match.weight.array))
-            plan.per_channel, plan.axis = False, None
+            plan.mode, plan.axis, plan.shared = "per-tensor", None, None
             plan.codes, plan.index_bits = codes, _bits(codes)
         return original(model_bytes, plans)
 

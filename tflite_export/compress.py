@@ -3,31 +3,42 @@
 For each weight tensor that holds a LUT kernel: the table mode follows the
 tensor's quantisation (TFLM decodes per channel only along the
 `quantized_dimension` of a per-channel quantised tensor; a per-tensor or
-float tensor needs one table, anything else decodes to wrong values), the
+float tensor needs one table, anything else decodes to wrong values). A
+per-channel tensor whose channels draw on one dictionary gets one table
+shared by every channel (`shared_tables`); otherwise one per channel. The
 index width is what the fullest table needs, and the tensor is compressed
 only if that makes the file smaller.
+
+The encoding is TFLM's LUT format (DECODE common metadata, then the value
+tables), written here because TFLM's compressor always sets the table stride
+to the table length; the DECODE ops are inserted by TFLM's own tool.
 """
 
 import dataclasses
-import warnings
 
 import numpy as np
 
+from tflite_export import shared_tables
 from tflite_export import tflm
 from tflite_export.errors import ExportError
 from tflite_export.lut_tensors import MAX_TABLE_VALUES
 from tflite_export.lut_tensors import distinct_per_column
 
 # Bytes of the DECODE op's common metadata in front of the value tables.
-_DCM_BYTES = 16
-# File bytes a compressed tensor adds beyond its data: the DECODE op, an
-# ancillary tensor and a decoded tensor (named after the original) and
-# buffer alignment: measured 150-190 bytes plus the two names on small
-# models, rounded up so that a tensor we compress never grows the file.
-_OVERHEAD_BYTES = 256
-# The decoded tensor copies the quantisation: a float32 scale and an int64
-# zero point per channel.
-_BYTES_PER_SCALE = 12
+DCM_BYTES = 16
+# File bytes a compressed tensor adds beyond its data in a slim file: the
+# DECODE op and its opcode reference, an ancillary and a decoded tensor,
+# two buffer entries and their alignment; measured ~104 bytes, rounded up
+# so that a tensor we compress never grows the file.
+_OVERHEAD_BYTES = 128
+# Unslimmed, the encoded tensor keeps a float32 scale and an int64 zero
+# point per channel.
+_BYTES_PER_QUANTIZATION = 12
+# The DCM's axis field value for one table per tensor.
+_PER_TENSOR_AXIS = 0xF
+_LUT_VERSION = 1
+_DECODE_TYPE_LUT = 0
+_DCM_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -36,22 +47,24 @@ class TablePlan:
 
     Attributes:
         match: The `mapping.Match` (weight tensor and Keras kernel).
-        per_channel: Whether there is one table per channel.
-        axis: The channel axis of per-channel tables, else None.
-        tables: Number of tables.
-        codes: Distinct stored values in the fullest table.
+        mode: `"shared"` (one table for every channel of a per-channel
+            tensor), `"per-channel"` or `"per-tensor"`.
+        axis: The channel axis of a per-channel tensor, else None.
+        tables: Number of value tables.
+        codes: Entries of the fullest table.
         keras_values: Distinct Keras kernel values in the fullest table.
         merged: Number of Keras values that quantisation merged into one
             code, summed over tables (0 = nothing rounded away).
         index_bits: Bits per index.
         bytes_before: Bytes of the tensor's data uncompressed.
-        bytes_after: Bytes of packed indices plus value tables and metadata.
+        bytes_after: Bytes of packed indices, DECODE metadata and tables.
+        shared: The `shared_tables.SharedCodes` of a shared table, else None.
         compress: Whether the tensor is compressed.
         note: Why not, or anything else the report should say.
     """
 
     match: object
-    per_channel: bool
+    mode: str
     axis: int
     tables: int
     codes: int
@@ -60,13 +73,27 @@ class TablePlan:
     index_bits: int
     bytes_before: int
     bytes_after: int
+    shared: object = None
     compress: bool = False
     note: str = ""
 
     @property
+    def per_channel(self):
+        return self.mode == "per-channel"
+
+    @property
     def spread(self):
         """Whether a table holds more codes than the LUT-Q dictionary has values."""
-        return self.codes > self.match.kernel.num_values
+        return self.mode != "shared" and self.codes > self.match.kernel.num_values
+
+    @property
+    def table_values(self):
+        """Value-table entries stored (all tables)."""
+        return self.tables * self.codes
+
+    @property
+    def index_bytes(self):
+        return -(-self.match.weight.array.size * self.index_bits // 8)
 
 
 def _per_table(array, axis):
@@ -77,11 +104,19 @@ def _per_table(array, axis):
     return moved.reshape(moved.shape[0], -1).T
 
 
-def plan_table(match):
+def _bits(entries):
+    return max(1, (int(entries) - 1).bit_length())
+
+
+def plan_table(match, share=True):
     """Counts the codes of one matched weight tensor and sizes its tables.
+
+    A per-channel tensor whose channels share a dictionary gets the smaller
+    of one shared table (requantised) and one table per channel.
 
     Args:
         match: A `mapping.Match`.
+        share: Whether a shared table may be planned.
 
     Returns:
         A `TablePlan` with `compress` still False.
@@ -91,26 +126,55 @@ def plan_table(match):
     codes = distinct_per_column(_per_table(weight.array, axis))
     keras_values = distinct_per_column(_per_table(match.layout, axis))
     most = int(codes.max())
-    bits = max(1, (most - 1).bit_length())
     itemsize = weight.array.dtype.itemsize
-    index_bytes = -(-weight.array.size * bits // 8)
-    table_bytes = len(codes) * most * itemsize
-    return TablePlan(
+    size = weight.array.size
+    plan = TablePlan(
         match=match,
-        per_channel=axis is not None,
+        mode="per-tensor" if axis is None else "per-channel",
         axis=axis,
         tables=len(codes),
         codes=most,
         keras_values=int(keras_values.max()),
         merged=int(np.maximum(keras_values - codes, 0).sum()),
-        index_bits=bits,
+        index_bits=_bits(most),
         bytes_before=weight.nbytes,
-        bytes_after=index_bytes + _DCM_BYTES + table_bytes,
+        bytes_after=-(-size * _bits(most) // 8) + DCM_BYTES
+        + len(codes) * most * itemsize,
     )
+    if axis is None or not share:
+        return plan
+    shared, reason = shared_tables.shared_codes(match)
+    if shared is None:
+        plan.note = f"per-channel tables: {reason}"
+        return plan
+    entries = len(shared.table)
+    shared_after = -(-size * _bits(entries) // 8) + DCM_BYTES + entries * itemsize
+    if shared_after < plan.bytes_after:
+        plan = dataclasses.replace(
+            plan,
+            mode="shared",
+            tables=1,
+            codes=entries,
+            merged=max(int(keras_values.max()) - entries, 0)
+            if not shared.negated
+            else 0,
+            index_bits=_bits(entries),
+            bytes_after=shared_after,
+            shared=shared,
+        )
+        if shared.negated:
+            plan.note = f"{shared.negated} channels negated"
+    return plan
 
 
-def decide(plan):
-    """Sets `plan.compress` and `plan.note`; raises if a table cannot be stored."""
+def decide(plan, scales_kept=True):
+    """Sets `plan.compress` and `plan.note`; raises if a table cannot be stored.
+
+    Args:
+        plan: A `TablePlan`.
+        scales_kept: Whether the encoded tensor keeps a copy of the scales
+            (an unslimmed file).
+    """
     kernel = plan.match.kernel
     where = f"layer '{kernel.layer}' ({kernel.tensor}, {plan.match.weight.op})"
     if plan.codes > MAX_TABLE_VALUES:
@@ -123,7 +187,7 @@ def decide(plan):
             "quantize='int8' (per-channel tables), or use per-tensor "
             "dictionaries without a batch norm after this layer."
         )
-    notes = []
+    notes = [plan.note] if plan.note else []
     if plan.merged:
         notes.append(
             f"int8 rounding merged {plan.merged} of the Keras values"
@@ -134,8 +198,12 @@ def decide(plan):
             + (" (batch norm folded)" if plan.match.folded else "")
         )
     weight = plan.match.weight
-    scales = 0 if weight.scales is None else len(weight.scales)
-    overhead = _OVERHEAD_BYTES + 2 * len(weight.name) + _BYTES_PER_SCALE * scales
+    overhead = _OVERHEAD_BYTES
+    if scales_kept:
+        # The encoded tensor keeps a copy of the scales and zero points,
+        # and the added tensors carry names.
+        scales = 0 if weight.scales is None else len(weight.scales)
+        overhead += 2 * len(weight.name) + _BYTES_PER_QUANTIZATION * scales
     plan.compress = plan.bytes_after + overhead < plan.bytes_before
     if not plan.compress:
         notes.append(
@@ -145,11 +213,60 @@ def decide(plan):
     return plan
 
 
+def pack_indices(indices, bits):
+    """Packs indices, most significant bit first, as TFLM's DECODE reads them."""
+    flat = np.asarray(indices, np.uint32).ravel()
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint32)
+    return np.packbits(((flat[:, None] >> shifts) & 1).astype(np.uint8)).tobytes()
+
+
+def _metadata(bits, axis, stride):
+    """DECODE common metadata for a LUT: type, version, then the LUT header."""
+    dcm = bytearray(DCM_BYTES)
+    dcm[0] = _DECODE_TYPE_LUT
+    dcm[1] = _DCM_VERSION
+    dcm[4] = _LUT_VERSION
+    dcm[5] = ((axis & 0x0F) << 4) | (bits & 0x07)
+    dcm[6] = stride
+    return bytes(dcm)
+
+
+def encode(plan, array):
+    """`(packed indices, ancillary data)` of one tensor, in TFLM's LUT format.
+
+    Args:
+        plan: The tensor's `TablePlan`.
+        array: The tensor's values as stored in the (requantised) model.
+    """
+    if plan.mode == "shared":
+        table = plan.shared.table
+        indices = np.searchsorted(table, array)
+        # Stride 0: every channel's table pointer stays on the one table.
+        ancillary = _metadata(plan.index_bits, plan.axis, 0) + table.tobytes()
+        return pack_indices(indices, plan.index_bits), ancillary
+    if plan.mode == "per-tensor":
+        table, indices = np.unique(array, return_inverse=True)
+        ancillary = _metadata(plan.index_bits, _PER_TENSOR_AXIS, len(table))
+        return pack_indices(indices, plan.index_bits), ancillary + table.tobytes()
+    moved = np.moveaxis(array, plan.axis, 0)
+    stride = plan.codes
+    tables = np.zeros((moved.shape[0], stride), array.dtype)
+    indices = np.empty(moved.shape, np.int64)
+    for c, channel in enumerate(moved):
+        values, inverse = np.unique(channel, return_inverse=True)
+        tables[c, : len(values)] = values
+        indices[c] = inverse.reshape(channel.shape)
+    indices = np.moveaxis(indices, 0, plan.axis)
+    ancillary = _metadata(plan.index_bits, plan.axis, stride) + tables.tobytes()
+    return pack_indices(indices, plan.index_bits), ancillary
+
+
 def compress_model(model_bytes, plans):
     """Writes the compressed model for the plans marked `compress`.
 
     Args:
-        model_bytes: The uncompressed .tflite flatbuffer.
+        model_bytes: The uncompressed .tflite flatbuffer (requantised for
+            the shared tables).
         plans: `TablePlan`s.
 
     Returns:
@@ -159,20 +276,22 @@ def compress_model(model_bytes, plans):
     chosen = [p for p in plans if p.compress]
     if not chosen:
         return bytes(model_bytes)
-    compression, _, spec = tflm.require()
-    builder = compression.SpecBuilder()
-    for plan in chosen:
-        mode = spec.PerChannel(axis=plan.axis) if plan.per_channel else spec.PerTensor()
-        builder.add_tensor(subgraph=0, tensor=plan.match.weight.index).with_lut(
-            index_bitwidth=plan.index_bits, mode=mode
-        )
-    with warnings.catch_warnings():
-        # Our own size check ran first; the tool's expansion warning would
-        # only repeat the per-tensor figures the report gives.
-        warnings.filterwarnings(
-            "ignore", message=".*resulted in expansion", category=UserWarning
-        )
-        try:
-            return bytes(compression.compress(bytes(model_bytes), builder.build()))
-        except Exception as e:
-            raise ExportError(f"TFLM's compression tool failed: {e}") from e
+    tflm.require()
+    from tflite_micro.tensorflow.lite.micro.compression import compressor
+    from tflite_micro.tensorflow.lite.micro.compression import decode_insert
+    from tflite_micro.tensorflow.lite.micro.compression import model_editor
+
+    try:
+        model = model_editor.read(bytes(model_bytes))
+        tensors = model.subgraphs[0].tensors
+        results = {}
+        for plan in chosen:
+            index = plan.match.weight.index
+            encoded, ancillary = encode(plan, tensors[index].array)
+            results[(0, index)] = compressor.CompressionResult(
+                encoded_data=encoded, ancillary_data=ancillary
+            )
+        decode_insert.insert_decode_operators(model, results)
+        return tflm.align(model.build())
+    except Exception as e:
+        raise ExportError(f"compressing the model failed: {e}") from e

@@ -7,6 +7,7 @@ import warnings
 import keras
 import numpy as np
 
+from tflite_export import anatomy
 from tflite_export import arena
 from tflite_export import c_array as c_array_lib
 from tflite_export import compress
@@ -14,6 +15,8 @@ from tflite_export import convert
 from tflite_export import flatbuffer
 from tflite_export import lut_tensors
 from tflite_export import mapping
+from tflite_export import shared_tables
+from tflite_export import slim as slim_lib
 from tflite_export import tflm
 from tflite_export import verify as verify_lib
 from tflite_export.errors import ExportError
@@ -37,6 +40,8 @@ def export(
     weight_quantization="auto",
     min_agreement=None,
     max_verify_samples=100,
+    slim=True,
+    shared_tables="auto",
 ):
     """Exports a LUT-Q model as a .tflite file with LUT-compressed weights.
 
@@ -65,6 +70,16 @@ def export(
         min_agreement: If set, verification also fails when top-1 agreement
             with Keras is below it.
         max_verify_samples: Verify on at most this many inputs.
+        slim: Remove what TFLM never reads (tensor names, signature defs,
+            conversion metadata, per-channel zero-point arrays, bias and
+            encoded-tensor quantisation, empty buffers); each step is kept
+            only if TFLM's outputs stay bit-identical.
+        shared_tables: `"auto"`: one value table for all channels of a
+            per-channel tensor whose channels share a dictionary (requantised
+            scales), unless the result agrees less with Keras than the
+            converter's int8 model on the verification inputs (top-1 for a
+            classifier, max |diff| otherwise); then one table per channel.
+            True: shared tables whatever the agreement. False: never.
 
     Returns:
         An `ExportResult`; `print(result)` shows the report.
@@ -97,6 +112,10 @@ def export(
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}.")
+    if shared_tables not in ("auto", True, False):
+        raise ValueError(
+            f"shared_tables must be 'auto', True or False, got {shared_tables!r}."
+        )
     if int(max_verify_samples) < 1:
         raise ValueError(f"max_verify_samples must be >= 1, got {max_verify_samples}.")
     path = _check_writable(path, "path")
@@ -113,10 +132,11 @@ def export(
     data = convert.check_representative_data(plain, representative_data, quantize)
 
     baseline, info, plans, unmatched, chosen = _convert_and_plan(
-        plain, kernels, quantize, data, io_dtype, weight_quantization
+        plain, kernels, quantize, data, io_dtype, weight_quantization,
+        share=shared_tables is not False,
     )
     for plan in plans:
-        compress.decide(plan)
+        compress.decide(plan, scales_kept=not slim)
     if not kernels:
         notes.append("No LUT-Q layers found: exported without compression.")
     for kernel in unmatched:
@@ -132,27 +152,6 @@ def export(
             + "; the report lists how many.",
             stacklevel=2,
         )
-
-    compressed = compress.compress_model(baseline, plans)
-    if len(compressed) >= len(baseline) and compressed != baseline:
-        # The per-tensor size estimate was beaten by file overhead: keep the
-        # smaller, uncompressed model.
-        for plan in plans:
-            if plan.compress:
-                plan.compress = False
-                plan.note = "; ".join(
-                    filter(None, [plan.note, "kept uncompressed: the file would grow"])
-                )
-        compressed = baseline
-    num_inputs = info.num_inputs
-    baseline_arena = arena.find_arena_size(baseline, num_inputs, "uncompressed model")
-    arena_bytes = (
-        arena.find_arena_size(compressed, num_inputs, "compressed model")
-        if compressed != baseline
-        else baseline_arena
-    )
-
-    verification = None
     if verify:
         if data is not None:
             inputs, source = data[:max_verify_samples], "representative_data"
@@ -161,16 +160,57 @@ def export(
             rng = np.random.default_rng(0)
             inputs = rng.standard_normal((_RANDOM_SAMPLES,) + shape).astype(np.float32)
             source = "random"
-        verification = verify_lib.verify(
-            compressed,
-            baseline,
-            plain,
-            inputs,
-            arena_bytes,
-            baseline_arena,
-            input_source=source,
-            min_agreement=min_agreement,
+
+    num_inputs = info.num_inputs
+    baseline_arena = arena.find_arena_size(baseline, num_inputs, "uncompressed model")
+    wanted_steps = slim_lib.STEPS if slim else ()
+    shared = any(p.mode == "shared" and p.compress for p in plans)
+    while True:
+        twin, compressed, steps = _build(baseline, plans, wanted_steps, notes)
+        slim_baseline = slim_lib.slim(baseline, steps) if steps else baseline
+        if len(compressed) >= len(slim_baseline) and any(p.compress for p in plans):
+            # The per-tensor size estimate was beaten by file overhead: keep
+            # the smaller, uncompressed model.
+            for plan in plans:
+                if plan.compress:
+                    plan.compress = False
+                    plan.note = "; ".join(
+                        filter(None, [plan.note, "kept uncompressed: the file would grow"])
+                    )
+            twin, compressed = baseline, slim_baseline
+        arena_bytes = arena.find_arena_size(compressed, num_inputs, "compressed model")
+        verification = None
+        if verify:
+            verification = verify_lib.verify(
+                compressed,
+                twin,
+                plain,
+                inputs,
+                arena_bytes,
+                baseline_arena,
+                input_source=source,
+                min_agreement=min_agreement,
+                plain_int8=baseline if twin != baseline else None,
+            )
+        if not (
+            shared_tables == "auto"
+            and shared
+            and verification is not None
+            and verification.worse_than_int8
+        ):
+            break
+        # The shared tables' coarser scales cost agreement with Keras: fall
+        # back to one table per channel, with the converter's own scales.
+        notes.append(
+            "shared value tables dropped: the requantised model agreed less "
+            "with Keras than the converter's int8 model ("
+            + verification.describe().split("vs Keras: ")[1]
+            + ")"
         )
+        plans = [compress.plan_table(p.match, share=False) for p in plans]
+        for plan in plans:
+            compress.decide(plan, scales_kept=not slim)
+        shared = False
 
     files = {path: compressed}
     if c_array is not None:
@@ -183,6 +223,9 @@ def export(
         path=path,
         size_bytes=len(compressed),
         baseline_bytes=len(baseline),
+        slim_baseline_bytes=len(slim_baseline),
+        slim_steps=list(steps),
+        anatomy=anatomy.read(compressed, plans),
         quantize=quantize,
         io_dtype=io_dtype,
         weight_quantization=chosen,
@@ -193,6 +236,46 @@ def export(
         c_array=(c_array, c_array_lib.header_path(c_array)) if c_array else None,
         notes=notes,
     )
+
+
+def _build(baseline, plans, steps, notes):
+    """`(twin, compressed, steps)`: the requantised twin and the written file.
+
+    The twin is the int8 model with the shared tables' scales and biases,
+    uncompressed and unslimmed; the compressed file must run bit-exact
+    with it. A slimming step that makes TFLM's outputs differ (or fail) on
+    a probe input is dropped with a note.
+    """
+    rewrites = {
+        p.match.weight.index: (p.shared, p.match.weight.bias_index)
+        for p in plans
+        if p.compress and p.mode == "shared"
+    }
+    twin = shared_tables.requantize(baseline, rewrites)
+    full = compress.compress_model(twin, plans)
+    if not steps:
+        return twin, full, ()
+    probe = verify_lib.probe_outputs(full)
+
+    def harmless(chosen):
+        try:
+            candidate = slim_lib.slim(full, chosen)
+            return candidate if verify_lib.probe_outputs(candidate) == probe else None
+        except Exception:  # TFLM or the flatbuffer tools refused it
+            return None
+
+    candidate = harmless(steps)
+    if candidate is None:
+        kept = [step for step in steps if harmless([step]) is not None]
+        for step in steps:
+            if step not in kept:
+                notes.append(f"slimming step '{step}' dropped: it changed TFLM's outputs")
+        steps = tuple(kept)
+        candidate = harmless(steps) if steps else None
+        if candidate is None:
+            notes.append("slimming dropped: the steps together changed TFLM's outputs")
+            return twin, full, ()
+    return twin, candidate, tuple(steps)
 
 
 def _candidate_plans(model, kernels, quantize, weight_quantization):
@@ -216,7 +299,8 @@ def _candidate_plans(model, kernels, quantize, weight_quantization):
     return plans
 
 
-def _convert_and_plan(model, kernels, quantize, data, io_dtype, weight_quantization):
+def _convert_and_plan(model, kernels, quantize, data, io_dtype, weight_quantization,
+                      share=True):
     """Converts with each candidate weight quantisation until one keeps the LUTs.
 
     A quantisation keeps the LUTs when no table holds more codes than its
@@ -234,7 +318,7 @@ def _convert_and_plan(model, kernels, quantize, data, io_dtype, weight_quantizat
         )
         info = flatbuffer.read(baseline)
         matches, unmatched = mapping.match(info.weights, kernels)
-        plans = [compress.plan_table(m) for m in matches]
+        plans = [compress.plan_table(m, share=share) for m in matches]
         if not any(p.spread or p.merged for p in plans):
             break
     if quantize == "int8":
@@ -266,7 +350,7 @@ def _report(plan):
         codes=plan.codes,
         index_bits=plan.index_bits,
         table_mode=(
-            f"per-channel(axis={plan.axis})" if plan.per_channel else "per-tensor"
+            "per-tensor" if plan.mode == "per-tensor" else f"{plan.mode}(axis={plan.axis})"
         ),
         tables=plan.tables,
         bytes_before=plan.bytes_before,

@@ -47,6 +47,8 @@ class WeightTensor:
         quantized_dimension: The axis of per-channel quantisation, or None
             when the tensor is per-tensor quantised or float.
         output_axis: The axis that indexes output channels.
+        bias_index: Tensor index of the op's int32/int64 bias, or None.
+        uses: Number of ops that read the tensor.
     """
 
     index: int
@@ -56,6 +58,8 @@ class WeightTensor:
     scales: np.ndarray
     quantized_dimension: int
     output_axis: int
+    bias_index: int = None
+    uses: int = 1
 
     @property
     def nbytes(self):
@@ -119,6 +123,10 @@ def read(model_bytes):
     subgraph = model.subgraphs[0]
     weights = {}
     names = []
+    uses = {}
+    for op in subgraph.operators:
+        for index in op.inputs if op.inputs is not None else []:
+            uses[int(index)] = uses.get(int(index), 0) + 1
     for op in subgraph.operators:
         name = op_name(model, op)
         names.append(name)
@@ -127,6 +135,9 @@ def read(model_bytes):
         index = int(op.inputs[WEIGHT_INPUT])
         if index < 0 or index in weights:
             continue
+        # TRANSPOSE_CONV reads its bias as input 3, the others as input 2.
+        bias_input = 3 if name == "TRANSPOSE_CONV" else 2
+        bias = int(op.inputs[bias_input]) if len(op.inputs) > bias_input else -1
         tensor = subgraph.tensors[index]
         data = model.buffers[tensor.buffer].data if tensor.buffer else None
         dtype = _NUMPY_TYPES.get(tensor.type)
@@ -149,6 +160,8 @@ def read(model_bytes):
             scales=scales,
             quantized_dimension=axis,
             output_axis=WEIGHT_OPS[name],
+            bias_index=bias if bias >= 0 else None,
+            uses=uses.get(index, 0),
         )
     return ModelInfo(
         weights=list(weights.values()),

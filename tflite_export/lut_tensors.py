@@ -34,6 +34,8 @@ class LutKernel:
         num_values: K, the dictionary size per table.
         per_channel: Whether the dictionary is per output channel.
         source: `"lutq_tf"` or `"detected"`.
+        channel_scales: float `[C]`, per-output-channel scales s_c of a
+            scaled dictionary (the kernel is s_c * d[A]), else None.
     """
 
     layer: str
@@ -43,6 +45,7 @@ class LutKernel:
     num_values: int
     per_channel: bool
     source: str
+    channel_scales: np.ndarray = None
 
     @property
     def index_bits(self):
@@ -191,6 +194,7 @@ def find_lut_kernels(model):
                     num_values=int(row.num_values),
                     per_channel=bool(row.per_channel),
                     source="lutq_tf",
+                    channel_scales=getattr(row, "channel_scales", None),
                 )
             )
         return plain, kernels, notes

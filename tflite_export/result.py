@@ -15,7 +15,9 @@ class TensorReport:
         num_values: K, the dictionary size per table.
         codes: Distinct stored values in the fullest table.
         index_bits: Bits per index.
-        table_mode: `"per-tensor"` or `"per-channel(axis=N)"`.
+        table_mode: `"per-tensor"`, `"per-channel(axis=N)"`, or
+            `"shared(axis=N)"` (one table for every channel of a
+            per-channel tensor).
         tables: Number of value tables.
         bytes_before: Tensor bytes uncompressed.
         bytes_after: Bytes of indices + tables + metadata when compressed
@@ -47,7 +49,11 @@ class ExportResult:
         path: The .tflite file written.
         size_bytes: Its size.
         baseline_bytes: Size of the same model without compression (the
-            int8 or float32 baseline).
+            converter's int8 or float32 file).
+        slim_baseline_bytes: The same, slimmed like the written file.
+        slim_steps: The slimming steps applied (see `slim.STEPS`).
+        anatomy: An `anatomy.Anatomy`: the written file by part, and its
+            information limit.
         quantize: `"int8"` or `"float32"`.
         io_dtype: Type of the model input and output.
         weight_quantization: How the converter quantised weights
@@ -65,6 +71,9 @@ class ExportResult:
     path: str
     size_bytes: int
     baseline_bytes: int
+    slim_baseline_bytes: int
+    slim_steps: list
+    anatomy: object
     quantize: str
     io_dtype: str
     weight_quantization: str
@@ -91,7 +100,12 @@ class ExportResult:
             f"  quantize={self.quantize}  io={self.io_dtype}  "
             f"weights={self.weight_quantization}",
             f"  size {self.size_bytes} bytes vs {self.baseline_bytes} uncompressed "
-            f"({self.ratio:.2f}x, {self.baseline_bytes - self.size_bytes:+d} bytes saved)",
+            f"({self.ratio:.2f}x) and {self.slim_baseline_bytes} uncompressed slim "
+            f"({self.slim_baseline_bytes / max(self.size_bytes, 1):.2f}x)",
+            "  bytes by part: "
+            + ", ".join(f"{name} {count}" for name, count in self.anatomy.row()),
+            f"  information limit {self.anatomy.information_limit} bytes "
+            f"(file {self.size_bytes / max(self.anatomy.information_limit, 1):.2f}x of it)",
             f"  arena {self.arena_bytes} bytes vs {self.baseline_arena_bytes} "
             "uncompressed",
         ]
@@ -112,21 +126,11 @@ class ExportResult:
             lines.append("Nothing was compressed.")
         for note in self.notes:
             lines.append(f"Note: {note}")
-        v = self.verification
         lines.append("")
-        if v is None:
+        if self.verification is None:
             lines.append("Not verified.")
         else:
-            top1 = "n/a" if v.top1_agreement is None else f"{v.top1_agreement:.2%}"
-            diff = f"{v.max_abs_diff:.4g}"
-            if v.output_step:
-                diff += f" ({v.max_abs_diff / v.output_step:.1f} output steps)"
-            lines.append(
-                f"Verified on {v.samples} {v.inputs.replace('_', ' ')} inputs: "
-                f"compressed == uncompressed on TFLM: "
-                f"{'bit-exact' if v.bit_exact else 'DIFFERENT'}; "
-                f"vs Keras: top-1 agreement {top1}, max |diff| {diff}"
-            )
+            lines.append(self.verification.describe())
         return "\n".join(lines)
 
     def __str__(self):

@@ -31,3 +31,33 @@ def require():
     except ImportError as e:
         raise ImportError(f"{INSTALL_HINT} ({e})") from e
     return compression, runtime, spec
+
+
+def align(model_bytes):
+    """Repacks a flatbuffer with the alignment TFLM expects.
+
+    Python's flatbuffers ignores the schema's `force_align` on buffer data;
+    TFLM's own C++ tool (the one its compressor uses) applies it.
+
+    Args:
+        model_bytes: A .tflite flatbuffer.
+
+    Returns:
+        The aligned flatbuffer, as bytes.
+    """
+    import os
+    import tempfile
+
+    require()
+    from tflite_micro.tensorflow.lite.micro.tools import (
+        tflite_flatbuffer_align_wrapper as wrapper,
+    )
+
+    with tempfile.TemporaryDirectory(prefix="tflite_export_align_") as folder:
+        source = os.path.join(folder, "in.tflite")
+        target = os.path.join(folder, "out.tflite")
+        with open(source, "wb") as f:
+            f.write(bytes(model_bytes))
+        wrapper.align_tflite_model(source, target)
+        with open(target, "rb") as f:
+            return f.read()
