@@ -40,7 +40,6 @@ another training run: full ~10 min, `--quick` (ResNet-8 on 5,000 train /
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -217,25 +216,17 @@ class Row:
 
 
 def physical_limit(result):
-    """Bytes of `result`'s model with ideally bit-packed LUT tensors.
+    """`(limit, index_bytes, table_bytes)` of an int8 export.
 
-    The uncompressed baseline minus the compressed tensors' data plus, per
-    compressed tensor, `ceil(N * index_bits / 8)` index bytes and
-    `codes * tables` value bytes (int8: N = bytes before, 1 byte a value).
-
-    Returns:
-        `(limit, index_bytes, table_bytes)`.
+    The limit is the exporter's information limit
+    (`ExportResult.anatomy`): packed indices, value-table entries, weights
+    left uncompressed, 4 B per bias and per weight channel scale.
     """
     if result.quantize != "int8":
         raise ValueError("the physical limit is defined for int8 exports; "
                          f"got quantize={result.quantize!r}.")
-    compressed = result.compressed_tensors
-    index_bytes = sum(math.ceil(t.bytes_before * t.index_bits / 8)
-                      for t in compressed)
-    table_bytes = sum(t.codes * t.tables for t in compressed)
-    limit = (result.baseline_bytes - sum(t.bytes_before for t in compressed)
-             + index_bytes + table_bytes)
-    return limit, index_bytes, table_bytes
+    anatomy = result.anatomy
+    return anatomy.information_limit, anatomy.packed_indices, anatomy.value_tables
 
 
 def _interpreter(model_bytes, arena_size, alt_memory=0):

@@ -36,7 +36,8 @@ def test_quick_digits_run_writes_plausible_markdown_and_json(tmp_path):
     row = dict(zip(header, rows[1]))
     flash, int8 = _number(row["flash bytes"]), _number(row["int8 bytes"])
     limit, float32 = _number(row["limit bytes"]), _number(row["float32 bytes"])
-    # Ideal packing bounds the file; LUT-Q beats int8, which beats float32.
+    # The information limit bounds the file; LUT-Q beats int8, which beats
+    # float32.
     assert limit <= flash < int8 < float32
     assert row["over limit"] == (
         f"+{flash - limit:,} ({100 * (flash - limit) / limit:.1f}%)")

@@ -120,7 +120,8 @@ def read(model_bytes, plans=()):
             if len(inputs) > slot and inputs[slot] >= 0:
                 bias = tensors[inputs[slot]]
                 parts["biases"] += size(bias)
-                limit_biases += 4 * max(bias.shape[-1] if bias.shape is not None and len(bias.shape) else 0, 0)
+                shape = [] if bias.shape is None else list(bias.shape)
+                limit_biases += 4 * int(shape[-1]) if shape else 0
     compressed = [p for p in plans if p.compress]
     if compressed:
         exact_indices = sum(-(-p.match.weight.array.size * p.index_bits // 8) for p in compressed)
@@ -128,6 +129,7 @@ def read(model_bytes, plans=()):
     else:
         exact_indices, entries = parts["packed"], parts["tables"]
     known = sum(parts.values())
+    parts = {key: int(value) for key, value in parts.items()}
     return Anatomy(
         total=len(model_bytes),
         packed_indices=parts["packed"],
@@ -137,6 +139,6 @@ def read(model_bytes, plans=()):
         biases=parts["biases"],
         quantization=parts["quant"],
         other=len(model_bytes) - known,
-        information_limit=exact_indices + entries + parts["weights"]
-        + limit_biases + 4 * limit_scales,
+        information_limit=int(exact_indices + entries + parts["weights"]
+                              + limit_biases + 4 * limit_scales),
     )
