@@ -53,6 +53,13 @@ def test_cli_exports_and_prints_the_report(tmp_path):
     for needle in ("fc", "FULLY_CONNECTED", "per-tensor", "bit-exact"):
         assert needle in proc.stdout
     assert (tmp_path / "model_data.cc").exists() and (tmp_path / "model_data.h").exists()
+    # --noslim keeps what TFLM does not read: a larger file.
+    proc = _run_cli(
+        "model.keras", "--out", "full.tflite", "--representative", "data.npy",
+        "--noslim", "--shared_tables", "false", cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.getsize(tmp_path / "full.tflite") > size
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Command line: export a saved LUT-Q Keras model to a TFLM .tflite file.
 
     python -m tflite_export MODEL --out model.tflite [--quantize int8]
-        [--representative data.npy] [--c_array model_data.cc]
+        [--representative data.npy] [--c_array model_data.cc] [--noslim]
+        [--shared_tables auto|true|false]
 
 MODEL is a `.keras` file or an HDF5 `.h5` file, also one saved by tf.keras
 2.x (loaded by `lutq_tf.load_model`). Prints the export report as a table.
@@ -38,6 +39,16 @@ _WEIGHT_QUANTIZATION = flags.DEFINE_enum(
 )
 _VERIFY = flags.DEFINE_bool(
     "verify", True, "Verify on TFLM (bit-exact vs uncompressed) and vs Keras."
+)
+_SLIM = flags.DEFINE_bool(
+    "slim", True,
+    "Remove what TFLM never reads (names, metadata, zero-point arrays, ...); "
+    "each step kept only if TFLM's outputs stay bit-identical.",
+)
+_SHARED_TABLES = flags.DEFINE_enum(
+    "shared_tables", "auto", ["auto", "true", "false"],
+    "One value table for all channels of a tensor whose channels share a "
+    "dictionary (auto: unless it agrees less with Keras than plain int8).",
 )
 _MIN_AGREEMENT = flags.DEFINE_float(
     "min_agreement", None, "Fail if top-1 agreement with Keras is lower."
@@ -80,6 +91,10 @@ def main(argv):
             io_dtype=_IO_DTYPE.value,
             weight_quantization=_WEIGHT_QUANTIZATION.value,
             min_agreement=_MIN_AGREEMENT.value,
+            slim=_SLIM.value,
+            shared_tables={"auto": "auto", "true": True, "false": False}[
+                _SHARED_TABLES.value
+            ],
         )
     except (ValueError, TypeError, ImportError, tflite_export.ExportError) as e:
         print(f"error: {e}", file=sys.stderr)

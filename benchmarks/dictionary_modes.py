@@ -1,0 +1,163 @@
+"""CIFAR-10 ResNet-8: per-tensor, scaled and per-channel dictionaries.
+
+One recipe for every row: Adam, batch 64, one epoch of fine-tuning from the
+MLPerf Tiny .h5 at a constant learning rate. The rate is chosen on a
+validation split (the last 10 % of a fixed shuffle of the training set):
+float and LUT-Q 4-bit scaled are fine-tuned on the other 90 % at each
+candidate rate, and the rate with the best mean validation accuracy is
+used for every row. The test set is only used for the reported rows,
+trained on all 50,000 training images, over 3 seeds (mean +- SE).
+
+    python -m benchmarks.dictionary_modes --cifar10=../shared/data/cifar10_jpeg.tgz \
+        --resnet8_h5=../shared/models/mlperf_tiny_resnet8.h5
+
+Each finished run is appended to `benchmarks/results/dictionary_modes.json`
+at once (a rerun skips the runs already there), and the markdown table is
+rebuilt from it: the part can run across sessions.
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+MODES = {"tensor": {}, "scaled": {"channel_scales": True}, "channel": {"per_channel": True}}
+RATES = (3e-4, 1e-4, 3e-5)
+SEARCH_VARIANTS = (("float", None, None), ("lutq", 4, "scaled"))
+_BATCH = 64
+_VALIDATION = 0.1
+
+
+def define_flags():
+    flags.DEFINE_string("cifar10", None, "CIFAR-10 path (see examples.datasets).")
+    flags.DEFINE_string("resnet8_h5", None, "MLPerf Tiny ResNet-8 .h5.")
+    flags.DEFINE_list("bits", ["4", "3", "2"], "Index bits.")
+    flags.DEFINE_list("modes", list(MODES), "Dictionary modes.")
+    flags.DEFINE_integer("seeds", 3, "Seeds per reported row.")
+    flags.DEFINE_string("out", os.path.join(RESULTS, "dictionary_modes"),
+                        "Output path without extension (.json and .md).")
+
+
+def _load(path):
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"runs": []}
+
+
+def _save(record, path):
+    text = json.dumps(record, indent=1)
+    temp = path + ".tmp"
+    with open(temp, "w") as f:
+        f.write(text)
+    os.replace(temp, path)
+
+
+def _run(key, record, path, train, evaluate, h5, bits, mode, rate, seed):
+    """One fine-tuning run, skipped if `record` has it; returns its accuracy."""
+    for run in record["runs"]:
+        if run["key"] == key:
+            return run["accuracy"]
+    from examples import models
+    from examples import pipeline
+
+    model = models.load_pretrained_resnet8(h5)
+    start = time.time()
+    if bits is None:
+        pipeline.train_float(model, train, 1, _BATCH, rate, verbose=0, seed=seed)
+    else:
+        model, _ = pipeline.lutq_finetune(model, train, 1, _BATCH, rate, verbose=0,
+                                          seed=seed, bits=bits, **MODES[mode])
+    accuracy = pipeline.keras_accuracy(model, *evaluate)
+    record["runs"].append({"key": key, "accuracy": accuracy,
+                           "seconds": round(time.time() - start)})
+    _save(record, path)
+    print(f"{key}: {accuracy:.4f}", flush=True)
+    return accuracy
+
+
+def markdown(record):
+    import numpy as np
+
+    runs = {r["key"]: r["accuracy"] for r in record["runs"]}
+    lines = ["# CIFAR-10 ResNet-8: dictionary modes", "",
+             f"`{record.get('command', '')}`. One epoch from the MLPerf .h5, Adam, "
+             f"batch {_BATCH}; learning rate chosen on a 10 % validation split "
+             "of the training set (float and LUT-Q 4-bit scaled; mean "
+             "validation accuracy):", "",
+             "| learning rate | " + " | ".join(f"{v[0]}{v[1] or ''} {v[2] or ''}".strip()
+                                              for v in SEARCH_VARIANTS) + " |",
+             "| ---: |" + " ---: |" * len(SEARCH_VARIANTS)]
+    for rate in RATES:
+        cells = [runs.get(f"search/{v[0]}{v[1] or ''}/{v[2]}/{rate}") for v in SEARCH_VARIANTS]
+        lines.append(f"| {rate:g} | " + " | ".join(
+            "" if c is None else f"{100 * c:.2f}%" for c in cells) + " |")
+    rate = record.get("learning_rate")
+    lines += ["", f"Chosen: {rate}. Test accuracy (Keras), mean +- SE over seeds:", "",
+              "| variant | per tensor | scaled | per channel |", "| --- | ---: | ---: | ---: |"]
+
+    def cell(prefix):
+        values = [a for k, a in runs.items() if k.startswith(prefix + "/seed")]
+        if not values:
+            return ""
+        mean = 100 * np.mean(values)
+        se = 100 * np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+        return f"{mean:.2f} +- {se:.2f} (n={len(values)})"
+
+    lines.append(f"| float | {cell('test/float')} | | |")
+    for bits in (4, 3, 2):
+        lines.append(f"| LUT-Q {bits}-bit | " + " | ".join(
+            cell(f"test/lutq{bits}/{mode}") for mode in MODES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    import numpy as np
+
+    from examples import datasets
+
+    f = flags.FLAGS
+    if not (f.cifar10 and f.resnet8_h5):
+        raise app.UsageError("give --cifar10 and --resnet8_h5")
+    path = f.out + ".json"
+    record = _load(path)
+    record["command"] = "python -m benchmarks.dictionary_modes " + " ".join(sys.argv[1:])
+    (x, y), test = datasets.load_cifar10(f.cifar10)
+    order = np.random.default_rng(0).permutation(len(x))
+    cut = int(len(x) * (1 - _VALIDATION))
+    fit, held = order[:cut], order[cut:]
+    search_train, validation = (x[fit], y[fit]), (x[held], y[held])
+    scores = {}
+    for rate in RATES:
+        for name, bits, mode in SEARCH_VARIANTS:
+            key = f"search/{name}{bits or ''}/{mode}/{rate}"
+            scores.setdefault(rate, []).append(
+                _run(key, record, path, search_train, validation, f.resnet8_h5,
+                     bits, mode, rate, 0))
+    rate = max(RATES, key=lambda r: np.mean(scores[r]))
+    record["learning_rate"] = rate
+    _save(record, path)
+    for seed in range(f.seeds):
+        _run(f"test/float/seed{seed}", record, path, (x, y), test, f.resnet8_h5,
+             None, None, rate, seed)
+        for bits in [int(b) for b in f.bits]:
+            for mode in f.modes:
+                _run(f"test/lutq{bits}/{mode}/seed{seed}", record, path, (x, y), test,
+                     f.resnet8_h5, bits, mode, rate, seed)
+        with open(f.out + ".md", "w") as out:
+            out.write(markdown(record))
+    print(markdown(record))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
