@@ -5,6 +5,11 @@ per-tensor dictionary, else one per output channel) of M weights each. The
 dictionary `d` is `[K, C]` and the assignment `a` is `[M, C]` with values in
 `[0, K)`; the quantised weights are `q[m, c] = d[a[m, c], c]`.
 
+In the scaled-dictionary mode (`scaled_kmeans_step`), each column is first
+divided by its scale `s_c = max_m |x[m, c]|`, the normalised columns form one
+table `[M * C, 1]` with one dictionary `[K, 1]`, and
+`q[m, c] = s_c * d[a[m, c]]`.
+
 With pruning, row 0 of `d` is the pruning entry, fixed at exactly 0, and
 exactly `num_pruned` weights of each table (the smallest |x|; ties broken by
 position) are assigned to it; the other weights go to the nearest of rows
@@ -337,6 +342,53 @@ def kmeans_step(x, dictionary, constraint, num_pruned):
     projected = materialize(
         constraint.project(means, counts, dictionary, fixed_zero))
     return projected, assignment, lookup(projected, assignment), finite
+
+
+def channel_scales(x):
+    """Each column's scale `s_c = max_m |x[m, c]|` (1 for an all-zero one).
+
+    A NaN or Inf in a column reaches the normalised weights (x / s is NaN),
+    so `scaled_kmeans_step`'s finite check still sees it.
+
+    Args:
+        x: float32 `[M, C]`.
+
+    Returns:
+        float32 `[C]`.
+    """
+    peak = tf.reduce_max(tf.abs(x), axis=0)
+    # Materialised: the division and the final product read it per weight.
+    return materialize(tf.where(peak > 0, peak, tf.ones_like(peak)))
+
+
+def scaled_kmeans_step(x, dictionary, scales, constraint, num_pruned):
+    """One LUT-Q k-means step on channel-normalised weights.
+
+    The normalised weights `x[m, c] / s_c` of all columns form one table
+    (`[M * C, 1]`, row-major) that `kmeans_step` fits one dictionary to:
+    assignment, pruning over the whole table, cluster means, projection.
+
+    Args:
+        x: float32 `[M, C]`, the full-precision weights.
+        dictionary: float32 `[K, 1]`, over normalised weights.
+        scales: float32 `[C]`, `channel_scales(x)`.
+        constraint: a `lutq_tf.constraints.Constraint`.
+        num_pruned: Python int, weights of the whole table (M * C) fixed to
+            the zero entry.
+
+    Returns:
+        `(dictionary, assignment, quantised, finite)`: float32 `[K, 1]`,
+        int32 `[M, C]`, float32 `[M, C]` with
+        `quantised[m, c] == scales[c] * d[a[m, c]]` exactly (one float32
+        product), and a bool scalar, False if `x` holds NaN or Inf.
+    """
+    channels = x.shape[1]
+    table = tf.reshape(x / scales[None, :], [-1, 1])
+    dictionary, assignment, normalised, finite = kmeans_step(
+        table, dictionary, constraint, num_pruned)
+    assignment = tf.reshape(assignment, [-1, channels])
+    quantized = tf.reshape(normalised, [-1, channels]) * scales[None, :]
+    return dictionary, assignment, quantized, finite
 
 
 def seed_dictionary(x, num_values, constraint, num_pruned):

@@ -23,6 +23,7 @@ def quantize_model(
     constraint="none",
     prune_rate=0.0,
     per_channel=False,
+    channel_scales=False,
     layer_types=None,
     layer_names=None,
     skip=(),
@@ -50,6 +51,9 @@ def quantize_model(
             `lutq_tf.constraints.Constraint`.
         prune_rate: fraction in [0, 1) of weights per table set to exactly 0.
         per_channel: one dictionary per output channel.
+        channel_scales: one dictionary per tensor over the weights divided
+            by their output channel's max |W| (s_c); Q = s_c * d[A].
+            Excludes `per_channel`.
         layer_types: quantise only layers of these types (a class or tuple).
         layer_names: quantise only the layers with these names.
         skip: names of layers to keep in float.
@@ -57,8 +61,8 @@ def quantize_model(
             stay float.
         overrides: `{layer_name: options}` where options is a dict of the
             arguments above (`bits`, `num_values`, `constraint`,
-            `prune_rate`, `per_channel`, `kmeans_every`), a `LUTQuantizer`,
-            or None to keep that layer in float.
+            `prune_rate`, `per_channel`, `channel_scales`, `kmeans_every`),
+            a `LUTQuantizer`, or None to keep that layer in float.
         kmeans_every: run the k-means step every this many optimizer steps.
         init_iterations: Lloyd iterations of the initial k-means.
 
@@ -77,7 +81,8 @@ def quantize_model(
     default = LUTQuantizer(
         num_values=num_values, bits=bits, constraint=constraint,
         prune_rate=prune_rate, per_channel=per_channel,
-        kmeans_every=kmeans_every, init_iterations=init_iterations,
+        channel_scales=channel_scales, kmeans_every=kmeans_every,
+        init_iterations=init_iterations,
     )
     plan = _plan(model, default, layer_types, layer_names, skip, min_weights,
                  overrides)

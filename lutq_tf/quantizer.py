@@ -4,6 +4,7 @@ import math
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from lutq_tf import constraints as constraints_lib
 from lutq_tf import kmeans
@@ -26,6 +27,12 @@ class LUTQuantizer:
         kmeans_every: run the k-means step after every this many optimizer
             steps.
         init_iterations: Lloyd iterations of the initial k-means.
+        channel_scales: one dictionary per tensor over the weights divided
+            by their output channel's scale `s_c = max |W[:, c]|` (refreshed
+            at each k-means step); Q[m, c] = s_c * d[A[m, c]]. Per-channel
+            ranges at one table's cost (an exporter folds s_c into the int8
+            per-channel scale). Pruning takes the tensor's smallest
+            |W[m, c] / s_c|. Excludes `per_channel`.
     """
 
     def __init__(
@@ -37,6 +44,7 @@ class LUTQuantizer:
         per_channel=False,
         kmeans_every=1,
         init_iterations=20,
+        channel_scales=False,
     ):
         self.num_values = _resolve_num_values(num_values, bits)
         self.constraint = constraints_lib.get(constraint)
@@ -46,6 +54,13 @@ class LUTQuantizer:
             )
         self.prune_rate = float(prune_rate)
         self.per_channel = bool(per_channel)
+        self.channel_scales = bool(channel_scales)
+        if self.per_channel and self.channel_scales:
+            raise ValueError(
+                "per_channel=True and channel_scales=True exclude each other: "
+                "choose per-channel dictionaries (per_channel) or one "
+                "dictionary over channel-scaled weights (channel_scales)."
+            )
         if int(kmeans_every) != kmeans_every or kmeans_every < 1:
             raise ValueError(
                 f"kmeans_every must be an integer >= 1, got {kmeans_every!r}."
@@ -71,6 +86,13 @@ class LUTQuantizer:
                 return dtype
         return "int32"
 
+    @property
+    def mode(self):
+        """"tensor", "channel" or "scaled": what one dictionary serves."""
+        if self.per_channel:
+            return "channel"
+        return "scaled" if self.channel_scales else "tensor"
+
     def num_pruned(self, table_size):
         """Weights of a table of `table_size` fixed to the zero entry."""
         if self.prune_rate == 0:
@@ -79,8 +101,26 @@ class LUTQuantizer:
         # (0.5 * 10) from rounding up through float error.
         return min(table_size, math.ceil(self.prune_rate * table_size - 1e-9))
 
+    def scales(self, matrix):
+        """The channel scales of a `[M, C]` matrix, or None.
+
+        Returns:
+            float32 `[C]`, `s_c = max_m |matrix[m, c]|` (1 for an all-zero
+            column), with `channel_scales`; else None.
+        """
+        if not self.channel_scales:
+            return None
+        return kmeans.channel_scales(matrix)
+
     def seed(self, matrix):
-        """Initial dictionary `[K, C]` for a `[M, C]` matrix: quantile seeds."""
+        """Initial dictionary for a `[M, C]` matrix: quantile seeds.
+
+        Returns:
+            float32 `[K, C]`; `[K, 1]` per tensor or with `channel_scales`
+            (seeded from the normalised weights).
+        """
+        if self.channel_scales:
+            matrix = tf.reshape(matrix / self.scales(matrix), [-1, 1])
         return kmeans.seed_dictionary(
             matrix, self.num_values, self.constraint,
             self.num_pruned(matrix.shape[0]),
@@ -92,13 +132,32 @@ class LUTQuantizer:
         Quantile seeds, then `init_iterations` k-means steps.
         """
         dictionary = self.seed(matrix)
+        scales = self.scales(matrix)
         for _ in range(self.init_iterations):
-            dictionary, assignment, quantized, _ = self.step(matrix,
-                                                             dictionary)
+            dictionary, assignment, quantized, _ = self.step(
+                matrix, dictionary, scales)
         return dictionary, assignment, quantized
 
-    def step(self, matrix, dictionary):
-        """One k-means step: `(dictionary, assignment, quantised, finite)`."""
+    def step(self, matrix, dictionary, scales=None):
+        """One k-means step: `(dictionary, assignment, quantised, finite)`.
+
+        Args:
+            matrix: float32 `[M, C]`, the weights.
+            dictionary: float32 `[K, C]` (`[K, 1]` with `channel_scales`).
+            scales: with `channel_scales`, `self.scales(matrix)` if already
+                computed (else computed here); ignored otherwise.
+
+        Returns:
+            As `kmeans.kmeans_step`; with `channel_scales`, the quantised
+            weights are `scales[c] * d[A]` (`kmeans.scaled_kmeans_step`).
+        """
+        if self.channel_scales:
+            if scales is None:
+                scales = self.scales(matrix)
+            return kmeans.scaled_kmeans_step(
+                matrix, dictionary, scales, self.constraint,
+                self.num_pruned(matrix.shape[0] * matrix.shape[1]),
+            )
         return kmeans.kmeans_step(
             matrix,
             dictionary,
@@ -122,6 +181,7 @@ class LUTQuantizer:
             "per_channel": self.per_channel,
             "kmeans_every": self.kmeans_every,
             "init_iterations": self.init_iterations,
+            "channel_scales": self.channel_scales,
         }
 
     @classmethod
@@ -138,6 +198,7 @@ class LUTQuantizer:
             f"LUTQuantizer(num_values={self.num_values}, "
             f"constraint={self.constraint!r}, prune_rate={self.prune_rate}, "
             f"per_channel={self.per_channel}, "
+            f"channel_scales={self.channel_scales}, "
             f"kmeans_every={self.kmeans_every})"
         )
 

@@ -2,7 +2,8 @@
 
 Each quantisable weight is described by a `QuantizableTensor`: the attribute
 that holds it and the axes that form its output channel (one dictionary per
-channel when `per_channel=True`). Biases and normalisation layers stay float.
+channel when `per_channel=True`, one scale per channel when
+`channel_scales=True`). Biases and normalisation layers stay float.
 """
 
 import collections

@@ -1,6 +1,7 @@
 """`summary`: what LUT-Q did to each quantised tensor of a model."""
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
@@ -22,6 +23,12 @@ class TensorSummary:
         index_bits: bits per assignment index, ceil(log2 K).
         weight_count: number of weights.
         constraint: the dictionary constraint's description.
+        mode: what one dictionary serves: "tensor", "channel" (one per
+            output channel) or "scaled" (one per tensor over the weights
+            divided by their channel's scale).
+        channel_scales: in "scaled" mode, s as a float32 numpy array `[C]`
+            (columns of the tensor state's `to_matrix`: the layer's output
+            channels), with Q[m, c] = s[c] * d[A[m, c]]; else None.
     """
 
     layer: str
@@ -33,6 +40,16 @@ class TensorSummary:
     index_bits: int
     weight_count: int
     constraint: str
+    mode: Optional[str] = None
+    # An array: left out of ==, which would be ambiguous.
+    channel_scales: Optional[np.ndarray] = dataclasses.field(
+        default=None, compare=False)
+
+    def __post_init__(self):
+        # Rows made without a mode (older callers) get it from per_channel.
+        if self.mode is None:
+            object.__setattr__(
+                self, "mode", "channel" if self.per_channel else "tensor")
 
 
 def summary(model, print_fn=print):
@@ -50,7 +67,11 @@ def summary(model, print_fn=print):
         quantizer = layer.quantizer
         for state in layer.tensor_states:
             assignment = state.to_matrix(state.assignment.value).numpy()
+            # Scaled mode has one table over all channels.
+            tables = state.dictionary.shape[1]
+            assignment = assignment.reshape(-1, tables)
             quantized = state.quantized.numpy()
+            scales = state.channel_scales
             in_use = max(
                 len(np.unique(assignment[:, c]))
                 for c in range(assignment.shape[1])
@@ -65,6 +86,9 @@ def summary(model, print_fn=print):
                 index_bits=quantizer.index_bits,
                 weight_count=int(quantized.size),
                 constraint=repr(quantizer.constraint),
+                mode=quantizer.mode,
+                channel_scales=(None if scales is None
+                                else scales.numpy().copy()),
             ))
     if print_fn is not None:
         print_fn(format_table(rows))
@@ -77,7 +101,7 @@ def format_table(rows):
               "weights", "constraint")
     body = [
         (r.layer, r.tensor, str(r.num_values),
-         "channel" if r.per_channel else "tensor", str(r.in_use),
+         r.mode, str(r.in_use),
          f"{100 * r.prune_rate:.1f}%", str(r.index_bits),
          f"{r.weight_count:,}", r.constraint)
         for r in rows

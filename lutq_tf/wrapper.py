@@ -23,14 +23,18 @@ class _TensorState:
     """The LUT-Q state of one quantised weight of the wrapped layer."""
 
     def __init__(self, spec, variable, dictionary, assignment, quantized,
-                 permutation, channels):
+                 permutation, channels, channel_scales=None):
         self.spec = spec
         self.variable = variable  # W, the wrapped layer's own variable.
-        self.dictionary = dictionary  # [K, C]
+        self.dictionary = dictionary  # [K, C], or [K, 1] with channel scales
         self.assignment = assignment  # shape of W, small unsigned ints
-        self.quantized = quantized  # d[A] in the shape of W, cached
+        # d[A] (s_c * d[A] with channel scales) in the shape of W, cached.
+        self.quantized = quantized
         self.permutation = permutation  # puts channel axes last, or None
-        self.channels = channels
+        self.channels = channels  # columns of `to_matrix`: 1 per tensor
+        # s_c, float32 [C] in `to_matrix`'s column order; None unless the
+        # quantizer has `channel_scales`.
+        self.channel_scales = channel_scales
         self.update = None  # the compiled k-means step, made on first use
 
     def to_matrix(self, tensor):
@@ -56,9 +60,12 @@ class LUTQWrapper(keras.layers.Wrapper):
     The wrapped layer's kernels W stay its trainable variables. For each one
     the wrapper keeps, as non-trainable state, a dictionary d (`[K, C]`, C = 1
     or the number of output channels), an assignment A (W's shape, the
-    smallest unsigned dtype that holds K) and the cached product d[A]. The
-    forward pass uses exactly d[A]; its gradient is applied to W
-    (straight-through). `kmeans_step()` refits A and d to W; models built with
+    smallest unsigned dtype that holds K) and the cached product d[A]. With
+    the quantizer's `channel_scales`, d is `[K, 1]` over the weights divided
+    by their output channel's scale s_c, the state adds s (`[C]`) and the
+    cached product is s_c * d[A]. The forward pass uses exactly the cached
+    product; its gradient is applied to W (straight-through).
+    `kmeans_step()` refits A, d (and s) to W; models built with
     `lutq_tf.quantize_model` or `LUTQModelMixin` call it after each
     optimizer step.
 
@@ -126,25 +133,27 @@ class LUTQWrapper(keras.layers.Wrapper):
         channel_axes = [rank + a for a in spec.channel_axes]
         permutation = None
         channels = 1
-        if self.quantizer.per_channel:
+        if self.quantizer.per_channel or self.quantizer.channel_scales:
             channels = int(np.prod([shape[a] for a in channel_axes]))
             if channel_axes != list(range(rank - len(channel_axes), rank)):
                 others = [a for a in range(rank) if a not in channel_axes]
                 permutation = others + channel_axes
+        # Channel scales keep one table over the whole (normalised) tensor.
+        tables = channels if self.quantizer.per_channel else 1
         size = int(np.prod(shape))
-        table_size = size // channels
+        table_size = size // tables
         k = self.quantizer.num_values
         if k > table_size:
             raise ValueError(
                 f"Layer '{self.layer.name}': K={k} dictionary entries exceed "
                 f"the {table_size} weights of each "
-                f"{'channel' if channels > 1 else 'tensor'} of "
+                f"{'channel' if tables > 1 else 'tensor'} of "
                 f"`{spec.attribute}`. Use fewer bits for this layer (an "
                 "override), skip it, or raise `min_weights`."
             )
         prefix = spec.attribute
         dictionary = self.add_weight(
-            name=f"{prefix}_dictionary", shape=(k, channels),
+            name=f"{prefix}_dictionary", shape=(k, tables),
             dtype="float32", initializer="zeros", trainable=False,
             autocast=False,
         )
@@ -157,8 +166,16 @@ class LUTQWrapper(keras.layers.Wrapper):
             name=f"{prefix}_quantized", shape=shape, dtype="float32",
             initializer="zeros", trainable=False, autocast=False,
         )
+        scales = None
+        if self.quantizer.channel_scales:
+            # Only in this mode, so models saved without it still load.
+            scales = self.add_weight(
+                name=f"{prefix}_channel_scales", shape=(channels,),
+                dtype="float32", initializer="ones", trainable=False,
+                autocast=False,
+            )
         return _TensorState(spec, variable, dictionary, assignment, quantized,
-                            permutation, channels)
+                            permutation, channels, scales)
 
     # -- the LUT-Q step -----------------------------------------------------
 
@@ -182,9 +199,9 @@ class LUTQWrapper(keras.layers.Wrapper):
             update = self._update_function(state)
             dictionary = self.quantizer.seed(state.to_matrix(weights))
             for _ in range(self.quantizer.init_iterations):
-                _, dictionary, assignment, quantized = update(weights,
-                                                              dictionary)
-            self._store(state, dictionary, assignment, quantized)
+                _, dictionary, assignment, quantized, scales = update(
+                    weights, dictionary)
+            self._store(state, dictionary, assignment, quantized, scales)
 
     def kmeans_step(self):
         """One k-means step for every quantised tensor of the layer.
@@ -195,13 +212,14 @@ class LUTQWrapper(keras.layers.Wrapper):
         """
         all_finite = tf.constant(True)
         for state in self._states:
-            finite, dictionary, assignment, quantized = (
+            finite, dictionary, assignment, quantized, scales = (
                 self._update_function(state)(state.variable.value,
                                              state.dictionary.value)
             )
 
-            def store(state=state, d=dictionary, a=assignment, q=quantized):
-                self._store(state, d, a, q)
+            def store(state=state, d=dictionary, a=assignment, q=quantized,
+                      s=scales):
+                self._store(state, d, a, q, s)
                 return tf.constant(True)
 
             tf.cond(finite, store, lambda: tf.constant(False))
@@ -211,28 +229,32 @@ class LUTQWrapper(keras.layers.Wrapper):
     def _update_function(self, state):
         """The k-means step of one tensor, in W's layout, compiled with XLA.
 
-        `(W, d) -> (finite, d, A, d[A])`, A already in its storage dtype.
-        XLA fuses the passes over W into a few loops; it runs compiled
-        whether or not the surrounding train function is.
+        `(W, d) -> (finite, d, A, Q, s)`, A already in its storage dtype,
+        Q = d[A] (s_c * d[A] with channel scales), s the channel scales
+        `[C]` or None. XLA fuses the passes over W into a few loops; it runs
+        compiled whether or not the surrounding train function is.
         """
         if state.update is None:
 
             def update(weights, dictionary):
                 matrix = state.to_matrix(tf.cast(weights, tf.float32))
+                scales = self.quantizer.scales(matrix)
                 dictionary, assignment, quantized, finite = (
-                    self.quantizer.step(matrix, dictionary))
+                    self.quantizer.step(matrix, dictionary, scales))
                 assignment = tf.cast(state.from_matrix(assignment),
                                      state.assignment.dtype)
                 return (finite, dictionary, assignment,
-                        state.from_matrix(quantized))
+                        state.from_matrix(quantized), scales)
 
             state.update = tf.function(update, jit_compile=True)
         return state.update
 
-    def _store(self, state, dictionary, assignment, quantized):
+    def _store(self, state, dictionary, assignment, quantized, scales=None):
         state.dictionary.assign(dictionary)
         state.assignment.assign(assignment)
         state.quantized.assign(quantized)
+        if state.channel_scales is not None:
+            state.channel_scales.assign(scales)
 
     # -- forward ------------------------------------------------------------
 
@@ -273,7 +295,9 @@ class LUTQWrapper(keras.layers.Wrapper):
 
         `dictionary` is `[K, C]`; `assignment` and `quantized` have the
         kernel's shape; `quantized` equals the dictionary looked up at the
-        assignment, per channel.
+        assignment, per channel. With channel scales, `dictionary` is
+        `[K, 1]` and `quantized` is s_c * d[A]; read s from
+        `tensor_states[i].channel_scales`.
         """
         return {
             s.spec.attribute: (
@@ -286,6 +310,14 @@ class LUTQWrapper(keras.layers.Wrapper):
 
     @property
     def tensor_states(self):
+        """The `_TensorState` of each quantised weight, in registry order.
+
+        Each has `dictionary`, `assignment`, `quantized` and
+        `channel_scales` (None unless the quantizer has `channel_scales`)
+        variables, and `to_matrix` / `from_matrix` for the `[M, C]` view
+        (C = `channels`: the output channels per channel or with channel
+        scales, else 1).
+        """
         return tuple(self._states)
 
     def get_config(self):
