@@ -284,7 +284,11 @@ def _candidate_plans(model, kernels, quantize, weight_quantization):
         return ["float"]
     if weight_quantization != "auto":
         return [weight_quantization]
-    per_tensor = {k.layer for k in kernels if not k.per_channel}
+    # Scaled dictionaries differ per channel by a scale: not one table of a
+    # per-tensor int8 tensor.
+    per_tensor = {
+        k.layer for k in kernels if not k.per_channel and k.channel_scales is None
+    }
     layers = lut_tensors.weight_layers(model)
     plans = []
     # Per-tensor weights give one small table instead of one per channel,
