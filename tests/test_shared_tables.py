@@ -201,3 +201,51 @@ def test_anatomy_adds_up_to_the_written_file(tmp_path):
     assert parts.other > 0 and parts.packed_indices > 0
     # The limit counts data only: below the file, above the packed indices.
     assert parts.packed_indices < result.anatomy.information_limit < result.size_bytes
+
+
+@pytest.mark.slow
+def test_a_slimming_step_tflm_rejects_is_dropped_with_a_note(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    model, data = _model("conv2d", 4, rng)
+    original = slim_lib.slim
+
+    def broken(model_bytes, steps=slim_lib.STEPS):
+        out = original(model_bytes, steps)
+        # TFLM cannot read this file: as if the step broke it.
+        return out[:64] if "min_max" in steps else out
+
+    monkeypatch.setattr(slim_lib, "slim", broken)
+    result = tflite_export.export(model, tmp_path / "m.tflite", representative_data=data)
+    assert "min_max" not in result.slim_steps and "names" in result.slim_steps
+    assert any("'min_max' dropped" in note for note in result.notes)
+    check_written(result, model, data, min_top1=0.7)
+
+
+@pytest.mark.slow
+def test_shared_tables_fall_back_when_they_agree_less_with_keras(tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    model, data = _model("conv2d", 4, rng)
+    monkeypatch.setattr(verify_lib.Verification, "worse_than_int8", property(
+        lambda self: self.int8_max_abs_diff is not None))
+    result = tflite_export.export(model, tmp_path / "m.tflite", representative_data=data)
+    (lut,) = [t for t in result.tensors if t.layer == "lut"]
+    assert lut.table_mode == "per-channel(axis=0)"
+    assert any("shared value tables dropped" in note for note in result.notes)
+    # Forced, the shared tables stay whatever the agreement.
+    forced = tflite_export.export(
+        model, tmp_path / "f.tflite", representative_data=data, shared_tables=True
+    )
+    assert [t.table_mode for t in forced.tensors if t.layer == "lut"] == ["shared(axis=0)"]
+
+
+def test_worse_than_int8_judges_classifiers_by_top1_and_others_by_max_diff():
+    def make(task, top1, diff):
+        return verify_lib.Verification(
+            samples=10, inputs="random", bit_exact=True, top1_agreement=top1,
+            max_abs_diff=diff, task=task, int8_top1_agreement=0.9,
+            int8_max_abs_diff=0.5)
+
+    assert make("classification", 0.8, 0.1).worse_than_int8
+    assert not make("classification", 0.9, 0.9).worse_than_int8
+    assert make("regression", 0.9, 0.6).worse_than_int8
+    assert not make("regression", 0.1, 0.5).worse_than_int8
