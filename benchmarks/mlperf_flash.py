@@ -128,6 +128,7 @@ def run_model(name, models_dir, bits_list, modes, work):
 
     import lutq_tf
     import tflite_export
+    from examples import pipeline
 
     h5, reference, kind = MODELS[name]
     model = lutq_tf.load_model(os.path.join(models_dir, h5))
@@ -145,7 +146,12 @@ def run_model(name, models_dir, bits_list, modes, work):
     rows.append(_row(name, "int8 slim", 8, "-", slim, mlperf, slim_bytes))
     for bits in bits_list:
         for mode in modes:
-            q = lutq_tf.quantize_model(model, bits=bits, **MODES[mode])
+            options = dict(MODES[mode])
+            if mode == "channel":
+                # Channels with fewer than K weights (3x3 depthwise) get
+                # one dictionary per tensor, as in the examples.
+                options["overrides"] = pipeline.small_channel_overrides(model, 2**bits)
+            q = lutq_tf.quantize_model(model, bits=bits, **options)
             path = os.path.join(work, f"lutq{bits}_{mode}.tflite")
             # Random inputs make top-1 agreement a coin toss on near ties:
             # keep the shared tables for size (bit-exactness still checked).
@@ -165,7 +171,8 @@ def markdown(rows, command, seconds):
         f"`{command}` ({seconds / 60:.1f} min). Dictionaries fitted to the "
         "pretrained weights (k-means, no training); calibration and "
         f"verification on {_SAMPLES} random inputs of the right shape. "
-        "*x MLPerf*: file over MLPerf's int8 .tflite; *x slim*: over the "
+        "Per channel: layers with fewer weights per channel than K (3x3 "
+        "depthwise) keep one dictionary per tensor. *x MLPerf*: file over MLPerf's int8 .tflite; *x slim*: over the "
         "project's slim int8 file (LUT-Q's own gain). *limit*: packed "
         "indices + table entries + uncompressed weights + 4 B per bias and "
         "per channel scale. *decode buf*: the largest decoded kernel, by "
@@ -213,15 +220,19 @@ def main(argv):
             raise app.UsageError(f"--models: unknown model {name!r}; known: {list(MODELS)}")
         with tempfile.TemporaryDirectory() as work:
             rows += run_model(name, f.models_dir, [int(b) for b in f.bits], f.modes, work)
-    seconds = time.time() - start
+        # Written after each model, so a failure later keeps what is done.
+        _write(f.out, rows, command, time.time() - start)
+    print(markdown(rows, command, time.time() - start))
+
+
+def _write(out, rows, command, seconds):
     record = {"command": command, "date": time.strftime("%Y-%m-%d"),
               "seconds": round(seconds), "rows": [dataclasses.asdict(r) for r in rows]}
-    text = json.dumps(record, indent=1)  # fails before anything is written
-    with open(f.out + ".json", "w") as out:
-        out.write(text)
-    with open(f.out + ".md", "w") as out:
-        out.write(markdown(rows, command, seconds))
-    print(markdown(rows, command, seconds))
+    for path, text in ((out + ".json", json.dumps(record, indent=1)),
+                       (out + ".md", markdown(rows, command, seconds))):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
