@@ -12,8 +12,8 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 
+from tflite_export import tempfiles
 from tflite_export.errors import ExportError
 
 # Sizes are multiples of this (TFLM aligns the arena to 16 bytes anyway).
@@ -89,7 +89,7 @@ def find_arena_size(model_bytes, num_inputs=1, what="model"):
             lacks a kernel for one of the ops); the message names the ops.
     """
     lo, hi = 0, None
-    with tempfile.TemporaryDirectory(prefix="tflite_export_arena_") as tmp:
+    with tempfiles.temp_dir("arena") as tmp:
         path = os.path.join(tmp, "model.tflite")
         with open(path, "wb") as f:
             f.write(model_bytes)

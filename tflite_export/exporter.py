@@ -1,7 +1,7 @@
 """`export`: a LUT-Q Keras model to a LUT-compressed .tflite file for TFLM."""
 
+import numbers
 import os
-import tempfile
 import warnings
 
 import keras
@@ -17,8 +17,10 @@ from tflite_export import lut_tensors
 from tflite_export import mapping
 from tflite_export import shared_tables
 from tflite_export import slim as slim_lib
+from tflite_export import tempfiles
 from tflite_export import tflm
 from tflite_export import verify as verify_lib
+from tflite_export import writer
 from tflite_export.errors import ExportError
 from tflite_export.result import ExportResult
 from tflite_export.result import TensorReport
@@ -52,15 +54,25 @@ def export(
 
     Args:
         model: A LUT-Q model (with `lutq_tf` layers) or a plain Keras model
-            (e.g. `lutq_tf.strip_model(model)`); one float input, one output.
-        path: The .tflite file to write (atomically).
-        representative_data: float array `(N,) + input shape` of typical
-            inputs. Required for int8 (calibration); used for verification.
+            (e.g. `lutq_tf.strip_model(model)`): functional, Sequential or
+            subclassed (exported through its traced `call`), with any number
+            of float or integer inputs and of outputs. The file's inputs and
+            outputs are in the Keras model's order.
+        path: The .tflite file to write (atomically, replaced last; new
+            files get the mode the umask gives, existing ones keep theirs).
+        representative_data: Typical inputs: for one input an array
+            `(N,) + input shape`; for several a list or tuple of arrays in
+            model input order, or a dict by input name. Float for float
+            inputs, integers (e.g. token ids) for integer inputs; not all one
+            value. Required for int8 (calibration) and for integer inputs;
+            used for verification. A subclassed model's input shapes come
+            from it.
         quantize: `"int8"` (full integer) or `"float32"`.
         verify: Run the compressed model and its uncompressed twin on TFLM
             (outputs must be bit-exact) and compare with Keras.
         c_array: Optional path of a `.cc` file to write the model to as a C
-            array, with a `.h` beside it.
+            array, with a `.h` beside it that records the model's length and
+            CRC-32 (`c_array.matches(tflite, header)` checks a pair).
         io_dtype: Type of the model input and output: `"int8"` (default for
             int8) or `"float32"`.
         weight_quantization: For int8, how the converter quantises weights:
@@ -69,7 +81,9 @@ def export(
             keep every dictionary value a distinct int8 code).
         min_agreement: If set, verification also fails when top-1 agreement
             with Keras is below it.
-        max_verify_samples: Verify on at most this many inputs.
+        max_verify_samples: Verify on at most this many inputs (an int >= 1).
+            The bit-exact check also runs random inputs over the whole
+            input range.
         slim: Remove what TFLM never reads (tensor names, signature defs,
             conversion metadata, per-channel zero-point arrays, bias and
             encoded-tensor quantisation, empty buffers); each step is kept
@@ -110,13 +124,19 @@ def export(
         )
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
-    if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
-        raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}.")
+    _check_min_agreement(min_agreement)
     if shared_tables not in ("auto", True, False):
         raise ValueError(
             f"shared_tables must be 'auto', True or False, got {shared_tables!r}."
         )
-    if int(max_verify_samples) < 1:
+    if isinstance(max_verify_samples, bool) or not isinstance(
+        max_verify_samples, numbers.Integral
+    ):
+        raise TypeError(
+            "max_verify_samples must be an int >= 1 (e.g. 100), got "
+            f"{max_verify_samples!r} ({type(max_verify_samples).__name__})."
+        )
+    if max_verify_samples < 1:
         raise ValueError(f"max_verify_samples must be >= 1, got {max_verify_samples}.")
     path = _check_writable(path, "path")
     outputs = [path]
@@ -126,10 +146,15 @@ def export(
     if len(set(outputs)) != len(outputs):
         raise ValueError("path and c_array (and its .h) must be different files.")
     tflm.require()  # fail before the slow steps
+    tempfiles.clean_stale()  # what killed exports left in the temp dir
 
     plain, kernels, notes = lut_tensors.find_lut_kernels(model)
     convert.check_model(plain)
-    data = convert.check_representative_data(plain, representative_data, quantize)
+    convert.check_weights(plain)
+    specs = convert.input_specs(plain, representative_data)
+    data = convert.check_representative_data(
+        plain, representative_data, quantize, specs
+    )
 
     baseline, info, plans, unmatched, chosen = _convert_and_plan(
         plain, kernels, quantize, data, io_dtype, weight_quantization,
@@ -154,19 +179,27 @@ def export(
         )
     if verify:
         if data is not None:
-            inputs, source = data[:max_verify_samples], "representative_data"
+            inputs = [a[:max_verify_samples] for a in data]
+            source = "representative_data"
         else:
-            shape = convert.input_shape(plain, None)[1:]
             rng = np.random.default_rng(0)
-            inputs = rng.standard_normal((_RANDOM_SAMPLES,) + shape).astype(np.float32)
+            inputs = [
+                rng.standard_normal(
+                    (_RANDOM_SAMPLES,) + convert.input_shape(plain, None, specs, i)[1:]
+                ).astype(np.float32)
+                for i in range(len(specs))
+            ]
             source = "random"
 
     num_inputs = info.num_inputs
-    baseline_arena = arena.find_arena_size(baseline, num_inputs, "uncompressed model")
+    try:
+        baseline_arena = arena.find_arena_size(baseline, num_inputs, "uncompressed model")
+    except ExportError as e:
+        raise _explained(e, plain) from e
     wanted_steps = slim_lib.STEPS if slim else ()
     shared = any(p.mode == "shared" and p.compress for p in plans)
     while True:
-        twin, compressed, steps = _build(baseline, plans, wanted_steps, notes)
+        twin, compressed, steps = _build(baseline, plans, wanted_steps, notes, data)
         slim_baseline = slim_lib.slim(baseline, steps) if steps else baseline
         if len(compressed) >= len(slim_baseline) and any(p.compress for p in plans):
             # The per-tensor size estimate was beaten by file overhead: keep
@@ -217,7 +250,7 @@ def export(
         source_text, header_text = c_array_lib.render(compressed, c_array)
         files[c_array] = source_text.encode()
         files[c_array_lib.header_path(c_array)] = header_text.encode()
-    _write_atomically(files)
+    writer.write_files(files, last=path)
 
     return ExportResult(
         path=path,
@@ -238,13 +271,14 @@ def export(
     )
 
 
-def _build(baseline, plans, steps, notes):
+def _build(baseline, plans, steps, notes, data=None):
     """`(twin, compressed, steps)`: the requantised twin and the written file.
 
     The twin is the int8 model with the shared tables' scales and biases,
     uncompressed and unslimmed; the compressed file must run bit-exact
     with it. A slimming step that makes TFLM's outputs differ (or fail) on
-    a probe input is dropped with a note.
+    a probe input is dropped with a note. `data` (per-input arrays) gives
+    the probe valid values for integer index inputs.
     """
     rewrites = {
         p.match.weight.index: (p.shared, p.match.weight.bias_index)
@@ -255,12 +289,16 @@ def _build(baseline, plans, steps, notes):
     full = compress.compress_model(twin, plans)
     if not steps:
         return twin, full, ()
-    probe = verify_lib.probe_outputs(full)
+    probe = verify_lib.probe_outputs(full, data=data)
 
     def harmless(chosen):
         try:
             candidate = slim_lib.slim(full, chosen)
-            return candidate if verify_lib.probe_outputs(candidate) == probe else None
+            return (
+                candidate
+                if verify_lib.probe_outputs(candidate, data=data) == probe
+                else None
+            )
         except Exception:  # TFLM or the flatbuffer tools refused it
             return None
 
@@ -386,27 +424,31 @@ def _check_writable(path, argument):
     return path
 
 
-def _write_atomically(files):
-    """Writes every file or none: temp files in the target dirs, then rename."""
-    temps = {}
-    try:
-        for path, data in files.items():
-            directory = os.path.dirname(os.path.abspath(path))
-            fd, temp = tempfile.mkstemp(
-                dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
-            )
-            temps[path] = temp
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for path, temp in temps.items():
-            os.replace(temp, path)
-    except OSError as e:
-        for temp in temps.values():
-            if os.path.exists(temp):
-                os.unlink(temp)
-        raise ExportError(
-            f"cannot write {e.filename or path}: {e.strerror or e}; nothing "
-            "was written."
-        ) from e
+def _check_min_agreement(value):
+    """`min_agreement`: None or a number in [0, 1]."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            "min_agreement must be None or a number in [0, 1] (e.g. 0.9), "
+            f"got {value!r} ({type(value).__name__})."
+        )
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise ValueError(f"min_agreement must be in [0, 1], got {value}.")
+
+
+def _explained(error, model):
+    """Adds what to do when TFLM lacks a kernel Keras' Embedding needs."""
+    embedding = [
+        layer.name for layer in lut_tensors.all_layers(model)
+        if isinstance(layer, keras.layers.Embedding)
+    ]
+    if not embedding or "SELECT" not in str(error):
+        return error
+    return ExportError(
+        f"{error}\nKeras' Embedding ({', '.join(embedding)}) wraps negative "
+        "ids with LESS/ADD/SELECT, and TFLM has no SELECT kernel. TFLM runs "
+        "GATHER with int32 ids: replace the Embedding with a layer whose "
+        "call is `tf.gather(self.embeddings, ids)` (same weights), which "
+        "exports and runs on TFLM."
+    )

@@ -72,6 +72,11 @@ def _layers(model):
     return list(model.layers)
 
 
+def all_layers(model):
+    """All layers of the model, nested models included."""
+    return _layers(model)
+
+
 def weight_layers(model):
     """Layers of the model that have a kernel TFLM could decode from a LUT."""
     return [

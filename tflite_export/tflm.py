@@ -46,14 +46,15 @@ def align(model_bytes):
         The aligned flatbuffer, as bytes.
     """
     import os
-    import tempfile
+
+    from tflite_export import tempfiles
 
     require()
     from tflite_micro.tensorflow.lite.micro.tools import (
         tflite_flatbuffer_align_wrapper as wrapper,
     )
 
-    with tempfile.TemporaryDirectory(prefix="tflite_export_align_") as folder:
+    with tempfiles.temp_dir("align") as folder:
         source = os.path.join(folder, "in.tflite")
         target = os.path.join(folder, "out.tflite")
         with open(source, "wb") as f:

@@ -40,6 +40,14 @@ class Verification:
             model, when the written model was requantised (shared tables),
             else None.
         int8_max_abs_diff: Likewise for `max_abs_diff`.
+        name: The output's name (`"output_<i>"`) in a per-output record.
+        outputs: For a model with several outputs, one `Verification` per
+            output (in Keras order); the figures above are then the worst
+            over the outputs (lowest top-1, largest differences). Else [].
+        checked_inputs: Inputs of the bit-exact check: the verification
+            inputs plus random inputs over the whole input range, which
+            exercise every weight.
+        note: A caveat, e.g. Keras' outputs did not vary over the inputs.
     """
 
     samples: int
@@ -53,10 +61,16 @@ class Verification:
     snr_db: float = float("inf")
     int8_top1_agreement: object = None
     int8_max_abs_diff: object = None
+    name: str = ""
+    outputs: list = dataclasses.field(default_factory=list)
+    checked_inputs: int = 0
+    note: str = ""
 
     @property
     def worse_than_int8(self):
         """Whether the requantised model agrees less with Keras than plain int8."""
+        if self.outputs:
+            return any(o.worse_than_int8 for o in self.outputs)
         if self.int8_max_abs_diff is None:
             return False
         if self.task == "classification" and self.top1_agreement is not None:
@@ -64,12 +78,28 @@ class Verification:
         return self.max_abs_diff > self.int8_max_abs_diff
 
     def describe(self):
-        """One line: bit-exactness and agreement with Keras, fit to the task."""
+        """Bit-exactness and agreement with Keras, fit to the task.
+
+        One line for a one-output model; a line per output after the first
+        for several.
+        """
         text = (
             f"Verified on {self.samples} {self.inputs.replace('_', ' ')} inputs: "
             "compressed == uncompressed on TFLM: "
             f"{'bit-exact' if self.bit_exact else 'DIFFERENT'}; vs Keras: "
         )
+        if self.outputs:
+            text += "per output:\n" + "\n".join(
+                f"  {o.name}: {o._agreement_text()}" for o in self.outputs
+            )
+        else:
+            text += self._agreement_text()
+        if self.note:
+            text += f"\nNote: {self.note}"
+        return text
+
+    def _agreement_text(self):
+        text = ""
         diff = f"max |diff| {self.max_abs_diff:.4g}"
         if self.output_step:
             diff += f" ({self.max_abs_diff / self.output_step:.1f} output steps)"
@@ -90,11 +120,21 @@ class Verification:
         return text
 
 
+def _quantized(details):
+    q = details["quantization_parameters"]
+    return len(q["scales"]) > 0
+
+
 def _quantize(x, details):
-    """Float inputs to the model's input type."""
+    """Inputs to the model's input type.
+
+    Float inputs of an int8 model are quantised with the input tensor's
+    scale; integer inputs that are not quantised (e.g. GATHER indices) are
+    passed as they are.
+    """
     dtype = np.dtype(details["dtype"])
-    if dtype.kind == "f":
-        return x.astype(dtype)
+    if dtype.kind == "f" or not _quantized(details):
+        return np.asarray(x).astype(dtype)
     q = details["quantization_parameters"]
     scale, zero = float(q["scales"][0]), int(q["zero_points"][0])
     info = np.iinfo(dtype)
@@ -102,49 +142,153 @@ def _quantize(x, details):
 
 
 def _dequantize(y, details):
-    if np.dtype(details["dtype"]).kind == "f":
+    if np.dtype(details["dtype"]).kind == "f" or not _quantized(details):
         return y.astype(np.float64)
     q = details["quantization_parameters"]
     scale, zero = float(q["scales"][0]), int(q["zero_points"][0])
     return (y.astype(np.float64) - zero) * scale
 
 
-def run_tflm(model_bytes, inputs, arena_size):
-    """Runs a one-input, one-output model on TFLM, one sample at a time.
+def _as_inputs(inputs):
+    """One array, or a list of arrays (one per input), as a list."""
+    if isinstance(inputs, (list, tuple)):
+        return [np.asarray(a) for a in inputs]
+    return [np.asarray(inputs)]
+
+
+def io_counts(model_bytes):
+    """`(inputs, outputs)` of subgraph 0, read from the flatbuffer.
+
+    Asking TFLM's interpreter for the details of a tensor past the last
+    is not safe, so the counts come from the file.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(bytearray(model_bytes), 0)
+    subgraph = model.Subgraphs(0)
+    return subgraph.InputsLength(), subgraph.OutputsLength()
+
+
+def interpreter_io(interpreter, model_bytes):
+    """`(input details, output details)` lists of a TFLM interpreter."""
+    inputs, outputs = io_counts(model_bytes)
+    return (
+        [interpreter.get_input_details(i) for i in range(inputs)],
+        [interpreter.get_output_details(o) for o in range(outputs)],
+    )
+
+
+def run_tflm_all(model_bytes, inputs, arena_size):
+    """Runs a model on TFLM, one sample at a time; every input and output.
 
     Args:
         model_bytes: The .tflite flatbuffer.
-        inputs: float32 array `(N,) + input shape`.
+        inputs: A list of arrays `(N,) + input shape`, one per model input
+            in order (float for float inputs, integers for integer ones), or
+            one array for a one-input model.
+        arena_size: Arena bytes (must be enough: too small can crash).
+
+    Returns:
+        `(raw, real, details)`: lists over the outputs of the raw outputs
+        `(N,) + output shape`, the same dequantised to float64, and TFLM's
+        output tensor details.
+
+    Raises:
+        ValueError: The inputs do not fit the model (count or shape).
+    """
+    _, runtime, _ = tflm.require()
+    inputs = _as_inputs(inputs)
+    interpreter = runtime.Interpreter.from_bytes(bytes(model_bytes), arena_size=arena_size)
+    input_details, output_details = interpreter_io(interpreter, model_bytes)
+    if len(inputs) != len(input_details):
+        raise ValueError(
+            f"x holds {len(inputs)} input arrays, but the model has "
+            f"{len(input_details)} inputs: pass a list of {len(input_details)} "
+            "arrays in model input order."
+        )
+    shapes = [tuple(int(d) for d in details["shape"]) for details in input_details]
+    count = len(inputs[0])
+    for i, (x, shape) in enumerate(zip(inputs, shapes)):
+        which = f"x[{i}]" if len(inputs) > 1 else "x"
+        if x.ndim < 1 or len(x) != count or int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+            expected = "(N, " + ", ".join(str(d) for d in shape[1:]) + ")"
+            raise ValueError(
+                f"{which} has shape {x.shape}, but the model input {i} takes "
+                f"samples of shape {shape} (batch 1): pass an array of shape "
+                f"{expected}" + (", with as many samples as x[0]." if i else ".")
+            )
+    raw = [[] for _ in output_details]
+    for n in range(count):
+        # TFLM keeps no input between invokes: set every input every time.
+        for i, (x, details) in enumerate(zip(inputs, input_details)):
+            interpreter.set_input(_quantize(x[n].reshape(shapes[i]), details), i)
+        interpreter.invoke()
+        for o in range(len(output_details)):
+            raw[o].append(np.array(interpreter.get_output(o), copy=True))
+    raw = [np.stack(r) for r in raw]
+    real = [_dequantize(r, d) for r, d in zip(raw, output_details)]
+    return raw, real, output_details
+
+
+def run_tflm(model_bytes, inputs, arena_size):
+    """Runs a one-output model on TFLM, one sample at a time.
+
+    Args:
+        model_bytes: The .tflite flatbuffer.
+        inputs: float32 array `(N,) + input shape` (or a list of arrays, one
+            per model input).
         arena_size: Arena bytes (must be enough: too small can crash).
 
     Returns:
         `(raw, real, details)`: the raw outputs `(N,) + output shape`, the
         same dequantised to float64, and TFLM's output tensor details.
     """
-    _, runtime, _ = tflm.require()
-    interpreter = runtime.Interpreter.from_bytes(bytes(model_bytes), arena_size=arena_size)
-    input_details = interpreter.get_input_details(0)
-    output_details = interpreter.get_output_details(0)
-    shape = tuple(input_details["shape"])
-    raw = []
-    for x in inputs:
-        # TFLM keeps no input between invokes: set it every time.
-        interpreter.set_input(_quantize(x.reshape(shape), input_details), 0)
-        interpreter.invoke()
-        raw.append(np.array(interpreter.get_output(0), copy=True))
-    raw = np.stack(raw)
-    return raw, _dequantize(raw, output_details), output_details
+    raw, real, details = run_tflm_all(model_bytes, inputs, arena_size)
+    return raw[0], real[0], details[0]
 
 
 # Arena for probe runs: generous, as the probe only compares outputs.
 _PROBE_ARENAS = (16 << 20, 256 << 20)
 
 
-def probe_outputs(model_bytes, samples=3):
+def random_inputs(input_details, samples, rng, data=None):
+    """Inputs over each input tensor's whole range, one list per input.
+
+    Quantised inputs get uniform codes, float inputs normal values (scaled
+    like `data` when given), integer inputs that are not quantised (indices)
+    values drawn from `data` (zeros without it).
+    """
+    inputs = []
+    for i, details in enumerate(input_details):
+        dtype = np.dtype(details["dtype"])
+        shape = (samples,) + tuple(int(d) for d in details["shape"])
+        if dtype.kind == "f":
+            scale = float(np.std(data[i])) if data is not None else 1.0
+            center = float(np.mean(data[i])) if data is not None else 0.0
+            x = (center + scale * rng.standard_normal(shape)).astype(dtype)
+        elif _quantized(details):
+            info = np.iinfo(dtype)
+            x = rng.integers(info.min, info.max + 1, shape).astype(dtype)
+        elif data is not None:
+            pool = np.asarray(data[i]).ravel()
+            x = rng.choice(pool, size=shape).astype(dtype)
+        else:
+            x = np.zeros(shape, dtype)
+        inputs.append(x)
+    return inputs
+
+
+def probe_outputs(model_bytes, samples=3, data=None):
     """TFLM's raw outputs on fixed pseudo-random inputs, as bytes.
 
-    Used to check that a rewrite of the flatbuffer (slimming) leaves every
-    output bit-identical.
+    Every input is fed and every output read, so a rewrite of the
+    flatbuffer (slimming) that changes any output is caught.
+
+    Args:
+        model_bytes: The .tflite flatbuffer.
+        samples: Number of inputs run.
+        data: Optional list of per-input sample arrays (Keras order): the
+            pool for integer index inputs (random ids could be out of range).
     """
     _, runtime, _ = tflm.require()
     for arena in _PROBE_ARENAS:
@@ -156,19 +300,17 @@ def probe_outputs(model_bytes, samples=3):
         except RuntimeError:
             if arena == _PROBE_ARENAS[-1]:
                 raise
-    details = interpreter.get_input_details(0)
-    dtype = np.dtype(details["dtype"])
+    input_details, output_details = interpreter_io(interpreter, model_bytes)
     rng = np.random.default_rng(0)
+    inputs = random_inputs(input_details, samples, rng, data)
     outputs = []
-    for _ in range(samples):
-        if dtype.kind == "f":
-            x = rng.standard_normal(details["shape"]).astype(dtype)
-        else:
-            info = np.iinfo(dtype)
-            x = rng.integers(info.min, info.max + 1, details["shape"]).astype(dtype)
-        interpreter.set_input(x, 0)
+    for n in range(samples):
+        for i, x in enumerate(inputs):
+            # The raw tensor values, already of the input type.
+            interpreter.set_input(x[n], i)
         interpreter.invoke()
-        outputs.append(np.array(interpreter.get_output(0)).tobytes())
+        for o in range(len(output_details)):
+            outputs.append(np.array(interpreter.get_output(o)).tobytes())
     return b"".join(outputs)
 
 
@@ -190,56 +332,28 @@ def _is_probabilities(expected):
     )
 
 
-def verify(compressed, baseline, keras_model, inputs, arena, baseline_arena,
-           input_source="representative_data", min_agreement=None,
-           plain_int8=None):
-    """Runs both models on TFLM and compares them with each other and Keras.
-
-    Args:
-        compressed: The compressed flatbuffer.
-        baseline: Its uncompressed twin.
-        keras_model: The plain Keras model that was converted.
-        inputs: float32 inputs `(N,) + input shape`.
-        arena: Arena bytes the compressed model needs.
-        baseline_arena: Arena bytes the uncompressed model needs.
-        input_source: Where the inputs came from, for the report.
-        min_agreement: If set, the lowest acceptable top-1 agreement.
-        plain_int8: The converter's own int8 model, when `baseline` was
-            requantised from it: its agreement with Keras is measured too.
-
-    Returns:
-        A `Verification`.
-
-    Raises:
-        VerificationError: The outputs differ, or agreement is too low.
-    """
-    raw, real, details = run_tflm(compressed, inputs, arena + _ARENA_MARGIN)
-    if bytes(compressed) == bytes(baseline):  # nothing was compressed
-        twin = raw
-    else:
-        twin, _, _ = run_tflm(baseline, inputs, baseline_arena + _ARENA_MARGIN)
-    bit_exact = raw.shape == twin.shape and np.array_equal(raw, twin)
-    if not bit_exact:
-        differing = int(np.sum(np.any((raw != twin).reshape(len(raw), -1), axis=1)))
+def keras_outputs(keras_model, inputs):
+    """The Keras model's outputs on `inputs` (a list, one per input), as a list."""
+    x = inputs[0] if len(inputs) == 1 else list(inputs)
+    y = keras_model.predict(x, batch_size=64, verbose=0)
+    if isinstance(y, dict):
         raise VerificationError(
-            f"The compressed model's outputs differ from its uncompressed "
-            f"twin's on {differing} of {len(raw)} inputs: TFLM's DECODE did "
-            "not restore the weights exactly. Nothing was written."
+            "the Keras model returns a dict; verification compares outputs "
+            "in order: return a list of tensors."
         )
-    expected = np.asarray(
-        keras_model.predict(inputs, batch_size=64, verbose=0), dtype=np.float64
-    )
+    y = list(y) if isinstance(y, (list, tuple)) else [y]
+    return [np.asarray(a, dtype=np.float64) for a in y]
+
+
+def _output_check(real, expected, details, **common):
     top1, max_diff = _agreement(real, expected)
     error = real.reshape(expected.shape) - expected
     span = float(expected.max() - expected.min())
     noise = float(np.sum(error**2))
     step = None
-    if np.dtype(details["dtype"]).kind != "f":
+    if np.dtype(details["dtype"]).kind != "f" and _quantized(details):
         step = float(details["quantization_parameters"]["scales"][0])
-    result = Verification(
-        samples=len(inputs),
-        inputs=input_source,
-        bit_exact=True,
+    return Verification(
         top1_agreement=top1,
         max_abs_diff=max_diff,
         output_step=step,
@@ -250,17 +364,147 @@ def verify(compressed, baseline, keras_model, inputs, arena, baseline_arena,
             if noise > 0
             else float("inf")
         ),
+        **common,
     )
-    if plain_int8 is not None:
-        _, plain_real, _ = run_tflm(plain_int8, inputs, baseline_arena + _ARENA_MARGIN)
-        result.int8_top1_agreement, result.int8_max_abs_diff = _agreement(
-            plain_real, expected
+
+
+def _worst(checks, common):
+    """One summary `Verification` of several outputs: the worst figures."""
+    top1 = [c.top1_agreement for c in checks if c.top1_agreement is not None]
+    int8_top1 = [c.int8_top1_agreement for c in checks if c.int8_top1_agreement is not None]
+    int8_diff = [c.int8_max_abs_diff for c in checks if c.int8_max_abs_diff is not None]
+    return Verification(
+        top1_agreement=min(top1) if top1 else None,
+        max_abs_diff=max(c.max_abs_diff for c in checks),
+        output_step=None,
+        task="classification" if all(c.task == "classification" for c in checks)
+        else "regression",
+        relative_error=max(c.relative_error for c in checks),
+        snr_db=min(c.snr_db for c in checks),
+        int8_top1_agreement=min(int8_top1) if int8_top1 else None,
+        int8_max_abs_diff=max(int8_diff) if int8_diff else None,
+        outputs=checks,
+        **common,
+    )
+
+
+# Random inputs over the whole input range added to the bit-exact check.
+EXTRA_RANDOM_INPUTS = 8
+
+
+def verify(compressed, baseline, keras_model, inputs, arena, baseline_arena,
+           input_source="representative_data", min_agreement=None,
+           plain_int8=None):
+    """Runs both models on TFLM and compares them with each other and Keras.
+
+    Args:
+        compressed: The compressed flatbuffer.
+        baseline: Its uncompressed twin.
+        keras_model: The plain Keras model that was converted.
+        inputs: A list of arrays `(N,) + input shape`, one per model input in
+            Keras order (float32 or integer); one array for one input.
+        arena: Arena bytes the compressed model needs.
+        baseline_arena: Arena bytes the uncompressed model needs.
+        input_source: Where the inputs came from, for the report.
+        min_agreement: If set, the lowest acceptable top-1 agreement (of
+            every classifier output).
+        plain_int8: The converter's own int8 model, when `baseline` was
+            requantised from it: its agreement with Keras is measured too.
+
+    Returns:
+        A `Verification`; with `outputs` for a model of several outputs.
+
+    Raises:
+        VerificationError: The outputs differ, or agreement is too low.
+    """
+    inputs = _as_inputs(inputs)
+    raw, real, details = run_tflm_all(compressed, inputs, arena + _ARENA_MARGIN)
+    # The bit-exact check also runs inputs over the whole input range:
+    # typical inputs may leave weights unexercised (e.g. ReLUs never open).
+    _, runtime, _ = tflm.require()
+    probe = runtime.Interpreter.from_bytes(bytes(compressed), arena_size=arena + _ARENA_MARGIN)
+    input_details, _ = interpreter_io(probe, compressed)
+    del probe
+    extra = random_inputs(
+        input_details, EXTRA_RANDOM_INPUTS, np.random.default_rng(1), inputs
+    )
+    extra_raw, _, _ = _run_raw(compressed, extra, arena + _ARENA_MARGIN)
+    if bytes(compressed) == bytes(baseline):  # nothing was compressed
+        twin, twin_extra = raw, extra_raw
+    else:
+        twin, _, _ = run_tflm_all(baseline, inputs, baseline_arena + _ARENA_MARGIN)
+        twin_extra, _, _ = _run_raw(baseline, extra, baseline_arena + _ARENA_MARGIN)
+    differing = 0
+    for a, b, c, d in zip(raw, twin, extra_raw, twin_extra):
+        if a.shape != b.shape or c.shape != d.shape:
+            differing = len(a) + len(c)
+            break
+        differing = max(
+            differing,
+            int(np.sum(np.any((a != b).reshape(len(a), -1), axis=1)))
+            + int(np.sum(np.any((c != d).reshape(len(c), -1), axis=1))),
         )
-    if min_agreement is not None and top1 is not None and top1 < min_agreement:
+    if differing:
         raise VerificationError(
-            f"TFLM and Keras agree on the top-1 class for {top1:.1%} of the "
-            f"inputs, below min_agreement={min_agreement:.1%}. Nothing was "
-            "written. Give more representative data for calibration, or "
-            "check the model."
+            f"The compressed model's outputs differ from its uncompressed "
+            f"twin's on {differing} of {len(raw[0]) + EXTRA_RANDOM_INPUTS} "
+            "inputs: TFLM's DECODE did not restore the weights exactly. "
+            "Nothing was written."
         )
+    expected = keras_outputs(keras_model, inputs)
+    if len(expected) != len(real):
+        raise VerificationError(
+            f"the Keras model has {len(expected)} outputs, the converted model "
+            f"{len(real)}; nothing was written."
+        )
+    common = dict(
+        samples=len(inputs[0]), inputs=input_source, bit_exact=True,
+        checked_inputs=len(inputs[0]) + EXTRA_RANDOM_INPUTS,
+    )
+    checks = [
+        _output_check(r, e, d, name=f"output_{i}", **common)
+        for i, (r, e, d) in enumerate(zip(real, expected, details))
+    ]
+    if plain_int8 is not None:
+        _, plain_real, _ = run_tflm_all(plain_int8, inputs, baseline_arena + _ARENA_MARGIN)
+        for check, r, e in zip(checks, plain_real, expected):
+            check.int8_top1_agreement, check.int8_max_abs_diff = _agreement(r, e)
+    result = checks[0] if len(checks) == 1 else _worst(checks, common)
+    result.name = ""
+    constant = [
+        c.name for c, e in zip(checks, expected)
+        if len(e) > 1 and np.all(e == e[:1])
+    ]
+    if constant:
+        result.note = (
+            "Keras gives the same output for every verification input ("
+            + ", ".join(constant)
+            + "): agreement says little; give varied representative_data."
+        )
+    for check in checks:
+        top1 = check.top1_agreement
+        if min_agreement is not None and top1 is not None and top1 < min_agreement:
+            where = f" on {check.name}" if len(checks) > 1 else ""
+            raise VerificationError(
+                f"TFLM and Keras agree on the top-1 class{where} for {top1:.1%} "
+                f"of the inputs, below min_agreement={min_agreement:.1%}. "
+                "Nothing was written. Give more representative data for "
+                "calibration, or check the model."
+            )
     return result
+
+
+def _run_raw(model_bytes, inputs, arena_size):
+    """Like `run_tflm_all`, with inputs already of the input tensors' types."""
+    _, runtime, _ = tflm.require()
+    interpreter = runtime.Interpreter.from_bytes(bytes(model_bytes), arena_size=arena_size)
+    _, output_details = interpreter_io(interpreter, model_bytes)
+    raw = [[] for _ in output_details]
+    for n in range(len(inputs[0])):
+        for i, x in enumerate(inputs):
+            interpreter.set_input(x[n], i)
+        interpreter.invoke()
+        for o in range(len(output_details)):
+            raw[o].append(np.array(interpreter.get_output(o), copy=True))
+    raw = [np.stack(r) for r in raw]
+    return raw, None, output_details
