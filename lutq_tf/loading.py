@@ -7,6 +7,9 @@ the file; when Keras refuses the config, it drops the known tf.keras 2.x keys
 whose values have no effect, in an in-memory copy of the file, and lets
 Keras' legacy HDF5 loader build the model and set the weights from it. The
 user's file is only read.
+
+LUT-Q models saved as `.h5` load with `keras.models.load_model` too, once
+`lutq_tf` is imported (`_register_hdf5_names`).
 """
 
 import copy
@@ -22,6 +25,9 @@ from keras.src.legacy.saving import legacy_h5_format  # no public alias
 from keras.src.legacy.saving import saving_options
 from keras.src.legacy.saving import saving_utils
 from keras.src.saving import serialization_lib
+
+from lutq_tf.model import LUTQModel
+from lutq_tf.model import LUTQSequential
 
 _DEPTHWISE = ("DepthwiseConv1D", "DepthwiseConv2D")
 _GROUPS_ONE = (
@@ -74,6 +80,22 @@ _WHAT_TO_DO = (
     "model.load_weights({path!r}), or re-save it from tf.keras 2.x without "
     "these settings."
 )
+
+
+def _register_hdf5_names():
+    """Lets Keras' HDF5 loader find the LUT-Q model classes.
+
+    Keras' HDF5 writer names the outer model by its bare class name
+    ("LUTQModel"), while the registry knows it as "lutq_tf>LUTQModel" (its
+    layers are written with that name): without these aliases a LUT-Q model
+    saved as `.h5` fails to load with "Unknown layer: 'LUTQModel'".
+    """
+    custom_objects = keras.saving.get_custom_objects()
+    for cls in (LUTQModel, LUTQSequential):
+        custom_objects.setdefault(cls.__name__, cls)
+
+
+_register_hdf5_names()
 
 
 def load_model(path, compile=False):

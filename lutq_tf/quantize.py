@@ -1,12 +1,15 @@
 """`quantize_model` and `strip_model`: rebuilding Keras models with LUT-Q."""
 
+import collections.abc
+import warnings
+
 import keras
 import numpy as np
 from keras.src.models.functional import Functional  # no public alias
 
 from lutq_tf import registry
 from lutq_tf.model import LUTQModel, LUTQSequential, lutq_layers
-from lutq_tf.quantizer import LUTQuantizer
+from lutq_tf.quantizer import LUTQuantizer, check_int
 from lutq_tf.wrapper import LUTQWrapper
 
 _SUBCLASSED_HINT = (
@@ -52,13 +55,14 @@ def quantize_model(
         prune_rate: fraction in [0, 1) of weights per table set to exactly 0.
         per_channel: one dictionary per output channel.
         channel_scales: one dictionary per tensor over the weights divided
-            by their output channel's max |W| (s_c); Q = s_c * d[A].
+            by their output channel's RMS (s_c); Q = s_c * d[A].
             Excludes `per_channel`.
-        layer_types: quantise only layers of these types (a class or tuple).
-        layer_names: quantise only the layers with these names.
-        skip: names of layers to keep in float.
-        min_weights: layers whose quantisable kernels hold fewer weights
-            stay float.
+        layer_types: quantise only layers of these types (a Keras layer
+            class, or a tuple or list of them).
+        layer_names: quantise only the layers with these names (a list).
+        skip: names of layers to keep in float (a list; None for none).
+        min_weights: an integer >= 0; layers whose quantisable kernels hold
+            fewer weights stay float.
         overrides: `{layer_name: options}` where options is a dict of the
             arguments above (`bits`, `num_values`, `constraint`,
             `prune_rate`, `per_channel`, `channel_scales`, `kmeans_every`),
@@ -66,16 +70,22 @@ def quantize_model(
         kmeans_every: run the k-means step every this many optimizer steps.
         init_iterations: Lloyd iterations of the initial k-means.
 
+    Layers are cloned from their configs; `Lambda` layers included (the
+    configs come from `model` in memory, not from a file). If Keras cannot
+    rebuild the compile settings (a loss or metric that is a local function,
+    not registered), the result is returned uncompiled with a warning.
+
     Returns:
         A `LUTQModel` (Functional) or `LUTQSequential`.
     """
-    _check_rebuildable(model, "quantize_model")
+    _check_model(model, "quantize_model")
     if lutq_layers(model):
         raise ValueError(
             f"Model '{model.name}' is already LUT-Q quantised (it has "
             "LUTQWrapper layers). Quantise the original float model, or "
             "lutq_tf.strip_model(model) first."
         )
+    _check_rebuildable(model, "quantize_model")
     if bits is None and num_values is None:
         bits = 4
     default = LUTQuantizer(
@@ -88,7 +98,7 @@ def quantize_model(
                  overrides)
 
     def clone(layer):
-        fresh = layer.__class__.from_config(layer.get_config())
+        fresh = _fresh_copy(layer)
         if layer.name in plan:
             return LUTQWrapper(fresh, plan[layer.name])
         return fresh
@@ -98,7 +108,7 @@ def quantize_model(
     for layer in lutq_layers(quantized):
         layer.initialize()
     if model.compiled:
-        quantized.compile_from_config(model.get_compile_config())
+        _compile_like(quantized, model)
     return quantized
 
 
@@ -107,32 +117,125 @@ def strip_model(model):
 
     It has no lutq_tf classes, the same layer names, and predicts what the
     LUT-Q model predicts. Use it for export or deployment.
+
+    Args:
+        model: a LUT-Q model: Sequential or Functional (from
+            `quantize_model`), or a built subclassed model (`LUTQWrapper`
+            layers, `LUTQModelMixin`).
+
+    Returns:
+        A `keras.Sequential` or Functional `keras.Model`. A subclassed model
+        becomes a Functional model traced from its `call` on inputs of the
+        shape it was built with (float32): its Python control flow is fixed
+        as traced, with `training` left at its default.
     """
+    _check_model(model, "strip_model")
+    if not isinstance(model, (keras.Sequential, Functional)):
+        model = _trace(model, "strip_model")
     _check_rebuildable(model, "strip_model")
 
     def clone(layer):
         inner = layer.layer if isinstance(layer, LUTQWrapper) else layer
-        return inner.__class__.from_config(inner.get_config())
+        return _fresh_copy(inner)
 
     stripped = _rebuild(model, clone, keras.Model, keras.Sequential)
     _copy_weights(model, stripped)
     return stripped
 
 
-def _check_rebuildable(model, what):
+def _fresh_copy(layer):
+    """A new, unbuilt layer configured as `layer` (weights copied later)."""
+    if isinstance(layer, keras.layers.Lambda):
+        # Its config holds the function as bytecode, which Keras refuses to
+        # load in safe mode and which loses the function's globals; the
+        # function object itself is at hand.
+        return keras.layers.Lambda(
+            layer.function, output_shape=layer._output_shape,
+            mask=layer.mask, arguments=dict(layer.arguments),
+            name=layer.name, dtype=layer.dtype_policy,
+            trainable=layer.trainable)
+    try:
+        return layer.__class__.from_config(layer.get_config())
+    except Exception as error:  # noqa: BLE001 (custom layers raise anything)
+        raise ValueError(
+            f"Cannot copy layer '{layer.name}' ({type(layer).__name__}) from "
+            f"its config: {error} Give its class a get_config() that "
+            "from_config() accepts, and register custom functions and "
+            "classes it uses with @keras.saving.register_keras_serializable()."
+        ) from error
+
+
+def _check_model(model, what):
+    """A built Keras 3 model, else a clear error."""
+    registry.check_keras3(
+        model, f"{what}: model '{getattr(model, 'name', model)}'")
     if not isinstance(model, keras.Model):
         raise TypeError(
-            f"{what} takes a Keras model, got {type(model).__name__}."
-        )
-    if not isinstance(model, (keras.Sequential, Functional)):
-        raise TypeError(
-            f"{what}: model '{model.name}' of class {type(model).__name__} "
-            f"is subclassed; {what} {_SUBCLASSED_HINT}"
+            f"{what} takes a Keras model (keras.Model), got "
+            f"{type(model).__name__}."
         )
     if not model.built:
         raise ValueError(
             f"{what}: model '{model.name}' is not built. Give it an input "
             "shape (keras.Input) or call it on data first."
+        )
+
+
+def _check_rebuildable(model, what):
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise TypeError(
+            f"{what}: model '{model.name}' of class {type(model).__name__} "
+            f"is subclassed; {what} {_SUBCLASSED_HINT}"
+        )
+
+
+def _trace(model, what):
+    """A Functional model over `model`'s own layers, traced from its call.
+
+    Subclassed models have no config to clone from, and a copy of one
+    cannot be made generically (its `__init__` is the user's). Calling its
+    `call` on symbolic inputs records the layers it uses as a graph, which
+    `_rebuild` then clones like any Functional model.
+    """
+    shapes = getattr(model, "_build_shapes_dict", None) or {}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"{what}: subclassed model '{model.name}' was not built from one "
+            f"input (build shapes: {shapes or 'unknown'}), so its call cannot "
+            "be traced. Call it once on a batch of data (model(x)) or "
+            "model.build(input_shape) first."
+        )
+    (shape,) = shapes.values()
+    inputs = keras.tree.map_shape_structure(
+        lambda s: keras.Input(batch_shape=(None, *tuple(s)[1:])), shape)
+    try:
+        outputs = model.call(inputs)
+        traced = keras.Model(inputs, outputs, name=model.name)
+    except Exception as error:  # noqa: BLE001 (any error in user code)
+        raise ValueError(
+            f"{what}: cannot trace the call of subclassed model "
+            f"'{model.name}' on symbolic inputs of shape {shape}: {error} "
+            "Write its call with Keras layers and keras.ops (not tf.* "
+            "functions or Python branches on tensor values)."
+        ) from error
+    traced.trainable = model.trainable
+    return traced
+
+
+def _compile_like(quantized, model):
+    """Compiles `quantized` as `model` was, or warns and leaves it as is."""
+    try:
+        quantized.compile_from_config(model.get_compile_config())
+    except (TypeError, ValueError) as error:
+        # A local function as loss or metric is saved by name only and
+        # cannot be found again; the quantisation itself is still right.
+        warnings.warn(
+            f"quantize_model: the LUT-Q model is returned uncompiled: "
+            f"Keras cannot rebuild the compile settings of model "
+            f"'{model.name}' ({error}). Compile it yourself "
+            "(model.compile(optimizer, loss, metrics)), or register the "
+            "custom loss with @keras.saving.register_keras_serializable().",
+            stacklevel=3,
         )
 
 
@@ -148,11 +251,19 @@ def _plan(model, default, layer_types, layer_names, skip, min_weights,
           overrides):
     """`{layer name: LUTQuantizer}` for the layers to quantise."""
     layers = {layer.name: layer for layer in _all_layers(model)}
-    overrides = dict(overrides or {})
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, collections.abc.Mapping):
+        raise TypeError(
+            "`overrides` takes a dict {layer_name: options}, got "
+            f"{overrides!r}."
+        )
+    overrides = dict(overrides)
+    skip = () if skip is None else skip
+    min_weights = check_int("min_weights", min_weights, 0)
     for argument, names in (("layer_names", layer_names or ()),
                             ("skip", skip), ("overrides", overrides)):
-        if isinstance(names, str):
-            raise TypeError(f"`{argument}` takes a list of layer names.")
+        _check_names(argument, names)
         unknown = sorted(set(names) - set(layers))
         if unknown:
             raise ValueError(
@@ -160,7 +271,7 @@ def _plan(model, default, layer_types, layer_names, skip, min_weights,
                 f"doesn't have: {unknown}. Its layers: {sorted(layers)}."
             )
     if layer_types is not None:
-        types = tuple(np.atleast_1d(layer_types))
+        types = _check_types(layer_types)
         unsupported = [t.__name__ for t in types
                        if not issubclass(t, registry.SUPPORTED_LAYERS)]
         if unsupported:
@@ -201,7 +312,7 @@ def _plan(model, default, layer_types, layer_names, skip, min_weights,
                     f"LUTQuantizer or None, got {options!r}."
                 )
             continue
-        if not registry.is_supported(layer) or name in skip:
+        if name in skip or not registry.is_supported(layer):
             continue
         if layer_names is not None and name not in layer_names:
             continue
@@ -211,6 +322,31 @@ def _plan(model, default, layer_types, layer_names, skip, min_weights,
             continue
         plan[name] = default
     return plan
+
+
+def _check_names(argument, names):
+    """A list (tuple, set) of layer names, else a TypeError."""
+    form = f"`{argument}` takes a list of layer names"
+    if isinstance(names, str):
+        raise TypeError(f"{form}, got the string {names!r}: write [{names!r}].")
+    if not isinstance(names, collections.abc.Iterable):
+        raise TypeError(f"{form}, got {names!r}.")
+    bad = [name for name in names if not isinstance(name, str)]
+    if bad:
+        raise TypeError(f"{form}; these are not strings: {bad!r}.")
+
+
+def _check_types(layer_types):
+    """`layer_types` as a tuple of classes, else a TypeError."""
+    if isinstance(layer_types, type):
+        return (layer_types,)
+    if isinstance(layer_types, (tuple, list)) and all(
+            isinstance(t, type) for t in layer_types):
+        return tuple(layer_types)
+    raise TypeError(
+        "`layer_types` takes Keras layer classes (keras.layers.Dense, or a "
+        f"tuple of classes), got {layer_types!r}."
+    )
 
 
 def _quantizable_size(layer):
@@ -223,8 +359,20 @@ def _quantizable_size(layer):
 
 def _rebuild(model, clone, functional_class, sequential_class):
     """Clones `model` layer by layer, outermost model of the given classes."""
-    cloned = keras.models.clone_model(model, clone_function=clone,
-                                      recursive=True)
+    # clone_model compiles its clones of compiled models from their compile
+    # configs, which fails for a local custom loss; the clone is discarded
+    # and the caller compiles the result, so clone the models as uncompiled.
+    models = [model] + [layer for layer in model._flatten_layers(
+        include_self=False, recursive=True) if isinstance(layer, keras.Model)]
+    compiled = [m.compiled for m in models]
+    try:
+        for m in models:
+            m.compiled = False
+        cloned = keras.models.clone_model(model, clone_function=clone,
+                                          recursive=True)
+    finally:
+        for m, was_compiled in zip(models, compiled):
+            m.compiled = was_compiled
     if isinstance(model, keras.Sequential):
         first = model._layers[0]
         inputs = []
@@ -234,7 +382,9 @@ def _rebuild(model, clone, functional_class, sequential_class):
         rebuilt = sequential_class(inputs + cloned.layers, name=model.name,
                                    trainable=model.trainable)
     else:
-        rebuilt = functional_class(cloned.inputs, cloned.outputs,
+        # The structures (a bare tensor, a list, a dict), not flat lists:
+        # calls with the same structures as the original then take no warning.
+        rebuilt = functional_class(cloned.input, cloned.output,
                                    name=model.name)
         rebuilt.trainable = model.trainable
     return rebuilt

@@ -1,6 +1,7 @@
 """`LUTQuantizer`: what dictionary a weight tensor gets, and its k-means step."""
 
 import math
+import numbers
 
 import keras
 import numpy as np
@@ -48,30 +49,18 @@ class LUTQuantizer:
     ):
         self.num_values = _resolve_num_values(num_values, bits)
         self.constraint = constraints_lib.get(constraint)
-        if not (isinstance(prune_rate, (int, float)) and 0 <= prune_rate < 1):
-            raise ValueError(
-                f"prune_rate must be a fraction in [0, 1), got {prune_rate!r}."
-            )
-        self.prune_rate = float(prune_rate)
-        self.per_channel = bool(per_channel)
-        self.channel_scales = bool(channel_scales)
+        self.prune_rate = check_fraction("prune_rate", prune_rate)
+        self.per_channel = check_bool("per_channel", per_channel)
+        self.channel_scales = check_bool("channel_scales", channel_scales)
         if self.per_channel and self.channel_scales:
             raise ValueError(
                 "per_channel=True and channel_scales=True exclude each other: "
                 "choose per-channel dictionaries (per_channel) or one "
                 "dictionary over channel-scaled weights (channel_scales)."
             )
-        if int(kmeans_every) != kmeans_every or kmeans_every < 1:
-            raise ValueError(
-                f"kmeans_every must be an integer >= 1, got {kmeans_every!r}."
-            )
-        self.kmeans_every = int(kmeans_every)
-        if int(init_iterations) != init_iterations or init_iterations < 1:
-            raise ValueError(
-                "init_iterations must be an integer >= 1, got "
-                f"{init_iterations!r}."
-            )
-        self.init_iterations = int(init_iterations)
+        self.kmeans_every = check_int("kmeans_every", kmeans_every, 1)
+        self.init_iterations = check_int("init_iterations", init_iterations,
+                                         1)
 
     @property
     def index_bits(self):
@@ -207,8 +196,7 @@ def _resolve_num_values(num_values, bits):
     if num_values is None and bits is None:
         raise ValueError("Give the dictionary size: `bits` or `num_values`.")
     if bits is not None:
-        if isinstance(bits, bool) or int(bits) != bits or bits < 1:
-            raise ValueError(f"bits must be an integer >= 1, got {bits!r}.")
+        bits = check_int("bits", bits, 1)
         if bits > 16:
             raise ValueError(
                 f"bits={bits} is more than LUT-Q needs (at most 16); "
@@ -218,11 +206,61 @@ def _resolve_num_values(num_values, bits):
             raise ValueError(
                 f"bits={bits} and num_values={num_values} disagree; give one."
             )
-        return 2 ** int(bits)
-    if isinstance(num_values, bool) or int(num_values) != num_values or (
-        num_values < 2
-    ):
-        raise ValueError(
-            f"num_values (K) must be an integer >= 2, got {num_values!r}."
+        return 2**bits
+    return check_int("num_values (K)", num_values, 2)
+
+
+# Option checks, shared with `quantize_model`. Numpy scalars count as numbers
+# (np.float32 is a `numbers.Real`); bools are refused where a number is
+# expected, since `True` as a rate or a count is always a mistake.
+
+
+def _describe(value):
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_int(name, value, minimum):
+    """`value` as a Python int >= `minimum`, else a clear error.
+
+    Integer-valued floats (4.0) are accepted; NaN, Inf, 2.5, strings, None
+    and bools are not.
+
+    Raises:
+        TypeError: `value` is not a number.
+        ValueError: `value` is not an integer >= `minimum`.
+    """
+    form = f"{name} must be an integer >= {minimum}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, numbers.Real):
+        raise TypeError(f"{form}, got {_describe(value)}.")
+    if isinstance(value, numbers.Integral):
+        value = int(value)
+    elif not (math.isfinite(value) and float(value).is_integer()):
+        raise ValueError(f"{form}, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{form}, got {value!r}.")
+    return int(value)
+
+
+def check_fraction(name, value):
+    """`value` as a Python float in [0, 1), else a clear error."""
+    form = f"{name} must be a fraction in [0, 1)"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, numbers.Real):
+        raise TypeError(f"{form}, got {_describe(value)}.")
+    # NaN fails both comparisons.
+    if not 0 <= value < 1:
+        raise ValueError(f"{form}, got {value!r}.")
+    return float(value)
+
+
+def check_bool(name, value):
+    """`value` as a Python bool; only True/False (numpy's too) are taken.
+
+    A truthiness test would read "no" or "False" as True.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"{name} must be True or False, got {_describe(value)}."
         )
-    return int(num_values)
+    return bool(value)

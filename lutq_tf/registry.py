@@ -51,12 +51,62 @@ SUPPORTED_LAYERS = tuple(cls for cls, _ in _TENSORS_BY_LAYER)
 
 
 def quantizable_tensors(layer):
-    """The `QuantizableTensor`s of `layer`, or () if LUT-Q doesn't take it."""
+    """The `QuantizableTensor`s of `layer`, or () if LUT-Q doesn't take it.
+
+    Raises:
+        TypeError: `layer` is a tf.keras 2.x (or other non-Keras 3) layer.
+        ValueError: `layer` is supported but was quantised by Keras itself
+            (`model.quantize("int8")`): LUT-Q needs its float weights.
+    """
+    check_keras3(layer, f"layer '{getattr(layer, 'name', layer)}'")
     for cls, tensors in _TENSORS_BY_LAYER:
         if isinstance(layer, cls):
+            # Keras' own quantisation replaces the float kernel with int8
+            # (or int4, float8) values and a scale: nothing to cluster.
+            mode = getattr(layer, "quantization_mode", None)
+            if mode is not None:
+                raise ValueError(
+                    f"Layer '{layer.name}' ({type(layer).__name__}) was "
+                    f"quantised by Keras (quantization_mode={mode!r}); LUT-Q "
+                    "needs the float model. Apply LUT-Q to the model before "
+                    "model.quantize(), or skip this layer."
+                )
             return tensors
     return ()
 
 
 def is_supported(layer):
+    """True if LUT-Q quantises some weight of `layer` (see its errors)."""
     return bool(quantizable_tensors(layer))
+
+
+def is_keras2_object(obj):
+    """True if `obj` comes from tf.keras 2.x (`tf_keras`, `tf.keras`).
+
+    Its classes are not Keras 3 classes (`keras.Layer`), and some class in
+    its hierarchy lives in a tf.keras module.
+    """
+    if isinstance(obj, keras.Layer):
+        return False
+    modules = [cls.__module__ or "" for cls in type(obj).__mro__]
+    return any(
+        module.startswith(("tf_keras", "tensorflow.python.keras", "keras."))
+        for module in modules
+    )
+
+
+def check_keras3(obj, what):
+    """Raises a TypeError saying how to convert a tf.keras 2.x object.
+
+    Args:
+        obj: a layer or model.
+        what: how the error names it ("model 'net'", "layer 'fc'").
+    """
+    if is_keras2_object(obj):
+        raise TypeError(
+            f"{what} is a tf.keras 2.x {type(obj).__name__} (module "
+            f"{type(obj).__module__}); lutq_tf works on Keras 3 objects. "
+            "Convert it: in tf.keras, model.save('model.h5'); then "
+            "model = lutq_tf.load_model('model.h5') gives the Keras 3 model "
+            "with the same weights."
+        )

@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Optional
 
+import keras
 import numpy as np
 
 from lutq_tf.model import lutq_layers
@@ -19,7 +20,9 @@ class TensorSummary:
         per_channel: one dictionary per output channel (else per tensor).
         in_use: distinct entries that some weight is assigned to (the
             largest count over tables when per channel).
-        prune_rate: fraction of weights that are exactly 0.
+        prune_rate: fraction of weights pruned: assigned to the pruning
+            entry (fixed at 0) of a quantizer with `prune_rate > 0`; 0
+            without pruning, whatever zeros the dictionary holds.
         index_bits: bits per assignment index, ceil(log2 K).
         weight_count: number of weights.
         constraint: the dictionary constraint's description.
@@ -29,6 +32,8 @@ class TensorSummary:
         channel_scales: in "scaled" mode, s as a float32 numpy array `[C]`
             (columns of the tensor state's `to_matrix`: the layer's output
             channels), with Q[m, c] = s[c] * d[A[m, c]]; else None.
+        zeros: fraction of quantised weights that are exactly 0, pruned or
+            not (a ternary dictionary's middle entry, a uniform grid's 0).
     """
 
     layer: str
@@ -44,6 +49,7 @@ class TensorSummary:
     # An array: left out of ==, which would be ambiguous.
     channel_scales: Optional[np.ndarray] = dataclasses.field(
         default=None, compare=False)
+    zeros: Optional[float] = None
 
     def __post_init__(self):
         # Rows made without a mode (older callers) get it from per_channel.
@@ -56,12 +62,17 @@ def summary(model, print_fn=print):
     """Per quantised tensor: K, entries in use, pruning, index bits, size.
 
     Args:
-        model: a model containing `LUTQWrapper` layers.
+        model: a Keras model containing `LUTQWrapper` layers.
         print_fn: called with the table as one string; None prints nothing.
 
     Returns:
-        A list of `TensorSummary`.
+        A list of `TensorSummary` (empty if `model` has no LUT-Q layers).
     """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "lutq_tf.summary takes a Keras model with LUTQWrapper layers "
+            f"(from lutq_tf.quantize_model), got {type(model).__name__}."
+        )
     rows = []
     for layer in lutq_layers(model):
         quantizer = layer.quantizer
@@ -82,13 +93,17 @@ def summary(model, print_fn=print):
                 num_values=quantizer.num_values,
                 per_channel=quantizer.per_channel,
                 in_use=in_use,
-                prune_rate=float(np.mean(quantized == 0)),
+                # Row 0 is the pruning entry when the quantizer prunes
+                # (kmeans.py); other zeros are values the k-means chose.
+                prune_rate=(float(np.mean(assignment == 0))
+                            if quantizer.prune_rate > 0 else 0.0),
                 index_bits=quantizer.index_bits,
                 weight_count=int(quantized.size),
                 constraint=repr(quantizer.constraint),
                 mode=quantizer.mode,
                 channel_scales=(None if scales is None
                                 else scales.numpy().copy()),
+                zeros=float(np.mean(quantized == 0)),
             ))
     if print_fn is not None:
         print_fn(format_table(rows))
@@ -97,12 +112,14 @@ def summary(model, print_fn=print):
 
 def format_table(rows):
     """Renders `TensorSummary` rows as a fixed-width text table."""
-    header = ("layer", "tensor", "K", "tables", "in use", "pruned", "bits",
-              "weights", "constraint")
+    header = ("layer", "tensor", "K", "tables", "in use", "pruned", "zeros",
+              "bits", "weights", "constraint")
     body = [
         (r.layer, r.tensor, str(r.num_values),
          r.mode, str(r.in_use),
-         f"{100 * r.prune_rate:.1f}%", str(r.index_bits),
+         f"{100 * r.prune_rate:.1f}%",
+         "" if r.zeros is None else f"{100 * r.zeros:.1f}%",
+         str(r.index_bits),
          f"{r.weight_count:,}", r.constraint)
         for r in rows
     ]

@@ -40,6 +40,63 @@ def test_bad_options(options, message):
         lutq_tf.quantize_model(_model(), **options)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"bits": NAN}, ValueError, "bits must be an integer >= 1, got nan"),
+    ({"bits": INF}, ValueError, "bits must be an integer >= 1, got inf"),
+    ({"bits": "4"}, TypeError, r"bits must be an integer >= 1, got '4' \(str"),
+    ({"num_values": 2.5}, ValueError, r"num_values \(K\) must be an integer"),
+    ({"kmeans_every": None}, TypeError,
+     "kmeans_every must be an integer >= 1, got None"),
+    ({"kmeans_every": NAN}, ValueError,
+     "kmeans_every must be an integer >= 1, got nan"),
+    ({"init_iterations": True}, TypeError, "init_iterations must be an int"),
+    ({"per_channel": "no"}, TypeError,
+     "per_channel must be True or False, got 'no'"),
+    ({"channel_scales": 1}, TypeError, "channel_scales must be True or False"),
+    ({"prune_rate": "0.5"}, TypeError,
+     r"prune_rate must be a fraction in \[0, 1\), got '0.5'"),
+    ({"prune_rate": NAN}, ValueError, r"prune_rate must be a fraction"),
+    ({"skip": "fc"}, TypeError,
+     r"`skip` takes a list of layer names.*\['fc'\]"),
+    ({"layer_names": ["fc", 3]}, TypeError, r"`layer_names`.*\[3\]"),
+    ({"layer_types": "Dense"}, TypeError,
+     r"`layer_types` takes Keras layer classes.*'Dense'"),
+    ({"layer_types": (L.Dense, "Conv2D")}, TypeError, "`layer_types`"),
+    ({"min_weights": "10"}, TypeError,
+     "min_weights must be an integer >= 0, got '10'"),
+    ({"min_weights": -1}, ValueError, "min_weights must be an integer >= 0"),
+    ({"overrides": ["fc"]}, TypeError,
+     r"`overrides` takes a dict \{layer_name: options\}, got \['fc'\]"),
+    ({"overrides": {"fc": {"per_channel": "yes"}}}, ValueError,
+     r"overrides\['fc'\]: per_channel must be True or False"),
+])
+def test_option_types_and_values(options, error, message):
+    with pytest.raises(error, match=message):
+        lutq_tf.quantize_model(_model(), **options)
+
+
+def test_numpy_scalars_and_none_are_taken():
+    quantized = lutq_tf.quantize_model(
+        _model(), bits=np.int64(2), prune_rate=np.float32(0.5),
+        per_channel=np.bool_(False), kmeans_every=np.int32(2),
+        init_iterations=np.float64(3), min_weights=np.int64(0), skip=None,
+        layer_types=[L.Dense])
+    (fc,) = lutq_tf.lutq_layers(quantized)
+    assert fc.quantizer == lutq_tf.LUTQuantizer(
+        bits=2, prune_rate=0.5, kmeans_every=2, init_iterations=3)
+    assert type(fc.quantizer.prune_rate) is float
+    assert type(fc.quantizer.per_channel) is bool
+
+
+def test_summary_of_something_else():
+    with pytest.raises(TypeError, match="summary takes a Keras model.*"
+                                        "NoneType"):
+        lutq_tf.summary(None)
+
+
 def test_k_larger_than_the_tensor_names_the_layer():
     # conv has 36 weights, 9 per channel.
     with pytest.raises(ValueError, match="'conv'.*K=64.*36 weights"):

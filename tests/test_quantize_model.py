@@ -163,6 +163,8 @@ def test_summary_reports_each_tensor():
     assert fc.num_values == 8 and fc.index_bits == 3
     assert fc.weight_count == 6 * 6 * 8 * 4
     assert fc.prune_rate == pytest.approx(0.5)
+    assert fc.zeros >= fc.prune_rate
+    assert rows[0].prune_rate == 0  # no pruning configured
     assert 2 <= fc.in_use <= 8
     assert "sep" in printed[0] and "pointwise_kernel" in printed[0]
 
@@ -213,3 +215,7 @@ def test_binary_and_ternary_networks(k, expected):
         np.testing.assert_array_equal(values, -values[::-1])
         if k == 3:
             assert values[1] == 0
+    # Ternary zeros are values, not pruning: the summary tells them apart.
+    for row in lutq_tf.summary(quantized, print_fn=None):
+        assert row.prune_rate == 0
+        assert (row.zeros > 0) == (k == 3)
