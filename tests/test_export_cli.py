@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import tflite_export
+from tflite_export import c_array
 from test_loading import save_tf_keras_style_h5
 from test_loading import small_model
 
@@ -110,6 +111,14 @@ def test_c_array_compiles_and_holds_the_model_bytes(tmp_path):
         '#include <cstdint>\n#include <cstdio>\n#include "model_data.h"\n'
         "int main(int argc, char** argv) {\n"
         "  if (reinterpret_cast<std::uintptr_t>(model_data) % 16 != 0) return 2;\n"
+        # The header's length and CRC-32 describe the linked array.
+        "  if (model_data_len != model_data_expected_len) return 3;\n"
+        "  unsigned long crc = 0xFFFFFFFFul;\n"
+        "  for (unsigned int i = 0; i < model_data_len; ++i) {\n"
+        "    crc ^= model_data[i];\n"
+        "    for (int k = 0; k < 8; ++k) crc = (crc >> 1) ^ (0xEDB88320ul & (0ul - (crc & 1ul)));\n"
+        "  }\n"
+        "  if ((crc ^ 0xFFFFFFFFul) != model_data_crc32) return 4;\n"
         '  FILE* f = std::fopen(argv[1], "wb");\n'
         "  std::fwrite(model_data, 1, model_data_len, f);\n"
         "  return std::fclose(f);\n}\n"
@@ -123,3 +132,61 @@ def test_c_array_compiles_and_holds_the_model_bytes(tmp_path):
     subprocess.run([str(binary), str(tmp_path / "dumped.bin")], check=True)
     with open(tmp_path / "dumped.bin", "rb") as f, open(result.path, "rb") as g:
         assert f.read() == g.read()
+    assert c_array.matches(result.path, tmp_path / "model_data.h")
+
+
+def _two_input_model(seed=0):
+    rng = np.random.default_rng(seed)
+    a = keras.Input((8,), name="zeta")
+    b = keras.Input((8,), name="alpha")
+    x = keras.layers.Concatenate()([keras.layers.Dense(16, name="fa")(a),
+                                    keras.layers.Dense(16, name="fb")(b)])
+    model = keras.Model([a, b], [keras.layers.Dense(3, name="o1")(x),
+                                 keras.layers.Dense(2, name="o2")(x)])
+    data = [rng.normal(size=(16, 8)).astype("float32"),
+            5.0 + rng.normal(size=(16, 8)).astype("float32")]
+    return model, data
+
+
+@pytest.mark.slow
+def test_cli_takes_an_npz_with_one_array_per_input(tmp_path):
+    model, data = _two_input_model()
+    model.save(tmp_path / "model.keras")
+    np.savez(tmp_path / "named.npz", alpha=data[1], zeta=data[0])
+    np.savez(tmp_path / "ordered.npz", *data)
+    proc = _run_cli("model.keras", "--out", "a.tflite", "--representative",
+                    "named.npz", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "output_1:" in proc.stdout and "bit-exact" in proc.stdout
+    # In input order, the same arrays.
+    from tflite_export.__main__ import load_representative
+
+    ordered = load_representative(str(tmp_path / "ordered.npz"), model)
+    named = load_representative(str(tmp_path / "named.npz"), model)
+    assert isinstance(ordered, list) and set(named) == {"zeta", "alpha"}
+    assert np.array_equal(ordered[0], named["zeta"])
+    assert np.array_equal(ordered[1], named["alpha"])
+    np.savez(tmp_path / "wrong.npz", a=data[0], b=data[1])
+    with pytest.raises(ValueError, match=r"holds arrays \['a', 'b'\].*\['zeta', 'alpha'\]"):
+        load_representative(str(tmp_path / "wrong.npz"), model)
+
+
+@pytest.mark.slow
+def test_cli_names_a_bad_data_file_and_a_damaged_model(tmp_path):
+    import zipfile
+
+    model, data = _lut_model()
+    model.save(tmp_path / "model.keras")
+    (tmp_path / "data.txt").write_text("1 2 3\n")
+    proc = _run_cli("model.keras", "--representative", "data.txt", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "error: --representative data.txt is not a .npy or .npz file" in proc.stderr
+    with zipfile.ZipFile(tmp_path / "damaged.keras", "w") as z:
+        z.writestr("readme.txt", "no config.json")
+    for name in ("damaged.keras",):
+        proc = _run_cli(name, "--quantize", "float32", cwd=tmp_path)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert (f"error: cannot load {name} as a Keras model" in proc.stderr
+                or f"error: {name} is not a Keras model file" in proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["damaged.keras", "data.txt", "model.keras"]

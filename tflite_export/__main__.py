@@ -1,8 +1,8 @@
 """Command line: export a saved LUT-Q Keras model to a TFLM .tflite file.
 
     python -m tflite_export MODEL --out model.tflite [--quantize int8]
-        [--representative data.npy] [--c_array model_data.cc] [--noslim]
-        [--shared_tables auto|true|false]
+        [--representative data.npy|data.npz] [--c_array model_data.cc]
+        [--noslim] [--shared_tables auto|true|false]
 
 MODEL is a `.keras` file or an HDF5 `.h5` file, also one saved by tf.keras
 2.x (loaded by `lutq_tf.load_model`). Prints the export report as a table.
@@ -10,6 +10,7 @@ MODEL is a `.keras` file or an HDF5 `.h5` file, also one saved by tf.keras
 
 import os
 import sys
+import zipfile
 
 from absl import app
 from absl import flags
@@ -23,7 +24,10 @@ _QUANTIZE = flags.DEFINE_enum(
 )
 _REPRESENTATIVE = flags.DEFINE_string(
     "representative", None,
-    ".npy file of typical inputs, shape (N, ...input shape); needed for int8.",
+    "Typical inputs; needed for int8 and integer inputs. One input: a .npy "
+    "of shape (N, ...input shape). Several: a .npz with one array per input, "
+    "named by input name (np.savez(f, name=array, ...)) or in model input "
+    "order (np.savez(f, x0, x1, ...)).",
 )
 _C_ARRAY = flags.DEFINE_string(
     "c_array", None, "Also write the model as a C array to this .cc (and .h)."
@@ -78,7 +82,21 @@ def main(argv):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    data = np.load(_REPRESENTATIVE.value) if _REPRESENTATIVE.value else None
+    except (KeyError, OSError, zipfile.BadZipFile) as e:
+        # A damaged .keras zip fails with a KeyError or a zip error.
+        print(
+            f"error: cannot load {model_path} as a Keras model ({e}); "
+            "expected a .keras file saved by model.save() or an HDF5 .h5 model.",
+            file=sys.stderr,
+        )
+        return 1
+    data = None
+    if _REPRESENTATIVE.value:
+        try:
+            data = load_representative(_REPRESENTATIVE.value, model)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     out = _OUT.value or os.path.splitext(model_path)[0] + ".tflite"
     try:
         result = tflite_export.export(
@@ -101,6 +119,57 @@ def main(argv):
         return 1
     print(result.table())
     return 0
+
+
+def load_representative(path, model):
+    """`--representative`: a .npy array, or a .npz of one array per input.
+
+    Args:
+        path: The file.
+        model: The Keras model (its input names order a .npz).
+
+    Returns:
+        An array, or a dict by input name, or a list in input order.
+
+    Raises:
+        ValueError: Not a .npy/.npz file of numbers, or arrays that do not
+            name the model's inputs.
+    """
+    import numpy as np
+
+    from tflite_export import convert
+
+    flag = f"--representative {path}"
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag}: no such file.")
+    try:
+        # No pickles: a data file must not run code, and a text or pickle
+        # file gets this message instead of numpy's.
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"{flag} is not a .npy or .npz file of numbers (write it with "
+            f"np.save or np.savez): {e}"
+        ) from None
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        arrays = {key: loaded[key] for key in loaded.files}
+    names = [spec.name for spec in convert.input_specs(model, None)] if getattr(
+        model, "inputs", None) else []
+    if names and set(arrays) == set(names):
+        return arrays
+    positional = [f"arr_{i}" for i in range(len(arrays))]
+    if sorted(arrays) == sorted(positional):
+        values = [arrays[key] for key in positional]
+        return values[0] if len(values) == 1 else values
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    raise ValueError(
+        f"{flag} holds arrays {sorted(arrays)}; name them by the model's "
+        f"inputs {names} (np.savez(f, name=array, ...)) or save them in input "
+        "order (np.savez(f, x0, x1, ...))."
+    )
 
 
 if __name__ == "__main__":
