@@ -40,18 +40,47 @@ class LUTQModelMixin:
     then the k-means step of every LUT-Q layer whose `kmeans_every` divides
     the optimizer's iteration count. A NaN or Inf in W stops `fit` with a
     `NonFiniteWeightsError` naming the layer; its dictionary is never
-    overwritten with NaN.
+    overwritten with NaN. The check rides on the k-means step (it reads the
+    `[K, C]` cluster sums, not W), so with `kmeans_every > 1` it sees W at
+    the next due step; `fit` also checks every LUT-Q W once when it ends.
+
+    Under a `tf.distribute` strategy (Mirrored, MultiWorkerMirrored), each
+    replica runs the same k-means step on the same all-reduced W after the
+    optimizer's update, so dictionaries and assignments stay identical
+    across replicas without any extra communication.
     """
 
     def train_step(self, data):
-        logs = super().train_step(data)
+        layers = lutq_layers(self)
+        # While Keras' step traces the forward pass, the wrappers know that
+        # this model runs their k-means step (they would otherwise run it
+        # themselves in `call`).
+        for layer in layers:
+            layer._kmeans_driven += 1
+        try:
+            logs = super().train_step(data)
+        finally:
+            for layer in layers:
+                layer._kmeans_driven -= 1
         nonfinite = self.lutq_step()
         if isinstance(logs, dict):
             # Read back by the wrapped train function, then removed: a
-            # per-step check without an extra host read.
+            # per-step check without an extra host read. int32, not bool:
+            # under tf.distribute, Keras reduces every log entry across
+            # replicas, which bool tensors do not support.
             logs = dict(logs)
-            logs[_NONFINITE_LOG] = nonfinite
+            logs[_NONFINITE_LOG] = tf.cast(nonfinite, tf.int32)
         return logs
+
+    def fit(self, *args, **kwargs):
+        history = super().fit(*args, **kwargs)
+        # With kmeans_every > 1 the per-step check skips the steps between
+        # k-means steps; one pass over W here keeps a NaN from outliving fit.
+        for layer in lutq_layers(self):
+            if not layer.weights_finite():
+                layer.nonfinite_flag.assign(True)
+        self._raise_if_nonfinite()
+        return history
 
     def lutq_step(self):
         """Runs the due k-means steps.
@@ -96,7 +125,7 @@ class LUTQModelMixin:
                          if isinstance(logs, dict) else None)
             # Without the log entry (a train_step that drops it), read the
             # layers' flags instead.
-            if nonfinite is None or bool(nonfinite):
+            if nonfinite is None or bool(nonfinite > 0):
                 self._raise_if_nonfinite()
             return logs
 
@@ -112,10 +141,18 @@ class LUTQModelMixin:
         for layer in bad:
             layer.nonfinite_flag.assign(False)
         names = ", ".join(f"'{layer.name}'" for layer in bad)
+        step = int(self.optimizer.iterations.numpy())
+        if all(layer.weights_finite() for layer in bad):
+            # W is finite but its cluster sums overflowed float32.
+            raise NonFiniteWeightsError(
+                f"LUT-Q layer {names}: its full-precision weights grew so "
+                f"large (by step {step}) that the k-means cluster sums "
+                "overflow float32. Its dictionary was kept as it was. Lower "
+                "the learning rate, clip gradients, or add weight decay."
+            )
         raise NonFiniteWeightsError(
             f"LUT-Q layer {names}: its full-precision weights became NaN or "
-            f"Inf during training (by step "
-            f"{int(self.optimizer.iterations.numpy())}). Its dictionary was "
+            f"Inf during training (by step {step}). Its dictionary was "
             "kept as it was. Lower the learning rate, clip gradients, or "
             "check the data for NaN."
         )

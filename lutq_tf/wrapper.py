@@ -3,6 +3,8 @@
 import keras
 import numpy as np
 import tensorflow as tf
+# No public API tells whether a GradientTape records a tensor.
+from tensorflow.python.eager import record
 
 from lutq_tf import registry
 from lutq_tf.quantizer import LUTQuantizer
@@ -69,6 +71,19 @@ class LUTQWrapper(keras.layers.Wrapper):
     `lutq_tf.quantize_model` or `LUTQModelMixin` call it after each
     optimizer step.
 
+    Without such a model (the wrapper in a plain `keras.Sequential` or
+    subclassed model, a `clone_model` copy, a custom GradientTape loop),
+    the wrapper drives itself, the way BatchNormalization updates its
+    statistics: each training call (`training=True`, or `training` unset
+    while a GradientTape records W) first refits d and A
+    to the W left by the previous update (every `kmeans_every`-th call),
+    then runs the forward pass. The trajectory is the one `fit` on a LUT-Q
+    model follows; only the last update is folded in at the next training
+    call, so call `kmeans_step()` after a custom loop to refit to the final
+    W. A NaN or Inf in W then fails the training call with an
+    `InvalidArgumentError` naming the layer (under XLA, which drops
+    asserts, the loss turns NaN).
+
     Supported layers: Dense, Conv1D/2D/3D, DepthwiseConv1D/2D,
     SeparableConv1D/2D (both kernels), Conv1D/2D/3DTranspose, Embedding.
 
@@ -102,6 +117,10 @@ class LUTQWrapper(keras.layers.Wrapper):
         self.quantizer = quantizer
         self.supports_masking = getattr(layer, "supports_masking", False)
         self._states = []
+        # > 0 while a LUTQModelMixin's train_step traces this layer's
+        # forward pass: that model runs the k-means step after the
+        # optimizer's update, so `call` must not.
+        self._kmeans_driven = 0
 
     # -- building -----------------------------------------------------------
 
@@ -113,6 +132,13 @@ class LUTQWrapper(keras.layers.Wrapper):
         self.nonfinite_flag = self.add_weight(
             name="nonfinite", shape=(), dtype="bool", initializer="zeros",
             trainable=False, autocast=False,
+        )
+        # Training calls so far, for the self-driven k-means step (see the
+        # class docstring). Not saved: `save_own_variables` skips it, so
+        # files keep their layout.
+        self._training_calls = self.add_weight(
+            name="training_calls", shape=(), dtype="int32",
+            initializer="zeros", trainable=False, autocast=False,
         )
         self.built = True
         # Fit the dictionaries to the current weights; init_scope lifts the
@@ -199,8 +225,19 @@ class LUTQWrapper(keras.layers.Wrapper):
             update = self._update_function(state)
             dictionary = self.quantizer.seed(state.to_matrix(weights))
             for _ in range(self.quantizer.init_iterations):
-                _, dictionary, assignment, quantized, scales = update(
+                finite, dictionary, assignment, quantized, scales = update(
                     weights, dictionary)
+                if not bool(finite):
+                    # W is finite (checked above): its cluster sums are not.
+                    peak = float(tf.reduce_max(tf.abs(weights)))
+                    raise ValueError(
+                        f"Layer '{self.layer.name}': `{state.spec.attribute}` "
+                        f"holds weights up to {peak:.3g} in magnitude; their "
+                        "k-means cluster sums overflow float32 (largest "
+                        "3.4e38). Rescale the weights (e.g. fold a constant "
+                        "factor into the next layer) so that |W| stays "
+                        "below about 1e30."
+                    )
             self._store(state, dictionary, assignment, quantized, scales)
 
     def kmeans_step(self):
@@ -249,6 +286,63 @@ class LUTQWrapper(keras.layers.Wrapper):
             state.update = tf.function(update, jit_compile=True)
         return state.update
 
+    def weights_finite(self):
+        """True if every quantised W is finite (a full pass; not per step)."""
+        return all(
+            bool(tf.reduce_all(tf.math.is_finite(
+                tf.convert_to_tensor(state.variable.value))))
+            for state in self._states
+        )
+
+    def _is_training(self, training):
+        """Whether a call trains W: `training`, else whether a tape records W.
+
+        Keras passes `training=True` only to models whose `call` takes it,
+        so a subclassed `call(self, x)` or a hand-written loop calling
+        `model(x)` under a GradientTape reaches this layer with None.
+        """
+        if not self._states:
+            return False
+        if training is not None:
+            if not isinstance(training, bool):
+                training = tf.get_static_value(training)
+            return bool(training)
+        return record.should_record_backprop(
+            [tf.convert_to_tensor(self._states[0].variable.value)])
+
+    def _self_driven_step(self):
+        """The k-means step run by `call` when no model drives it.
+
+        At the t-th training call (t = 0, 1, ...), refits d and A to W when
+        t > 0 and t % kmeans_every == 0: W then holds the t-th optimizer
+        update, as after `fit`'s step t. If W is not finite, keeps d and A,
+        sets Q to NaN (so the loss shows it, also under XLA) and raises
+        `InvalidArgumentError` (outside XLA).
+        """
+        calls = self._training_calls.value
+        every = self.quantizer.kmeans_every
+        due = tf.logical_and(calls > 0, tf.equal(calls % every, 0))
+        finite = tf.cond(due, self.kmeans_step, lambda: tf.constant(True))
+        self._training_calls.assign(calls + 1)
+        self.nonfinite_flag.assign(tf.logical_or(
+            self.nonfinite_flag.value, tf.logical_not(finite)))
+
+        def poison():
+            # XLA drops the Assert below: a NaN forward pass makes the loss
+            # NaN, as a float layer's NaN weights would. d and A are kept,
+            # and the next finite k-means step rewrites Q.
+            for state in self._states:
+                state.quantized.assign(tf.fill(state.quantized.shape,
+                                               np.float32(np.nan)))
+            return tf.constant(False)
+
+        tf.cond(finite, lambda: tf.constant(True), poison)
+        tf.debugging.Assert(finite, [tf.constant(
+            f"LUT-Q layer '{self.name}': its full-precision weights became "
+            "NaN or Inf during training; its dictionary was kept as it "
+            "was. Lower the learning rate, clip gradients, or check the "
+            "data for NaN.")])
+
     def _store(self, state, dictionary, assignment, quantized, scales=None):
         state.dictionary.assign(dictionary)
         state.assignment.assign(assignment)
@@ -258,7 +352,11 @@ class LUTQWrapper(keras.layers.Wrapper):
 
     # -- forward ------------------------------------------------------------
 
-    def call(self, inputs, *args, **kwargs):
+    def call(self, inputs, *args, training=None, **kwargs):
+        if not self._kmeans_driven and self._is_training(training):
+            self._self_driven_step()
+        if self.layer._call_has_training_arg:
+            kwargs["training"] = training
         substitutes = {
             id(state.variable): _straight_through(
                 state.variable.value, state.quantized.value
@@ -319,6 +417,30 @@ class LUTQWrapper(keras.layers.Wrapper):
         scales, else 1).
         """
         return tuple(self._states)
+
+    # -- saving -------------------------------------------------------------
+
+    def _saved_variables(self):
+        """The wrapper's own variables but the training-call counter."""
+        return [v for v in (self._trainable_variables
+                            + self._non_trainable_variables)
+                if v is not getattr(self, "_training_calls", None)]
+
+    def save_own_variables(self, store):
+        for i, variable in enumerate(self._saved_variables()):
+            store[f"{i}"] = variable
+
+    def load_own_variables(self, store):
+        variables = self._saved_variables()
+        if len(store.keys()) != len(variables):
+            raise ValueError(
+                f"LUTQWrapper '{self.name}': the file holds "
+                f"{len(store.keys())} variables for this layer, the layer "
+                f"has {len(variables)}. Was the file saved from a model "
+                "with a different quantizer (per_channel, channel_scales)?"
+            )
+        for i, variable in enumerate(variables):
+            variable.assign(store[f"{i}"])
 
     def get_config(self):
         config = super().get_config()
