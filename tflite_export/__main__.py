@@ -69,8 +69,6 @@ def main(argv):
         raise app.UsageError(f"no such model file: {model_path}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    import numpy as np
-
     # Registers the LUT-Q layers, and loads tf.keras 2.x .h5 files too.
     import lutq_tf
     import tflite_export
