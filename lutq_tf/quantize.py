@@ -328,7 +328,8 @@ def _check_names(argument, names):
     """A list (tuple, set) of layer names, else a TypeError."""
     form = f"`{argument}` takes a list of layer names"
     if isinstance(names, str):
-        raise TypeError(f"{form}, got the string {names!r}: write [{names!r}].")
+        raise TypeError(
+            f"{form}, got the string {names!r}: write [{names!r}].")
     if not isinstance(names, collections.abc.Iterable):
         raise TypeError(f"{form}, got {names!r}.")
     bad = [name for name in names if not isinstance(name, str)]

@@ -73,7 +73,8 @@ def test_tf_keras_objects_are_refused_with_how_to_convert():
     model = _tf_keras_class("Functional",
                             "tf_keras.src.engine.functional")()
     for function in (lutq_tf.quantize_model, lutq_tf.strip_model):
-        with pytest.raises(TypeError, match="tf.keras 2.x.*lutq_tf.load_model"):
+        with pytest.raises(TypeError,
+                           match="tf.keras 2.x.*lutq_tf.load_model"):
             function(model)
     # Other objects are not Keras models at all.
     with pytest.raises(TypeError, match="takes a Keras model.*NoneType"):
