@@ -43,6 +43,9 @@ def define_flags():
     flags.DEFINE_integer("seeds", 3, "Seeds per reported row.")
     flags.DEFINE_string("out", os.path.join(RESULTS, "dictionary_modes"),
                         "Output path without extension (.json and .md).")
+    flags.DEFINE_bool("fit_only", False,
+                      "Only the k-means fit of the pretrained weights, no "
+                      "training (deterministic; written to <out>_fit.json).")
 
 
 def _load(path):
@@ -83,7 +86,30 @@ def _run(key, record, path, train, evaluate, h5, bits, mode, rate, seed):
     return accuracy
 
 
-def markdown(record):
+def fit_only(f):
+    """Test accuracy of the k-means fit alone, per mode and bit width."""
+    from examples import datasets
+    from examples import models
+    from examples import pipeline
+
+    import lutq_tf
+
+    _, test = datasets.load_cifar10(f.cifar10)
+    model = models.load_pretrained_resnet8(f.resnet8_h5)
+    rows = {"float": pipeline.keras_accuracy(model, *test)}
+    for bits in [int(b) for b in f.bits]:
+        for mode in f.modes:
+            options = dict(MODES[mode])
+            if mode == "channel":
+                options["overrides"] = pipeline.small_channel_overrides(model, 2**bits)
+            q = lutq_tf.quantize_model(model, bits=bits, **options)
+            rows[f"lutq{bits}/{mode}"] = pipeline.keras_accuracy(q, *test)
+            print(f"fit lutq{bits}/{mode}: {rows[f'lutq{bits}/{mode}']:.4f}", flush=True)
+    _save({"command": "python -m benchmarks.dictionary_modes " + " ".join(sys.argv[1:]),
+           "accuracy": rows}, f.out + "_fit.json")
+
+
+def markdown(record, fit=None):
     import numpy as np
 
     runs = {r["key"]: r["accuracy"] for r in record["runs"]}
@@ -115,6 +141,15 @@ def markdown(record):
     for bits in (4, 3, 2):
         lines.append(f"| LUT-Q {bits}-bit | " + " | ".join(
             cell(f"test/lutq{bits}/{mode}") for mode in MODES) + " |")
+    if fit:
+        acc = fit["accuracy"]
+        lines += ["", f"k-means fit of the pretrained weights alone, no training "
+                  f"(`{fit['command']}`); float {100 * acc['float']:.2f}%:", "",
+                  "| variant | per tensor | scaled | per channel |", "| --- | ---: | ---: | ---: |"]
+        for bits in (4, 3, 2):
+            lines.append(f"| LUT-Q {bits}-bit | " + " | ".join(
+                f"{100 * acc[f'lutq{bits}/{m}']:.2f}%" if f"lutq{bits}/{m}" in acc else ""
+                for m in MODES) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -128,6 +163,9 @@ def main(argv):
     f = flags.FLAGS
     if not (f.cifar10 and f.resnet8_h5):
         raise app.UsageError("give --cifar10 and --resnet8_h5")
+    if f.fit_only:
+        fit_only(f)
+        return
     path = f.out + ".json"
     record = _load(path)
     record["command"] = "python -m benchmarks.dictionary_modes " + " ".join(sys.argv[1:])
@@ -153,9 +191,15 @@ def main(argv):
             for mode in f.modes:
                 _run(f"test/lutq{bits}/{mode}/seed{seed}", record, path, (x, y), test,
                      f.resnet8_h5, bits, mode, rate, seed)
-        with open(f.out + ".md", "w") as out:
-            out.write(markdown(record))
-    print(markdown(record))
+        write_markdown(record, f.out)
+
+
+def write_markdown(record, out):
+    fit = _load(out + "_fit.json") if os.path.exists(out + "_fit.json") else None
+    text = markdown(record, fit)
+    with open(out + ".md", "w") as f:
+        f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ dictionary `d` is `[K, C]` and the assignment `a` is `[M, C]` with values in
 `[0, K)`; the quantised weights are `q[m, c] = d[a[m, c], c]`.
 
 In the scaled-dictionary mode (`scaled_kmeans_step`), each column is first
-divided by its scale `s_c = max_m |x[m, c]|`, the normalised columns form one
+divided by its scale `s_c` (its RMS), the normalised columns form one
 table `[M * C, 1]` with one dictionary `[K, 1]`, and
 `q[m, c] = s_c * d[a[m, c]]`.
 
@@ -345,7 +345,13 @@ def kmeans_step(x, dictionary, constraint, num_pruned):
 
 
 def channel_scales(x):
-    """Each column's scale `s_c = max_m |x[m, c]|` (1 for an all-zero one).
+    """Each column's scale: its RMS `s_c = sqrt(mean_m x[m, c]^2)` (1 for an
+    all-zero column).
+
+    RMS rather than the largest |x|: one outlier would squeeze a channel's
+    bulk of weights near 0. On CIFAR-10 ResNet-8 (k-means fit alone, no
+    training, 3,000 test images) RMS gave 50.4 % at 4 bits and 33.3 % at 2
+    bits, the largest |x| 36.1 % and 0.3 % (per tensor: 41.0 %, 10.7 %).
 
     A NaN or Inf in a column reaches the normalised weights (x / s is NaN),
     so `scaled_kmeans_step`'s finite check still sees it.
@@ -356,9 +362,13 @@ def channel_scales(x):
     Returns:
         float32 `[C]`.
     """
+    # Squares of weights above ~1.8e19 overflow float32: take them relative
+    # to the column's largest |x| (a NaN or Inf in x still reaches s).
     peak = tf.reduce_max(tf.abs(x), axis=0)
+    unit = tf.where(peak > 0, peak, tf.ones_like(peak))
+    rms = unit * tf.sqrt(tf.reduce_mean(tf.square(x / unit[None, :]), axis=0))
     # Materialised: the division and the final product read it per weight.
-    return materialize(tf.where(peak > 0, peak, tf.ones_like(peak)))
+    return materialize(tf.where(rms > 0, rms, tf.ones_like(rms)))
 
 
 def scaled_kmeans_step(x, dictionary, scales, constraint, num_pruned):

@@ -29,7 +29,7 @@ class LUTQuantizer:
             steps.
         init_iterations: Lloyd iterations of the initial k-means.
         channel_scales: one dictionary per tensor over the weights divided
-            by their output channel's scale `s_c = max |W[:, c]|` (refreshed
+            by their output channel's scale `s_c = RMS(W[:, c])` (refreshed
             at each k-means step); Q[m, c] = s_c * d[A[m, c]]. Per-channel
             ranges at one table's cost (an exporter folds s_c into the int8
             per-channel scale). Pruning takes the tensor's smallest
@@ -94,7 +94,7 @@ class LUTQuantizer:
         """The channel scales of a `[M, C]` matrix, or None.
 
         Returns:
-            float32 `[C]`, `s_c = max_m |matrix[m, c]|` (1 for an all-zero
+            float32 `[C]`, `s_c` = the RMS of `matrix[:, c]` (1 for an all-zero
             column), with `channel_scales`; else None.
         """
         if not self.channel_scales:
