@@ -124,7 +124,14 @@ def load_model(path, compile=False):
     if os.path.isfile(path) and h5py.is_hdf5(path):
         return _load_hdf5(path, compile)
     if os.path.isdir(path) or zipfile.is_zipfile(path):
-        return keras.saving.load_model(path, compile=compile)
+        try:
+            return keras.saving.load_model(path, compile=compile)
+        except (KeyError, zipfile.BadZipFile, EOFError) as e:
+            # Keras reads a zip without config.json as a missing key.
+            raise ValueError(
+                f"{path} is a zip file but not a Keras model file ({e}): "
+                "expected a .keras file written by model.save()."
+            ) from e
     raise ValueError(
         f"{path} is not a Keras model file: expected a .keras file (a zip) "
         "or an HDF5 model file (.h5)."

@@ -225,3 +225,13 @@ def test_mlperf_tiny_h5_loads_with_the_files_weights(name):
     assert all(type(x).__module__.startswith("keras.") for x in model.layers)
     assert_weights_match_h5(model, path)
     assert _digest(path) == before
+
+
+def test_a_zip_that_is_not_a_keras_file_names_the_path(tmp_path):
+    import zipfile
+
+    path = tmp_path / "broken.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("metadata.json", "{}")
+    with pytest.raises(ValueError, match="not a Keras model file"):
+        lutq_tf.load_model(str(path))
