@@ -70,7 +70,47 @@ class LUTQModelMixin:
             # replicas, which bool tensors do not support.
             logs = dict(logs)
             logs[_NONFINITE_LOG] = tf.cast(nonfinite, tf.int32)
-        return logs
+        return self._reducible_logs(logs)
+
+    def test_step(self, data):
+        return self._reducible_logs(super().test_step(data))
+
+    def _multi_worker(self):
+        strategy = self._distribute_strategy
+        return strategy is not None and getattr(
+            strategy.extended, "_in_multi_worker_mode", lambda: False)()
+
+    def _reducible_logs(self, logs):
+        """Logs that Keras can reduce across MultiWorkerMirrored workers.
+
+        Keras 3.15 reduces each log entry across workers with
+        `strategy.reduce("MEAN", value, axis=0)`, which fails on the
+        scalars every step returns ("Invalid reduction dimension 0"), for
+        any model; a length-1 axis reduces to the scalar.
+        """
+        if not (isinstance(logs, dict) and self._multi_worker()):
+            return logs
+        logs = {key: tf.convert_to_tensor(value)
+                for key, value in logs.items()}
+        return {key: tf.reshape(value, [1]) if value.shape.rank == 0
+                else value for key, value in logs.items()}
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 takes the first batch's shapes by `strategy.reduce` of
+        # the whole (x, y) structure, which MultiWorkerMirroredStrategy's
+        # collectives cannot convert (ValueError: "Attempt to convert a
+        # value (PerReplica ...)"), for any model. One replica's batch has
+        # the same shapes and needs no collective.
+        strategy = self._distribute_strategy
+        if iterator is not None and self._multi_worker():
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0],
+                    next(batches))
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator,
+                                             data_batch=data_batch)
 
     def fit(self, *args, **kwargs):
         history = super().fit(*args, **kwargs)

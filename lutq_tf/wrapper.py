@@ -62,7 +62,8 @@ class LUTQWrapper(keras.layers.Wrapper):
     The wrapped layer's kernels W stay its trainable variables. For each one
     the wrapper keeps, as non-trainable state, a dictionary d (`[K, C]`, C = 1
     or the number of output channels), an assignment A (W's shape, the
-    smallest unsigned dtype that holds K) and the cached product d[A]. With
+    smallest unsigned dtype that holds K; int32 under
+    MultiWorkerMirroredStrategy) and the cached product d[A]. With
     the quantizer's `channel_scales`, d is `[K, 1]` over the weights divided
     by their output channel's scale s_c, the state adds s (`[C]`) and the
     cached product is s_c * d[A]. The forward pass uses exactly the cached
@@ -183,9 +184,15 @@ class LUTQWrapper(keras.layers.Wrapper):
             dtype="float32", initializer="zeros", trainable=False,
             autocast=False,
         )
+        assignment_dtype = self.quantizer.assignment_dtype
+        if isinstance(tf.distribute.get_strategy(),
+                      tf.distribute.MultiWorkerMirroredStrategy):
+            # It broadcasts every new variable's initial value from the
+            # chief, and its collectives take no uint8 / uint16.
+            assignment_dtype = "int32"
         assignment = self.add_weight(
             name=f"{prefix}_assignment", shape=shape,
-            dtype=self.quantizer.assignment_dtype, initializer="zeros",
+            dtype=assignment_dtype, initializer="zeros",
             trainable=False, autocast=False,
         )
         quantized = self.add_weight(

@@ -168,3 +168,36 @@ def test_mixed_float16():
     stripped = lutq_tf.strip_model(model)
     np.testing.assert_array_equal(model.predict(x, verbose=0),
                                   stripped.predict(x, verbose=0))
+
+
+def test_nan_with_kmeans_every_is_caught_when_fit_ends():
+    # The per-step check rides on the k-means step; with kmeans_every > 1
+    # fit still ends with an error, not a model whose W is NaN.
+    x, y = _data(32)
+    model = lutq_tf.quantize_model(_model(), bits=2, kmeans_every=100)
+    _compile(model)
+    kernel = model.get_layer("fc").layer.kernel
+    kernel.assign(np.where(np.arange(kernel.shape[1]) == 0, np.nan,
+                           kernel.numpy()).astype("float32"))
+    with pytest.raises(lutq_tf.NonFiniteWeightsError, match="'fc'.*NaN"):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+
+
+def test_huge_kernel_is_a_clear_error():
+    # |W| ~ 1e37: each weight is finite, their cluster sums overflow.
+    model = keras.Sequential([keras.Input((64,)), L.Dense(64, name="big")])
+    kernel = model.layers[0].kernel
+    kernel.assign(np.sign(kernel.numpy()) * 1e37)
+    with pytest.raises(ValueError, match="'big'.*overflow float32"):
+        lutq_tf.quantize_model(model, bits=2)
+
+
+def test_overflow_during_training_is_named_as_such():
+    x, y = _data(32)
+    model = lutq_tf.quantize_model(_model(), bits=2)
+    _compile(model)
+    kernel = model.get_layer("fc").layer.kernel
+    kernel.assign(np.full(kernel.shape, 3e36, "float32"))
+    with pytest.raises(lutq_tf.NonFiniteWeightsError,
+                       match="'fc'.*overflow float32"):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)
