@@ -76,6 +76,7 @@ def _assert_same_training(reference, model, x, y):
         assert np.mean(a == a_ref) >= 0.999
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kmeans_every", [1, 2])
 def test_wrapper_in_plain_sequential(kmeans_every):
     x, y = _data()
@@ -126,7 +127,8 @@ def test_subclassed_model_without_mixin():
     _assert_same_training(reference, model, x, y)
 
 
-@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("graph", [
+    False, pytest.param(True, marks=pytest.mark.slow)])
 def test_gradient_tape_loop(graph):
     x, y = _data()
     reference = _reference()
