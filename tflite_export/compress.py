@@ -164,6 +164,13 @@ def plan_table(match, share=True):
         )
         if shared.negated:
             plan.note = f"{shared.negated} channels negated"
+    else:
+        # Negated channels of an asymmetric dictionary, or all-zero channels
+        # (a 0 code the dictionary lacks), cost the shared table an index bit.
+        plan.note = (
+            f"per-channel tables: smaller than one shared table of {entries} "
+            f"codes ({shared.negated} channels negated)"
+        )
     return plan
 
 
