@@ -66,8 +66,10 @@ def _save(record, path):
 def _run(key, record, path, train, evaluate, h5, bits, mode, rate, seed):
     """One fine-tuning run, skipped if `record` has it; returns its accuracy."""
     for run in record["runs"]:
-        if run["key"] == key:
+        if run["key"] == key and run["rate"] == rate:
             return run["accuracy"]
+    # A run at another rate (the choice moved) is replaced.
+    record["runs"] = [run for run in record["runs"] if run["key"] != key]
     from examples import models
     from examples import pipeline
 
@@ -79,7 +81,7 @@ def _run(key, record, path, train, evaluate, h5, bits, mode, rate, seed):
         model, _ = pipeline.lutq_finetune(model, train, 1, _BATCH, rate, verbose=0,
                                           seed=seed, bits=bits, **MODES[mode])
     accuracy = pipeline.keras_accuracy(model, *evaluate)
-    record["runs"].append({"key": key, "accuracy": accuracy,
+    record["runs"].append({"key": key, "rate": rate, "accuracy": accuracy,
                            "seconds": round(time.time() - start)})
     _save(record, path)
     print(f"{key}: {accuracy:.4f}", flush=True)
