@@ -143,7 +143,8 @@ class Uniform(Constraint):
     (odd K, or pruning), else the symmetric half-integers
     `-(K-1)/2 ... (K-1)/2`. The step is the least-squares fit of the grid to
     the weights under the current assignment. K=2 gives binary weights
-    +-s/2, K=3 ternary weights {-s, 0, s}.
+    +-s/2, K=3 ternary weights {-s, 0, s}. K=2 with pruning has one
+    non-zero entry, {0, v}: v takes the sign of the kept weights' mean.
 
     Args:
         power_of_two_step: if True, the step is rounded to a power of two
@@ -168,6 +169,8 @@ class Uniform(Constraint):
         return np.arange(k, dtype=np.float32) - (k - 1) / 2.0
 
     def project(self, dictionary, counts, previous, fixed_zero):
+        if fixed_zero and dictionary.shape[0] == 2:
+            return self._project_one_value(dictionary, counts, previous)
         codes = tf.constant(self.codes(dictionary.shape[0], fixed_zero))[:, None]
         # Least squares over the weights: sum_k n_k (mean_k - s g_k)^2.
         numerator = tf.reduce_sum(counts * codes * dictionary, axis=0)
@@ -180,16 +183,33 @@ class Uniform(Constraint):
                         fallback)
         step = tf.maximum(step, 1e-30)
         if self.power_of_two_step:
-            bits = tf.bitcast(step, tf.int32)
-            floor_exp = tf.bitwise.right_shift(bits, 23) - 127
-            low = _exact_pow2(floor_exp)
-            step = _exact_pow2(
-                tf.where(step >= 1.5 * low, floor_exp + 1, floor_exp)
-            )
+            step = _round_pow2(step)
         return codes * step[None, :]
+
+    def _project_one_value(self, dictionary, counts, previous):
+        """K=2 with pruning: the grid {0, v}, v of either sign.
+
+        Codes {0, -1} with a positive step would flip every kept positive
+        weight; the least-squares v is the kept weights' mean, whatever its
+        sign (an empty cluster keeps its value).
+        """
+        value = tf.where(counts[1:] > 0, dictionary[1:], previous[1:])
+        sign = tf.where(value < 0, -1.0, 1.0)
+        step = tf.maximum(tf.abs(value), 1e-30)
+        if self.power_of_two_step:
+            step = _round_pow2(step)
+        return tf.concat([tf.zeros_like(value), sign * step], axis=0)
 
     def get_config(self):
         return {"power_of_two_step": self.power_of_two_step}
+
+
+def _round_pow2(value):
+    """The nearer power of two to each positive float32 value."""
+    bits = tf.bitcast(value, tf.int32)
+    floor_exp = tf.bitwise.right_shift(bits, 23) - 127
+    low = _exact_pow2(floor_exp)
+    return _exact_pow2(tf.where(value >= 1.5 * low, floor_exp + 1, floor_exp))
 
 
 def _exact_pow2(exponent):

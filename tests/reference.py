@@ -58,6 +58,14 @@ def project_pow2(d, min_e, max_e, allow_zero, fixed_zero):
 
 
 def project_uniform(d, counts, codes, previous, pow2_step=False):
+    if len(codes) == 2 and codes[0] == 0:
+        # K=2 with pruning: {0, v}, v the kept weights' mean, either sign.
+        v = np.where(counts[1] > 0, d[1], previous[1])
+        step = np.maximum(np.abs(v), 1e-30)
+        if pow2_step:
+            low = 2.0 ** np.floor(np.log2(step))
+            step = np.where(step - low >= 2 * low - step, 2 * low, low)
+        return np.stack([np.zeros_like(v), np.where(v < 0, -1.0, 1.0) * step])
     g = codes[:, None]
     num = (counts * g * d).sum(0)
     den = (counts * g * g).sum(0)
