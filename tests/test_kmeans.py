@@ -202,6 +202,8 @@ def test_invariants_hold_after_every_step(problem):
         # Midpoints are rounded to float32: a weight within half an ulp of
         # one may go to the entry an ulp farther away.
         slack = 2 * np.spacing(np.abs(x[:, c])).astype(np.float64)
+        # XLA on CPU flushes subnormal floats to zero.
+        slack += np.finfo(np.float32).tiny
         assert np.all(chosen[keep] <= best[keep] * (1 + 1e-6) + slack[keep])
     # The constraint is exact.
     values = d[first:]
@@ -219,7 +221,8 @@ def test_invariants_hold_after_every_step(problem):
         for c in range(x.shape[1]):
             s = steps[codes != 0, c]
             np.testing.assert_allclose(s, s[0], rtol=1e-6)
-            assert s[0] > 0
+            # K=2 with pruning: {0, s}, s takes the kept weights' sign.
+            assert s[0] > 0 or (k == 2 and num_pruned > 0)
             if constraint.power_of_two_step:
                 assert np.frexp(s[0])[0] == 0.5
 
