@@ -10,6 +10,7 @@ DECODE op reads them: bit-packed indices plus value tables.
 from tflite_export.errors import ExportError
 from tflite_export.evaluate import tflm_accuracy
 from tflite_export.evaluate import tflm_predict
+from tflite_export.errors import UnsupportedModelError
 from tflite_export.errors import VerificationError
 from tflite_export.exporter import export
 from tflite_export.result import ExportResult
@@ -20,6 +21,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "TensorReport",
+    "UnsupportedModelError",
     "Verification",
     "VerificationError",
     "export",

@@ -15,6 +15,7 @@ import sys
 
 from tflite_export import tempfiles
 from tflite_export.errors import ExportError
+from tflite_export.errors import UnsupportedModelError
 
 # Sizes are multiples of this (TFLM aligns the arena to 16 bytes anyway).
 GRANULE = 16
@@ -85,8 +86,10 @@ def find_arena_size(model_bytes, num_inputs=1, what="model"):
         The arena size in bytes, a multiple of 16.
 
     Raises:
-        ExportError: TFLM cannot run the model with any arena (e.g. it
-            lacks a kernel for one of the ops); the message names the ops.
+        UnsupportedModelError: TFLM cannot run the model with any arena
+            (it lacks a kernel for one of the ops, or a kernel refuses the
+            graph); the message names the ops or gives TFLM's log.
+        ExportError: the search crashed.
     """
     lo, hi = 0, None
     with tempfiles.temp_dir("arena") as tmp:
@@ -116,14 +119,17 @@ def find_arena_size(model_bytes, num_inputs=1, what="model"):
                 elif words[0] == "never":
                     ops = _unsupported_ops(proc.stderr)
                     if ops:
-                        raise ExportError(
+                        raise UnsupportedModelError(
                             f"TFLM has no kernel for op(s) {', '.join(ops)} in "
                             f"the {what}; replace the layers that produce "
                             "them with ones TFLM supports."
                         )
-                    raise ExportError(
+                    # Not the arena: TFLM refused the graph (a kernel's
+                    # Prepare failed); its log repeats once per try.
+                    log = "\n".join(dict.fromkeys(proc.stderr.splitlines()))
+                    raise UnsupportedModelError(
                         f"TFLM cannot run the {what} even with a "
-                        f"{_LIMIT}-byte arena: {last_error}\n{proc.stderr[-2000:]}"
+                        f"{_LIMIT}-byte arena: {last_error}\n{log[-2000:]}"
                     )
             if proc.returncode == 0 or last_try is None:
                 raise ExportError(

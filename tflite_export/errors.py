@@ -11,3 +11,11 @@ class ExportError(RuntimeError):
 
 class VerificationError(ExportError):
     """The exported model does not compute what it should; nothing was written."""
+
+
+class UnsupportedModelError(ExportError):
+    """TFLM cannot run the converted graph; nothing was written.
+
+    An op without a TFLM kernel, or beyond a kernel's limits (a
+    CONCATENATION of more than 10 inputs); the message names the op.
+    """

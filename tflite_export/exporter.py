@@ -19,6 +19,7 @@ from tflite_export import shared_tables
 from tflite_export import slim as slim_lib
 from tflite_export import tempfiles
 from tflite_export import tflm
+from tflite_export import tflm_limits
 from tflite_export import verify as verify_lib
 from tflite_export import writer
 from tflite_export.errors import ExportError
@@ -102,6 +103,9 @@ def export(
         ValueError: Bad arguments (the message names the argument).
         ImportError: tflite-micro is not installed.
         ExportError: The model cannot be converted, compressed or run on TFLM.
+        UnsupportedModelError: (an ExportError) TFLM cannot run the graph:
+            an op without a TFLM kernel, or beyond a kernel's limits (e.g.
+            a CONCATENATION of more than 10 inputs).
         VerificationError: Verification failed; nothing was written.
     """
     if quantize not in convert.QUANTIZE_MODES:
@@ -192,6 +196,7 @@ def export(
             source = "random"
 
     num_inputs = info.num_inputs
+    tflm_limits.check(baseline, plain)
     try:
         baseline_arena = arena.find_arena_size(baseline, num_inputs, "uncompressed model")
     except ExportError as e:
@@ -445,7 +450,7 @@ def _explained(error, model):
     ]
     if not embedding or "SELECT" not in str(error):
         return error
-    return ExportError(
+    return type(error)(
         f"{error}\nKeras' Embedding ({', '.join(embedding)}) wraps negative "
         "ids with LESS/ADD/SELECT, and TFLM has no SELECT kernel. TFLM runs "
         "GATHER with int32 ids: replace the Embedding with a layer whose "
