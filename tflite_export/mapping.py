@@ -77,6 +77,20 @@ def _channel_factors(weight, layout):
     factors = np.where(
         norm > 0, np.sum(real * keras_values, axis=1) / np.maximum(norm, 1e-300), 0
     )
+    if weight.scales is not None and weight.quantized_dimension == axis:
+        # The converter quantises each channel symmetrically with
+        # scale_c = max|g_c W_c| / 127: that gives |g_c| exactly, where a
+        # least-squares fit on a few distinct values can miss by a step.
+        # Kept per channel only where it fits better (a converter may floor
+        # the scale of a near-zero channel).
+        peak = np.abs(keras_values).max(axis=1)
+        exact = weight.scales.astype(np.float64) * 127.0 / np.where(peak > 0, peak, 1)
+        exact = np.where(peak > 0, np.sign(factors) * exact, factors)
+
+        def misfit(f):
+            return np.abs(real - f[:, None] * keras_values).max(axis=1)
+
+        factors = np.where(misfit(exact) <= misfit(factors), exact, factors)
     residual = np.abs(real - factors[:, None] * keras_values).max(axis=1)
     # Tolerance: one quantisation step (rounding is half a step) plus float
     # round-off of the folding arithmetic.
