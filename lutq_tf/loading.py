@@ -129,7 +129,7 @@ def load_model(path, compile=False):
         except (KeyError, zipfile.BadZipFile, EOFError) as e:
             # Keras reads a zip without config.json as a missing key.
             raise ValueError(
-                f"{path} is a zip file but not a Keras model file ({e}): "
+                f"{path} is not a Keras model file (a zip archive, but {e}): "
                 "expected a .keras file written by model.save()."
             ) from e
     raise ValueError(
