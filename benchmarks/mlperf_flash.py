@@ -20,6 +20,7 @@ Writes `benchmarks/results/mlperf_flash.json` and `.md`.
 import dataclasses
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -86,6 +87,36 @@ def _latency_ms(path, arena):
     return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
 
 
+def _arena_parts(path, arena):
+    """TFLM's own split of the arena: (head, tail) bytes.
+
+    The head holds the planned tensors (activations, decoded kernels); the
+    tail the persistent structures (tensors, nodes, kernel state). TFLM
+    prints them from C, so stdout is captured at the descriptor.
+    """
+    import numpy as np
+    from tflite_micro import runtime
+
+    interpreter = runtime.Interpreter.from_file(path, arena_size=arena + 4096)
+    details = interpreter.get_input_details(0)
+    interpreter.set_input(np.zeros(details["shape"], details["dtype"]), 0)
+    interpreter.invoke()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            interpreter.print_allocations()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        text = capture.read()
+    head = int(re.search(r"allocation head (\d+)", text).group(1))
+    tail = int(re.search(r"allocation tail (\d+)", text).group(1))
+    return head, tail
+
+
 @dataclasses.dataclass
 class Row:
     model: str
@@ -98,6 +129,8 @@ class Row:
     information_limit: int
     arena: int
     decode_buffer: int
+    arena_head: int
+    arena_tail: int
     latency_ms: float
     cpu_ms: float
     bit_exact: bool
@@ -109,12 +142,14 @@ class Row:
 def _row(name, variant, bits, mode, result, mlperf, slim_int8):
     compressed = result.compressed_tensors
     wall, cpu = _latency_ms(result.path, result.arena_bytes)
+    head, tail = _arena_parts(result.path, result.arena_bytes)
     return Row(
         model=name, variant=variant, bits=bits, mode=mode,
         bytes=result.size_bytes, mlperf_bytes=mlperf, slim_int8_bytes=slim_int8,
         information_limit=int(result.anatomy.information_limit),
         arena=int(result.arena_bytes),
         decode_buffer=int(max((t.bytes_before for t in compressed), default=0)),
+        arena_head=head, arena_tail=tail,
         latency_ms=wall, cpu_ms=cpu,
         bit_exact=bool(result.verification and result.verification.bit_exact),
         shared_tensors=sum(t.table_mode.startswith("shared") for t in compressed),
@@ -164,6 +199,16 @@ def run_model(name, models_dir, bits_list, modes, work):
     return rows
 
 
+def _growth(row, slim_rows, part):
+    base = slim_rows.get(row.model)
+    if base is None or not row.compressed_tensors:
+        return ""
+    grown = getattr(row, "arena_" + part) - getattr(base, "arena_" + part)
+    if part == "head":
+        return f"{grown:,}" + ("" if grown <= row.decode_buffer else " (over)")
+    return f"{grown:,} ({grown / row.compressed_tensors:.0f})"
+
+
 def markdown(rows, command, seconds):
     lines = [
         "# MLPerf Tiny models: flash, arena and latency of LUT-Q exports",
@@ -175,14 +220,19 @@ def markdown(rows, command, seconds):
         "depthwise) keep one dictionary per tensor. *x MLPerf*: file over MLPerf's int8 .tflite; *x slim*: over the "
         "project's slim int8 file (LUT-Q's own gain). *limit*: packed "
         "indices + table entries + uncompressed weights + 4 B per bias and "
-        "per channel scale. *decode buf*: the largest decoded kernel, by "
-        "which the arena grows. Latency: TFLM's reference kernels on this "
+        "per channel scale. *decode buf*: the largest decoded kernel. "
+        "*head +* and *tail +*: growth of TFLM's two arena parts over the slim int8 "
+        "file (`print_allocations`): the head holds planned tensors, so it grows by "
+        "at most the decode buffer; the tail holds persistent structures and grows "
+        "by TFLM's own state of each DECODE op (its node, two tensors, the decode "
+        "state), shown per op. Latency: TFLM's reference kernels on this "
         "host (median of 30 invokes, wall / CPU).",
         "",
         "| model | variant | bytes | x MLPerf | target | x slim | limit | file / limit "
-        "| arena | decode buf | ms (cpu) | bit-exact | shared / compressed |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| arena | decode buf | head + | tail + (per op) | ms (cpu) | bit-exact | shared / compressed |",
+        "| --- | --- |" + " ---: |" * 12 + " --- | ---: |",
     ]
+    slim_rows = {r.model: r for r in rows if r.variant == "int8 slim"}
     for r in rows:
         target = TARGETS.get((r.model, r.bits)) if r.mode in ("tensor", "scaled") else None
         mark = ""
@@ -193,7 +243,8 @@ def markdown(rows, command, seconds):
             f"| {r.model} | {r.variant} | {r.bytes:,} | {r.bytes / r.mlperf_bytes:.3f}x "
             f"| {mark} | {slim} | {r.information_limit:,} "
             f"| {r.bytes / max(r.information_limit, 1):.2f}x | {r.arena:,} "
-            f"| {r.decode_buffer:,} | {r.latency_ms:.2f} ({r.cpu_ms:.2f}) "
+            f"| {r.decode_buffer:,} | {_growth(r, slim_rows, 'head')} "
+            f"| {_growth(r, slim_rows, 'tail')} | {r.latency_ms:.2f} ({r.cpu_ms:.2f}) "
             f"| {'yes' if r.bit_exact else 'NO'} | {r.shared_tensors} / {r.compressed_tensors} |"
         )
     lines += ["", "MLPerf's int8 files: " + ", ".join(
