@@ -111,12 +111,7 @@ def run_suite(suite, work_dir, verbose=0):
                      if suite.histogram_variant in lutq_keys
                      else (lutq_keys or [None])[0])
     for variant in suite.variants:
-        # Budget: some variants are fine-tuned on a fixed subset only.
-        variant_train = (pipeline.subset(train, suite.subset_size)
-                         if variant.key in suite.subset_variants else train)
-        pipeline.log(f"[{suite.name}] {variant.label}"
-                     + (f" ({len(variant_train[0])} train images)"
-                        if variant_train is not train else ""))
+        pipeline.log(f"[{suite.name}] {variant.label}")
         path = os.path.join(directory, variant.key + ".tflite")
         try:
             if variant.options is None:
@@ -128,16 +123,14 @@ def run_suite(suite, work_dir, verbose=0):
                 row = pipeline.evaluate_export(
                     float_model, path, variant.label, train[0], test,
                     variant.export, suite.tflm_samples,
-                    train_seconds=float_seconds,
-                    train_samples=len(train[0]))
+                    train_seconds=float_seconds)
             else:
                 lutq_model, seconds = pipeline.lutq_finetune(
-                    start, variant_train, suite.epochs, suite.batch_size,
+                    start, train, suite.epochs, suite.batch_size,
                     suite.learning_rate, verbose=verbose, **variant.options)
                 row = pipeline.evaluate_export(
                     lutq_model, path, variant.label, train[0], test,
                     variant.export, suite.tflm_samples, train_seconds=seconds,
-                    train_samples=len(variant_train[0]),
                     bits=variant.options["bits"],
                     per_channel=variant.options["per_channel"])
                 if variant.key == histogram_key:

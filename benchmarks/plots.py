@@ -5,13 +5,8 @@
 - `weight_histogram`: a LUT-Q layer's float weights W with its dictionary
   entries d marked.
 
-`python -m benchmarks.plots [results dir]` redraws `accuracy_vs_bytes.png`
-from the suites' JSON files (after a style change, without re-running;
-`python -m benchmarks.run_all --report_only` redraws it with results.md).
+`python -m benchmarks.run_all --report_only` redraws them with results.md.
 """
-
-import os
-import sys
 
 import matplotlib
 
@@ -107,19 +102,3 @@ def weight_histogram(weights, dictionary, path, title):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def replot(results_dir):
-    """Redraws `accuracy_vs_bytes.png` from `<suite>.json` in `results_dir`."""
-    from benchmarks import report
-
-    panels = [(r.title, r.rows) for r in report.load_suites(results_dir)]
-    if not panels:
-        raise FileNotFoundError(f"no suite JSON files in {results_dir!r}.")
-    return accuracy_vs_bytes(panels,
-                             os.path.join(results_dir, "accuracy_vs_bytes.png"))
-
-
-if __name__ == "__main__":
-    print(replot(sys.argv[1] if len(sys.argv) > 1 else
-                 os.path.join(os.path.dirname(__file__), "results")))

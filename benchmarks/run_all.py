@@ -46,9 +46,10 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
+from benchmarks import report  # noqa: E402
 from benchmarks import suites as suites_lib  # noqa: E402
 
-SUITE_NAMES = ("digits", "mnist", "cifar10")
+SUITE_NAMES = report.SUITE_NAMES
 
 _QUICK = flags.DEFINE_boolean(
     "quick", False,
@@ -108,7 +109,6 @@ def _train_speed(quick, out_dir, command, tfmot=False, compare_python=None):
         A note on the run for the markdown when it did not produce
         `train_speed.md` (failure or missing script), else None.
     """
-    from benchmarks import report
     from examples.pipeline import log
 
     script = os.path.join(suites_lib.REPO_ROOT, "benchmarks", "train_speed.py")
@@ -161,7 +161,6 @@ def run_benchmarks(out_dir, work_dir, quick=False, suite_names=SUITE_NAMES,
     """
     from benchmarks import accuracy_vs_bits
     from benchmarks import plots
-    from benchmarks import report
     from benchmarks import tfmot_compare
     from examples import pipeline
 
@@ -239,7 +238,6 @@ def report_only(out_dir, command=None):
     Raises:
         ValueError: `out_dir` holds no results JSON, or a malformed one.
     """
-    from benchmarks import report
 
     names = [f"{name}.json" for name in SUITE_NAMES]
     names += [report.TFMOT_JSON, report.TRAIN_SPEED_JSON]

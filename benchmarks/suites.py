@@ -68,11 +68,6 @@ QUICK_VARIANTS = ("float", "int8", "lutq2", "lutq4", "lutq4_pc", "pow2_4",
                   "prune50_4")
 QUICK_CIFAR10_VARIANTS = ("float", "int8", "lutq4", "lutq4_pc")
 
-# Every full-suite variant is fine-tuned on the whole training set: a subset
-# saves time but makes its rows incomparable with the others (75 % pruning
-# per channel: 39 % on 20,000 CIFAR-10 images against 64 % on 50,000).
-# `Suite.subset_variants` stays for quick experiments.
-
 
 def select_variants(keys):
     """The variants named in `keys` (None: all), in the canonical order.
@@ -112,9 +107,6 @@ class Suite:
         histogram_layer: the layer whose weights the histogram plot shows.
         histogram_variant: the variant key whose LUT-Q layer is plotted
             (if it is not run: the first LUT-Q variant).
-        subset_variants: keys of the variants fine-tuned on a fixed random
-            subset of `subset_size` training images (time budget).
-        subset_size: size of that subset.
     """
 
     name: str
@@ -132,15 +124,6 @@ class Suite:
     variants: list = dataclasses.field(default_factory=all_variants)
     histogram_layer: str = ""
     histogram_variant: str = "lutq4"
-    subset_variants: tuple = ()
-    subset_size: object = None
-
-    def __post_init__(self):
-        if self.subset_variants and not (
-                isinstance(self.subset_size, int) and self.subset_size >= 1):
-            raise ValueError(
-                f"suite {self.name!r}: subset_variants need subset_size >= 1, "
-                f"got {self.subset_size!r}.")
 
     def missing_data(self):
         """Why the suite cannot run (a missing file), or None."""
@@ -162,12 +145,8 @@ class Suite:
         size = f", limit {self.limit}" if self.limit else ""
         tflm = (f"TFLM on {self.tflm_samples} test images"
                 if self.tflm_samples else "TFLM on the whole test set")
-        subset = [v.label for v in self.variants
-                  if v.key in self.subset_variants]
-        subset = (f" ({', '.join(subset)}: on a fixed {self.subset_size:,}-"
-                  "image subset of the training set)" if subset else "")
         return (f"{self.model}; start: {start}; every variant fine-tuned "
-                f"{self.epochs} epoch(s){subset}, Adam lr "
+                f"{self.epochs} epoch(s), Adam lr "
                 f"{self.learning_rate}, batch {self.batch_size}{size}; {tflm}")
 
 

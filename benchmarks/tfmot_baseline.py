@@ -39,7 +39,6 @@ after stripping (a sanity check: at most `--num_clusters`).
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -56,6 +55,8 @@ import numpy as np  # noqa: E402
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
+
+from benchmarks import timing  # noqa: E402
 
 MODELS = ("digits_cnn", "lenet", "mlp", "speed_cnn")
 # Short names accepted by --model.
@@ -188,32 +189,8 @@ def load_data(data, model_name, seed):
 # ---------------------------------------------------------------------------
 
 
-def make_epoch_timer(keras):
-    class EpochTimer(keras.callbacks.Callback):
-        """Records the wall time of each training epoch."""
-
-        def __init__(self):
-            super().__init__()
-            self.seconds = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self._t0 = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(time.perf_counter() - self._t0)
-
-    return EpochTimer()
-
-
-def ms_per_step(epoch_seconds, steps):
-    """Per-epoch ms/step and their median (first epoch dropped if possible)."""
-    per_epoch = [1000.0 * s / steps for s in epoch_seconds]
-    timed = per_epoch[1:] if len(per_epoch) > 1 else per_epoch
-    return statistics.median(timed), per_epoch
-
-
 def fit_timed(keras, model, x, y, epochs, batch_size, seed):
-    timer = make_epoch_timer(keras)
+    timer = timing.epoch_timer(keras)
     keras.utils.set_random_seed(seed)
     model.fit(
         x,
@@ -225,7 +202,7 @@ def fit_timed(keras, model, x, y, epochs, batch_size, seed):
         callbacks=[timer],
     )
     steps = -(-len(x) // batch_size)
-    return ms_per_step(timer.seconds, steps)
+    return timing.ms_per_step(timer.seconds, steps)
 
 
 def compile_model(keras, model, learning_rate):

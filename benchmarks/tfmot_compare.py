@@ -13,11 +13,11 @@ tracing), measured the same way on both sides.
 import dataclasses
 import json
 import os
-import statistics
 import time
 
 import keras
 
+from benchmarks import timing
 from benchmarks import tfmot_runner
 from examples import datasets
 from examples import models
@@ -63,26 +63,6 @@ class Comparison:
     seconds: float = 0.0
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Records the wall time of each training epoch."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-
-
-def ms_per_step(epoch_seconds, steps):
-    """Median ms/step over epochs, the first dropped if there are several."""
-    timed = epoch_seconds[1:] if len(epoch_seconds) > 1 else epoch_seconds
-    return statistics.median(1000.0 * s / steps for s in timed)
-
-
 def run_comparison(model_name, data, num_values=(4, 16), epochs=2,
                    pretrain_epochs=2, batch_size=32, learning_rate=1e-3,
                    work_dir="out/benchmarks", python=None):
@@ -125,13 +105,13 @@ def run_comparison(model_name, data, num_values=(4, 16), epochs=2,
                             start_accuracy, [])
     for k in num_values:
         pipeline.log(f"[tfmot] LUT-Q K={k}, {epochs} epoch(s)")
-        timer = EpochTimer()
+        timer = timing.epoch_timer(keras)
         lutq_model, _ = pipeline.lutq_finetune(
             start, train, epochs, batch_size, learning_rate, verbose=0,
             callbacks=[timer], num_values=k)
         row = CompareRow(
             k, pipeline.keras_accuracy(lutq_model, *test),
-            ms_per_step(timer.seconds, steps))
+            timing.ms_per_step(timer.seconds, steps)[0])
         if not comparison.skipped:
             pipeline.log(f"[tfmot] tfmot clustering K={k} (own process)")
             try:

@@ -40,6 +40,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import lutq_tf  # noqa: E402
+from benchmarks import timing  # noqa: E402
 from examples import models  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -93,27 +94,6 @@ TFMOT_MODELS = {"mlp": "mlp", "cnn": "speed_cnn"}
 TFMOT_K = (4, 16, 256)
 
 
-class _EpochTimer(keras.callbacks.Callback):
-    """Wall and process CPU seconds of each epoch.
-
-    CPU time is reported beside wall time because it varies less when
-    other processes share the machine.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-        self.cpu_seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-        self._cpu_start = time.process_time()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-        self.cpu_seconds.append(time.process_time() - self._cpu_start)
-
-
 def _variants(quick):
     variants = [("float", None)]
     for k in (4, 16, 256):
@@ -148,7 +128,7 @@ def measure(model_name, variants, epochs, steps, batch_size, jit_compile):
             optimizer="adam",
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             jit_compile=jit_compile)
-        runs.append((name, model, _EpochTimer()))
+        runs.append((name, model, timing.epoch_timer(keras)))
     for _ in range(epochs + 1):  # round-robin; epoch 0 compiles
         for name, model, timer in runs:
             model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0,

@@ -183,8 +183,6 @@ class ResultRow:
         arena_bytes: smallest TFLM arena that runs it.
         export: `"float32"` or `"int8"`.
         train_seconds: seconds of training for this variant.
-        train_samples: training images it was fine-tuned on (0: not
-            recorded).
         bits: index bits per weight (None for float/int8 baselines).
         per_channel: dictionary per output channel.
         notes: remarks.
@@ -203,7 +201,6 @@ class ResultRow:
     arena_bytes: object = None
     export: str = ""
     train_seconds: float = 0.0
-    train_samples: int = 0
     bits: object = None
     per_channel: bool = False
     notes: str = ""
@@ -448,16 +445,8 @@ SUBSET_COLUMN = ("Keras acc, TFLM n",
                  lambda r: format_percent(r.keras_accuracy_tflm_samples))
 
 
-# Shown only when the rows were fine-tuned on different numbers of images.
-TRAIN_SAMPLES_COLUMN = ("train n",
-                        lambda r: str(r.train_samples) if r.train_samples
-                        else "-")
-
-
 def _cells(rows):
     columns = list(COLUMNS)
-    if len({r.train_samples for r in rows}) > 1:
-        columns.insert(len(columns) - 1, TRAIN_SAMPLES_COLUMN)
     if any(r.tflm_samples and r.tflm_samples < r.test_samples for r in rows):
         columns.insert(4, SUBSET_COLUMN)
     header = [name for name, _ in columns]

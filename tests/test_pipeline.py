@@ -130,66 +130,14 @@ def test_subset_column_only_when_tflm_ran_on_a_subset():
     assert row_b[column:].startswith("75.00%")
 
 
-def test_train_samples_column_only_when_rows_differ():
-    same = [_row("a", 0.9, train_samples=500), _row("b", 0.8, train_samples=500)]
-    assert "train n" not in pipeline.markdown_table(same)
-    rows = same + [_row("c", 0.7, train_samples=200)]
-    header, _, *body = pipeline.markdown_table(rows).splitlines()
-    cells = [c.strip() for c in header.strip("|").split("|")]
-    assert cells[-2:] == ["train n", "train s"]
-    assert [line.split("|")[-3].strip() for line in body] == [
-        "500", "500", "200"]
-
-
 def test_full_suites_run_every_variant_on_all_training_data():
     for quick in (False, True):
         for suite in suites.make_suites(quick).values():
-            assert suite.subset_variants == ()
-            assert "subset of the training set" not in suite.describe()
+            assert "subset" not in suite.describe()
     full = suites.make_suites(False)
     assert tuple(v.key for v in full["cifar10"].variants) == \
         suites.VARIANT_KEYS
     assert full["cifar10"].tflm_samples == 1000
     assert full["mnist"].tflm_samples == 2000
-    with pytest.raises(ValueError, match="subset_size >= 1"):
-        suites.Suite("x", "x", "lenet", None, subset_variants=("lutq2",))
 
 
-def test_run_suite_fine_tunes_subset_variants_on_the_subset(
-        tmp_path, monkeypatch):
-    import keras
-
-    from benchmarks import accuracy_vs_bits
-
-    x = np.random.default_rng(0).random((50, 4)).astype("float32")
-    y = np.arange(50) % 3
-    inputs = keras.Input((4,))
-    start = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(
-        inputs))
-    seen = {}
-    monkeypatch.setattr(accuracy_vs_bits, "load_data",
-                        lambda suite: ((x, y), (x[:10], y[:10])))
-    monkeypatch.setattr(accuracy_vs_bits, "start_model",
-                        lambda suite, train: (start, 0.0))
-    monkeypatch.setattr(pipeline, "train_float", lambda model, train, *a, **k:
-                        seen.setdefault("float", len(train[0])) and 1.0)
-
-    def finetune(model, train, *args, bits, **options):
-        seen[f"lutq{bits}"] = len(train[0])
-        return None, 2.0
-
-    monkeypatch.setattr(pipeline, "lutq_finetune", finetune)
-    monkeypatch.setattr(accuracy_vs_bits, "_layer_weights",
-                        lambda model, layer: (x, y))
-    monkeypatch.setattr(pipeline, "evaluate_export",
-                        lambda model, path, label, *a, **fields:
-                        _row(label, 0.5, **{k: v for k, v in fields.items()
-                                            if k == "train_samples"}))
-    suite = suites.Suite(
-        "mnist", "t", "lenet", None,
-        variants=suites.select_variants(["float", "lutq2", "lutq4"]),
-        subset_variants=("lutq2",), subset_size=20)
-    result = accuracy_vs_bits.run_suite(suite, str(tmp_path))
-    assert seen == {"float": 50, "lutq2": 20, "lutq4": 50}
-    assert [r.train_samples for r in result.rows] == [50, 20, 50]
-    assert all(not r.notes for r in result.rows)
