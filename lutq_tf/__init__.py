@@ -4,20 +4,25 @@ Cardinaux et al., "Iteratively Training Look-Up Tables for Network
 Quantization" (arXiv 1811.05355).
 """
 
-from lutq_tf import constraints
-from lutq_tf.loading import load_model
-from lutq_tf.model import LUTQModel
-from lutq_tf.model import LUTQModelMixin
-from lutq_tf.model import LUTQSequential
-from lutq_tf.model import NonFiniteWeightsError
-from lutq_tf.model import lutq_layers
-from lutq_tf.quantize import quantize_model
-from lutq_tf.quantize import strip_model
-from lutq_tf.quantizer import LUTQuantizer
-from lutq_tf.registry import SUPPORTED_LAYERS
-from lutq_tf.summary import TensorSummary
-from lutq_tf.summary import summary
-from lutq_tf.wrapper import LUTQWrapper
+# First: every other module imports TensorFlow-only code.
+from lutq_tf.backend import check_tensorflow_backend
+
+check_tensorflow_backend()
+
+from lutq_tf import constraints  # noqa: E402
+from lutq_tf.loading import load_model  # noqa: E402
+from lutq_tf.model import LUTQModel  # noqa: E402
+from lutq_tf.model import LUTQModelMixin  # noqa: E402
+from lutq_tf.model import LUTQSequential  # noqa: E402
+from lutq_tf.model import NonFiniteWeightsError  # noqa: E402
+from lutq_tf.model import lutq_layers  # noqa: E402
+from lutq_tf.quantize import quantize_model  # noqa: E402
+from lutq_tf.quantize import strip_model  # noqa: E402
+from lutq_tf.quantizer import LUTQuantizer  # noqa: E402
+from lutq_tf.registry import SUPPORTED_LAYERS  # noqa: E402
+from lutq_tf.summary import TensorSummary  # noqa: E402
+from lutq_tf.summary import summary  # noqa: E402
+from lutq_tf.wrapper import LUTQWrapper  # noqa: E402
 
 __version__ = "0.1.0"
 

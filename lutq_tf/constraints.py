@@ -39,9 +39,6 @@ class Constraint:
         """
         raise NotImplementedError
 
-    def check(self, num_values, fixed_zero, where):
-        """Raises ValueError if the constraint cannot hold `num_values`."""
-
     def get_config(self):
         return {}
 
@@ -262,9 +259,4 @@ def serialize(constraint):
     return keras.saving.serialize_keras_object(constraint)
 
 
-def deserialize(config):
-    return get(config)
-
-
-__all__ = ["Constraint", "Free", "PowerOfTwo", "Uniform", "get", "serialize",
-           "deserialize"]
+__all__ = ["Constraint", "Free", "PowerOfTwo", "Uniform", "get", "serialize"]

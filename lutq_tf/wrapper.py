@@ -7,6 +7,7 @@ import tensorflow as tf
 from tensorflow.python.eager import record
 
 from lutq_tf import registry
+from lutq_tf.backend import check_tensorflow_backend
 from lutq_tf.quantizer import LUTQuantizer
 
 
@@ -98,6 +99,8 @@ class LUTQWrapper(keras.layers.Wrapper):
     """
 
     def __init__(self, layer, quantizer=None, **kwargs):
+        # Also here: `keras.config.set_backend` can switch after import.
+        check_tensorflow_backend("LUTQWrapper")
         if not registry.is_supported(layer):
             raise ValueError(
                 f"LUT-Q cannot quantise layer '{layer.name}' of type "
@@ -129,7 +132,9 @@ class LUTQWrapper(keras.layers.Wrapper):
         super().build(input_shape)
         for spec in registry.quantizable_tensors(self.layer):
             self._states.append(self._make_state(spec))
-        # Set by LUTQModelMixin when W turns NaN/Inf; read after each step.
+        # Sticky, set by a k-means step that meets NaN/Inf in W. The host
+        # reads it only when the train step's log entry reports one, and
+        # once when `fit` ends (a read per step cost ~3 % of the step).
         self.nonfinite_flag = self.add_weight(
             name="nonfinite", shape=(), dtype="bool", initializer="zeros",
             trainable=False, autocast=False,
