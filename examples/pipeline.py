@@ -19,6 +19,7 @@ Models are classifiers with a softmax output and integer labels.
 
 import dataclasses
 import os
+import sys
 import time
 
 import keras
@@ -351,13 +352,24 @@ def report(rows, out_dir):
           f"smaller than float32; TFLM arena {lutq_row.arena_bytes:,} bytes "
           f"(int8: {int8_row.arena_bytes:,}; decoded kernels live in the "
           "arena).")
+    seconds = time.perf_counter() - _started
+    command = "python -m " + os.path.splitext(
+        os.path.relpath(sys.argv[0]))[0].replace(os.sep, ".")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown_table(rows) + "\n")
-    log(f"done; files in {out_dir}/")
+        f.write(f"`{' '.join([command] + sys.argv[1:])}`: "
+                f"{time.strftime('%Y-%m-%d')}, {seconds:.0f} s in all.\n\n"
+                + markdown_table(rows) + "\n")
+    log(f"done in {seconds:.0f} s; files in {out_dir}/")
+
+
+_started = time.perf_counter()
 
 
 def start_example(out_dir, seed):
-    """Creates `out_dir` and seeds Keras (Python, NumPy and TF generators)."""
+    """Creates `out_dir`, seeds Keras (Python, NumPy and TF generators) and
+    starts the clock `report` reads."""
+    global _started
+    _started = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     keras.utils.set_random_seed(seed)
 

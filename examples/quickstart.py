@@ -9,18 +9,9 @@ full-int8 .tflite with bit-packed LUT kernels (+ a C array), verify it on
 TFLM, and run float32 / int8 / LUT-Q exports on TFLM over the whole test
 set. The final table compares accuracy (Keras and TFLM) and bytes.
 
-Measured (2 CPU cores shared with another job, defaults, seed 0; 450 test
-images; 25 s in all, ~20 s of it training and exporting):
-
-    variant                      export   Keras acc  TFLM acc  flash bytes  arena bytes
-    float                        float32  98.00%     98.00%    99,000       11,232
-    float + int8 post-training   int8     98.00%     97.78%    30,944       5,376
-    LUT-Q 2-bit / tensor + int8  int8     97.56%     97.56%    11,120       22,000
-
-The LUT-Q file is 2.8x smaller than int8 (8.9x smaller than float32); its
-uncompressed twin is 28,088 bytes. The compressed model's TFLM outputs are
-bit-identical to the uncompressed twin's. The arena is larger because TFLM
-decodes the LUT kernels into it.
+The compressed model's TFLM outputs are bit-identical to its uncompressed
+twin's. The table of a run on this machine is `benchmarks/results/quickstart.md`
+(the README shows it).
 
 Outputs in `--out_dir`: `float32.tflite`, `int8.tflite`, `lutq.tflite`,
 `lutq_model_data.cc/.h` and `results.md`.

@@ -1,0 +1,157 @@
+"""The README's measured tables, rendered from the committed results files.
+
+    python -m benchmarks.readme    # rewrites the README's generated blocks
+
+Each block sits between `<!-- generated: NAME -->` and `<!-- end -->`;
+`tests/test_readme.py` checks that the README holds what this renders, so
+no README figure can drift from its results file.
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
+_BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- end -->)", re.S)
+
+
+def _json(name):
+    with open(os.path.join(RESULTS, name)) as f:
+        return json.load(f)
+
+
+def mlperf_flash():
+    record = _json("mlperf_flash.json")
+    rows = record["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+
+    def row(model, variant):
+        return next((r for r in rows if r["model"] == model and r["variant"] == variant), None)
+
+    def ratio(r):
+        return f"{r['bytes'] / r['mlperf_bytes']:.2f}x"
+
+    lines = [f"`{record['command']}` ({record['seconds'] / 60:.0f} min, {record['date']}); "
+             "bytes of each file, and over MLPerf's int8 file:", "",
+             "| model | MLPerf int8 | converter int8 | slim int8 | LUT-Q 4-bit | 3-bit | 2-bit "
+             "| 4-bit / 2-bit per channel | bit-exact |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for m in models:
+        lut = [row(m, f"LUT-Q {b}-bit / tensor") for b in (4, 3, 2)]
+        channel = [row(m, f"LUT-Q {b}-bit / channel") for b in (4, 2)]
+        exact = all(r["bit_exact"] for r in rows if r["model"] == m)
+        lines.append(
+            f"| {m} | {lut[0]['mlperf_bytes']:,} | {ratio(row(m, 'int8 (converter)'))} "
+            f"| {ratio(row(m, 'int8 slim'))} | "
+            + " | ".join(f"{r['bytes']:,} ({ratio(r)})" for r in lut)
+            + f" | {ratio(channel[0])} / {ratio(channel[1])} | {'all' if exact else 'NO'} |")
+    if "arena_head" in rows[0]:
+        lines += ["", "Arena growth of the 4-bit per-tensor files over slim int8, in TFLM's "
+                  "two parts: the head (planned tensors) against the largest decoded "
+                  "kernel, and the tail (persistent) per DECODE op:", "",
+                  "| model | largest decoded kernel | head growth | tail growth (per op) |",
+                  "| --- | ---: | ---: | ---: |"]
+        for m in models:
+            lut, slim = row(m, "LUT-Q 4-bit / tensor"), row(m, "int8 slim")
+            tail = lut["arena_tail"] - slim["arena_tail"]
+            lines.append(f"| {m} | {lut['decode_buffer']:,} "
+                         f"| {lut['arena_head'] - slim['arena_head']:,} "
+                         f"| {tail:,} ({tail / lut['compressed_tensors']:.0f}) |")
+    return lines
+
+
+def _mean_se(values):
+    values = 100 * np.asarray(values)
+    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return f"{values.mean():.2f} +- {se:.2f} %"
+
+
+def dictionary_modes():
+    record = _json("dictionary_modes.json")
+    runs = record["runs"]
+
+    def cell(prefix):
+        values = [r["accuracy"] for r in runs if r["key"].startswith(prefix + "/seed")]
+        return _mean_se(values) if values else ""
+
+    seeds = len([r for r in runs if r["key"].startswith("test/float/seed")])
+    lines = [f"`{record['command']}`; one epoch, Adam at {record['learning_rate']:g} "
+             f"(chosen on the validation split), {seeds} seeds, mean +- SE:", "",
+             "| bits | per tensor | scaled | per channel |", "| ---: | ---: | ---: | ---: |"]
+    for bits in (4, 3, 2):
+        lines.append(f"| {bits} | " + " | ".join(
+            cell(f"test/lutq{bits}/{m}") for m in ("tensor", "scaled", "channel")) + " |")
+    lines += ["", f"Float, same recipe: {cell('test/float')}."]
+    return lines
+
+
+def recipe():
+    record = _json("recipe.json")
+    runs = {r["key"]: r["accuracy"] for r in record["runs"]}
+    lines = [f"`{record['command']}`"]
+    if "schedule" not in record:
+        return lines + ["", "(The search is still running.)"]
+    epochs = record["epochs"]
+    lines += ["", f"Chosen on the validation split: {record['schedule']} schedule; peak "
+              "rates " + ", ".join(f"{v} {r:g}" for v, r in record["learning_rates"].items())
+              + f". Test accuracy after {epochs} epochs, mean +- SE over seeds:", "",
+              "| variant | accuracy | seeds | gap to float |", "| --- | ---: | ---: | ---: |"]
+    base = None
+    for variant in record["learning_rates"]:
+        values = [a for k, a in runs.items() if k.startswith(f"test/{variant}/e{epochs}/seed")]
+        if not values:
+            continue
+        mean = 100 * np.mean(values)
+        if variant == "float":
+            base = mean
+        gap = f"{mean - base:+.2f} pp" if base is not None and variant != "float" else ""
+        lines.append(f"| {variant} | {_mean_se(values)} | {len(values)} | {gap} |")
+    return lines
+
+
+def quickstart():
+    with open(os.path.join(RESULTS, "quickstart.md")) as f:
+        return f.read().rstrip("\n").splitlines()
+
+
+def train_speed():
+    """The header line and first table of `train_speed.md`."""
+    with open(os.path.join(RESULTS, "train_speed.md")) as f:
+        lines = f.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("`"))
+    table = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(table, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:start + 1] + [""] + lines[table:end]
+
+
+BLOCKS = {"mlperf_flash": mlperf_flash, "dictionary_modes": dictionary_modes,
+          "recipe": recipe, "quickstart": quickstart, "train_speed": train_speed}
+
+
+def render(text):
+    """`text` (the README) with every generated block re-rendered."""
+    def block(match):
+        name = match.group(2)
+        if name not in BLOCKS:
+            raise ValueError(f"README: unknown generated block {name!r}; known {list(BLOCKS)}")
+        return match.group(1) + "\n".join(BLOCKS[name]()) + "\n" + match.group(4)
+
+    return _BLOCK.sub(block, text)
+
+
+def main():
+    with open(README) as f:
+        text = f.read()
+    new = render(text)
+    if new != text:
+        with open(README + ".tmp", "w") as f:
+            f.write(new)
+        os.replace(README + ".tmp", README)
+    print("README blocks:", ", ".join(m.group(2) for m in _BLOCK.finditer(new)))
+
+
+if __name__ == "__main__":
+    main()
