@@ -89,6 +89,8 @@ def dictionary_modes():
 
 
 def recipe():
+    if not os.path.exists(os.path.join(RESULTS, "recipe.json")):
+        return ["(Not run yet: `python -m benchmarks.recipe --cifar10=... --resnet8_h5=...`.)"]
     record = _json("recipe.json")
     runs = {r["key"]: r["accuracy"] for r in record["runs"]}
     lines = [f"`{record['command']}`"]
