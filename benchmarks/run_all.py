@@ -22,10 +22,8 @@ anything. The .tflite files go to `--work_dir` (default `out/benchmarks/`).
 A suite whose data is missing is skipped, with the reason printed and in
 the markdown (its older JSON, if any, stays).
 
-Budget on 2 CPU cores (per-part times in `results.md`): digits ~3 min,
-MNIST ~18 min, tfmot comparison ~3 min, CIFAR-10 ~20 min (25.8 measured
-with another job sharing the cores), train_speed ~15 min (5 processes,
-with tfmot); full about 60 min on a quiet machine, `--quick` ~10 min.
+Each part's wall time is in `results.md` (its JSON's `"run"` record);
+`--quick` is meant to stay near 10 min.
 
     python -m benchmarks.run_all --quick
     python -m benchmarks.run_all --mnist=../shared/data/mnist.npz \

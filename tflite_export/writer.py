@@ -63,14 +63,21 @@ def _signals_raise():
 
 
 def write_files(files, last):
-    """Writes every file or none.
+    """Writes every file through a temp file, replacing the .tflite last.
+
+    A failure while writing the temp files replaces nothing. Renames cannot
+    be made atomic together: if one fails after others succeeded, those
+    stay replaced and the error names them, but the .tflite, renamed last,
+    is never newer than its C array (whose length and CRC-32 tell a
+    mismatch).
 
     Args:
         files: `{path: bytes}`.
         last: The path to replace last (the .tflite).
 
     Raises:
-        ExportError: A file cannot be written; nothing was replaced.
+        ExportError: A file cannot be written (the message says which were
+            replaced, if any).
     """
     tempfiles.clean_stale(list(files))
     default_mode = _new_file_mode()
