@@ -108,6 +108,37 @@ def _bits(entries):
     return max(1, (int(entries) - 1).bit_length())
 
 
+def index_bits(entries):
+    """Bits per index into a table of `entries` values (at least 1)."""
+    return _bits(entries)
+
+
+def lut_bytes(size, tables, entries, itemsize=1):
+    """Bytes of one compressed tensor's data: packed indices, DCM, tables.
+
+    Args:
+        size: Elements of the weight tensor.
+        tables: Number of value tables (1 for a shared or per-tensor table).
+        entries: Entries per table (the fullest table's codes).
+        itemsize: Bytes per table entry (1 for int8).
+    """
+    return -(-int(size) * _bits(entries) // 8) + DCM_BYTES + int(tables) * int(entries) * int(itemsize)
+
+
+def overhead_bytes(name_length=0, scales=0, scales_kept=False):
+    """File bytes a compressed tensor adds beyond `lut_bytes` (see `decide`).
+
+    Args:
+        name_length: Characters of the weight tensor's name (counted only
+            when `scales_kept`, an unslimmed file).
+        scales: Number of the tensor's quantisation scales.
+        scales_kept: Whether the encoded tensor keeps a copy of the scales.
+    """
+    if not scales_kept:
+        return _OVERHEAD_BYTES
+    return _OVERHEAD_BYTES + 2 * int(name_length) + _BYTES_PER_QUANTIZATION * int(scales)
+
+
 def plan_table(match, share=True):
     """Counts the codes of one matched weight tensor and sizes its tables.
 
@@ -138,8 +169,7 @@ def plan_table(match, share=True):
         merged=int(np.maximum(keras_values - codes, 0).sum()),
         index_bits=_bits(most),
         bytes_before=weight.nbytes,
-        bytes_after=-(-size * _bits(most) // 8) + DCM_BYTES
-        + len(codes) * most * itemsize,
+        bytes_after=lut_bytes(size, len(codes), most, itemsize),
     )
     if axis is None or not share:
         return plan
@@ -148,7 +178,7 @@ def plan_table(match, share=True):
         plan.note = f"per-channel tables: {reason}"
         return plan
     entries = len(shared.table)
-    shared_after = -(-size * _bits(entries) // 8) + DCM_BYTES + entries * itemsize
+    shared_after = lut_bytes(size, 1, entries, itemsize)
     if shared_after < plan.bytes_after:
         plan = dataclasses.replace(
             plan,
@@ -205,12 +235,11 @@ def decide(plan, scales_kept=True):
             + (" (batch norm folded)" if plan.match.folded else "")
         )
     weight = plan.match.weight
-    overhead = _OVERHEAD_BYTES
-    if scales_kept:
-        # The encoded tensor keeps a copy of the scales and zero points,
-        # and the added tensors carry names.
-        scales = 0 if weight.scales is None else len(weight.scales)
-        overhead += 2 * len(weight.name) + _BYTES_PER_QUANTIZATION * scales
+    # Unslimmed, the encoded tensor keeps a copy of the scales and zero
+    # points, and the added tensors carry names.
+    overhead = overhead_bytes(
+        len(weight.name), 0 if weight.scales is None else len(weight.scales),
+        scales_kept)
     plan.compress = plan.bytes_after + overhead < plan.bytes_before
     if not plan.compress:
         notes.append(

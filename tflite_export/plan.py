@@ -1,0 +1,118 @@
+"""Command line: plan index bits per layer for a flash budget.
+
+    python -m tflite_export.plan MODEL --budget 64KiB --data x.npy
+        [--labels y.npy --loss sparse_categorical_crossentropy]
+        [--bits 1,2,3,4] [--modes tensor,scaled,channel]
+        [--out plan.json] [--quantized lutq.keras]
+
+MODEL is a float `.keras` or `.h5` file. Prints the plan table; `--out`
+writes the plan as JSON (`tflite_export.planner.Plan.load`), `--quantized`
+the LUT-Q model `quantize_model(model, **plan)` ready for fine-tuning.
+Export it with `python -m tflite_export ... --weight_quantization
+per_channel --shared_tables true` (the plan's `export_options`).
+
+Budgets: a number of bytes, or with a unit: `B`, `K`/`KB`/`KiB` (1,024 B,
+as in linker scripts), `M`/`MB`/`MiB` (1,048,576 B).
+"""
+
+import argparse
+import os
+import re
+import sys
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024,
+          "m": 1024**2, "mb": 1024**2, "mib": 1024**2}
+
+
+def parse_budget(text):
+    """`"64KiB"` -> 65536; a ValueError naming the accepted forms otherwise."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(
+            f"--budget={text!r}: give bytes (65536) or a number with a unit "
+            "B, K, KB, KiB, M, MB or MiB (64KiB; K = 1024 B)."
+        )
+    value = float(match.group(1)) * _UNITS[unit]
+    if value != int(value) or value <= 0:
+        raise ValueError(f"--budget={text!r} is not a positive whole number of bytes.")
+    return int(value)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m tflite_export.plan",
+        description="Choose index bits, dictionary mode or int8 per layer "
+                    "so that the exported .tflite fits a flash budget.")
+    parser.add_argument("model", help="float Keras model (.keras or .h5)")
+    parser.add_argument("--budget", required=True,
+                        help="flash budget: bytes, or e.g. 64KiB (K = 1024 B)")
+    parser.add_argument("--data", required=True,
+                        help=".npy of calibration inputs, shape (N, ...input shape)")
+    parser.add_argument("--labels", help=".npy of labels for --data (empirical Fisher)")
+    parser.add_argument("--loss", help="Keras loss name for --labels")
+    parser.add_argument("--bits", default="1,2,3,4,5,6,7",
+                        help="index bits to offer, comma separated (1..7)")
+    parser.add_argument("--modes", default="tensor,scaled,channel",
+                        help="dictionary modes to offer: tensor, scaled, channel")
+    parser.add_argument("--out", help="write the plan as JSON here")
+    parser.add_argument("--quantized", help="write the LUT-Q model (.keras) here")
+    return parser
+
+
+def _writable(path, flag):
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(directory):
+        raise ValueError(f"{flag}={path!r}: not a file path in an existing directory.")
+    return path
+
+
+def main(argv=None):
+    """Runs the command line; returns the exit code (0, 1 error, 2 usage)."""
+    args = _parser().parse_args(argv)
+    try:
+        budget = parse_budget(args.budget)
+        bits = [int(b) for b in args.bits.split(",") if b.strip()]
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        for path, flag in ((args.model, "MODEL"), (args.data, "--data"),
+                           (args.labels, "--labels")):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{flag}: no such file: {path}")
+        if args.out:
+            _writable(args.out, "--out")
+        if args.quantized:
+            _writable(args.quantized, "--quantized")
+            if not args.quantized.endswith(".keras"):
+                raise ValueError(f"--quantized={args.quantized!r} must end in .keras.")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+
+    import lutq_tf
+    from tflite_export import planner
+
+    try:
+        model = lutq_tf.load_model(args.model)
+        data = np.load(args.data)
+        labels = np.load(args.labels) if args.labels else None
+        plan = planner.plan_budget(model, budget, data, labels=labels,
+                                   loss=args.loss, bits=bits, modes=modes)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(plan.table())
+    if args.out:
+        plan.save(args.out)
+        print(f"plan written to {args.out}")
+    if args.quantized:
+        lutq_tf.quantize_model(model, **plan).save(args.quantized)
+        print(f"LUT-Q model written to {args.quantized}")
+    options = " ".join(f"--{k} {str(v).lower()}" for k, v in plan.export_options().items())
+    print(f"export with: python -m tflite_export MODEL {options}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
