@@ -14,12 +14,16 @@ from tflite_export.errors import UnsupportedModelError
 from tflite_export.errors import VerificationError
 from tflite_export.exporter import export
 from tflite_export.result import ExportResult
+from tflite_export.result import RamChoice
+from tflite_export.result import RamReport
 from tflite_export.result import TensorReport
 from tflite_export.verify import Verification
 
 __all__ = [
     "ExportError",
     "ExportResult",
+    "RamChoice",
+    "RamReport",
     "TensorReport",
     "UnsupportedModelError",
     "Verification",

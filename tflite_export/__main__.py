@@ -3,6 +3,7 @@
     python -m tflite_export MODEL --out model.tflite [--quantize int8]
         [--representative data.npy|data.npz] [--c_array model_data.cc]
         [--noslim] [--shared_tables auto|true|false]
+        [--max_decode_bytes N | --ram_bytes N]
 
 MODEL is a `.keras` file or an HDF5 `.h5` file, also one saved by tf.keras
 2.x (loaded by `lutq_tf.load_model`). Prints the export report as a table.
@@ -53,6 +54,16 @@ _SHARED_TABLES = flags.DEFINE_enum(
     "shared_tables", "auto", ["auto", "true", "false"],
     "One value table for all channels of a tensor whose channels share a "
     "dictionary (auto: unless it agrees less with Keras than plain int8).",
+)
+_MAX_DECODE_BYTES = flags.DEFINE_integer(
+    "max_decode_bytes", None,
+    "Largest decoded kernel in bytes (e.g. 32768): larger Dense/Conv kernels "
+    "are split into output-channel groups, others kept int8.",
+)
+_RAM_BYTES = flags.DEFINE_integer(
+    "ram_bytes", None,
+    "TFLM arena budget in bytes (e.g. 65536): per kernel, compress, split or "
+    "keep int8 for the smallest file whose arena fits.",
 )
 _MIN_AGREEMENT = flags.DEFINE_float(
     "min_agreement", None, "Fail if top-1 agreement with Keras is lower."
@@ -111,6 +122,8 @@ def main(argv):
             shared_tables={"auto": "auto", "true": True, "false": False}[
                 _SHARED_TABLES.value
             ],
+            max_decode_bytes=_MAX_DECODE_BYTES.value,
+            ram_bytes=_RAM_BYTES.value,
         )
     except (ValueError, TypeError, ImportError, tflite_export.ExportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """`export`: a LUT-Q Keras model to a LUT-compressed .tflite file for TFLM."""
 
+import dataclasses
 import numbers
 import os
 import warnings
@@ -15,6 +16,7 @@ from tflite_export import convert
 from tflite_export import flatbuffer
 from tflite_export import lut_tensors
 from tflite_export import mapping
+from tflite_export import ram_budget
 from tflite_export import shared_tables
 from tflite_export import slim as slim_lib
 from tflite_export import tempfiles
@@ -45,6 +47,8 @@ def export(
     max_verify_samples=100,
     slim=True,
     shared_tables="auto",
+    max_decode_bytes=None,
+    ram_bytes=None,
 ):
     """Exports a LUT-Q model as a .tflite file with LUT-compressed weights.
 
@@ -95,12 +99,28 @@ def export(
             converter's int8 model on the verification inputs (top-1 for a
             classifier, max |diff| otherwise); then one table per channel.
             True: shared tables whatever the agreement. False: never.
+        max_decode_bytes: If set (an int, bytes), no DECODE output may be
+            larger: TFLM decodes each compressed kernel into the arena right
+            before its op, so the arena grows by the largest decoded kernel.
+            A Dense, Conv1D or Conv2D layer whose kernel decodes to more is
+            split into output-channel groups (one op and DECODE each,
+            joined by CONCATENATIONs of at most 10 inputs); other kernels
+            above it stay int8. The written model computes the same as the
+            unsplit one and is verified against its own uncompressed twin.
+        ram_bytes: If set (an int, bytes), a budget for the TFLM arena:
+            the exporter picks, per kernel, compress, split or keep int8 so
+            that the measured arena fits and the file is smallest (the
+            largest decode limit that fits). `result.ram` reports the
+            choices, arenas, and flash and host latency against the unsplit
+            file. Give at most one of the two.
 
     Returns:
         An `ExportResult`; `print(result)` shows the report.
 
     Raises:
-        ValueError: Bad arguments (the message names the argument).
+        ValueError: Bad arguments (the message names the argument), a
+            `max_decode_bytes` below one output channel of a layer to split,
+            or a `ram_bytes` below the arena with every kernel int8.
         ImportError: tflite-micro is not installed.
         ExportError: The model cannot be converted, compressed or run on TFLM.
         UnsupportedModelError: (an ExportError) TFLM cannot run the graph:
@@ -142,6 +162,13 @@ def export(
         )
     if max_verify_samples < 1:
         raise ValueError(f"max_verify_samples must be >= 1, got {max_verify_samples}.")
+    max_decode_bytes = ram_budget.check_budget(max_decode_bytes, "max_decode_bytes")
+    ram_bytes = ram_budget.check_budget(ram_bytes, "ram_bytes")
+    if max_decode_bytes is not None and ram_bytes is not None:
+        raise ValueError(
+            "give max_decode_bytes or ram_bytes, not both: ram_bytes chooses "
+            "the decode limit itself."
+        )
     path = _check_writable(path, "path")
     outputs = [path]
     if c_array is not None:
@@ -160,27 +187,6 @@ def export(
         plain, representative_data, quantize, specs
     )
 
-    baseline, info, plans, unmatched, chosen = _convert_and_plan(
-        plain, kernels, quantize, data, io_dtype, weight_quantization,
-        share=shared_tables is not False,
-    )
-    for plan in plans:
-        compress.decide(plan, scales_kept=not slim)
-    if not kernels:
-        notes.append("No LUT-Q layers found: exported without compression.")
-    for kernel in unmatched:
-        notes.append(
-            f"layer '{kernel.layer}' ({kernel.tensor}): no weight tensor of "
-            "the converted model holds this LUT kernel; not compressed."
-        )
-    merged = [p for p in plans if p.merged]
-    if merged:
-        warnings.warn(
-            "int8 weight quantisation merged distinct LUT values in "
-            + ", ".join(f"'{p.match.kernel.layer}'" for p in merged)
-            + "; the report lists how many.",
-            stacklevel=2,
-        )
     if verify:
         if data is not None:
             inputs = [a[:max_verify_samples] for a in data]
@@ -194,61 +200,38 @@ def export(
                 for i in range(len(specs))
             ]
             source = "random"
-
-    num_inputs = info.num_inputs
-    tflm_limits.check(baseline, plain)
-    try:
-        baseline_arena = arena.find_arena_size(baseline, num_inputs, "uncompressed model")
-    except ExportError as e:
-        raise _explained(e, plain) from e
-    wanted_steps = slim_lib.STEPS if slim else ()
-    shared = any(p.mode == "shared" and p.compress for p in plans)
-    while True:
-        twin, compressed, steps = _build(baseline, plans, wanted_steps, notes, data)
-        slim_baseline = slim_lib.slim(baseline, steps) if steps else baseline
-        if len(compressed) >= len(slim_baseline) and any(p.compress for p in plans):
-            # The per-tensor size estimate was beaten by file overhead: keep
-            # the smaller, uncompressed model.
-            for plan in plans:
-                if plan.compress:
-                    plan.compress = False
-                    plan.note = "; ".join(
-                        filter(None, [plan.note, "kept uncompressed: the file would grow"])
-                    )
-            twin, compressed = baseline, slim_baseline
-        arena_bytes = arena.find_arena_size(compressed, num_inputs, "compressed model")
-        verification = None
-        if verify:
-            verification = verify_lib.verify(
-                compressed,
-                twin,
-                plain,
-                inputs,
-                arena_bytes,
-                baseline_arena,
-                input_source=source,
-                min_agreement=min_agreement,
-                plain_int8=baseline if twin != baseline else None,
-            )
-        if not (
-            shared_tables == "auto"
-            and shared
-            and verification is not None
-            and verification.worse_than_int8
-        ):
-            break
-        # The shared tables' coarser scales cost agreement with Keras: fall
-        # back to one table per channel, with the converter's own scales.
-        notes.append(
-            "shared value tables dropped: the requantised model agreed less "
-            "with Keras than the converter's int8 model ("
-            + verification.describe().split("vs Keras: ")[1]
-            + ")"
+    settings = _Settings(
+        quantize=quantize, data=data, io_dtype=io_dtype,
+        weight_quantization=weight_quantization, shared_tables=shared_tables,
+        slim=slim, verify=verify, inputs=inputs if verify else None,
+        source=source if verify else None, min_agreement=min_agreement,
+        reference=plain,
+    )
+    if max_decode_bytes is None and ram_bytes is None:
+        built, verification = _assemble_verified(plain, kernels, notes, settings)
+        ram = None
+    else:
+        built, verification, ram = ram_budget.fit(
+            plain, kernels, notes, settings,
+            max_decode_bytes=max_decode_bytes, ram_bytes=ram_bytes,
+            assemble=_assemble, assemble_verified=_assemble_verified,
         )
-        plans = [compress.plan_table(p.match, share=False) for p in plans]
-        for plan in plans:
-            compress.decide(plan, scales_kept=not slim)
-        shared = False
+    baseline, compressed, plans = built.baseline, built.compressed, built.plans
+    if not kernels:
+        notes.append("No LUT-Q layers found: exported without compression.")
+    for kernel in built.unmatched:
+        notes.append(
+            f"layer '{kernel.layer}' ({kernel.tensor}): no weight tensor of "
+            "the converted model holds this LUT kernel; not compressed."
+        )
+    merged = [p for p in plans if p.merged]
+    if merged:
+        warnings.warn(
+            "int8 weight quantisation merged distinct LUT values in "
+            + ", ".join(f"'{p.match.kernel.layer}'" for p in merged)
+            + "; the report lists how many.",
+            stacklevel=2,
+        )
 
     files = {path: compressed}
     if c_array is not None:
@@ -261,19 +244,196 @@ def export(
         path=path,
         size_bytes=len(compressed),
         baseline_bytes=len(baseline),
-        slim_baseline_bytes=len(slim_baseline),
-        slim_steps=list(steps),
+        slim_baseline_bytes=len(built.slim_baseline),
+        slim_steps=list(built.steps),
         anatomy=anatomy.read(compressed, plans),
         quantize=quantize,
         io_dtype=io_dtype,
-        weight_quantization=chosen,
+        weight_quantization=built.chosen,
         tensors=[_report(p) for p in plans],
         verification=verification,
-        arena_bytes=arena_bytes,
-        baseline_arena_bytes=baseline_arena,
+        arena_bytes=built.arena_bytes,
+        baseline_arena_bytes=built.baseline_arena,
         c_array=(c_array, c_array_lib.header_path(c_array)) if c_array else None,
         notes=notes,
+        decode_buffer_bytes=built.decode_buffer_bytes,
+        ram=ram,
     )
+
+
+@dataclasses.dataclass
+class _Settings:
+    """The export's arguments that every build of a candidate model shares.
+
+    `reference` is the Keras model TFLM's outputs are compared with (the
+    model as given, also for a split model, which computes the same).
+    """
+
+    quantize: str
+    data: object
+    io_dtype: str
+    weight_quantization: str
+    shared_tables: object
+    slim: bool
+    verify: bool
+    inputs: object
+    source: str
+    min_agreement: object
+    reference: object
+
+
+@dataclasses.dataclass
+class _Built:
+    """One model converted, planned, compressed and measured (not verified).
+
+    Attributes:
+        baseline: The converter's file (uncompressed, unslimmed).
+        twin: The requantised uncompressed twin of `compressed`.
+        compressed: The file to write.
+        plans: `compress.TablePlan`s.
+        unmatched: LUT kernels no weight tensor holds.
+        chosen: The weight quantisation used.
+        steps: Slimming steps applied.
+        slim_baseline: `baseline` slimmed like `compressed`.
+        arena_bytes: Smallest arena of `compressed`.
+        baseline_arena: Smallest arena of `baseline`.
+        shared: Whether a shared table was compressed.
+    """
+
+    baseline: bytes
+    twin: bytes
+    compressed: bytes
+    plans: list
+    unmatched: list
+    chosen: str
+    steps: tuple
+    slim_baseline: bytes
+    arena_bytes: int
+    baseline_arena: int
+    shared: bool
+    num_inputs: int
+
+    @property
+    def decode_buffer_bytes(self):
+        """Bytes of the largest decoded kernel (DECODE's output), 0 if none."""
+        return max(
+            (p.match.weight.nbytes for p in self.plans if p.compress), default=0
+        )
+
+
+def _assemble(model, kernels, notes, settings, share=True, keep=None,
+              previous=None):
+    """Converts, plans, compresses and measures one model; no verification.
+
+    Args:
+        model: The plain Keras model to convert (maybe split).
+        kernels: Its `LutKernel`s.
+        notes: List the build appends report notes to.
+        settings: `_Settings`.
+        share: Whether shared tables may be planned.
+        keep: `{layer name: reason}`: LUT kernels to keep uncompressed
+            (int8), e.g. whose decoded size exceeds a RAM limit.
+        previous: A `_Built` of the same model whose conversion is reused
+            (only the tables are planned again).
+
+    Returns:
+        A `_Built`.
+    """
+    if previous is None:
+        baseline, info, plans, unmatched, chosen = _convert_and_plan(
+            model, kernels, settings.quantize, settings.data, settings.io_dtype,
+            settings.weight_quantization, share=share,
+        )
+        num_inputs = info.num_inputs
+        tflm_limits.check(baseline, model)
+        try:
+            baseline_arena = arena.find_arena_size(
+                baseline, num_inputs, "uncompressed model"
+            )
+        except ExportError as e:
+            raise _explained(e, model) from e
+    else:
+        baseline, unmatched, chosen = (
+            previous.baseline, previous.unmatched, previous.chosen
+        )
+        num_inputs, baseline_arena = previous.num_inputs, previous.baseline_arena
+        plans = [compress.plan_table(p.match, share=share) for p in previous.plans]
+    for plan in plans:
+        compress.decide(plan, scales_kept=not settings.slim)
+        reason = (keep or {}).get(plan.match.kernel.layer)
+        if reason and plan.compress:
+            plan.compress = False
+            plan.note = "; ".join(filter(None, [plan.note, reason]))
+    wanted_steps = slim_lib.STEPS if settings.slim else ()
+    twin, compressed, steps = _build(
+        baseline, plans, wanted_steps, notes, settings.data
+    )
+    slim_baseline = slim_lib.slim(baseline, steps) if steps else baseline
+    if len(compressed) >= len(slim_baseline) and any(p.compress for p in plans):
+        # The per-tensor size estimate was beaten by file overhead: keep
+        # the smaller, uncompressed model.
+        for plan in plans:
+            if plan.compress:
+                plan.compress = False
+                plan.note = "; ".join(
+                    filter(None, [plan.note, "kept uncompressed: the file would grow"])
+                )
+        twin, compressed = baseline, slim_baseline
+    arena_bytes = arena.find_arena_size(compressed, num_inputs, "compressed model")
+    return _Built(
+        baseline=baseline, twin=twin, compressed=compressed, plans=plans,
+        unmatched=unmatched, chosen=chosen, steps=steps,
+        slim_baseline=slim_baseline, arena_bytes=arena_bytes,
+        baseline_arena=baseline_arena,
+        shared=any(p.mode == "shared" and p.compress for p in plans),
+        num_inputs=num_inputs,
+    )
+
+
+def _assemble_verified(model, kernels, notes, settings, keep=None, built=None):
+    """`_assemble` (unless `built` is given), then verification if asked.
+
+    Returns `(built, verification)`. With `shared_tables="auto"`, a model whose shared tables agree less
+    with Keras than the converter's int8 model is planned again with one
+    table per channel.
+    """
+    if built is None:
+        built = _assemble(
+            model, kernels, notes, settings,
+            share=settings.shared_tables is not False, keep=keep,
+        )
+    while True:
+        verification = None
+        if settings.verify:
+            verification = verify_lib.verify(
+                built.compressed,
+                built.twin,
+                settings.reference,
+                settings.inputs,
+                built.arena_bytes,
+                built.baseline_arena,
+                input_source=settings.source,
+                min_agreement=settings.min_agreement,
+                plain_int8=built.baseline if built.twin != built.baseline else None,
+            )
+        if not (
+            settings.shared_tables == "auto"
+            and built.shared
+            and verification is not None
+            and verification.worse_than_int8
+        ):
+            return built, verification
+        # The shared tables' coarser scales cost agreement with Keras: fall
+        # back to one table per channel, with the converter's own scales.
+        notes.append(
+            "shared value tables dropped: the requantised model agreed less "
+            "with Keras than the converter's int8 model ("
+            + verification.describe().split("vs Keras: ")[1]
+            + ")"
+        )
+        built = _assemble(
+            model, kernels, notes, settings, share=False, keep=keep, previous=built
+        )
 
 
 def _build(baseline, plans, steps, notes, data=None):

@@ -42,6 +42,100 @@ class TensorReport:
 
 
 @dataclasses.dataclass
+class RamChoice:
+    """What the exporter did with one compressed kernel under a RAM limit.
+
+    Attributes:
+        layer: Keras layer name (of the unsplit model).
+        op: TFLite op reading the kernel.
+        decoded_bytes: Bytes the whole kernel decodes to.
+        choice: `"compress"`, `"split"` or `"int8"` (kept uncompressed).
+        groups: Output-channel groups (1 unsplit, 0 when kept int8).
+        group_bytes: Bytes the largest group decodes to (0 when int8).
+        reason: Why.
+    """
+
+    layer: str
+    op: str
+    decoded_bytes: int
+    choice: str
+    groups: int
+    group_bytes: int
+    reason: str
+
+
+@dataclasses.dataclass
+class RamReport:
+    """RAM figures of an export made under `max_decode_bytes` or `ram_bytes`.
+
+    Attributes:
+        argument: `"max_decode_bytes"` or `"ram_bytes"`.
+        limit: The decode limit applied (given, or chosen for `ram_bytes`).
+        ram_bytes: The arena budget, or None.
+        arena_bytes: Main arena of the written file (decode buffers in it).
+        decode_buffer_bytes: Its largest decoded kernel.
+        twin_arena_bytes: Arena of the written model's uncompressed twin.
+        int8_arena_bytes: Arena of the unsplit uncompressed model (the
+            "int8 arena" the limits are judged against).
+        unsplit_arena_bytes: Arena of the unsplit compressed file.
+        unsplit_decode_buffer_bytes: Its largest decoded kernel.
+        unsplit_size_bytes: Size of the unsplit compressed file.
+        size_bytes: Size of the written file.
+        choices: A `RamChoice` per compressed kernel of the unsplit model.
+        concat_ops: `{layer: CONCATENATION ops}` of each split layer.
+        latency_us: Host median microseconds per invoke of the written file
+            (TFLM Python interpreter), when a layer was split; else None.
+        unsplit_latency_us: The same for the unsplit compressed file.
+    """
+
+    argument: str
+    limit: int
+    ram_bytes: object
+    arena_bytes: int
+    decode_buffer_bytes: int
+    twin_arena_bytes: int
+    int8_arena_bytes: int
+    unsplit_arena_bytes: int
+    unsplit_decode_buffer_bytes: int
+    unsplit_size_bytes: int
+    size_bytes: int
+    choices: list
+    concat_ops: dict
+    latency_us: object = None
+    unsplit_latency_us: object = None
+
+    def lines(self):
+        """The report's RAM section, as lines of text."""
+        budget = (
+            f"ram_bytes={self.ram_bytes} (decode limit chosen: {self.limit} B)"
+            if self.argument == "ram_bytes"
+            else f"max_decode_bytes={self.limit}"
+        )
+        lines = [
+            f"  RAM under {budget}:",
+            f"    main arena {self.arena_bytes} B (int8 arena "
+            f"{self.int8_arena_bytes} B + {self.arena_bytes - self.int8_arena_bytes}"
+            f"), decode buffer {self.decode_buffer_bytes} B in it (alternate "
+            "region: not used)",
+            f"    unsplit compressed file: arena {self.unsplit_arena_bytes} B, "
+            f"decode buffer {self.unsplit_decode_buffer_bytes} B, "
+            f"{self.unsplit_size_bytes} B flash; this file {self.size_bytes} B "
+            f"({self.size_bytes / max(self.unsplit_size_bytes, 1):.3f}x)",
+        ]
+        if self.latency_us is not None:
+            lines.append(
+                f"    host latency {self.latency_us:.0f} us vs "
+                f"{self.unsplit_latency_us:.0f} us unsplit "
+                f"({self.latency_us / max(self.unsplit_latency_us, 1e-9):.2f}x)"
+            )
+        for c in self.choices:
+            ops = self.concat_ops.get(c.layer)
+            extra = f", {ops} CONCATENATION op(s)" if ops else ""
+            lines.append(f"    {c.layer} ({c.op}): {c.choice}{extra}: {c.reason}")
+        return lines
+
+
+@dataclasses.dataclass
 class ExportResult:
     """What `export` wrote and what it checked.
 
@@ -66,6 +160,11 @@ class ExportResult:
         c_array: `(source, header)` paths written, or None.
         notes: Other remarks (e.g. nothing compressed, LUT kernels the
             converter dropped).
+        decode_buffer_bytes: Bytes of the largest decoded kernel: what
+            DECODE adds to the arena (TFLM's `SetDecompressionMemory` can
+            take it out of the main arena).
+        ram: A `RamReport` for an export under `max_decode_bytes` or
+            `ram_bytes`, else None.
     """
 
     path: str
@@ -83,6 +182,8 @@ class ExportResult:
     baseline_arena_bytes: int
     c_array: object = None
     notes: list = dataclasses.field(default_factory=list)
+    decode_buffer_bytes: int = 0
+    ram: object = None
 
     @property
     def compressed_tensors(self):
@@ -107,8 +208,10 @@ class ExportResult:
             f"  information limit {self.anatomy.information_limit} bytes "
             f"(file {self.size_bytes / max(self.anatomy.information_limit, 1):.2f}x of it)",
             f"  arena {self.arena_bytes} bytes vs {self.baseline_arena_bytes} "
-            "uncompressed",
+            f"uncompressed; decode buffer {self.decode_buffer_bytes} bytes",
         ]
+        if self.ram is not None:
+            lines += self.ram.lines()
         if self.c_array:
             lines.append(f"  C array: {self.c_array[0]}, {self.c_array[1]}")
         lines.append("")
