@@ -289,3 +289,37 @@ def test_more_budget_never_costs_sensitivity(digits):
     large = planner.plan_budget(model, 16_000, x[:128], **kwargs)
     assert large.sensitivity <= small.sensitivity
     assert small.estimate_bytes <= 8_000 < large.estimate_bytes <= 16_000
+
+
+def test_weighting_must_be_known():
+    with pytest.raises(ValueError, match="weighting"):
+        planner.choices(_digits_model(), np.zeros((4, 8, 8, 1)), weighting="hessian")
+
+
+@pytest.mark.slow
+def test_cli_writes_the_plan_and_the_lutq_model(digits, tmp_path, capsys):
+    model, (x, y), _ = digits
+    model_path, data, labels = (str(tmp_path / n) for n in ("f.keras", "x.npy", "y.npy"))
+    model.save(model_path)
+    np.save(data, x[:64])
+    np.save(labels, y[:64])
+    out, quantized = str(tmp_path / "plan.json"), str(tmp_path / "q.keras")
+    code = plan_cli.main([model_path, "--budget", "10KiB", "--data", data,
+                          "--labels", labels, "--loss",
+                          "sparse_categorical_crossentropy", "--bits", "1,2,4",
+                          "--modes", "tensor,channel", "--out", out,
+                          "--quantized", quantized])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "sensitivity" in printed and "--shared_tables true" in printed
+    plan = planner.Plan.load(out)
+    assert plan.budget_bytes == 10 * 1024 and plan.estimate_bytes <= 10 * 1024
+    loaded = lutq_tf.load_model(quantized)
+    assert sorted(layer.name for layer in lutq_tf.lutq_layers(loaded)) == sorted(
+        plan.quantize_options()["layer_names"])
+    # A budget below the minimum: exit code 1, the minimum named, no plan.
+    os.remove(out)
+    code = plan_cli.main([model_path, "--budget", "1KiB", "--data", data, "--out", out])
+    assert code == 1
+    assert "below the smallest file" in capsys.readouterr().err
+    assert not os.path.exists(out)

@@ -311,41 +311,120 @@ def plan_budget(
         ValueError: A bad argument (named), or a budget below the smallest
             file the choices allow (the message gives that minimum).
     """
+    budget = check_budget(budget_bytes)
+    return choices(model, calibration_data, labels=labels, loss=loss, bits=bits,
+                   modes=modes, batch_size=batch_size, max_batches=max_batches,
+                   kmeans_iterations=kmeans_iterations).plan(budget)
+
+
+@dataclasses.dataclass
+class Choices:
+    """Every layer's choices with their bytes and sensitivities.
+
+    What does not depend on the budget, so that several budgets are planned
+    from one measurement (`choices(...).plan(budget)`).
+
+    Attributes:
+        byte_model: The `plan_costs.ByteModel`.
+        offers: `{layer: [(bits or None, mode, bytes, sensitivity)]}`, int8
+            first.
+        layer_types: `{layer: Keras class name}`.
+        bits: The index bits offered.
+        modes: The dictionary modes offered.
+        fisher: `"labels"` or `"outputs"`.
+    """
+
+    byte_model: object
+    offers: dict
+    layer_types: dict
+    bits: list
+    modes: list
+    fisher: str
+
+    @property
+    def fixed_bytes(self):
+        """File bytes outside the candidate layers' weight tensors."""
+        model = self.byte_model
+        return model.int8_bytes - sum(model.int8_layer_bytes(n) for n in model.tensors)
+
+    @property
+    def min_bytes(self):
+        """The smallest file the offered choices allow."""
+        smallest = {n: min(o, key=lambda c: c[2]) for n, o in self.offers.items()}
+        return self.byte_model.estimate(
+            {n: (c[0], c[1]) for n, c in smallest.items() if c[1] != INT8})
+
+    def plan(self, budget_bytes):
+        """The least-sensitivity `Plan` whose estimated file fits the budget.
+
+        Raises:
+            TypeError, ValueError: as `plan_budget`.
+        """
+        budget = check_budget(budget_bytes)
+        minimum = self.min_bytes
+        if budget < minimum:
+            hint = ""
+            if budget < 4096 <= budget * 1024 and budget * 1024 >= minimum:
+                hint = (f" Budgets are in bytes: if you meant {budget} KiB, "
+                        f"pass {budget * 1024}.")
+            raise ValueError(
+                f"budget_bytes={budget:,} is below the smallest file this model "
+                f"can have with bits={self.bits} and modes={self.modes}: "
+                f"{minimum:,} bytes (all int8: {self.byte_model.int8_bytes:,} "
+                f"bytes).{hint}"
+            )
+        groups = [[(c[2], c[3]) for c in opts] for opts in self.offers.values()]
+        # Any compressed layer adds the DECODE operator code once. Never
+        # None but when only all-int8 fits: the smallest options fit
+        # (checked above) and the grid rounds bytes above each layer's
+        # smallest option only.
+        picks = knapsack.solve(
+            groups, budget - self.fixed_bytes - plan_costs.DECODE_OPERATOR_BYTES)
+        if picks is None:
+            picks = [0] * len(groups)  # each layer's first offer is int8
+        rows = []
+        for (name, opts), pick in zip(self.offers.items(), picks):
+            b, mode, cost, sens = opts[pick]
+            rows.append(LayerPlan(
+                layer=name, layer_type=self.layer_types[name],
+                weights=self.byte_model.int8_layer_bytes(name), bits=b,
+                mode=mode, bytes=int(cost), sensitivity=float(sens)))
+        estimate = self.byte_model.estimate(
+            {r.layer: (r.bits, r.mode) for r in rows if r.mode != INT8})
+        return Plan(budget_bytes=budget, estimate_bytes=int(estimate),
+                    int8_bytes=self.byte_model.int8_bytes,
+                    min_bytes=int(minimum), layers=rows, fisher=self.fisher)
+
+
+def choices(
+    model,
+    calibration_data,
+    labels=None,
+    loss=None,
+    bits=(1, 2, 3, 4, 5, 6, 7),
+    modes=MODES,
+    batch_size=16,
+    max_batches=8,
+    kmeans_iterations=8,
+    weighting="fisher",
+):
+    """Measures every layer's choices: bytes and sensitivity (no budget yet).
+
+    Arguments as `plan_budget`, and `weighting`: `"fisher"` (default), or
+    `"none"` for the plain squared error (a baseline for the benchmark).
+    Returns a `Choices`; `.plan(budget_bytes)` gives the `Plan` for one
+    budget.
+    """
     from lutq_tf import registry
 
-    budget = check_budget(budget_bytes)
+    if weighting not in ("fisher", "none"):
+        raise ValueError(f"weighting must be 'fisher' or 'none', got {weighting!r}.")
     bits, modes = _check_options(bits, modes)
     x, y, loss = _check_data(model, calibration_data, labels, loss)
 
     byte_model = plan_costs.measure(model, x[:_CALIBRATION_SAMPLES])
     layers = {layer.name: layer for layer in model._flatten_layers(
         include_self=False, recursive=True)}
-    offers = {}
-    for name in byte_model.tensors:
-        offers[name] = [(None, INT8, byte_model.int8_layer_bytes(name))]
-        for b in bits:
-            for mode in modes:
-                if not _fits(byte_model.tensors[name], b, mode):
-                    continue
-                cost = byte_model.layer_bytes(name, b, mode)
-                if cost is not None:
-                    offers[name].append((b, mode, cost))
-    fixed = byte_model.int8_bytes - sum(
-        byte_model.int8_layer_bytes(n) for n in byte_model.tensors)
-    smallest = {name: min(opts, key=lambda o: o[2]) for name, opts in offers.items()}
-    minimum = byte_model.estimate(
-        {n: (o[0], o[1]) for n, o in smallest.items() if o[1] != INT8})
-    if budget < minimum:
-        hint = ""
-        if budget < 4096 <= budget * 1024 and budget * 1024 >= minimum:
-            hint = (f" Budgets are in bytes: if you meant {budget} KiB, "
-                    f"pass {budget * 1024}.")
-        raise ValueError(
-            f"budget_bytes={budget:,} is below the smallest file this model "
-            f"can have with bits={bits} and modes={modes}: {minimum:,} bytes "
-            f"(all int8: {byte_model.int8_bytes:,} bytes).{hint}"
-        )
-
     kernels = {}
     specs = {}
     for name in byte_model.tensors:
@@ -354,44 +433,43 @@ def plan_budget(
                 continue
             kernels[(name, spec.attribute)] = getattr(layers[name], spec.attribute)
             specs[(name, spec.attribute)] = spec
-    fisher = sensitivity_lib.fisher(
-        model, kernels, x, y, loss, batch_size=batch_size, max_batches=max_batches)
+    if weighting == "fisher":
+        fisher = sensitivity_lib.fisher(
+            model, kernels, x, y, loss, batch_size=batch_size,
+            max_batches=max_batches)
+    else:
+        fisher = {k: np.ones(v.shape) for k, v in kernels.items()}
 
-    groups = []
-    for name, opts in offers.items():
-        group = []
-        for b, mode, cost in opts:
-            total = 0.0
-            for key in kernels:
-                if key[0] != name:
+    def sensitivity(name, b, mode):
+        total = 0.0
+        for key in kernels:
+            if key[0] != name:
+                continue
+            array = np.asarray(kernels[key].numpy())
+            axes = specs[key].channel_axes
+            if mode == INT8:
+                total += sensitivity_lib.int8_distortion(array, axes, fisher[key])
+            else:
+                total += sensitivity_lib.kmeans_distortion(
+                    array, axes, b, mode, fisher[key], kmeans_iterations)
+        return total
+
+    offers = {}
+    for name in byte_model.tensors:
+        int8_bytes = byte_model.int8_layer_bytes(name)
+        offers[name] = [(None, INT8, int8_bytes, sensitivity(name, None, INT8))]
+        for b in bits:
+            for mode in modes:
+                if not _fits(byte_model.tensors[name], b, mode):
                     continue
-                array = np.asarray(kernels[key].numpy())
-                axes = specs[key].channel_axes
-                if mode == INT8:
-                    total += sensitivity_lib.int8_distortion(array, axes, fisher[key])
-                else:
-                    total += sensitivity_lib.kmeans_distortion(
-                        array, axes, b, mode, fisher[key], kmeans_iterations)
-            group.append((cost, total))
-        groups.append(group)
-    # Any compressed layer adds the DECODE operator code once. Never None
-    # but when only all-int8 fits: the smallest options fit (checked above)
-    # and the grid rounds bytes above each layer's smallest option only.
-    picks = knapsack.solve(groups, budget - fixed - plan_costs.DECODE_OPERATOR_BYTES)
-    if picks is None:
-        picks = [0] * len(groups)  # offers[...][0] is int8
-    rows = []
-    for (name, opts), group, pick in zip(offers.items(), groups, picks):
-        b, mode, cost = opts[pick]
-        kernel_size = byte_model.int8_layer_bytes(name)
-        rows.append(LayerPlan(layer=name, layer_type=type(layers[name]).__name__,
-                              weights=kernel_size, bits=b, mode=mode,
-                              bytes=int(cost), sensitivity=float(group[pick][1])))
-    estimate = byte_model.estimate(
-        {r.layer: (r.bits, r.mode) for r in rows if r.mode != INT8})
-    return Plan(budget_bytes=budget, estimate_bytes=int(estimate),
-                int8_bytes=byte_model.int8_bytes, min_bytes=int(minimum),
-                layers=rows, fisher="labels" if y is not None else "outputs")
+                cost = byte_model.layer_bytes(name, b, mode)
+                if cost is not None:
+                    offers[name].append((b, mode, cost, sensitivity(name, b, mode)))
+    return Choices(byte_model=byte_model, offers=offers,
+                   layer_types={n: type(layers[n]).__name__ for n in offers},
+                   bits=bits, modes=modes,
+                   fisher=("none" if weighting == "none"
+                           else "labels" if y is not None else "outputs"))
 
 
 def _fits(tensors, bits, mode):

@@ -1,0 +1,295 @@
+"""Flash budgets: the planner on MLPerf Tiny models and on accuracy.
+
+Parts (`--parts`):
+
+- `mlperf`: DS-CNN, VWW and AD at 0.5x, 0.35x and 0.25x of MLPerf's int8
+  file. No training and no data: 64 random inputs calibrate and verify,
+  and the sensitivities come from the outputs' Gauss-Newton diagonal on
+  them, which ranks nothing meaningful. This checks budget fitting only:
+  each file <= its budget and >= 98 % of it, the estimate against the
+  written file, bit-exact on TFLM.
+- `mnist`: LeNet-5 (trained here, 2 epochs) at the file size of uniform
+  1-bit and 2-bit LUT-Q (one dictionary per tensor): the planned model
+  against the uniform one after the same fine-tuning, and a plan whose
+  sensitivity is the plain squared error (no Fisher weights).
+- `cifar10`: MLPerf's pretrained ResNet-8 at the sizes of uniform 3-bit and
+  2-bit, planned vs uniform.
+
+Fine-tuning (both rows alike): 1 epoch, Adam, batch 64, learning rate 1e-4
+with cosine decay, seed 0. Resumable: each finished row is appended to
+`benchmarks/results/budgets.json` and skipped when present; the .md is
+rebuilt from the JSON.
+
+    nice -n 15 python -m benchmarks.budgets --parts=mlperf,mnist,cifar10
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+FRACTIONS = (0.5, 0.35, 0.25)
+MLPERF_MODELS = ("DS-CNN", "VWW", "AD")
+# Calibration examples with labels for the Fisher estimate.
+_FISHER_EXAMPLES = 512
+
+
+def _load(path):
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"mlperf": [], "accuracy": [], "runs": []}
+
+
+def _save(results, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(markdown(results))
+
+
+def _plan_rows(plan):
+    return [{"layer": r.layer, "type": r.layer_type, "weights": r.weights,
+             "bits": r.bits, "mode": r.mode, "bytes": r.bytes,
+             "sensitivity": r.sensitivity} for r in plan.layers]
+
+
+def run_mlperf(results, out, models_dir, work):
+    import numpy as np
+
+    import lutq_tf
+    import tflite_export
+    from benchmarks import mlperf_flash
+    from tflite_export import planner
+
+    done = {(r["model"], r["fraction"]) for r in results["mlperf"]}
+    for name in MLPERF_MODELS:
+        if all((name, f) in done for f in FRACTIONS):
+            continue
+        h5, reference, kind = mlperf_flash.MODELS[name]
+        model = lutq_tf.load_model(os.path.join(models_dir, h5))
+        mlperf = os.path.getsize(os.path.join(models_dir, "reference_int8", reference))
+        data = mlperf_flash._inputs(model, kind, np.random.default_rng(0))
+        start = time.time()
+        choices = planner.choices(model, data)
+        measure_seconds = time.time() - start
+        for fraction in FRACTIONS:
+            if (name, fraction) in done:
+                continue
+            start = time.time()
+            budget = int(fraction * mlperf)
+            plan = choices.plan(budget)
+            q = lutq_tf.quantize_model(model, **plan)
+            path = os.path.join(work, f"{name}_{fraction}.tflite")
+            result = tflite_export.export(q, path, representative_data=data,
+                                          **plan.export_options())
+            size = os.path.getsize(path)
+            row = {
+                "model": name, "fraction": fraction, "mlperf_int8_bytes": mlperf,
+                "budget_bytes": budget, "file_bytes": size,
+                "file_over_budget": size / budget,
+                "estimate_bytes": plan.estimate_bytes,
+                "estimate_minus_file": plan.estimate_bytes - size,
+                "int8_slim_bytes": plan.int8_bytes, "min_bytes": plan.min_bytes,
+                "bit_exact": bool(result.verification.bit_exact),
+                "measure_seconds": measure_seconds,
+                "seconds": time.time() - start, "plan": _plan_rows(plan),
+            }
+            results["mlperf"].append(row)
+            _save(results, out)
+            print(f"{name} {fraction}x: budget {budget} file {size} "
+                  f"({size / budget:.3f}) estimate {plan.estimate_bytes}", flush=True)
+
+
+def _finetune(model, train, seed):
+    """The recipe of every accuracy row: 1 epoch, Adam, batch 64, 1e-4 cosine."""
+    import keras
+
+    batch = 64
+    steps = -(-len(train[0]) // batch)
+    schedule = keras.optimizers.schedules.CosineDecay(1e-4, steps)
+    model.compile(optimizer=keras.optimizers.Adam(schedule),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    keras.utils.set_random_seed(seed)
+    start = time.time()
+    model.fit(train[0], train[1], batch_size=batch, epochs=1, verbose=2)
+    return time.time() - start
+
+
+def _accuracy_suite(results, out, suite, float_model, train, test, bits_list,
+                    work, seed, weightings):
+    import keras
+
+    import lutq_tf
+    import tflite_export
+    from examples import pipeline
+    from tflite_export import planner
+
+    done = {(r["suite"], r["variant"], r["bits"], r["seed"]) for r in results["accuracy"]}
+    calibration = train[0][:64]
+    float_accuracy = pipeline.keras_accuracy(float_model, *test)
+    fisher_x = train[0][:_FISHER_EXAMPLES]
+    fisher_y = train[1][:_FISHER_EXAMPLES]
+    choices = {}
+
+    def record(variant, bits, q, budget, plan, seconds):
+        path = os.path.join(work, f"{suite}_{variant}_{bits}.tflite")
+        result = tflite_export.export(q, path, representative_data=calibration,
+                                      **(plan.export_options() if plan else {}))
+        size = os.path.getsize(path)
+        row = {
+            "suite": suite, "variant": variant, "bits": bits, "seed": seed,
+            "budget_bytes": budget, "file_bytes": size,
+            "estimate_bytes": plan.estimate_bytes if plan else None,
+            "keras_accuracy": pipeline.keras_accuracy(q, *test),
+            "float_accuracy": float_accuracy,
+            "bit_exact": bool(result.verification.bit_exact),
+            "train_seconds": seconds, "plan": _plan_rows(plan) if plan else None,
+        }
+        results["accuracy"].append(row)
+        _save(results, out)
+        print(f"{suite} {variant} {bits}-bit size: {size} B (budget {budget}), "
+              f"accuracy {row['keras_accuracy']:.4f}", flush=True)
+
+    for bits in bits_list:
+        # The budget: the uniform model's file (its size does not change
+        # with fine-tuning: K and the tables' shapes are fixed).
+        keras_seed = seed
+        keras.utils.set_random_seed(keras_seed)
+        uniform = lutq_tf.quantize_model(float_model, bits=bits)
+        path = os.path.join(work, f"{suite}_size_{bits}.tflite")
+        budget = tflite_export.export(uniform, path, representative_data=calibration,
+                                      verify=False).size_bytes
+        if (suite, "uniform", bits, seed) not in done:
+            seconds = _finetune(uniform, train, seed)
+            record("uniform", bits, uniform, budget, None, seconds)
+        for weighting in weightings:
+            variant = "planned" if weighting == "fisher" else "planned (plain error)"
+            if (suite, variant, bits, seed) in done:
+                continue
+            if weighting not in choices:
+                choices[weighting] = planner.choices(
+                    float_model, fisher_x, labels=fisher_y,
+                    loss="sparse_categorical_crossentropy", weighting=weighting,
+                    batch_size=32, max_batches=16)
+            plan = choices[weighting].plan(budget)
+            print(plan, flush=True)
+            keras.utils.set_random_seed(keras_seed)
+            q = lutq_tf.quantize_model(float_model, **plan)
+            seconds = _finetune(q, train, seed)
+            record(variant, bits, q, budget, plan, seconds)
+
+
+def run_mnist(results, out, data_dir, work, seed):
+    from examples import datasets, models, pipeline
+
+    train, test = datasets.load_mnist(os.path.join(data_dir, "mnist.npz"))
+    weights = os.path.join(work, f"lenet_float_seed{seed}.weights.h5")
+    model = models.lenet()
+    if os.path.exists(weights):
+        model.load_weights(weights)
+    else:
+        pipeline.train_float(model, train, epochs=2, batch_size=64, seed=seed)
+        model.save_weights(weights)
+    pipeline.compile_classifier(model)
+    _accuracy_suite(results, out, "MNIST LeNet-5", model, train, test, (1, 2),
+                    work, seed, ("fisher", "none"))
+
+
+def run_cifar10(results, out, data_dir, models_dir, work, seed):
+    from examples import datasets, models, pipeline
+
+    train, test = datasets.load_cifar10(os.path.join(data_dir, "cifar10_jpeg.tgz"))
+    model = models.load_pretrained_resnet8(os.path.join(models_dir, "mlperf_tiny_resnet8.h5"))
+    pipeline.compile_classifier(model)
+    _accuracy_suite(results, out, "CIFAR-10 ResNet-8", model, train, test, (2, 3),
+                    work, seed, ("fisher",))
+
+
+def markdown(results):
+    lines = ["# Flash budgets: the planner (bits, dictionary mode or int8 per layer)", ""]
+    for run in results["runs"]:
+        lines.append(f"- `{run['command']}` ({run['date']}, {run['seconds'] / 60:.1f} min, "
+                     f"parts {', '.join(run['parts'])})")
+    if results["mlperf"]:
+        lines += [
+            "", "## MLPerf Tiny models: budget fitting (no data: random inputs, "
+            "sensitivities rank nothing meaningful)", "",
+            "Budget = fraction x MLPerf's int8 file. Target: file <= budget and "
+            ">= 98 % of it. *estimate - file*: the planner's byte estimate over "
+            "the written file (target: >= 0, <= max(1 %, 256 B)).", "",
+            "| model | budget | bytes | file / budget | estimate - file | bit-exact | plan (layer: bits/mode) |",
+            "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+        ]
+        for r in results["mlperf"]:
+            plan = ", ".join(
+                f"{p['layer']}: {'int8' if p['bits'] is None else str(p['bits']) + '/' + p['mode']}"
+                for p in r["plan"])
+            met = "met" if r["budget_bytes"] >= r["file_bytes"] >= 0.98 * r["budget_bytes"] else "MISSED"
+            lines.append(
+                f"| {r['model']} | {r['fraction']}x = {r['budget_bytes']:,} | "
+                f"{r['file_bytes']:,} | {r['file_over_budget']:.3f} ({met}) | "
+                f"{r['estimate_minus_file']:+d} | {'yes' if r['bit_exact'] else 'NO'} | {plan} |")
+    if results["accuracy"]:
+        lines += [
+            "", "## Accuracy at the size of a uniform model", "",
+            "Budget = the file of uniform b-bit LUT-Q (one dictionary per tensor). "
+            "Same fine-tuning for every row: 1 epoch, Adam, batch 64, lr 1e-4 "
+            "cosine decay. Keras test accuracy.", "",
+            "| suite | size of | variant | seed | bytes | budget | accuracy | float | plan |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in results["accuracy"]:
+            plan = "" if not r["plan"] else ", ".join(
+                f"{p['layer']}: {'int8' if p['bits'] is None else str(p['bits']) + '/' + p['mode']}"
+                for p in r["plan"])
+            lines.append(
+                f"| {r['suite']} | uniform {r['bits']}-bit | {r['variant']} | {r['seed']} | "
+                f"{r['file_bytes']:,} | {r['budget_bytes']:,} | "
+                f"{100 * r['keras_accuracy']:.2f} % | {100 * r['float_accuracy']:.2f} % | {plan} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.budgets")
+    parser.add_argument("--parts", default="mlperf,mnist,cifar10")
+    parser.add_argument("--models_dir", default="../shared/models")
+    parser.add_argument("--data_dir", default="../shared/data")
+    parser.add_argument("--work_dir", default="/tmp/lutq_budgets")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "budgets.json"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = set(parts) - {"mlperf", "mnist", "cifar10"}
+    if unknown:
+        parser.error(f"--parts: unknown {sorted(unknown)}")
+    for folder in (args.models_dir, args.data_dir):
+        if not os.path.isdir(folder):
+            parser.error(f"{folder} not found (../shared holds the models and data)")
+    os.makedirs(args.work_dir, exist_ok=True)
+    results = _load(args.out)
+    start = time.time()
+    for part in parts:
+        if part == "mlperf":
+            run_mlperf(results, args.out, args.models_dir, args.work_dir)
+        elif part == "mnist":
+            run_mnist(results, args.out, args.data_dir, args.work_dir, args.seed)
+        else:
+            run_cifar10(results, args.out, args.data_dir, args.models_dir,
+                        args.work_dir, args.seed)
+    results["runs"].append({
+        "command": "python -m benchmarks.budgets " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "seconds": time.time() - start, "parts": parts})
+    _save(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
