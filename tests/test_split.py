@@ -315,3 +315,37 @@ def test_cli_max_decode_bytes_and_bad_budget(tmp_path):
     proc = run("--out", "bad.tflite", "--ram_bytes", "32KB")
     assert proc.returncode != 0 and "ram_bytes" in proc.stderr
     assert not (tmp_path / "bad.tflite").exists()
+
+
+# -- The digits CNN under the RAM target (CI) ------------------------
+
+
+@pytest.mark.slow
+def test_digits_cnn_2_bits_under_4_kb_decode_limit_and_5_kb_budget(tmp_path):
+    import lutq_tf
+    from examples import datasets
+    from examples import models
+
+    (x, _), _ = datasets.load_digits()
+    model = lutq_tf.quantize_model(models.digits_cnn(), bits=2)
+    result = tflite_export.export(
+        model, tmp_path / "m.tflite", representative_data=x[:100],
+        max_decode_bytes=4096,
+    )
+    ram = result.ram
+    assert result.verification.bit_exact
+    assert ram.decode_buffer_bytes <= 4096 < ram.unsplit_decode_buffer_bytes
+    assert {c.layer for c in ram.choices if c.choice == "split"} == {"fc1", "conv2"}
+    # Beyond the split twin, the arena grows by the decode buffer and at
+    # most TFLM's state of each DECODE op.
+    decodes = decode_op_count(tmp_path / "m.tflite")
+    assert ram.arena_bytes <= ram.twin_arena_bytes + ram.decode_buffer_bytes + 198 * decodes
+    # The budget, int8 arena + 5 KB, as ram_bytes: met, and the
+    # file is still smaller than the int8 one.
+    budget = ram.int8_arena_bytes + 5 * 1024
+    chosen = tflite_export.export(
+        model, tmp_path / "r.tflite", representative_data=x[:100], ram_bytes=budget,
+    )
+    assert chosen.arena_bytes <= budget
+    assert chosen.verification.bit_exact
+    assert chosen.size_bytes < chosen.slim_baseline_bytes

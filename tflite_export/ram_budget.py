@@ -35,10 +35,10 @@ from tflite_export.result import RamReport
 # state; DEVELOPERS.md), for the first estimate of how many bytes a decode
 # limit leaves.
 DECODE_STATE_BYTES = 198
-# First guess of the arena bytes each extra group op (FULLY_CONNECTED or
-# CONV_2D, and the CONCATENATIONs) adds beyond its DECODE's state: TFLM's
+# Arena bytes each extra group op (FULLY_CONNECTED or CONV_2D, and the
+# CONCATENATIONs) adds beyond its DECODE's state, for the estimate: TFLM's
 # node and op data; LeNet-5's 13-group split twin measured ~217 B per extra
-# op. Corrected from each measured candidate.
+# op. The search corrects the estimate by each measured candidate.
 GROUP_OP_BYTES = 220
 # File bytes of one extra group, for ranking candidates only (the DECODE
 # op and tensors, a DCM, the op and its bias and output tensors).
@@ -97,7 +97,7 @@ def _tensors(plain, built):
             layer=plan.match.kernel.layer, op=weight.op, decoded=weight.nbytes,
             channels=channels, channel_bytes=-(-weight.nbytes // channels),
             why_not=why, before=plan.bytes_before,
-            after=plan.bytes_after + compress.overhead_bytes(),
+            after=plan.bytes_after + compress._OVERHEAD_BYTES,
         ))
     return tensors
 
@@ -142,35 +142,116 @@ def _decide(tensors, limit, argument):
 
 
 def _candidate_limits(tensors, most):
-    """Decode limits at which some choice changes, up to `most` bytes."""
+    """Decode limits at which some tensor's group count changes, <= `most`."""
     limits = set()
     for t in tensors:
         limits.add(t.decoded)
         if not t.why_not:
-            for count in range(1, t.channels):
-                limits.add(count * t.channel_bytes)
+            for count in range(2, t.channels + 1):
+                limits.add(-(-t.channels // count) * t.channel_bytes)
     return sorted((limit for limit in limits if 0 < limit <= most), reverse=True)
 
 
-def _arena(tensors, limit, base, op_bytes):
-    """Estimated arena for a decode limit: int8 arena + largest decode + state."""
-    _, _, choices = _decide(tensors, limit, "ram_bytes")
-    decodes = sum(c.groups for c in choices)
-    extra = sum(c.groups - 1 for c in choices if c.groups > 1)
-    largest = max((c.group_bytes for c in choices), default=0)
-    return base + largest + DECODE_STATE_BYTES * decodes + op_bytes * extra
+@dataclasses.dataclass(frozen=True)
+class _Option:
+    """One way to store a tensor under a decode limit, with its estimates."""
+
+    choice: str  # "compress", "split" or "int8"
+    groups: int
+    group_bytes: int  # largest decoded group
+    flash: int  # estimated file bytes
+    state: int  # estimated persistent arena bytes (DECODE state, group ops)
+    reason: str
 
 
-def _flash(tensors, limit):
-    """Estimated file bytes of the LUT kernels for a decode limit."""
-    _, _, choices = _decide(tensors, limit, "ram_bytes")
-    total = 0
-    for t, c in zip(tensors, choices):
-        if c.choice == "int8":
-            total += t.before
-        else:
-            total += t.after + GROUP_FILE_BYTES * (c.groups - 1)
-    return total
+def _options(t, limit):
+    """The int8 option, and compress or split if the limit allows it."""
+    keep = _Option("int8", 0, 0, t.before, 0, "")
+    if t.decoded <= limit:
+        return [keep, _Option("compress", 1, t.decoded, t.after,
+                              DECODE_STATE_BYTES,
+                              f"decodes to {t.decoded} B <= {limit} B")]
+    if t.why_not:
+        return [dataclasses.replace(keep, reason=f"decodes to {t.decoded} B > "
+                                    f"{limit} B and {t.why_not}")]
+    groups = split_lib.group_sizes(t.channels, t.channel_bytes, limit)
+    if groups is None:
+        return [dataclasses.replace(keep, reason=(
+            f"one output channel decodes to {t.channel_bytes} B > {limit} B"))]
+    count = len(groups)
+    # Compressed data per decoded byte; a group must save more than its own
+    # DECODE op and tensors cost in the file.
+    ratio = (t.after - compress._OVERHEAD_BYTES) / t.decoded
+    if min(groups) * t.channel_bytes * (1 - ratio) <= GROUP_FILE_BYTES:
+        return [dataclasses.replace(keep, reason=(
+            f"{count} groups of <= {max(groups)} channels would each save "
+            "less than their DECODE op costs"))]
+    return [keep, _Option(
+        "split", count, max(groups) * t.channel_bytes,
+        t.after + GROUP_FILE_BYTES * (count - 1),
+        DECODE_STATE_BYTES * count + GROUP_OP_BYTES * (count - 1),
+        f"decodes to {t.decoded} B > {limit} B: {count} groups of <= "
+        f"{max(groups)} channels",
+    )]
+
+
+# Granule of the knapsack over persistent arena bytes: 32 B, coarser for a
+# large budget so that no knapsack has more than 1024 cells.
+_CELL = 32
+_MAX_CELLS = 1024
+
+
+def _plan(tensors, limit, room):
+    """Per tensor the `_Option` that minimises flash within `room` state bytes.
+
+    A 0/1 choice per tensor (int8, or its compress/split option), solved
+    exactly by dynamic programming over the state bytes in cells of at
+    least `_CELL` bytes (rounded up, so the plan never needs more).
+    Returns the options, or None when `room` < 0.
+    """
+    if room < 0:
+        return None
+    cell = max(_CELL, -(-int(room) // _MAX_CELLS))
+    cells = int(room // cell)
+    # best[c]: (flash, options) using at most c cells.
+    best = [(0, ())] * (cells + 1)
+    for t in tensors:
+        options = _options(t, limit)
+        new = []
+        for c in range(cells + 1):
+            candidates = []
+            for option in options:
+                need = -(-option.state // cell)
+                if need <= c:
+                    flash, chosen = best[c - need]
+                    candidates.append((flash + option.flash, chosen + (option,)))
+            new.append(min(candidates, key=lambda x: x[0]))
+        best = new
+    return list(best[cells][1])
+
+
+def _estimate(options, base):
+    """Estimated arena: int8 arena + largest decoded group + state."""
+    return base + max((o.group_bytes for o in options), default=0) + sum(
+        o.state for o in options
+    )
+
+
+def _realise(tensors, options, limit, ram_bytes):
+    """`(sizes, keep, choices)` to build the chosen options."""
+    sizes, keep, choices = {}, {}, []
+    for t, option in zip(tensors, options):
+        reason = option.reason or (
+            f"kept int8 to fit ram_bytes={ram_bytes}: compressing costs "
+            "DECODE state that does not fit"
+        )
+        if option.choice == "split":
+            sizes[t.layer] = split_lib.group_sizes(t.channels, t.channel_bytes, limit)
+        elif option.choice == "int8":
+            keep[t.layer] = f"kept int8: {reason}"
+        choices.append(RamChoice(t.layer, t.op, t.decoded, option.choice,
+                                 option.groups, option.group_bytes, reason))
+    return sizes, keep, choices
 
 
 def _candidate(plain, kernels, sizes):
@@ -281,9 +362,11 @@ def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
             unsplit_notes, assemble, assemble_verified):
     """The decode limit that fits `ram_bytes` with the smallest file.
 
-    Candidates are the limits at which a choice changes; the one with the
+    Candidates are the limits at which a choice changes. The one with the
     smallest estimated file among those whose estimated arena fits is
-    built and its arena measured; a miss corrects the estimate.
+    built and its arena measured; the measurement corrects the estimate
+    (up or down), and the next candidate that could give a smaller file is
+    tried, up to `_MAX_TRIES` builds. The smallest file that fits wins.
 
     Returns `(built, verification, limit, choices, split info)`.
     """
@@ -299,41 +382,52 @@ def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
         return built, verification, limit, choices, {}
     base = unsplit.baseline_arena
     share = settings.shared_tables is not False
-    op_bytes = GROUP_OP_BYTES
     limits = _candidate_limits(tensors, ram_bytes - base)
+    # Measured arena minus the estimate of the last candidate built: TFLM's
+    # planner may place a decode buffer where earlier activations lived
+    # (the estimate is then high), a conv's group outputs live until the
+    # CONCATENATION (then it is low).
+    bias = 0
+    tried = set()
+    best = None
     for _ in range(_MAX_TRIES):
-        # The smallest estimated file among the limits whose estimated
-        # arena fits; then build it and measure.
-        fitting = [
-            (_flash(tensors, limit), -limit, limit) for limit in limits
-            if _arena(tensors, limit, base, op_bytes) <= ram_bytes
-        ]
-        if not fitting:
+        plans = {}
+        for limit in limits:
+            options = _plan(tensors, limit, ram_bytes - bias - base - limit)
+            if options is None or all(o.choice == "int8" for o in options):
+                continue
+            key = tuple((o.choice, o.groups) for o in options)
+            flash = sum(o.flash for o in options)
+            if key not in tried and (best is None or flash < best["estimate"]):
+                plans.setdefault(key, (flash, -limit, limit, options))
+        if not plans:
             break
-        _, _, limit = min(fitting)
-        sizes, keep, choices = _decide(tensors, limit, "ram_bytes")
+        key, (flash, _, limit, options) = min(plans.items(), key=lambda x: x[1][:2])
+        tried.add(key)
+        sizes, keep, choices = _realise(tensors, options, limit, ram_bytes)
         model, split_kernels, info = _candidate(plain, kernels, sizes)
         candidate_notes = []
         built = assemble(model, split_kernels, candidate_notes, settings,
                          share=share, keep=keep)
-        if built.arena_bytes <= ram_bytes:
-            notes.extend(candidate_notes)
-            for choice in choices:
-                choice.reason += (
-                    f"; decode limit {limit} B: arena {built.arena_bytes} B "
-                    f"<= ram_bytes={ram_bytes}"
-                )
-            built, verification = assemble_verified(
-                model, split_kernels, notes, settings, keep=keep, built=built
+        bias = built.arena_bytes - _estimate(options, base)
+        if built.arena_bytes <= ram_bytes and (
+            best is None or len(built.compressed) < best["bytes"]
+        ):
+            best = dict(bytes=len(built.compressed), estimate=flash, limit=limit,
+                        built=built, choices=choices, keep=keep, model=model,
+                        kernels=split_kernels, info=info, notes=candidate_notes)
+    if best is not None:
+        notes.extend(best["notes"])
+        for choice in best["choices"]:
+            choice.reason += (
+                f"; arena {best['built'].arena_bytes} B <= ram_bytes={ram_bytes}, "
+                f"the smallest file of {len(tried)} tried"
             )
-            return built, verification, limit, choices, info
-        # Learn what an extra group op really costs, and never try this
-        # limit again.
-        extra = sum(c.groups - 1 for c in choices if c.groups > 1)
-        if extra:
-            residual = built.arena_bytes - _arena(tensors, limit, base, 0)
-            op_bytes = max(op_bytes, residual / extra)
-        limits = [other for other in limits if other != limit]
+        built, verification = assemble_verified(
+            best["model"], best["kernels"], notes, settings, keep=best["keep"],
+            built=best["built"],
+        )
+        return built, verification, best["limit"], best["choices"], best["info"]
     # Nothing compressed needs no decode buffer: the int8 arena, which fits.
     limit = 0
     keep = {t.layer: f"kept int8: no decode limit fits ram_bytes={ram_bytes}"

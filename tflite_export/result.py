@@ -117,6 +117,10 @@ class RamReport:
             f"{self.int8_arena_bytes} B + {self.arena_bytes - self.int8_arena_bytes}"
             f"), decode buffer {self.decode_buffer_bytes} B in it (alternate "
             "region: not used)",
+            f"    uncompressed twin of this file: arena {self.twin_arena_bytes} B "
+            f"(+{self.twin_arena_bytes - self.int8_arena_bytes} over int8: each "
+            "group op's state; a conv's group outputs live until the "
+            "CONCATENATION)",
             f"    unsplit compressed file: arena {self.unsplit_arena_bytes} B, "
             f"decode buffer {self.unsplit_decode_buffer_bytes} B, "
             f"{self.unsplit_size_bytes} B flash; this file {self.size_bytes} B "
