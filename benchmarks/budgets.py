@@ -14,6 +14,8 @@ Parts (`--parts`):
   sensitivity is the plain squared error (no Fisher weights).
 - `cifar10`: MLPerf's pretrained ResNet-8 at the sizes of uniform 3-bit and
   2-bit, planned vs uniform.
+- `ranking`: which sensitivity ranks single-layer choices like their
+  measured loss increase (digits CNN, no ../shared needed).
 
 Fine-tuning (both rows alike): 1 epoch, Adam, batch 64, learning rate 1e-4
 with cosine decay, seed 0. Resumable: each finished row is appended to
@@ -43,11 +45,27 @@ def _load(path):
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    return {"mlperf": [], "accuracy": [], "runs": []}
+    return {"mlperf": [], "accuracy": [], "runs": [], "ranking": []}
+
+
+def _key(part, row):
+    if part == "mlperf":
+        return (row["model"], row["fraction"])
+    if part == "accuracy":
+        return (row["suite"], row["variant"], row["bits"], row["seed"])
+    if part == "ranking":
+        return (row["model"], row["seed"])
+    return (row["command"], row["date"])
 
 
 def _save(results, path):
-    tmp = path + ".tmp"
+    # Merge with what another process (another part) wrote meanwhile.
+    on_disk = _load(path)
+    for part in ("mlperf", "accuracy", "runs", "ranking"):
+        results.setdefault(part, [])
+        have = {_key(part, r) for r in results[part]}
+        results[part] += [r for r in on_disk.get(part, []) if _key(part, r) not in have]
+    tmp = path + f".{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1)
     os.replace(tmp, path)
@@ -130,6 +148,7 @@ def _accuracy_suite(results, out, suite, float_model, train, test, bits_list,
     import lutq_tf
     import tflite_export
     from examples import pipeline
+    from tflite_export import plan_costs
     from tflite_export import planner
 
     done = {(r["suite"], r["variant"], r["bits"], r["seed"]) for r in results["accuracy"]}
@@ -139,10 +158,10 @@ def _accuracy_suite(results, out, suite, float_model, train, test, bits_list,
     fisher_y = train[1][:_FISHER_EXAMPLES]
     choices = {}
 
-    def record(variant, bits, q, budget, plan, seconds):
+    def record(variant, bits, q, budget, plan, seconds, auto_bytes=None):
         path = os.path.join(work, f"{suite}_{variant}_{bits}.tflite")
         result = tflite_export.export(q, path, representative_data=calibration,
-                                      **(plan.export_options() if plan else {}))
+                                      **plan_costs.EXPORT_OPTIONS)
         size = os.path.getsize(path)
         row = {
             "suite": suite, "variant": variant, "bits": bits, "seed": seed,
@@ -152,6 +171,7 @@ def _accuracy_suite(results, out, suite, float_model, train, test, bits_list,
             "float_accuracy": float_accuracy,
             "bit_exact": bool(result.verification.bit_exact),
             "train_seconds": seconds, "plan": _plan_rows(plan) if plan else None,
+            "auto_export_bytes": auto_bytes,
         }
         results["accuracy"].append(row)
         _save(results, out)
@@ -165,11 +185,18 @@ def _accuracy_suite(results, out, suite, float_model, train, test, bits_list,
         keras.utils.set_random_seed(keras_seed)
         uniform = lutq_tf.quantize_model(float_model, bits=bits)
         path = os.path.join(work, f"{suite}_size_{bits}.tflite")
+        # Both rows export with the options the planner's byte model
+        # assumes (per-channel int8 weights, shared tables). With
+        # weight_quantization="auto" a model whose every layer has one
+        # dictionary per tensor (LeNet, no batch norm) exports per-tensor
+        # int8, a few bytes per channel smaller: recorded too.
         budget = tflite_export.export(uniform, path, representative_data=calibration,
-                                      verify=False).size_bytes
+                                      verify=False, **plan_costs.EXPORT_OPTIONS).size_bytes
+        auto_bytes = tflite_export.export(uniform, path, representative_data=calibration,
+                                          verify=False).size_bytes
         if (suite, "uniform", bits, seed) not in done:
             seconds = _finetune(uniform, train, seed)
-            record("uniform", bits, uniform, budget, None, seconds)
+            record("uniform", bits, uniform, budget, None, seconds, auto_bytes)
         for weighting in weightings:
             variant = "planned" if weighting == "fisher" else "planned (plain error)"
             if (suite, variant, bits, seed) in done:
@@ -213,6 +240,75 @@ def run_cifar10(results, out, data_dir, models_dir, work, seed):
                     work, seed, ("fisher",))
 
 
+def _unmatrix(m, shape, channel_axes):
+    """Inverse of `sensitivity.matrix`."""
+    import numpy as np
+
+    ndim = len(shape)
+    axes = [a % ndim for a in channel_axes]
+    order = [a for a in range(ndim) if a not in axes] + axes
+    return np.transpose(m.reshape([shape[a] for a in order]), np.argsort(order))
+
+
+def run_ranking(results, out, seed):
+    """Predicted vs measured loss increase of each single-layer choice (digits CNN).
+
+    Each choice is applied to one layer of the trained float model (LUT-Q's
+    initial fit, no fine-tuning) and the test loss measured; Spearman's rank
+    correlation with the planner's sensitivity, Fisher-weighted and plain.
+    """
+    import keras
+    import numpy as np
+    from scipy import stats
+
+    from examples import datasets, models
+    from lutq_tf import registry
+    from lutq_tf.quantizer import LUTQuantizer
+    from tflite_export import planner
+    from tflite_export import sensitivity
+
+    if any(r.get("seed") == seed for r in results.get("ranking", [])):
+        return
+    keras.utils.set_random_seed(seed)
+    (x, y), (x_test, y_test) = datasets.load_digits()
+    model = models.digits_cnn()
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=20, batch_size=32, verbose=0)
+    base = model.evaluate(x_test, y_test, verbose=0)
+    kwargs = dict(labels=y[:_FISHER_EXAMPLES], loss="sparse_categorical_crossentropy",
+                  bits=(1, 2, 3, 4), kmeans_iterations=20, batch_size=32, max_batches=16)
+    fisher = planner.choices(model, x[:_FISHER_EXAMPLES], **kwargs)
+    plain = planner.choices(model, x[:_FISHER_EXAMPLES], weighting="none", **kwargs)
+    measured, predicted_fisher, predicted_plain = [], [], []
+    for name, offers in fisher.offers.items():
+        layer = model.get_layer(name)
+        spec = registry.quantizable_tensors(layer)[0]
+        variable = getattr(layer, spec.attribute)
+        original = variable.numpy()
+        for (b, mode, _, sens), plain_offer in zip(offers, plain.offers[name]):
+            if mode == "int8":
+                continue
+            w = sensitivity.matrix(original, spec.channel_axes)
+            quantizer = LUTQuantizer(bits=b, per_channel=mode == "channel",
+                                     channel_scales=mode == "scaled")
+            shaped = w if mode != "tensor" else w.reshape(-1, 1)
+            _, _, q = quantizer.initialize(shaped)
+            q = np.asarray(q).reshape(w.shape)
+            variable.assign(_unmatrix(q, original.shape, spec.channel_axes))
+            measured.append(model.evaluate(x_test, y_test, verbose=0) - base)
+            variable.assign(original)
+            predicted_fisher.append(sens)
+            predicted_plain.append(plain_offer[3])
+    row = {
+        "seed": seed, "model": "digits CNN", "choices": len(measured),
+        "spearman_fisher": float(stats.spearmanr(predicted_fisher, measured)[0]),
+        "spearman_plain": float(stats.spearmanr(predicted_plain, measured)[0]),
+    }
+    results.setdefault("ranking", []).append(row)
+    _save(results, out)
+    print(row, flush=True)
+
+
 def markdown(results):
     lines = ["# Flash budgets: the planner (bits, dictionary mode or int8 per layer)", ""]
     for run in results["runs"]:
@@ -237,14 +333,30 @@ def markdown(results):
                 f"| {r['model']} | {r['fraction']}x = {r['budget_bytes']:,} | "
                 f"{r['file_bytes']:,} | {r['file_over_budget']:.3f} ({met}) | "
                 f"{r['estimate_minus_file']:+d} | {'yes' if r['bit_exact'] else 'NO'} | {plan} |")
+    if results.get("ranking"):
+        lines += [
+            "", "## Which sensitivity ranks choices best", "",
+            "Each choice (1-4 bits x tensor / scaled / channel) applied to one "
+            "layer of the trained float model (LUT-Q's initial fit, no "
+            "fine-tuning); Spearman rank correlation between the planner's "
+            "sensitivity and the measured increase of the test loss.", "",
+            "| model | seed | choices | Fisher-weighted distortion | plain squared error |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in results["ranking"]:
+            lines.append(f"| {r['model']} | {r['seed']} | {r['choices']} | "
+                         f"{r['spearman_fisher']:.3f} | {r['spearman_plain']:.3f} |")
     if results["accuracy"]:
         lines += [
             "", "## Accuracy at the size of a uniform model", "",
-            "Budget = the file of uniform b-bit LUT-Q (one dictionary per tensor). "
+            "Budget = the file of uniform b-bit LUT-Q (one dictionary per tensor), "
+            "every row exported with the planner's `export_options()` "
+            "(per-channel int8 weights, shared tables); *auto*: the uniform "
+            "model's file with `weight_quantization='auto'`. "
             "Same fine-tuning for every row: 1 epoch, Adam, batch 64, lr 1e-4 "
             "cosine decay. Keras test accuracy.", "",
-            "| suite | size of | variant | seed | bytes | budget | accuracy | float | plan |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| suite | size of | variant | seed | bytes | budget | auto | accuracy | float | plan |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for r in results["accuracy"]:
             plan = "" if not r["plan"] else ", ".join(
@@ -253,6 +365,7 @@ def markdown(results):
             lines.append(
                 f"| {r['suite']} | uniform {r['bits']}-bit | {r['variant']} | {r['seed']} | "
                 f"{r['file_bytes']:,} | {r['budget_bytes']:,} | "
+                f"{'' if not r.get('auto_export_bytes') else format(r['auto_export_bytes'], ',')} | "
                 f"{100 * r['keras_accuracy']:.2f} % | {100 * r['float_accuracy']:.2f} % | {plan} |")
     return "\n".join(lines) + "\n"
 
@@ -267,7 +380,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
-    unknown = set(parts) - {"mlperf", "mnist", "cifar10"}
+    unknown = set(parts) - {"mlperf", "mnist", "cifar10", "ranking"}
     if unknown:
         parser.error(f"--parts: unknown {sorted(unknown)}")
     for folder in (args.models_dir, args.data_dir):
@@ -279,6 +392,8 @@ def main(argv=None):
     for part in parts:
         if part == "mlperf":
             run_mlperf(results, args.out, args.models_dir, args.work_dir)
+        elif part == "ranking":
+            run_ranking(results, args.out, args.seed)
         elif part == "mnist":
             run_mnist(results, args.out, args.data_dir, args.work_dir, args.seed)
         else:

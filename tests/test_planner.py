@@ -221,11 +221,16 @@ def test_byte_estimate_bounds_the_written_file_for_random_plans(digits, byte_mod
     model, (x, _), _ = digits
     rng = np.random.default_rng(0)
     layers = list(byte_model.tensors)
-    for trial in range(5):
+    # The planner's defaults (1-4 bits, per tensor or per channel): within
+    # max(1 %, 256 B); the last trial offers everything (scaled, 5-7 bits),
+    # where the estimate only bounds the file.
+    for trial in range(6):
+        loose = trial == 5
         choices = {}
         for name in layers:
-            bits = int(rng.integers(1, 8))
-            mode = str(rng.choice(plan_costs.MODES + (plan_costs.INT8,)))
+            bits = int(rng.integers(1, 8 if loose else 5))
+            modes = plan_costs.MODES if loose else planner.DEFAULT_MODES
+            mode = str(rng.choice(tuple(modes) + (plan_costs.INT8,)))
             facts = byte_model.tensors[name]
             if mode == plan_costs.INT8 or not planner._fits(facts, bits, mode):
                 continue
@@ -240,8 +245,10 @@ def test_byte_estimate_bounds_the_written_file_for_random_plans(digits, byte_mod
         result = tflite_export.export(q, str(tmp_path / f"r{trial}.tflite"),
                                       representative_data=x[:64], verify=False,
                                       **plan_costs.EXPORT_OPTIONS)
-        assert result.size_bytes <= estimate <= result.size_bytes + _slack(result.size_bytes), (
-            choices, estimate, result.size_bytes)
+        assert result.size_bytes <= estimate, (choices, estimate, result.size_bytes)
+        if not loose:
+            assert estimate <= result.size_bytes + _slack(result.size_bytes), (
+                choices, estimate, result.size_bytes)
         assert sum(t.compressed for t in result.tensors) == len(choices)
 
 
@@ -250,7 +257,7 @@ def test_budgets_met_on_the_digits_model(digits, tmp_path):
     model, (x, y), (x_test, y_test) = digits
     for budget in (12_000, 7_000):
         plan = planner.plan_budget(model, budget, x[:256], labels=y[:256],
-                                   bits=(1, 2, 3, 4), kmeans_iterations=4)
+                                   kmeans_iterations=4)
         assert plan.estimate_bytes <= budget
         assert "sensitivity" in str(plan)
         q = lutq_tf.quantize_model(model, **plan)

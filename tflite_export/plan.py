@@ -2,7 +2,7 @@
 
     python -m tflite_export.plan MODEL --budget 64KiB --data x.npy
         [--labels y.npy --loss sparse_categorical_crossentropy]
-        [--bits 1,2,3,4] [--modes tensor,scaled,channel]
+        [--bits 1,2,3,4] [--modes tensor,channel]
         [--out plan.json] [--quantized lutq.keras]
 
 MODEL is a float `.keras` or `.h5` file. Prints the plan table; `--out`
@@ -51,9 +51,9 @@ def _parser():
                         help=".npy of calibration inputs, shape (N, ...input shape)")
     parser.add_argument("--labels", help=".npy of labels for --data (empirical Fisher)")
     parser.add_argument("--loss", help="Keras loss name for --labels")
-    parser.add_argument("--bits", default="1,2,3,4,5,6,7",
+    parser.add_argument("--bits", default="1,2,3,4",
                         help="index bits to offer, comma separated (1..7)")
-    parser.add_argument("--modes", default="tensor,scaled,channel",
+    parser.add_argument("--modes", default="tensor,channel",
                         help="dictionary modes to offer: tensor, scaled, channel")
     parser.add_argument("--out", help="write the plan as JSON here")
     parser.add_argument("--quantized", help="write the LUT-Q model (.keras) here")

@@ -25,6 +25,11 @@ Every bound is taken on the safe side: a table is counted with all of its
 K (or 2K + 1) entries although int8 rounding may merge some, so the
 written file is never larger than the estimate. The exporter keeps the
 smaller of a shared table and per-channel tables; so does the estimate.
+The price: int8 rounding merges dictionary values closer than one int8
+step, rare at K <= 16 but common at 5-7 bits (AD at 5-7 bits: the file
+1.6 % below the estimate), and a scaled dictionary is counted at 2K
+shared entries; so the planner offers 1-4 bits, per tensor or per
+channel, unless asked for more.
 """
 
 import dataclasses
@@ -53,8 +58,8 @@ MAX_BITS = 7
 # Beyond the exporter's per-tensor overhead, a file with any DECODE op
 # holds its operator code (the custom op's name) once, and files are
 # padded to 16 bytes: one compressed tensor of the digits CNN cost 144 to
-# 168 B beyond its data (128 counted), two cost 272 (256 counted).
-DECODE_OPERATOR_BYTES = 48
+# 184 B beyond its data (128 counted), two cost 272 (256 counted).
+DECODE_OPERATOR_BYTES = 64
 
 
 @dataclasses.dataclass
@@ -86,7 +91,11 @@ class TensorFacts:
         per_channel = compress.lut_bytes(self.size, self.channels, k)
         best = per_channel
         if mode != "channel" and self.shareable:
-            entries = (2 * k if self.negated else k) + int(self.dead)
+            # A scaled dictionary's shared codes are round(127 s_c d / (s_c
+            # max|d|)): the division's rounding noise can put one value on
+            # two codes (VWW at 3 bits: 9 codes for K = 8), so count 2K.
+            doubled = self.negated or mode == "scaled"
+            entries = (2 * k if doubled else k) + int(self.dead)
             if entries <= MAX_TABLE_VALUES:
                 best = min(best, compress.lut_bytes(self.size, 1, entries))
         return best + compress.overhead_bytes()
