@@ -213,8 +213,9 @@ def markdown(rows, command, seconds):
         "buffers in it; *unsplit*: the same LUT-Q model exported without a "
         "limit. Latency: TFLM's reference kernels on this host (Python "
         "interpreter), median us per invoke, split and unsplit timed in turn "
-        "in one process. *ram_bytes* rows: budget = int8 arena + the target's "
-        "headroom; the exporter picks the decode limit.",
+        "in one process (- : nothing split, not timed). *ram_bytes* rows: "
+        "budget = int8 arena + the target's headroom; the exporter picks the "
+        "decode limit and, per kernel, compress, split or int8.",
         "",
         "| model | variant | bits | budget | limit | bytes | unsplit bytes | arena "
         "| int8 arena | twin arena | unsplit arena | decode buf | us | unsplit us "
@@ -226,10 +227,15 @@ def markdown(rows, command, seconds):
             f"| {r.model} | {r.variant} | {r.bits} | {r.budget} | {r.limit:,} "
             f"| {r.bytes:,} | {r.unsplit_bytes:,} | {r.arena:,} | {r.int8_arena:,} "
             f"| {r.twin_arena:,} | {r.unsplit_arena:,} | {r.decode_buffer:,} "
-            f"| {r.latency_us:.0f} | {r.unsplit_latency_us:.0f} | {r.splits} "
+            f"| {_us(r.latency_us)} | {_us(r.unsplit_latency_us)} | {r.splits} "
             f"| {'yes' if r.bit_exact else 'NO'} | {r.agreement} | {r.targets} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _us(value):
+    """Latency cell: '-' when nothing was split (not timed)."""
+    return f"{value:.0f}" if value else "-"
 
 
 def _write(out, rows, command, seconds):

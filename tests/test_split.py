@@ -100,6 +100,28 @@ def test_split_model_same_outputs_batch_norm_moves_into_groups():
     assert splitted.get_layer("head_part0").get_config()["activation"] == "linear"
 
 
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d", "dense3d"])
+def test_split_model_same_outputs_for_convolutions_and_sequence_dense(kind):
+    if kind == "conv1d":
+        inp = keras.Input((12, 5))
+        layer = keras.layers.Conv1D(9, 3, activation="relu", name="lut")
+    elif kind == "conv2d":
+        inp = keras.Input((7, 7, 3))
+        layer = keras.layers.Conv2D(9, 3, strides=2, padding="same",
+                                    activation="tanh", name="lut")
+    else:  # Dense on the last axis of a sequence
+        inp = keras.Input((4, 6))
+        layer = keras.layers.Dense(9, activation="relu", name="lut")
+    model = keras.Model(inp, layer(inp))
+    splitted, info = split.split_model(model, {"lut": [3, 3, 3]})
+    x = np.random.default_rng(0).normal(size=(5,) + tuple(inp.shape[1:]))
+    np.testing.assert_allclose(
+        splitted.predict(x.astype(np.float32), verbose=0),
+        model.predict(x.astype(np.float32), verbose=0), rtol=1e-5, atol=1e-6,
+    )
+    assert len(info["lut"]["groups"]) == 3
+
+
 def test_split_kernels_slice_channels_and_keep_the_dictionary():
     from tflite_export import lut_tensors
 
@@ -207,6 +229,25 @@ def test_split_with_batch_norm_and_shared_tables_bit_exact(tmp_path):
     assert all(t.table_mode.startswith("shared") for t in parts)
     assert result.verification.bit_exact
     assert result.verification.top1_agreement >= 0.9
+
+
+@pytest.mark.slow
+def test_depthwise_over_the_limit_stays_int8_with_a_note(tmp_path):
+    rng = np.random.default_rng(0)
+    inp = keras.Input((6, 6, 32))
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=4, name="dw")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, keras.layers.Dense(10, name="head")(x))
+    set_lut(model.get_layer("dw"), "kernel", 4, False, rng)  # Keras 3 name
+    data = rng.normal(size=(32, 6, 6, 32)).astype(np.float32)
+    # The depthwise kernel decodes to 3 x 3 x 128 = 1152 B.
+    result = tflite_export.export(model, tmp_path / "m.tflite",
+                                  representative_data=data, max_decode_bytes=512)
+    (dw,) = [t for t in result.tensors if t.layer == "dw"]
+    assert not dw.compressed and "DepthwiseConv2D is not split" in dw.note
+    (choice,) = [c for c in result.ram.choices if c.layer == "dw"]
+    assert choice.choice == "int8"
+    assert result.decode_buffer_bytes <= 512
 
 
 # -- The RAM budget chooser --------------------------------------------------
