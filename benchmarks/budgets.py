@@ -214,7 +214,7 @@ def _accuracy_suite(results, out, suite, float_model, train, test, bits_list,
             record(variant, bits, q, budget, plan, seconds)
 
 
-def run_mnist(results, out, data_dir, work, seed):
+def run_mnist(results, out, data_dir, work, seed, bits_list=(1, 2)):
     from examples import datasets, models, pipeline
 
     train, test = datasets.load_mnist(os.path.join(data_dir, "mnist.npz"))
@@ -226,7 +226,7 @@ def run_mnist(results, out, data_dir, work, seed):
         pipeline.train_float(model, train, epochs=2, batch_size=64, seed=seed)
         model.save_weights(weights)
     pipeline.compile_classifier(model)
-    _accuracy_suite(results, out, "MNIST LeNet-5", model, train, test, (1, 2),
+    _accuracy_suite(results, out, "MNIST LeNet-5", model, train, test, bits_list,
                     work, seed, ("fisher", "none"))
 
 
@@ -378,6 +378,8 @@ def main(argv=None):
     parser.add_argument("--work_dir", default="/tmp/lutq_budgets")
     parser.add_argument("--out", default=os.path.join(RESULTS, "budgets.json"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mnist_bits", default="1,2",
+                        help="uniform sizes of the mnist part, comma separated")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     unknown = set(parts) - {"mlperf", "mnist", "cifar10", "ranking"}
@@ -395,7 +397,8 @@ def main(argv=None):
         elif part == "ranking":
             run_ranking(results, args.out, args.seed)
         elif part == "mnist":
-            run_mnist(results, args.out, args.data_dir, args.work_dir, args.seed)
+            run_mnist(results, args.out, args.data_dir, args.work_dir, args.seed,
+                      [int(b) for b in args.mnist_bits.split(",")])
         else:
             run_cifar10(results, args.out, args.data_dir, args.models_dir,
                         args.work_dir, args.seed)
