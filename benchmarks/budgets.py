@@ -336,7 +336,8 @@ def markdown(results):
     if results.get("ranking"):
         lines += [
             "", "## Which sensitivity ranks choices best", "",
-            "Each choice (1-4 bits x tensor / scaled / channel) applied to one "
+            "Each of the planner's default choices (1-4 bits, per tensor or per "
+            "channel) applied to one "
             "layer of the trained float model (LUT-Q's initial fit, no "
             "fine-tuning); Spearman rank correlation between the planner's "
             "sensitivity and the measured increase of the test loss.", "",
