@@ -9,6 +9,7 @@ from lutq_tf.backend import check_tensorflow_backend
 
 check_tensorflow_backend()
 
+from lutq_tf import callbacks  # noqa: E402
 from lutq_tf import constraints  # noqa: E402
 from lutq_tf.loading import load_model  # noqa: E402
 from lutq_tf.model import LUTQModel  # noqa: E402

@@ -186,12 +186,12 @@ def pruning_mask(x, num_pruned):
 
     Args:
         x: float32 `[M, C]`, finite.
-        num_pruned: Python int in `[0, M]`.
+        num_pruned: Python int or int32 scalar tensor in `[0, M]`.
 
     Returns:
         bool `[M, C]` with exactly `num_pruned` True per column.
     """
-    if num_pruned == 0:
+    if isinstance(num_pruned, int) and num_pruned == 0:
         return tf.zeros_like(x, dtype=tf.bool)
     bits = tf.bitcast(tf.abs(x), tf.int32)
     channels = x.shape[1]
@@ -211,19 +211,23 @@ def pruning_mask(x, num_pruned):
     return below | (at & (rank_at <= missing[None, :]))
 
 
-def assign(x, dictionary, num_pruned):
+def assign(x, dictionary, num_pruned, fixed_zero=None):
     """The LUT-Q assignment: nearest entry, with pruning if `num_pruned`.
 
     Args:
         x: float32 `[M, C]`.
         dictionary: float32 `[K, C]`, sorted; with pruning row 0 is the zero
             entry and rows 1.. are sorted.
-        num_pruned: Python int; 0 disables pruning.
+        num_pruned: Python int (0 disables pruning) or int32 scalar tensor.
+        fixed_zero: Python bool, whether row 0 is the zero entry; defaults
+            to `num_pruned > 0` (required for a tensor `num_pruned`).
 
     Returns:
         int32 `[M, C]`.
     """
-    if num_pruned == 0:
+    if fixed_zero is None:
+        fixed_zero = num_pruned > 0
+    if not fixed_zero:
         return nearest_assignment(x, dictionary)
     nearest = nearest_assignment(x, dictionary[1:]) + 1
     return tf.where(pruning_mask(x, num_pruned), 0, nearest)
@@ -307,7 +311,7 @@ def lookup(dictionary, assignment):
     )
 
 
-def kmeans_step(x, dictionary, constraint, num_pruned):
+def kmeans_step(x, dictionary, constraint, num_pruned, fixed_zero=None):
     """One LUT-Q k-means step.
 
     Assignment to the nearest entry (pruning first, if any), cluster means
@@ -317,7 +321,11 @@ def kmeans_step(x, dictionary, constraint, num_pruned):
         x: float32 `[M, C]`, the full-precision weights.
         dictionary: float32 `[K, C]`.
         constraint: a `lutq_tf.constraints.Constraint`.
-        num_pruned: Python int, weights per column fixed to the zero entry.
+        num_pruned: Python int, weights per column fixed to the zero entry,
+            or an int32 scalar tensor (then give `fixed_zero`).
+        fixed_zero: Python bool, whether row 0 is the zero entry; defaults
+            to `num_pruned > 0`. True with `num_pruned` 0 keeps the entry
+            unused (a pruning ramp's start).
 
     Returns:
         `(dictionary, assignment, quantised, finite)`: float32 `[K, C]`,
@@ -326,12 +334,13 @@ def kmeans_step(x, dictionary, constraint, num_pruned):
         are then meaningless).
     """
     num_values = dictionary.shape[0]
-    fixed_zero = num_pruned > 0
+    if fixed_zero is None:
+        fixed_zero = num_pruned > 0
     # Every step keeps d sorted (cluster means of a nearest-entry partition
     # stay in order, the projections are monotone); sorting again costs
     # nothing and guards against a one-ulp inversion from rounding.
     dictionary = sort_entries(dictionary, fixed_zero)
-    assignment = assign(x, dictionary, num_pruned)
+    assignment = assign(x, dictionary, num_pruned, fixed_zero)
     sums, counts = cluster_sums(x, assignment, num_values)
     # Every weight, pruned ones included, adds to some sum, so a NaN or Inf
     # in x shows here: a [K, C] check instead of a pass over x.
@@ -371,7 +380,8 @@ def channel_scales(x):
     return materialize(tf.where(rms > 0, rms, tf.ones_like(rms)))
 
 
-def scaled_kmeans_step(x, dictionary, scales, constraint, num_pruned):
+def scaled_kmeans_step(x, dictionary, scales, constraint, num_pruned,
+                       fixed_zero=None):
     """One LUT-Q k-means step on channel-normalised weights.
 
     The normalised weights `x[m, c] / s_c` of all columns form one table
@@ -384,7 +394,8 @@ def scaled_kmeans_step(x, dictionary, scales, constraint, num_pruned):
         scales: float32 `[C]`, `channel_scales(x)`.
         constraint: a `lutq_tf.constraints.Constraint`.
         num_pruned: Python int, weights of the whole table (M * C) fixed to
-            the zero entry.
+            the zero entry, or an int32 scalar tensor.
+        fixed_zero: as `kmeans_step`'s.
 
     Returns:
         `(dictionary, assignment, quantised, finite)`: float32 `[K, 1]`,
@@ -395,7 +406,7 @@ def scaled_kmeans_step(x, dictionary, scales, constraint, num_pruned):
     channels = x.shape[1]
     table = tf.reshape(x / scales[None, :], [-1, 1])
     dictionary, assignment, normalised, finite = kmeans_step(
-        table, dictionary, constraint, num_pruned)
+        table, dictionary, constraint, num_pruned, fixed_zero)
     assignment = tf.reshape(assignment, [-1, channels])
     quantized = tf.reshape(normalised, [-1, channels]) * scales[None, :]
     return dictionary, assignment, quantized, finite

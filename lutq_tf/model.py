@@ -17,6 +17,9 @@ def lutq_layers(model):
 
 # The train step's log entry that carries the non-finite check to the host.
 _NONFINITE_LOG = "_lutq_nonfinite"
+# The figures' log entries (with `lutq_tf.callbacks.QuantizationFigures`).
+ERROR_LOG = "quantization_error"
+CHANGED_LOG = "assignments_changed"
 
 
 class NonFiniteWeightsError(FloatingPointError):
@@ -70,7 +73,24 @@ class LUTQModelMixin:
             # replicas, which bool tensors do not support.
             logs = dict(logs)
             logs[_NONFINITE_LOG] = tf.cast(nonfinite, tf.int32)
+            if getattr(self, "_lutq_figures_every", 0):
+                logs.update(self._figure_logs(layers))
         return self._reducible_logs(logs)
+
+    def _figure_logs(self, layers):
+        """The last measured figures over all LUT-Q weights.
+
+        Every replica measures the same mirrored W, d and A, so Keras' mean
+        across replicas keeps the values.
+        """
+        size = float(sum(state.size for layer in layers
+                         for state in layer._states))
+        if not size:
+            return {}
+        error = tf.add_n([layer._schedule.error.value for layer in layers])
+        changed = tf.add_n([layer._schedule.changed.value
+                            for layer in layers])
+        return {ERROR_LOG: error / size, CHANGED_LOG: changed / size}
 
     def test_step(self, data):
         return self._reducible_logs(super().test_step(data))
@@ -123,30 +143,27 @@ class LUTQModelMixin:
         return history
 
     def lutq_step(self):
-        """Runs the due k-means steps.
+        """Runs the due k-means steps (none while paused by a callback).
 
         A layer whose W is not finite keeps its dictionary and raises its
-        (sticky) `nonfinite_flag`.
+        (sticky) `nonfinite_flag`. With figures on, every `N`-th due step
+        of a layer (the first included) also measures them.
 
         Returns:
             A bool scalar tensor: True if some layer's flag is raised.
         """
         iterations = self.optimizer.iterations
+        figures_every = getattr(self, "_lutq_figures_every", 0)
         any_nonfinite = tf.constant(False)
         for layer in lutq_layers(self):
             every = layer.quantizer.kmeans_every
-
-            def step(layer=layer):
-                return layer.kmeans_step()
-
-            if every == 1:
-                finite = step()
-            else:
-                finite = tf.cond(
-                    tf.equal(iterations % every, 0),
-                    step,
-                    lambda: tf.constant(True),
-                )
+            due = True if every == 1 else tf.equal(iterations % every, 0)
+            measure = False
+            if figures_every:
+                # Its (iterations // every)-th due step: 1, 1 + N, ...
+                measure = tf.logical_and(due, tf.equal(
+                    (iterations // every - 1) % figures_every, 0))
+            finite = layer._scheduled_step(due, measure)
             flag = tf.logical_or(layer.nonfinite_flag.value,
                                  tf.logical_not(finite))
             layer.nonfinite_flag.assign(flag)

@@ -82,13 +82,20 @@ class LUTQuantizer:
             return "channel"
         return "scaled" if self.channel_scales else "tensor"
 
-    def num_pruned(self, table_size):
-        """Weights of a table of `table_size` fixed to the zero entry."""
-        if self.prune_rate == 0:
+    def num_pruned(self, table_size, rate=None):
+        """Weights of a table of `table_size` fixed to the zero entry.
+
+        Args:
+            table_size: weights per table.
+            rate: the pruning rate; defaults to `prune_rate` (a schedule
+                passes a lower one).
+        """
+        rate = self.prune_rate if rate is None else rate
+        if rate == 0:
             return 0
         # The 1e-9 keeps rate * size that is an integer in exact arithmetic
         # (0.5 * 10) from rounding up through float error.
-        return min(table_size, math.ceil(self.prune_rate * table_size - 1e-9))
+        return min(table_size, math.ceil(rate * table_size - 1e-9))
 
     def scales(self, matrix):
         """The channel scales of a `[M, C]` matrix, or None.
@@ -127,7 +134,7 @@ class LUTQuantizer:
                 matrix, dictionary, scales)
         return dictionary, assignment, quantized
 
-    def step(self, matrix, dictionary, scales=None):
+    def step(self, matrix, dictionary, scales=None, num_pruned=None):
         """One k-means step: `(dictionary, assignment, quantised, finite)`.
 
         Args:
@@ -135,24 +142,29 @@ class LUTQuantizer:
             dictionary: float32 `[K, C]` (`[K, 1]` with `channel_scales`).
             scales: with `channel_scales`, `self.scales(matrix)` if already
                 computed (else computed here); ignored otherwise.
+            num_pruned: with `prune_rate` > 0, an int32 scalar tensor in
+                `[0, self.num_pruned(table size)]`: the weights per table
+                pruned at this step (a ramp); None for the full count.
+                Row 0 stays the zero entry even at 0.
 
         Returns:
             As `kmeans.kmeans_step`; with `channel_scales`, the quantised
             weights are `scales[c] * d[A]` (`kmeans.scaled_kmeans_step`).
         """
+        fixed_zero = self.prune_rate > 0
         if self.channel_scales:
             if scales is None:
                 scales = self.scales(matrix)
+            if num_pruned is None:
+                num_pruned = self.num_pruned(
+                    matrix.shape[0] * matrix.shape[1])
             return kmeans.scaled_kmeans_step(
-                matrix, dictionary, scales, self.constraint,
-                self.num_pruned(matrix.shape[0] * matrix.shape[1]),
-            )
+                matrix, dictionary, scales, self.constraint, num_pruned,
+                fixed_zero)
+        if num_pruned is None:
+            num_pruned = self.num_pruned(matrix.shape[0])
         return kmeans.kmeans_step(
-            matrix,
-            dictionary,
-            self.constraint,
-            self.num_pruned(matrix.shape[0]),
-        )
+            matrix, dictionary, self.constraint, num_pruned, fixed_zero)
 
     def with_options(self, **options):
         """A copy with some options replaced (for per-layer overrides)."""

@@ -3,7 +3,10 @@
 import keras
 import numpy as np
 import tensorflow as tf
-# No public API tells whether a GradientTape records a tensor.
+# No public API tells whether a GradientTape records a tensor, or whether
+# Keras is tracing a layer for shapes only.
+from keras.src.backend.common.stateless_scope import in_stateless_scope
+from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 from tensorflow.python.eager import record
 
 from lutq_tf import registry
@@ -26,7 +29,8 @@ class _TensorState:
     """The LUT-Q state of one quantised weight of the wrapped layer."""
 
     def __init__(self, spec, variable, dictionary, assignment, quantized,
-                 permutation, channels, channel_scales=None):
+                 permutation, channels, channel_scales=None, num_pruned=None,
+                 pruning_table_size=None):
         self.spec = spec
         self.variable = variable  # W, the wrapped layer's own variable.
         self.dictionary = dictionary  # [K, C], or [K, 1] with channel scales
@@ -38,7 +42,19 @@ class _TensorState:
         # s_c, float32 [C] in `to_matrix`'s column order; None unless the
         # quantizer has `channel_scales`.
         self.channel_scales = channel_scales
+        # With pruning: int32 scalar, the weights per table fixed to the
+        # zero entry now (the quantizer's count, or less while a
+        # `lutq_tf.callbacks.PruningRamp` ramps it); None without pruning.
+        # Not saved (untracked): a loaded model prunes at its target.
+        self.num_pruned = num_pruned
+        # Weights per table that pruning takes its count of (`num_pruned`).
+        self.pruning_table_size = pruning_table_size
         self.update = None  # the compiled k-means step, made on first use
+
+    @property
+    def size(self):
+        """Number of weights in W."""
+        return int(np.prod(self.variable.shape))
 
     def to_matrix(self, tensor):
         """`[M, C]` view of a tensor shaped like W."""
@@ -54,6 +70,25 @@ class _TensorState:
         return tf.transpose(
             tf.reshape(matrix, permuted), np.argsort(self.permutation)
         )
+
+
+class _Schedule:
+    """A wrapper's training controls and figures; plain, so Keras neither
+    tracks nor saves its variables (files keep their layout)."""
+
+    def __init__(self, name):
+        def variable(suffix, dtype):
+            # A callable initializer: Keras may build inside a stateless
+            # scope (a subclassed model's first call), where it defers it.
+            return keras.Variable("zeros", shape=(), dtype=dtype,
+                                  trainable=False, name=f"{name}_{suffix}")
+
+        # True: training skips the k-means steps (warm-up, frozen epochs).
+        self.paused = variable("kmeans_paused", "bool")
+        # Of the last measured step: sum |W - Q| over the layer's weights,
+        # and the number of assignments that step changed.
+        self.error = variable("quantization_error", "float32")
+        self.changed = variable("assignments_changed", "float32")
 
 
 @keras.saving.register_keras_serializable(package="lutq_tf")
@@ -72,6 +107,14 @@ class LUTQWrapper(keras.layers.Wrapper):
     `kmeans_step()` refits A, d (and s) to W; models built with
     `lutq_tf.quantize_model` or `LUTQModelMixin` call it after each
     optimizer step.
+
+    Building creates the state but fits nothing: `quantize_model` fits the
+    dictionaries once the float weights are copied in (`initialize()`), and
+    loading a saved model restores them as saved. A wrapper built by hand
+    fits them to its current W at its first use (a call that is not a
+    symbolic shape trace, `kmeans_step`, `quantized_tensors`,
+    `tensor_states`), unless its dictionaries were set before (loaded,
+    `set_weights`, assigned): all-zero dictionaries mean "never fitted".
 
     Without such a model (the wrapper in a plain `keras.Sequential` or
     subclassed model, a `clone_model` copy, a custom GradientTape loop),
@@ -130,6 +173,8 @@ class LUTQWrapper(keras.layers.Wrapper):
 
     def build(self, input_shape=None):
         super().build(input_shape)
+        # Keras retries a build that raised: never keep a partial one.
+        self._states = []
         for spec in registry.quantizable_tensors(self.layer):
             self._states.append(self._make_state(spec))
         # Sticky, set by a k-means step that meets NaN/Inf in W. The host
@@ -146,11 +191,11 @@ class LUTQWrapper(keras.layers.Wrapper):
             name="training_calls", shape=(), dtype="int32",
             initializer="zeros", trainable=False, autocast=False,
         )
+        self._schedule = _Schedule(self.name)
         self.built = True
-        # Fit the dictionaries to the current weights; init_scope lifts the
-        # work out of any graph being traced (Keras builds symbolically).
-        with tf.init_scope():
-            self.initialize()
+        # The weights W are not final yet (`quantize_model` and loading
+        # overwrite them): fit at first use (`_ensure_fitted`).
+        self._fitted = False
 
     def _make_state(self, spec):
         variable = getattr(self.layer, spec.attribute)
@@ -212,8 +257,18 @@ class LUTQWrapper(keras.layers.Wrapper):
                 dtype="float32", initializer="ones", trainable=False,
                 autocast=False,
             )
+        num_pruned = None
+        # Channel scales prune over the whole normalised tensor.
+        pruned_table = size if self.quantizer.channel_scales else table_size
+        if self.quantizer.prune_rate > 0:
+            num_pruned = keras.Variable(
+                keras.initializers.Constant(
+                    self.quantizer.num_pruned(pruned_table)),
+                shape=(), dtype="int32", trainable=False,
+                name=f"{prefix}_num_pruned")
         return _TensorState(spec, variable, dictionary, assignment, quantized,
-                            permutation, channels, scales)
+                            permutation, channels, scales, num_pruned,
+                            pruned_table)
 
     # -- the LUT-Q step -----------------------------------------------------
 
@@ -238,7 +293,7 @@ class LUTQWrapper(keras.layers.Wrapper):
             dictionary = self.quantizer.seed(state.to_matrix(weights))
             for _ in range(self.quantizer.init_iterations):
                 finite, dictionary, assignment, quantized, scales = update(
-                    weights, dictionary)
+                    weights, dictionary, _num_pruned(state))
                 if not bool(finite):
                     # W is finite (checked above): its cluster sums are not.
                     peak = float(tf.reduce_max(tf.abs(weights)))
@@ -251,20 +306,73 @@ class LUTQWrapper(keras.layers.Wrapper):
                         "below about 1e30."
                     )
             self._store(state, dictionary, assignment, quantized, scales)
+        self._fitted = True
+
+    def _ensure_fitted(self):
+        """Fits the dictionaries to W at the first use of a hand-built layer.
+
+        Skipped while Keras traces the layer for shapes (its W may still be
+        replaced) and once fitted, loaded or set: dictionaries that are not
+        all zero were set by someone (a file, `set_weights`, an assignment)
+        and are kept.
+        """
+        if getattr(self, "_fitted", True) or (in_symbolic_scope()
+                                              or in_stateless_scope()):
+            return
+        # init_scope lifts the fit out of any graph being traced (the first
+        # call may be inside `fit`'s train function).
+        with tf.init_scope():
+            if any(np.any(state.dictionary.numpy()) for state in self._states):
+                self._fitted = True
+            else:
+                self.initialize()
+
+    def finalize_state(self):
+        """Called by Keras' HDF5 loader once it has set the variables."""
+        self._fitted = True
 
     def kmeans_step(self):
         """One k-means step for every quantised tensor of the layer.
+
+        Runs whether or not training has paused the k-means steps
+        (`lutq_tf.callbacks.KMeansWarmup`, `FreezeDictionaries`).
 
         Returns:
             A bool scalar tensor: False if some W held NaN or Inf, in which
             case that tensor's dictionary and assignment were left unchanged.
         """
+        return self._kmeans_step(measure=False)[0]
+
+    def _kmeans_step(self, measure):
+        """`kmeans_step`; also counts the assignments it changes if `measure`.
+
+        Args:
+            measure: a Python bool or a bool scalar tensor.
+
+        Returns:
+            `(finite, changed)`: bool and float32 scalar tensors; `changed`
+            is 0 unless `measure`.
+        """
+        self._ensure_fitted()
         all_finite = tf.constant(True)
+        changed = tf.constant(0.0)
         for state in self._states:
+            # Tensors, not variables: the signature `initialize` compiled.
             finite, dictionary, assignment, quantized, scales = (
-                self._update_function(state)(state.variable.value,
-                                             state.dictionary.value)
+                self._update_function(state)(
+                    tf.cast(tf.convert_to_tensor(state.variable.value),
+                            tf.float32),
+                    tf.convert_to_tensor(state.dictionary.value),
+                    _num_pruned(state))
             )
+            if measure is not False:
+                # Read before the store below (ops on one variable run in
+                # program order inside a tf.function).
+                changed += tf.cond(
+                    measure,
+                    lambda state=state, a=assignment: tf.reduce_sum(tf.cast(
+                        tf.not_equal(a, state.assignment.value), tf.float32)),
+                    lambda: tf.constant(0.0))
 
             def store(state=state, d=dictionary, a=assignment, q=quantized,
                       s=scales):
@@ -273,23 +381,58 @@ class LUTQWrapper(keras.layers.Wrapper):
 
             tf.cond(finite, store, lambda: tf.constant(False))
             all_finite = tf.logical_and(all_finite, finite)
-        return all_finite
+        return all_finite, changed
+
+    def _scheduled_step(self, due, measure=False):
+        """The k-means step of a training step: runs if due and not paused.
+
+        Args:
+            due: Python bool or bool scalar tensor: `kmeans_every` divides
+                the step.
+            measure: Python bool or bool scalar tensor: record the figures
+                (`_schedule.error`, `_schedule.changed`; the latter 0 if
+                the step did not run).
+
+        Returns:
+            A bool scalar tensor: False if some W held NaN or Inf.
+        """
+        run = tf.logical_and(due, tf.logical_not(self._schedule.paused.value))
+        finite, changed = tf.cond(
+            run, lambda: self._kmeans_step(measure),
+            lambda: (tf.constant(True), tf.constant(0.0)))
+        if measure is not False:
+
+            def record():
+                self._schedule.changed.assign(changed)
+                self._schedule.error.assign(tf.add_n([
+                    tf.reduce_sum(tf.abs(
+                        tf.cast(state.variable.value, tf.float32)
+                        - state.quantized.value))
+                    for state in self._states]))
+                return tf.constant(True)
+
+            tf.cond(measure, record, lambda: tf.constant(False))
+        return finite
 
     def _update_function(self, state):
         """The k-means step of one tensor, in W's layout, compiled with XLA.
 
-        `(W, d) -> (finite, d, A, Q, s)`, A already in its storage dtype,
+        `(W, d, num_pruned) -> (finite, d, A, Q, s)`, A already in its
+        storage dtype,
         Q = d[A] (s_c * d[A] with channel scales), s the channel scales
         `[C]` or None. XLA fuses the passes over W into a few loops; it runs
         compiled whether or not the surrounding train function is.
         """
         if state.update is None:
 
-            def update(weights, dictionary):
+            def update(weights, dictionary, num_pruned):
                 matrix = state.to_matrix(tf.cast(weights, tf.float32))
                 scales = self.quantizer.scales(matrix)
+                if state.num_pruned is None:
+                    num_pruned = None  # the quantizer's static 0
                 dictionary, assignment, quantized, finite = (
-                    self.quantizer.step(matrix, dictionary, scales))
+                    self.quantizer.step(matrix, dictionary, scales,
+                                        num_pruned))
                 assignment = tf.cast(state.from_matrix(assignment),
                                      state.assignment.dtype)
                 return (finite, dictionary, assignment,
@@ -334,7 +477,7 @@ class LUTQWrapper(keras.layers.Wrapper):
         calls = self._training_calls.value
         every = self.quantizer.kmeans_every
         due = tf.logical_and(calls > 0, tf.equal(calls % every, 0))
-        finite = tf.cond(due, self.kmeans_step, lambda: tf.constant(True))
+        finite = self._scheduled_step(due)
         self._training_calls.assign(calls + 1)
         self.nonfinite_flag.assign(tf.logical_or(
             self.nonfinite_flag.value, tf.logical_not(finite)))
@@ -365,6 +508,7 @@ class LUTQWrapper(keras.layers.Wrapper):
     # -- forward ------------------------------------------------------------
 
     def call(self, inputs, *args, training=None, **kwargs):
+        self._ensure_fitted()
         if not self._kmeans_driven and self._is_training(training):
             self._self_driven_step()
         if self.layer._call_has_training_arg:
@@ -409,6 +553,7 @@ class LUTQWrapper(keras.layers.Wrapper):
         `[K, 1]` and `quantized` is s_c * d[A]; read s from
         `tensor_states[i].channel_scales`.
         """
+        self._ensure_fitted()
         return {
             s.spec.attribute: (
                 s.dictionary.numpy(),
@@ -428,6 +573,7 @@ class LUTQWrapper(keras.layers.Wrapper):
         (C = `channels`: the output channels per channel or with channel
         scales, else 1).
         """
+        self._ensure_fitted()
         return tuple(self._states)
 
     # -- saving -------------------------------------------------------------
@@ -453,6 +599,8 @@ class LUTQWrapper(keras.layers.Wrapper):
             )
         for i, variable in enumerate(variables):
             variable.assign(store[f"{i}"])
+        # Restored exactly as saved: no k-means at first use.
+        self._fitted = True
 
     def get_config(self):
         config = super().get_config()
@@ -460,3 +608,10 @@ class LUTQWrapper(keras.layers.Wrapper):
             self.quantizer
         )
         return config
+
+
+def _num_pruned(state):
+    """The pruning count to pass to the compiled step (0 without pruning)."""
+    if state.num_pruned is None:
+        return tf.constant(0, tf.int32)
+    return state.num_pruned.value
