@@ -122,6 +122,18 @@ def test_split_model_same_outputs_for_convolutions_and_sequence_dense(kind):
     assert len(info["lut"]["groups"]) == 3
 
 
+def test_same_model_split_again_moves_batch_norm_again():
+    # The exporter's RAM search splits one model several times; the layers
+    # reused by an earlier split must not look "called twice".
+    model = _dense_bn_model()
+    split.split_model(model, {"fc": [10, 10]})
+    again, info = split.split_model(model, {"fc": [5, 5, 5, 5]})
+    assert info["fc"]["absorbed"] == ["bn", "relu"]
+    x = np.random.default_rng(1).normal(size=(4, 24)).astype(np.float32)
+    np.testing.assert_allclose(again.predict(x, verbose=0),
+                               model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
 def test_split_kernels_slice_channels_and_keep_the_dictionary():
     from tflite_export import lut_tensors
 

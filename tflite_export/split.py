@@ -56,8 +56,27 @@ def group_sizes(channels, channel_bytes, limit):
     return [base + 1] * extra + [base] * (count - extra)
 
 
-def splittable(layer):
-    """`(True, "")` if `split_model` can split the layer, else `(False, why)`."""
+def _nodes(model, layer):
+    """The calls of `layer` that are part of `model`'s graph.
+
+    A layer reused by another model (`split_model` reuses every layer it
+    does not split) has nodes of that model too; they do not count here.
+    """
+    keys = getattr(model, "_nodes", None)
+    if keys is None:
+        return list(layer._inbound_nodes)
+    return [
+        node for i, node in enumerate(layer._inbound_nodes)
+        if f"{id(layer)}_ib-{i}" in keys
+    ]
+
+
+def splittable(layer, model=None):
+    """`(True, "")` if `split_model` can split the layer, else `(False, why)`.
+
+    `model`: the Functional model it is in (calls by other models that
+    reuse the layer do not count), or None.
+    """
     kind = type(layer)
     if kind not in (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D):
         return False, (
@@ -70,7 +89,7 @@ def splittable(layer):
             return False, "a grouped convolution is not split"
         if getattr(layer, "data_format", "channels_last") != "channels_last":
             return False, "a channels_first convolution is not split"
-    if len(layer._inbound_nodes) != 1:
+    if len(_nodes(model, layer)) != 1:
         return False, "a layer called more than once is not split"
     return True, ""
 
@@ -115,9 +134,9 @@ def _chain(model, layer):
     outputs = {id(t) for t in keras.tree.flatten(model.outputs)}
     chain = []
     current = layer
-    rank = len(layer._inbound_nodes[0].output_tensors[0].shape)
+    rank = len(_nodes(model, layer)[0].output_tensors[0].shape)
     while True:
-        produced = current._inbound_nodes[0].output_tensors[0]
+        produced = _nodes(model, current)[0].output_tensors[0]
         if id(produced) in outputs:
             return chain
         consumers = _consumers(model, current)
@@ -125,7 +144,7 @@ def _chain(model, layer):
             return chain
         follower, node = consumers[0]
         if (
-            len(follower._inbound_nodes) != 1
+            len(_nodes(model, follower)) != 1
             or len(node.input_tensors) != 1
             or not _per_channel_follower(follower, rank)
         ):
@@ -228,7 +247,7 @@ def split_model(model, sizes):
                 f"layer '{name}' is not a top-level layer of model "
                 f"'{model.name}'; layers inside nested models are not split."
             )
-        ok, why = splittable(layer)
+        ok, why = splittable(layer, model)
         if not ok:
             raise ValueError(f"layer '{name}': {why}.")
         channels = layer.units if isinstance(layer, keras.layers.Dense) else layer.filters
