@@ -11,6 +11,7 @@ saves what the test compares to an `.npz` file:
 
 `mirrored` splits the CPU into 2 logical devices and uses MirroredStrategy;
 `worker` is one of 2 MultiWorkerMirroredStrategy processes on localhost.
+All log `lutq_tf.callbacks.QuantizationFigures` (saved as `figure_*`).
 Both also check a `.keras` checkpoint round trip and a
 `keras.callbacks.BackupAndRestore` resume (saved as `resumed_*` and
 `uninterrupted_*` arrays).
@@ -126,8 +127,17 @@ def _train(strategy, workdir):
     scope = strategy.scope() if strategy else contextlib.nullcontext()
     with scope:
         model = _model()
-    model.fit(_dataset(), epochs=1, verbose=0)
+    history = model.fit(
+        _dataset(), epochs=1, verbose=0,
+        callbacks=[lutq_tf.callbacks.QuantizationFigures(every=1)])
     out = _state(model, strategy, "")
+    # The figures as logged, and the error recomputed from the state.
+    for key in ("quantization_error", "assignments_changed"):
+        out[f"figure_{key}"] = np.float32(history.history[key][-1])
+    errors = [np.abs(s.variable.numpy() - s.quantized.numpy()).ravel()
+              for layer in lutq_tf.lutq_layers(model)
+              for s in layer.tensor_states]
+    out["state_quantization_error"] = np.concatenate(errors).mean()
     out["loss"] = np.float32(model.evaluate(_dataset(), verbose=0))
     if workdir is None:
         return out

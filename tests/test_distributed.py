@@ -67,6 +67,15 @@ def _assert_matches_single_device(got, reference, prefix=""):
         assert same >= 0.999, (layer, same)
     # Training moved d away from its start (the k-means step ran).
     assert got["loss"] < 1.0
+    # The logged figures: the replicas' mean of identical measurements.
+    np.testing.assert_allclose(got["figure_quantization_error"],
+                               got["state_quantization_error"], rtol=1e-5)
+    np.testing.assert_allclose(got["figure_quantization_error"],
+                               reference["figure_quantization_error"],
+                               rtol=1e-4)
+    np.testing.assert_allclose(got["figure_assignments_changed"],
+                               reference["figure_assignments_changed"],
+                               atol=1e-3)
 
 
 def _assert_replicas_identical(got):
