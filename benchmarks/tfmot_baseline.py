@@ -24,7 +24,12 @@ seeded random init, optionally float-trained `--pretrain_epochs`):
    Conv2D/Dense kernel with `--num_clusters` centroids, fine-tuned for
    `--epochs` (timed), then `strip_clustering` and evaluated.
 
-The architectures are the tf_keras twins of `examples/models.py`
+`--model=resnet8` is `run_resnet8` instead: the MLPerf Tiny ResNet-8
+(`--resnet8_h5`, x255 folded into the stem as on the Keras 3 side) on
+CIFAR-10 (`--data`), with `--centroids` and `--bn` ablations; see
+`benchmarks/tfmot_resnet8.py`, which drives it.
+
+The other architectures are the tf_keras twins of `examples/models.py`
 (`digits_cnn`, `lenet`, `mlp`), layer by layer, so that
 `np.savez(path, *keras3_model.get_weights())` loads here in order.
 
@@ -100,6 +105,23 @@ flags.DEFINE_enum(
 flags.DEFINE_string("weights_out", None, "Optional .npz of stripped weights.")
 flags.DEFINE_string("out", None, "Where to write the JSON result.")
 flags.DEFINE_integer("seed", 0, "Seed of the random init and shuffling.")
+flags.DEFINE_string(
+    "resnet8_h5", None, "--model=resnet8: the MLPerf Tiny .h5 (--data: the "
+    "CIFAR-10 path of examples.datasets.load_cifar10).")
+flags.DEFINE_enum(
+    "centroids", "train", ["train", "freeze", "kmeans"],
+    "--model=resnet8: tfmot's gradient-trained centroids (train), restored "
+    "after every batch (freeze), or set to the mean of the original weights "
+    "assigned to each after every batch, LUT-Q's update (kmeans).")
+flags.DEFINE_enum(
+    "bn", "wrapped", ["wrapped", "train"],
+    "--model=resnet8: cluster_weights(model) as is, which wraps every "
+    "layer, BatchNormalization included, and whose wrapper drops `training`, "
+    "so BN runs in inference mode during fine-tuning (wrapped); or wrap only "
+    "the Conv2D/Dense layers (tfmot's clone_model pattern), so BN trains "
+    "(train).")
+flags.DEFINE_integer("limit", None, "--model=resnet8: use only this many "
+                     "training and test images (smoke tests).")
 
 
 # ---------------------------------------------------------------------------
@@ -369,21 +391,145 @@ def run(
     }
 
 
+# ---------------------------------------------------------------------------
+# CIFAR-10 ResNet-8 from the MLPerf Tiny .h5 (benchmarks/tfmot_resnet8.py)
+# ---------------------------------------------------------------------------
+
+
+def load_resnet8(keras, path):
+    """The .h5 in tf_keras with x255 folded into the stem, like Keras 3's
+    `examples.models.load_pretrained_resnet8` (same kernel, same L2)."""
+    model = keras.models.load_model(path, compile=False)
+    stem = next(l for l in model.layers if isinstance(l, keras.layers.Conv2D))
+    stem.kernel.assign(stem.kernel * 255.0)
+    # The registered penalty calls this object: scale it in place (clones
+    # read the value from its config).
+    stem.kernel_regularizer.l2 = float(stem.kernel_regularizer.l2) / 255.0**2
+    return model
+
+
+def cluster_means(tf, wrapper):
+    """[(centroid variable, mean of the original weights per cluster)]."""
+    out = []
+    for name, w in wrapper.original_clusterable_weights.items():
+        c = wrapper.cluster_centroids[name]
+        k = int(c.shape[0])
+        index = tf.reshape(tf.argmin(tf.abs(tf.reshape(w, [-1, 1]) - c), axis=-1), [-1])
+        sums = tf.math.unsorted_segment_sum(tf.reshape(w, [-1]), index, k)
+        counts = tf.math.unsorted_segment_sum(tf.ones_like(tf.reshape(w, [-1])), index, k)
+        out.append((c, tf.where(counts > 0, sums / tf.maximum(counts, 1.0), c)))
+    return out
+
+
+def run_resnet8(h5, data, num_clusters, epochs, batch_size, learning_rate,
+                seed, centroids="train", bn="wrapped", limit=None):
+    """tfmot clustering of the pretrained ResNet-8, batches in the order of
+    `np.random.default_rng(seed).permutation`; returns the result dict."""
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+    import tf_keras as keras
+
+    from examples import datasets
+
+    start = time.perf_counter()
+    (x, y), (x_test, y_test) = datasets.load_cifar10(data, limit=limit)
+    # The batch order of benchmarks/tfmot_resnet8.py's LUT-Q runs.
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    keras.utils.set_random_seed(seed)
+    base = load_resnet8(keras, h5)
+    compile_model(keras, base, learning_rate)
+    float_acc = accuracy(base, x_test, y_test)
+    def cluster(layer):
+        return tfmot.clustering.keras.cluster_weights(
+            layer, number_of_clusters=num_clusters,
+            cluster_centroids_init=tfmot.clustering.keras.CentroidInitialization.KMEANS_PLUS_PLUS)
+
+    if bn == "wrapped":
+        clustered = cluster(base)
+    else:
+        clustered = keras.models.clone_model(base, clone_function=lambda l: (
+            cluster(l) if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense)) else l))
+    wrappers = [l for l in clustered.layers if getattr(l, "cluster_centroids", None)]
+    bn_layers = [getattr(l, "layer", l) for l in clustered.layers
+                 if isinstance(getattr(l, "layer", l), keras.layers.BatchNormalization)]
+    moving_mean = [l.moving_mean.numpy() for l in bn_layers]
+    compile_model(keras, clustered, learning_rate)
+    before = accuracy(clustered, x_test, y_test)
+    variables = [c for wr in wrappers for c in wr.cluster_centroids.values()]
+    initial = [c.numpy() for c in variables]
+
+    class Centroids(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if centroids == "freeze":
+                for c, value in zip(variables, initial):
+                    c.assign(value)
+            elif centroids == "kmeans":
+                for wr in wrappers:
+                    for c, value in cluster_means(tf, wr):
+                        c.assign(value)
+
+    fit_start = time.perf_counter()
+    clustered.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False,
+                  verbose=0, callbacks=[Centroids()])
+    fit_seconds = time.perf_counter() - fit_start
+    trained = [c.numpy() for c in variables]
+    bn_moved = float(max(np.abs(l.moving_mean.numpy() - m).max()
+                         for l, m in zip(bn_layers, moving_mean)))
+    after = accuracy(clustered, x_test, y_test)
+    # Diagnostics: how far the centroids are from the cluster means of the
+    # final weights, and the accuracy once they are replaced by those means.
+    means = [value.numpy() for wr in wrappers for _, value in cluster_means(tf, wr)]
+    for c, value in zip(variables, means):
+        c.assign(value)
+    means_acc = accuracy(clustered, x_test, y_test)
+    for c, value in zip(variables, trained):
+        c.assign(value)
+    stripped = tfmot.clustering.keras.strip_clustering(clustered)
+    compile_model(keras, stripped, learning_rate)
+    distinct = {l.name: int(np.unique(l.kernel.numpy()).size)
+                for l in stripped.layers if hasattr(l, "kernel")}
+    return {
+        "model": "resnet8", "num_clusters": num_clusters, "centroids": centroids,
+        "bn": bn, "bn_moving_mean_max_change": bn_moved,
+        "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+        "seed": seed, "float_test_accuracy": float_acc,
+        "clustered_test_accuracy_before_finetune": before,
+        "test_accuracy": accuracy(stripped, x_test, y_test),
+        "test_accuracy_wrapped": after,
+        "test_accuracy_centroids_to_means": means_acc,
+        "clustered_layers": [wr.layer.name for wr in wrappers],
+        "distinct_values_per_kernel": distinct,
+        "centroids_initial": [v.tolist() for v in initial],
+        "centroids_trained": [v.tolist() for v in trained],
+        "cluster_means_final": [v.tolist() for v in means],
+        "fit_seconds": fit_seconds, "wall_seconds": time.perf_counter() - start,
+        "versions": {"tensorflow": tf.__version__, "tf_keras": keras.__version__,
+                     "tfmot": getattr(tfmot, "__version__", "unknown")},
+    }
+
+
 def main(argv):
     del argv
-    result = run(
-        FLAGS.model,
-        FLAGS.num_clusters,
-        FLAGS.epochs,
-        FLAGS.batch_size,
-        FLAGS.data,
-        weights_in=FLAGS.weights_in,
-        learning_rate=FLAGS.learning_rate,
-        pretrain_epochs=FLAGS.pretrain_epochs,
-        centroid_init=FLAGS.centroid_init,
-        weights_out=FLAGS.weights_out,
-        seed=FLAGS.seed,
-    )
+    if FLAGS.model == "resnet8":
+        result = run_resnet8(
+            FLAGS.resnet8_h5, FLAGS.data, FLAGS.num_clusters, FLAGS.epochs,
+            FLAGS.batch_size, FLAGS.learning_rate, FLAGS.seed, FLAGS.centroids,
+            FLAGS.bn, FLAGS.limit)
+    else:
+        result = run(
+            FLAGS.model,
+            FLAGS.num_clusters,
+            FLAGS.epochs,
+            FLAGS.batch_size,
+            FLAGS.data,
+            weights_in=FLAGS.weights_in,
+            learning_rate=FLAGS.learning_rate,
+            pretrain_epochs=FLAGS.pretrain_epochs,
+            centroid_init=FLAGS.centroid_init,
+            weights_out=FLAGS.weights_out,
+            seed=FLAGS.seed,
+        )
     text = json.dumps(result, indent=2)
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

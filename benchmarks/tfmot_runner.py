@@ -71,7 +71,8 @@ def run_tfmot_baseline(
 
     Args:
         model: `"mlp"`, `"lenet"`, `"digits_cnn"` (aliases `"digits"`,
-            `"cnn"`).
+            `"cnn"`), `"speed_cnn"`, or `"resnet8"` (give `--resnet8_h5=`
+            in `extra_flags` and the CIFAR-10 path as `data`).
         num_clusters: clusters per kernel (K).
         epochs: epochs of the timed float and clustering runs.
         batch_size: batch size.

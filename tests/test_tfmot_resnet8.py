@@ -1,0 +1,91 @@
+"""benchmarks.tfmot_resnet8: the BN switch, resumption, the report; tfmot's
+BN behaviour itself when the compare venv is there."""
+
+import json
+import os
+import subprocess
+
+import keras
+import numpy as np
+import pytest
+
+from benchmarks import tfmot_resnet8
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SHARED = os.path.join(os.path.dirname(_REPO), "shared")
+_H5 = os.path.join(_SHARED, "models", "mlperf_tiny_resnet8.h5")
+_CIFAR = os.path.join(_SHARED, "data", "cifar10_jpeg.tgz")
+_COMPARE = os.environ.get("LUTQ_COMPARE_PYTHON", "/work/venv-compare/bin/python")
+
+
+def _tiny():
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.Conv2D(3, 3, padding="same")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Flatten()(x)
+    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+
+
+def test_bn_inference_mode_keeps_moving_statistics_and_trains_gamma():
+    x = np.random.default_rng(0).random((32, 4, 4, 2)).astype("float32") * 3 + 2
+    y = np.arange(32) % 2
+    with tfmot_resnet8.bn_inference_mode():
+        model = _tiny()
+        bn = model.layers[2]
+        mean, gamma = bn.moving_mean.numpy(), bn.gamma.numpy()
+        model.compile("adam", "sparse_categorical_crossentropy")
+        model.fit(x, y, epochs=1, verbose=0)
+        np.testing.assert_array_equal(bn.moving_mean.numpy(), mean)
+        assert not np.allclose(bn.gamma.numpy(), gamma)
+    # Restored on exit: a new train function moves the statistics again.
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=1, verbose=0)
+    assert not np.allclose(bn.moving_mean.numpy(), mean)
+
+
+def _fake(cell_accuracy):
+    def run(*args):
+        return {"accuracy": cell_accuracy, "before": 0.1, "fit_seconds": 1,
+                "bn_moving_mean_max_change": 0.0}
+    return run
+
+
+def test_runs_are_appended_skipped_on_rerun_and_reported(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tfmot_resnet8, "lutq_run",
+                        lambda *a: calls.append(a) or _fake(0.5)())
+    monkeypatch.setattr(tfmot_resnet8, "tfmot_run",
+                        lambda *a: calls.append(a) or _fake(0.6)())
+    monkeypatch.setattr("examples.datasets.load_cifar10", lambda path: ("train", "test"))
+    out = str(tmp_path / "r")
+    for _ in range(2):
+        tfmot_resnet8.run("c", "h", ["lutq", "tfmot"], [4], [0, 1], out)
+    assert len(calls) == 4  # the second pass skips all four
+    with open(out + ".json") as f:
+        record = json.load(f)
+    assert sorted((r["cell"], r["seed"]) for r in record["runs"]) == [
+        ("lutq", 0), ("lutq", 1), ("tfmot", 0), ("tfmot", 1)]
+    with open(out + ".md") as f:
+        text = f.read()
+    assert "| `lutq`: LUT-Q as shipped (BN trains) | 50.00 +- 0.00 (n=2) |" in text
+    assert "| `tfmot`: tfmot as shipped" in text and "60.00 +- 0.00 (n=2)" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (os.path.exists(_COMPARE) and os.path.exists(_H5)
+                         and os.path.exists(_CIFAR)),
+                    reason="needs the compare venv (tfmot, LUTQ_COMPARE_PYTHON) and "
+                           "../shared's ResNet-8 .h5 and CIFAR-10")
+def test_tfmot_cluster_weights_runs_batchnorm_in_inference_mode(tmp_path):
+    out = tmp_path / "t.json"
+    subprocess.run(
+        [_COMPARE, os.path.join(_REPO, "benchmarks", "tfmot_baseline.py"),
+         "--model=resnet8", f"--resnet8_h5={_H5}", f"--data={_CIFAR}",
+         "--num_clusters=4", "--epochs=1", "--batch_size=64", "--limit=128",
+         "--centroids=kmeans", f"--out={out}"],
+        check=True, capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    with open(out) as f:
+        r = json.load(f)
+    assert r["bn_moving_mean_max_change"] == 0.0  # BN never in training mode
+    assert len(r["clustered_layers"]) == 10
+    assert all(n <= 4 for n in r["distinct_values_per_kernel"].values())
