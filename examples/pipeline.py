@@ -182,6 +182,8 @@ class ResultRow:
             (the converter's file).
         slim_baseline_bytes: the same, slimmed as the written file is.
         arena_bytes: smallest TFLM arena that runs it.
+        information_limit: the file's information limit (`anatomy`).
+        decode_buffer_bytes: its largest decoded kernel (in the arena).
         export: `"float32"` or `"int8"`.
         train_seconds: seconds of training for this variant.
         bits: index bits per weight (None for float/int8 baselines).
@@ -200,6 +202,8 @@ class ResultRow:
     baseline_bytes: object = None
     slim_baseline_bytes: object = None
     arena_bytes: object = None
+    information_limit: object = None
+    decode_buffer_bytes: object = None
     export: str = ""
     train_seconds: float = 0.0
     bits: object = None
@@ -270,6 +274,8 @@ def evaluate_export(model, path, variant, calibration, test, quantize="int8",
         baseline_bytes=result.baseline_bytes,
         slim_baseline_bytes=result.slim_baseline_bytes,
         arena_bytes=result.arena_bytes,
+        information_limit=int(result.anatomy.information_limit),
+        decode_buffer_bytes=result.decode_buffer_bytes,
         export=quantize,
         result=result,
         **row_fields,
@@ -437,7 +443,9 @@ COLUMNS = (
     ("flash bytes", lambda r: format_bytes(r.flash_bytes)),
     ("uncompressed", lambda r: format_bytes(r.baseline_bytes)),
     ("slim uncompressed", lambda r: format_bytes(r.slim_baseline_bytes)),
+    ("limit", lambda r: format_bytes(r.information_limit)),
     ("arena bytes", lambda r: format_bytes(r.arena_bytes)),
+    ("decode buf", lambda r: format_bytes(r.decode_buffer_bytes)),
     ("train s", lambda r: f"{r.train_seconds:.0f}" if r.train_seconds else "-"),
 )
 

@@ -422,8 +422,22 @@ def test_report_table_and_arena(tmp_path):
     interpreter.invoke()
     with pytest.raises(RuntimeError):
         runtime.Interpreter.from_bytes(model_bytes, arena_size=result.arena_bytes - 16)
-    # Decoded weights live in the arena.
+    # Decoded weights live in the arena...
     assert result.arena_bytes > result.baseline_arena_bytes
+    # ...unless TFLM decodes into an alternate region: the main arena then
+    # shrinks, and that region with 16 B less does not run the model.
+    main, region = result.alt_decompression_arena()
+    assert region >= result.decode_buffer_bytes > 0
+    assert main < result.arena_bytes
+    runs = runtime.Interpreter.from_bytes(model_bytes, arena_size=main,
+                                          alt_decompression_memory_size=region)
+    runs.set_input(np.zeros(details_shape, np.int8), 0)
+    runs.invoke()
+    with pytest.raises(RuntimeError):
+        small = runtime.Interpreter.from_bytes(model_bytes, arena_size=main + 4096,
+                                               alt_decompression_memory_size=region - 16)
+        small.set_input(np.zeros(details_shape, np.int8), 0)
+        small.invoke()
 
 
 @pytest.mark.slow

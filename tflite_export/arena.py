@@ -19,6 +19,9 @@ from tflite_export.errors import UnsupportedModelError
 
 # Sizes are multiples of this (TFLM aligns the arena to 16 bytes anyway).
 GRANULE = 16
+# Head-room given to every interpreter that runs a model after the search:
+# the bisection's minimum is exact only for the zero input it probed with.
+MARGIN = 4096
 _START = 16 * 1024
 _LIMIT = 512 * 1024 * 1024
 _MAX_RESTARTS = 12
@@ -30,8 +33,8 @@ import sys
 import numpy as np
 from tflite_micro import runtime
 
-path, num_inputs, lo, hi, granule, start, limit = sys.argv[1:8]
-num_inputs, lo, granule, start, limit = map(int, (num_inputs, lo, granule, start, limit))
+path, num_inputs, lo, hi, granule, start, limit, alt = sys.argv[1:9]
+num_inputs, lo, granule, start, limit, alt = map(int, (num_inputs, lo, granule, start, limit, alt))
 hi = int(hi) if hi != "none" else None
 with open(path, "rb") as f:
     model = f.read()
@@ -39,7 +42,8 @@ with open(path, "rb") as f:
 def runs(size):
     print("try", size, flush=True)
     try:
-        interpreter = runtime.Interpreter.from_bytes(model, arena_size=size)
+        interpreter = runtime.Interpreter.from_bytes(
+            model, arena_size=size, alt_decompression_memory_size=alt)
         for i in range(num_inputs):
             details = interpreter.get_input_details(i)
             interpreter.set_input(np.zeros(details["shape"], details["dtype"]), i)
@@ -74,13 +78,16 @@ def _unsupported_ops(stderr):
     return sorted(set(re.findall(r"Didn't find op for builtin opcode '(\w+)'", stderr)))
 
 
-def find_arena_size(model_bytes, num_inputs=1, what="model"):
+def find_arena_size(model_bytes, num_inputs=1, what="model", alt_decompression_bytes=0):
     """Bisects for the smallest arena (in bytes) that runs the model on TFLM.
 
     Args:
         model_bytes: The .tflite flatbuffer.
         num_inputs: Number of model inputs (fed zeros).
         what: Name of the model for error messages.
+        alt_decompression_bytes: Size of TFLM's alternate decompression
+            region (`SetDecompressionMemory` on a device): DECODE outputs go
+            there instead of the arena, one at a time. 0: none.
 
     Returns:
         The arena size in bytes, a multiple of 16.
@@ -101,7 +108,7 @@ def find_arena_size(model_bytes, num_inputs=1, what="model"):
             proc = subprocess.run(
                 [sys.executable, "-c", _WORKER, path, str(num_inputs), str(lo),
                  "none" if hi is None else str(hi), str(GRANULE), str(_START),
-                 str(_LIMIT)],
+                 str(_LIMIT), str(int(alt_decompression_bytes))],
                 capture_output=True, text=True, cwd=tmp,
             )
             last_try, last_error = None, ""

@@ -16,11 +16,7 @@ import os
 import numpy as np
 
 from tflite_export import verify as _verify  # the exporter's runner
-
-# Head-room over the measured minimum arena (the exporter's verification
-# uses the same kind of margin): the bisection's minimum is exact for the
-# zero input it was probed with.
-ARENA_MARGIN = 4096
+from tflite_export.arena import MARGIN as ARENA_MARGIN
 
 
 def _model_bytes(model):

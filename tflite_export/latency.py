@@ -12,9 +12,7 @@ import numpy as np
 
 from tflite_export import tflm
 from tflite_export import verify as verify_lib
-
-# TFLM needs a little more than the measured minimum for nothing; give room.
-_ARENA_MARGIN = 4096
+from tflite_export.arena import MARGIN as _ARENA_MARGIN
 
 
 def host_latency_us(files, arenas, rounds=5, invokes=20):

@@ -193,6 +193,31 @@ class ExportResult:
     def compressed_tensors(self):
         return [t for t in self.tensors if t.compressed]
 
+    def alt_decompression_arena(self):
+        """The main arena when DECODE outputs go to an alternate region.
+
+        TFLM can decode into a separate memory region
+        (`MicroInterpreter::SetDecompressionMemory`) reused by every DECODE,
+        e.g. a second SRAM bank. Measured on the written file by the same
+        search as `arena_bytes` (a few seconds).
+
+        Returns:
+            `(main_arena_bytes, region_bytes)`: the region is the largest
+            decoded kernel rounded up to 16 bytes; `(arena_bytes, 0)` when
+            nothing is compressed.
+        """
+        from tflite_export import arena
+        from tflite_export import verify
+
+        if not self.decode_buffer_bytes:
+            return self.arena_bytes, 0
+        region = -(-self.decode_buffer_bytes // arena.GRANULE) * arena.GRANULE
+        with open(self.path, "rb") as f:
+            model = f.read()
+        main = arena.find_arena_size(model, verify.io_counts(model)[0], self.path,
+                                     alt_decompression_bytes=region)
+        return main, region
+
     @property
     def ratio(self):
         """Baseline bytes over written bytes."""

@@ -12,10 +12,8 @@ import dataclasses
 import numpy as np
 
 from tflite_export import tflm
+from tflite_export.arena import MARGIN as _ARENA_MARGIN
 from tflite_export.errors import VerificationError
-
-# The arena given to verification on top of the measured minimum.
-_ARENA_MARGIN = 4096
 
 
 @dataclasses.dataclass
