@@ -1,4 +1,4 @@
-"""Writes the exported files: all or none, with the user's file mode.
+"""Writes the exported files through temp files, the .tflite last, in the user's file mode.
 
 Each file goes to a temp file beside its target, is synced, then renamed
 over it. Three renames cannot be atomic together, so the `.tflite` is
