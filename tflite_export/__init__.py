@@ -13,6 +13,8 @@ from tflite_export.evaluate import tflm_predict
 from tflite_export.errors import UnsupportedModelError
 from tflite_export.errors import VerificationError
 from tflite_export.exporter import export
+from tflite_export.planner import Plan
+from tflite_export.planner import plan_budget
 from tflite_export.result import ExportResult
 from tflite_export.result import RamChoice
 from tflite_export.result import RamReport
@@ -22,6 +24,7 @@ from tflite_export.verify import Verification
 __all__ = [
     "ExportError",
     "ExportResult",
+    "Plan",
     "RamChoice",
     "RamReport",
     "TensorReport",
@@ -29,6 +32,7 @@ __all__ = [
     "Verification",
     "VerificationError",
     "export",
+    "plan_budget",
     "tflm_accuracy",
     "tflm_predict",
 ]
