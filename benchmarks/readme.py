@@ -129,7 +129,47 @@ def train_speed():
     return lines[start:start + 1] + [""] + lines[table:end]
 
 
-BLOCKS = {"mlperf_flash": mlperf_flash, "dictionary_modes": dictionary_modes,
+def budgets():
+    record = _json("budgets.json")
+    lines = ["; ".join(f"`{r['command']}`" for r in record["runs"]), "",
+             "| model | budget | file | file / budget | estimate - file | bit-exact |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in record["mlperf"]:
+        lines.append(f"| {r['model']} | {r['fraction']:g}x MLPerf = {r['budget_bytes']:,} "
+                     f"| {r['file_bytes']:,} | {r['file_over_budget']:.3f} "
+                     f"| {r['estimate_minus_file']:+d} | {'yes' if r['bit_exact'] else 'NO'} |")
+    lines += ["", "Planned against uniform LUT-Q at the uniform model's file size (same "
+              "fine-tuning: 1 epoch, Adam 1e-4 cosine, batch 64; Keras test accuracy, "
+              "one row per seed):", "",
+              "| suite | size of | seed | uniform | planned | planned - uniform |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    rows = {}
+    for r in record["accuracy"]:
+        rows.setdefault((r["suite"], r["bits"], r["seed"]), {})[r["variant"]] = r
+    for (suite, bits, seed), v in rows.items():
+        if "uniform" in v and "planned" in v:
+            u, q = v["uniform"]["keras_accuracy"], v["planned"]["keras_accuracy"]
+            lines.append(f"| {suite} | uniform {bits}-bit ({v['uniform']['file_bytes']:,} B) "
+                         f"| {seed} | {100 * u:.2f} % | {100 * q:.2f} % "
+                         f"| {100 * (q - u):+.2f} pp |")
+    return lines
+
+
+def ram_budget():
+    record = _json("ram_budget.json")
+    lines = [f"`{record['run']['command']}`", "",
+             "| model | bits | limit | arena over int8 | flash vs unsplit | latency vs unsplit "
+             "| split | targets |", "| --- | ---: | --- | ---: | ---: | ---: | --- | --- |"]
+    for r in record["rows"]:
+        latency = (f"{r['latency_us'] / r['unsplit_latency_us']:.2f}x"
+                   if r.get("latency_us") and r.get("unsplit_latency_us") else "")
+        lines.append(f"| {r['model']} | {r['bits']} | {r['variant']} {r['budget']} "
+                     f"| {r['arena'] - r['int8_arena']:+,} | {r['bytes'] / r['unsplit_bytes']:.3f}x "
+                     f"| {latency} | {r['splits']} | {r['targets']} |")
+    return lines
+
+
+BLOCKS = {"mlperf_flash": mlperf_flash, "budgets": budgets, "ram_budget": ram_budget, "dictionary_modes": dictionary_modes,
           "recipe": recipe, "quickstart": quickstart, "train_speed": train_speed}
 
 
