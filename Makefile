@@ -17,6 +17,7 @@ demo: venv
 	$(PY) -m examples.quickstart
 
 test: venv
+	$(VENV)/bin/ruff check .
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q
 
 .PHONY: venv demo test

@@ -82,9 +82,9 @@ def _plan_rows(plan):
 def run_mlperf(results, out, models_dir, work):
     import numpy as np
 
+    from benchmarks import mlperf_flash
     import lutq_tf
     import tflite_export
-    from benchmarks import mlperf_flash
     from tflite_export import planner
 
     done = {(r["model"], r["fraction"]) for r in results["mlperf"]}
@@ -145,9 +145,9 @@ def _accuracy_suite(results, out, suite, float_model, train, test, bits_list,
                     work, seed, weightings):
     import keras
 
+    from examples import pipeline
     import lutq_tf
     import tflite_export
-    from examples import pipeline
     from tflite_export import plan_costs
     from tflite_export import planner
 
@@ -215,7 +215,9 @@ def _accuracy_suite(results, out, suite, float_model, train, test, bits_list,
 
 
 def run_mnist(results, out, data_dir, work, seed, bits_list=(1, 2)):
-    from examples import datasets, models, pipeline
+    from examples import datasets
+    from examples import models
+    from examples import pipeline
 
     train, test = datasets.load_mnist(os.path.join(data_dir, "mnist.npz"))
     weights = os.path.join(work, f"lenet_float_seed{seed}.weights.h5")
@@ -231,7 +233,9 @@ def run_mnist(results, out, data_dir, work, seed, bits_list=(1, 2)):
 
 
 def run_cifar10(results, out, data_dir, models_dir, work, seed):
-    from examples import datasets, models, pipeline
+    from examples import datasets
+    from examples import models
+    from examples import pipeline
 
     train, test = datasets.load_cifar10(os.path.join(data_dir, "cifar10_jpeg.tgz"))
     model = models.load_pretrained_resnet8(os.path.join(models_dir, "mlperf_tiny_resnet8.h5"))
@@ -261,7 +265,8 @@ def run_ranking(results, out, seed):
     import numpy as np
     from scipy import stats
 
-    from examples import datasets, models
+    from examples import datasets
+    from examples import models
     from lutq_tf import registry
     from lutq_tf.quantizer import LUTQuantizer
     from tflite_export import planner
@@ -321,14 +326,16 @@ def markdown(results):
             "Budget = fraction x MLPerf's int8 file. Target: file <= budget and "
             ">= 98 % of it. *estimate - file*: the planner's byte estimate over "
             "the written file (target: >= 0, <= max(1 %, 256 B)).", "",
-            "| model | budget | bytes | file / budget | estimate - file | bit-exact | plan (layer: bits/mode) |",
+            "| model | budget | bytes | file / budget | estimate - file | bit-exact "
+            "| plan (layer: bits/mode) |",
             "| --- | ---: | ---: | ---: | ---: | --- | --- |",
         ]
         for r in results["mlperf"]:
             plan = ", ".join(
                 f"{p['layer']}: {'int8' if p['bits'] is None else str(p['bits']) + '/' + p['mode']}"
                 for p in r["plan"])
-            met = "met" if r["budget_bytes"] >= r["file_bytes"] >= 0.98 * r["budget_bytes"] else "MISSED"
+            fits = r["budget_bytes"] >= r["file_bytes"] >= 0.98 * r["budget_bytes"]
+            met = "met" if fits else "MISSED"
             lines.append(
                 f"| {r['model']} | {r['fraction']}x = {r['budget_bytes']:,} | "
                 f"{r['file_bytes']:,} | {r['file_over_budget']:.3f} ({met}) | "
@@ -356,7 +363,8 @@ def markdown(results):
             "model's file with `weight_quantization='auto'`. "
             "Same fine-tuning for every row: 1 epoch, Adam, batch 64, lr 1e-4 "
             "cosine decay. Keras test accuracy.", "",
-            "| suite | size of | variant | seed | bytes | budget | auto | accuracy | float | plan |",
+            "| suite | size of | variant | seed | bytes | budget | auto | accuracy | float "
+            "| plan |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for r in results["accuracy"]:
@@ -366,7 +374,8 @@ def markdown(results):
             lines.append(
                 f"| {r['suite']} | uniform {r['bits']}-bit | {r['variant']} | {r['seed']} | "
                 f"{r['file_bytes']:,} | {r['budget_bytes']:,} | "
-                f"{'' if not r.get('auto_export_bytes') else format(r['auto_export_bytes'], ',')} | "
+                f"{format(r['auto_export_bytes'], ',') if r.get('auto_export_bytes') else ''} "
+                "| "
                 f"{100 * r['keras_accuracy']:.2f} % | {100 * r['float_accuracy']:.2f} % | {plan} |")
     return "\n".join(lines) + "\n"
 
@@ -404,7 +413,8 @@ def main(argv=None):
             run_cifar10(results, args.out, args.data_dir, args.models_dir,
                         args.work_dir, args.seed)
     results["runs"].append({
-        "command": "python -m benchmarks.budgets " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.budgets "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "seconds": time.time() - start, "parts": parts})
     _save(results, args.out)

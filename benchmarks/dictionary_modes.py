@@ -93,7 +93,6 @@ def fit_only(f):
     from examples import datasets
     from examples import models
     from examples import pipeline
-
     import lutq_tf
 
     _, test = datasets.load_cifar10(f.cifar10)
@@ -136,7 +135,8 @@ def markdown(record, fit=None):
         if not values:
             return ""
         mean = 100 * np.mean(values)
-        se = 100 * np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+        se = (100 * np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1
+              else float("nan"))
         return f"{mean:.2f} +- {se:.2f} (n={len(values)})"
 
     lines.append(f"| float | {cell('test/float')} | | |")

@@ -58,9 +58,9 @@ def run_case(seed, workdir, avoid_refusals=None):
     import keras
     import numpy as np
 
+    from benchmarks import fuzz_models
     import lutq_tf
     import tflite_export
-    from benchmarks import fuzz_models
 
     if avoid_refusals is None:
         avoid_refusals = seed % 10 != 9

@@ -161,9 +161,9 @@ def _row(name, variant, bits, mode, result, mlperf, slim_int8):
 def run_model(name, models_dir, bits_list, modes, work):
     import numpy as np
 
+    from examples import pipeline
     import lutq_tf
     import tflite_export
-    from examples import pipeline
 
     h5, reference, kind = MODELS[name]
     model = lutq_tf.load_model(os.path.join(models_dir, h5))
@@ -217,7 +217,8 @@ def markdown(rows, command, seconds):
         "pretrained weights (k-means, no training); calibration and "
         f"verification on {_SAMPLES} random inputs of the right shape. "
         "Per channel: layers with fewer weights per channel than K (3x3 "
-        "depthwise) keep one dictionary per tensor. *x MLPerf*: file over MLPerf's int8 .tflite; *x slim*: over the "
+        "depthwise) keep one dictionary per tensor. *x MLPerf*: file over MLPerf's int8 "
+        ".tflite; *x slim*: over the "
         "project's slim int8 file (LUT-Q's own gain). *limit*: packed "
         "indices + table entries + uncompressed weights + 4 B per bias and "
         "per channel scale. *decode buf*: the largest decoded kernel. "
@@ -229,7 +230,8 @@ def markdown(rows, command, seconds):
         "host (median of 30 invokes, wall / CPU).",
         "",
         "| model | variant | bytes | x MLPerf | target | x slim | limit | file / limit "
-        "| arena | decode buf | head + | tail + (per op) | ms (cpu) | bit-exact | shared / compressed |",
+        "| arena | decode buf | head + | tail + (per op) | ms (cpu) | bit-exact "
+        "| shared / compressed |",
         "| --- | --- |" + " ---: |" * 12 + " --- | ---: |",
     ]
     slim_rows = {r.model: r for r in rows if r.variant == "int8 slim"}
@@ -237,7 +239,8 @@ def markdown(rows, command, seconds):
         target = TARGETS.get((r.model, r.bits)) if r.mode in ("tensor", "scaled") else None
         mark = ""
         if target:
-            mark = f"<= {target:.2f}x " + ("met" if r.bytes / r.mlperf_bytes <= target else "MISSED")
+            met = r.bytes / r.mlperf_bytes <= target
+            mark = f"<= {target:.2f}x " + ("met" if met else "MISSED")
         slim = f"{r.bytes / r.slim_int8_bytes:.2f}x" if r.slim_int8_bytes else ""
         lines.append(
             f"| {r.model} | {r.variant} | {r.bytes:,} | {r.bytes / r.mlperf_bytes:.3f}x "

@@ -164,12 +164,14 @@ def ram_budget():
         latency = (f"{r['latency_us'] / r['unsplit_latency_us']:.2f}x"
                    if r.get("latency_us") and r.get("unsplit_latency_us") else "")
         lines.append(f"| {r['model']} | {r['bits']} | {r['variant']} {r['budget']} "
-                     f"| {r['arena'] - r['int8_arena']:+,} | {r['bytes'] / r['unsplit_bytes']:.3f}x "
+                     f"| {r['arena'] - r['int8_arena']:+,} "
+                     f"| {r['bytes'] / r['unsplit_bytes']:.3f}x "
                      f"| {latency} | {r['splits']} | {r['targets']} |")
     return lines
 
 
-BLOCKS = {"mlperf_flash": mlperf_flash, "budgets": budgets, "ram_budget": ram_budget, "dictionary_modes": dictionary_modes,
+BLOCKS = {"mlperf_flash": mlperf_flash, "budgets": budgets, "ram_budget": ram_budget,
+          "dictionary_modes": dictionary_modes,
           "recipe": recipe, "quickstart": quickstart, "train_speed": train_speed}
 
 

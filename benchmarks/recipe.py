@@ -34,7 +34,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-from benchmarks.dictionary_modes import _load, _save  # noqa: E402
+from benchmarks.dictionary_modes import _load  # noqa: E402
+from benchmarks.dictionary_modes import _save  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 # Headline rows, each in its best dictionary mode (per channel: see

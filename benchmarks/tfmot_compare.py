@@ -17,8 +17,8 @@ import time
 
 import keras
 
-from benchmarks import timing
 from benchmarks import tfmot_runner
+from benchmarks import timing
 from examples import datasets
 from examples import models
 from examples import pipeline

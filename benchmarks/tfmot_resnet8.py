@@ -42,7 +42,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-
 import numpy as np  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -61,7 +60,8 @@ CELLS = {
     "tfmot-freeze": ("tfmot", "tfmot, only Conv2D/Dense wrapped (BN trains), centroids "
                      "frozen at k-means++", ["--bn=train", "--centroids=freeze"]),
     "tfmot-bntrain-kmeans": ("tfmot", "tfmot, BN trains and centroids := cluster means "
-                             "each batch (LUT-Q inside tfmot)", ["--bn=train", "--centroids=kmeans"]),
+                             "each batch (LUT-Q inside tfmot)",
+                             ["--bn=train", "--centroids=kmeans"]),
 }
 _BATCH = 64
 _RATE = 1e-4
@@ -160,9 +160,9 @@ def reestimated_bn_accuracy(model, x, test, batches=300):
 def lutq_run(h5, train, test, k, seed, options):
     import keras
 
-    import lutq_tf
     from examples import models
     from examples import pipeline
+    import lutq_tf
 
     keras.backend.clear_session()
     model = models.load_pretrained_resnet8(h5)

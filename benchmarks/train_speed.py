@@ -25,23 +25,24 @@ training in its own process (`benchmarks/tfmot_runner.py`).
 Writes benchmarks/results/train_speed.{md,json}.
 """
 
+from concurrent import futures
 import json
 import multiprocessing
 import os
 import platform
 import time
-from concurrent import futures
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
 
-import lutq_tf  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from examples import models  # noqa: E402
+import lutq_tf  # noqa: E402
 
 FLAGS = flags.FLAGS
 

@@ -465,7 +465,7 @@ def _cifar_from_tar(path, limit, cache):
         lambda name: io.BytesIO(contents[name]),
         None if cache_file else limit,
     )
-    del contents
+    contents = None  # the archive's bytes are no longer needed
 
     if cache_file is not None:
         _write_cache(

@@ -26,8 +26,8 @@ import keras
 import numpy as np
 
 import lutq_tf
-import tflite_export
 from lutq_tf import registry as lutq_registry
+import tflite_export
 
 # Calibration samples for int8 conversion (the converter uses at most 1000).
 CALIBRATION_SAMPLES = 500

@@ -23,7 +23,6 @@ dictionary entry, ties in pruning to the earlier weight.
 import numpy as np
 import tensorflow as tf
 
-
 # Up to this many entries, counting the midpoints below each weight (K-1
 # fused compares) beats the binary search's gathers on CPU under XLA.
 _LINEAR_SEARCH_MAX_VALUES = 32

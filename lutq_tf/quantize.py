@@ -4,12 +4,15 @@ import collections.abc
 import warnings
 
 import keras
-import numpy as np
 from keras.src.models.functional import Functional  # no public alias
+import numpy as np
 
 from lutq_tf import registry
-from lutq_tf.model import LUTQModel, LUTQSequential, lutq_layers
-from lutq_tf.quantizer import LUTQuantizer, check_int
+from lutq_tf.model import LUTQModel
+from lutq_tf.model import LUTQSequential
+from lutq_tf.model import lutq_layers
+from lutq_tf.quantizer import LUTQuantizer
+from lutq_tf.quantizer import check_int
 from lutq_tf.wrapper import LUTQWrapper
 
 _SUBCLASSED_HINT = (

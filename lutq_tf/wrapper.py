@@ -1,12 +1,13 @@
 """`LUTQWrapper`: a layer whose kernels are LUT-Q look-up tables."""
 
 import keras
-import numpy as np
-import tensorflow as tf
+
 # No public API tells whether a GradientTape records a tensor, or whether
 # Keras is tracing a layer for shapes only.
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+import numpy as np
+import tensorflow as tf
 from tensorflow.python.eager import record
 
 from lutq_tf import registry

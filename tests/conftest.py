@@ -2,9 +2,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from hypothesis import settings  # noqa: E402
 import keras  # noqa: E402
 import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
 
 # Property tests draw the same examples on every run, so CI is reproducible;
 # `HYPOTHESIS_PROFILE=explore` searches with fresh random examples instead.

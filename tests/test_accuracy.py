@@ -5,8 +5,9 @@ import keras
 import numpy as np
 import pytest
 
+from examples import datasets
+from examples import models
 import lutq_tf
-from examples import datasets, models
 
 pytestmark = pytest.mark.slow
 

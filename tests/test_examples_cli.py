@@ -1,8 +1,8 @@
 """The examples' shared flags (`examples.cli`): definitions and checks."""
 
-import pytest
 from absl import app
 from absl import flags
+import pytest
 
 from examples import cli
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.lite.python import schema_py_generated as schema
+from test_export import set_lut
 
 import tflite_export
-from test_export import set_lut
 from tflite_export import convert
 from tflite_export import verify as verify_lib
 
@@ -138,7 +138,8 @@ def test_keras_embedding_says_what_tflm_lacks_and_what_to_do(tmp_path):
     x = keras.layers.Flatten()(keras.layers.Embedding(50, 8, name="emb")(inp))
     model = keras.Model(inp, keras.layers.Dense(4)(x))
     ids = np.random.default_rng(0).integers(0, 50, (16, 6)).astype("int32")
-    with pytest.raises(tflite_export.ExportError, match=r"SELECT(.|\n)*'emb'|emb\).*SELECT.*tf.gather"):
+    with pytest.raises(tflite_export.ExportError,
+                       match=r"SELECT(.|\n)*'emb'|emb\).*SELECT.*tf.gather"):
         tflite_export.export(model, tmp_path / "m.tflite", representative_data=ids)
     assert os.listdir(tmp_path) == []
 

@@ -8,11 +8,11 @@ import sys
 import keras
 import numpy as np
 import pytest
+from test_loading import save_tf_keras_style_h5
+from test_loading import small_model
 
 import tflite_export
 from tflite_export import c_array
-from test_loading import save_tf_keras_style_h5
-from test_loading import small_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

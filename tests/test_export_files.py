@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-
 import zlib
 
 import pytest
@@ -44,7 +43,8 @@ def test_new_files_get_the_umask_mode_and_existing_ones_keep_theirs(tmp_path, um
 def test_the_tflite_is_replaced_last(tmp_path, monkeypatch):
     order = []
     real = os.replace
-    monkeypatch.setattr(writer.os, "replace", lambda a, b: (order.append(os.path.basename(b)), real(a, b)))
+    monkeypatch.setattr(writer.os, "replace",
+                        lambda a, b: (order.append(os.path.basename(b)), real(a, b)))
     files = {tmp_path / "m.tflite": b"t", tmp_path / "m.cc": b"c", tmp_path / "m.h": b"h"}
     writer.write_files(files, last=tmp_path / "m.tflite")
     assert order[-1] == "m.tflite" and sorted(order) == ["m.cc", "m.h", "m.tflite"]

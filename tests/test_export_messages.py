@@ -17,9 +17,11 @@ def _tiny():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(min_agreement="0.5"), TypeError, r"min_agreement must be None or a number in \[0, 1\].*'0.5' \(str\)"),
+    (dict(min_agreement="0.5"), TypeError,
+     r"min_agreement must be None or a number in \[0, 1\].*'0.5' \(str\)"),
     (dict(min_agreement=float("nan")), ValueError, r"min_agreement must be in \[0, 1\]"),
-    (dict(max_verify_samples="abc"), TypeError, r"max_verify_samples must be an int >= 1.*'abc' \(str\)"),
+    (dict(max_verify_samples="abc"), TypeError,
+     r"max_verify_samples must be an int >= 1.*'abc' \(str\)"),
     (dict(max_verify_samples=2.5), TypeError, "max_verify_samples must be an int"),
     (dict(max_verify_samples=0), ValueError, "max_verify_samples must be >= 1"),
 ])
@@ -68,7 +70,8 @@ def test_tflm_predict_on_junk_and_truncated_files(exported, tmp_path):
 @pytest.mark.slow
 def test_tflm_accuracy_with_labels_of_the_wrong_length(exported):
     result, data = exported
-    with pytest.raises(ValueError, match=r"y must hold one int label per sample of x \(8\).*\(7,\)"):
+    with pytest.raises(ValueError,
+                       match=r"y must hold one int label per sample of x \(8\).*\(7,\)"):
         tflite_export.tflm_accuracy(result.path, data, np.zeros(7, int), result.arena_bytes)
     accuracy = tflite_export.tflm_accuracy(result.path, data, np.zeros(8, int), result.arena_bytes)
     assert 0.0 <= accuracy <= 1.0

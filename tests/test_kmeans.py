@@ -2,15 +2,18 @@
 
 import math
 
-import numpy as np
-import pytest
-import tensorflow as tf
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
+import numpy as np
+import pytest
 import reference
-from lutq_tf import LUTQuantizer, constraints, kmeans
+import tensorflow as tf
+
+from lutq_tf import LUTQuantizer
+from lutq_tf import constraints
+from lutq_tf import kmeans
 
 CONSTRAINTS = {
     "none": constraints.Free(),

@@ -8,15 +8,15 @@ import keras
 import numpy as np
 import pytest
 
+from examples import datasets
+from examples import models
 import lutq_tf
 import tflite_export
-from examples import datasets, models
 from tflite_export import knapsack
 from tflite_export import plan as plan_cli
 from tflite_export import plan_costs
 from tflite_export import planner
 from tflite_export import sensitivity
-
 
 # -- knapsack ----------------------------------------------------------------
 

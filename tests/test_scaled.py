@@ -5,11 +5,12 @@ Q[m, c] = s_c * d[A[m, c]]."""
 import keras
 import numpy as np
 import pytest
+import reference
 import tensorflow as tf
 
 import lutq_tf
-import reference
-from lutq_tf import constraints, kmeans
+from lutq_tf import constraints
+from lutq_tf import kmeans
 
 L = keras.layers
 

@@ -11,6 +11,8 @@ import os
 import keras
 import numpy as np
 import pytest
+from test_export import check_written
+from test_export import tflm_outputs
 
 import tflite_export
 from tflite_export import anatomy
@@ -21,9 +23,6 @@ from tflite_export import mapping
 from tflite_export import shared_tables
 from tflite_export import slim as slim_lib
 from tflite_export import verify as verify_lib
-
-from test_export import check_written
-from test_export import tflm_outputs
 
 
 def _model(kind, k, rng, negative_gamma=False, symmetric=True):

@@ -11,15 +11,14 @@ import os
 import keras
 import numpy as np
 import pytest
+from test_export import decode_op_count
+from test_export import set_lut
 
 import tflite_export
 from tflite_export import convert
 from tflite_export import split
 from tflite_export import tflm_limits
 from tflite_export import verify as verify_lib
-
-from test_export import decode_op_count
-from test_export import set_lut
 
 # -- Group sizes and the concatenation tree (fast) ---------------------------
 
@@ -375,9 +374,9 @@ def test_cli_max_decode_bytes_and_bad_budget(tmp_path):
 
 @pytest.mark.slow
 def test_digits_cnn_2_bits_under_4_kb_decode_limit_and_5_kb_budget(tmp_path):
-    import lutq_tf
     from examples import datasets
     from examples import models
+    import lutq_tf
 
     (x, _), _ = datasets.load_digits()
     model = lutq_tf.quantize_model(models.digits_cnn(), bits=2)

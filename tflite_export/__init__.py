@@ -8,10 +8,10 @@ DECODE op reads them: bit-packed indices plus value tables.
 """
 
 from tflite_export.errors import ExportError
-from tflite_export.evaluate import tflm_accuracy
-from tflite_export.evaluate import tflm_predict
 from tflite_export.errors import UnsupportedModelError
 from tflite_export.errors import VerificationError
+from tflite_export.evaluate import tflm_accuracy
+from tflite_export.evaluate import tflm_predict
 from tflite_export.exporter import export
 from tflite_export.planner import Plan
 from tflite_export.planner import plan_budget

@@ -122,7 +122,8 @@ def lut_bytes(size, tables, entries, itemsize=1):
         entries: Entries per table (the fullest table's codes).
         itemsize: Bytes per table entry (1 for int8).
     """
-    return -(-int(size) * _bits(entries) // 8) + DCM_BYTES + int(tables) * int(entries) * int(itemsize)
+    packed = -(-int(size) * _bits(entries) // 8)
+    return packed + DCM_BYTES + int(tables) * int(entries) * int(itemsize)
 
 
 def overhead_bytes(name_length=0, scales=0, scales_kept=False):

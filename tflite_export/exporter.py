@@ -393,9 +393,9 @@ def _assemble(model, kernels, notes, settings, share=True, keep=None,
 def _assemble_verified(model, kernels, notes, settings, keep=None, built=None):
     """`_assemble` (unless `built` is given), then verification if asked.
 
-    Returns `(built, verification)`. With `shared_tables="auto"`, a model whose shared tables agree less
-    with Keras than the converter's int8 model is planned again with one
-    table per channel.
+    Returns `(built, verification)`. With `shared_tables="auto"`, a model
+    whose shared tables agree less with Keras than the converter's int8
+    model is planned again with one table per channel.
     """
     if built is None:
         built = _assemble(

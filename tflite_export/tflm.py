@@ -50,9 +50,7 @@ def align(model_bytes):
     from tflite_export import tempfiles
 
     require()
-    from tflite_micro.tensorflow.lite.micro.tools import (
-        tflite_flatbuffer_align_wrapper as wrapper,
-    )
+    from tflite_micro.tensorflow.lite.micro.tools import tflite_flatbuffer_align_wrapper as wrapper
 
     with tempfiles.temp_dir("align") as folder:
         source = os.path.join(folder, "in.tflite")
