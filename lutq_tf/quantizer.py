@@ -11,6 +11,11 @@ from lutq_tf import constraints as constraints_lib
 from lutq_tf import kmeans
 
 
+def index_bits(num_values):
+    """Bits of one index into a table of `num_values` entries: ceil(log2 K),
+    at least 1 (the one home of this fact; the exporter packs with it)."""
+    return max(1, (int(num_values) - 1).bit_length())
+
 @keras.saving.register_keras_serializable(package="lutq_tf")
 class LUTQuantizer:
     """The LUT-Q specification of one weight tensor: Q = d[A].
@@ -65,7 +70,7 @@ class LUTQuantizer:
     @property
     def index_bits(self):
         """Bits of one assignment index: ceil(log2 K)."""
-        return max(1, math.ceil(math.log2(self.num_values)))
+        return index_bits(self.num_values)
 
     @property
     def assignment_dtype(self):

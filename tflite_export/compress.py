@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 
+from lutq_tf.quantizer import index_bits
 from tflite_export import shared_tables
 from tflite_export import tflm
 from tflite_export.errors import ExportError
@@ -104,13 +105,6 @@ def _per_table(array, axis):
     return moved.reshape(moved.shape[0], -1).T
 
 
-def _bits(entries):
-    return max(1, (int(entries) - 1).bit_length())
-
-
-def index_bits(entries):
-    """Bits per index into a table of `entries` values (at least 1)."""
-    return _bits(entries)
 
 
 def lut_bytes(size, tables, entries, itemsize=1):
@@ -122,7 +116,7 @@ def lut_bytes(size, tables, entries, itemsize=1):
         entries: Entries per table (the fullest table's codes).
         itemsize: Bytes per table entry (1 for int8).
     """
-    packed = -(-int(size) * _bits(entries) // 8)
+    packed = -(-int(size) * index_bits(entries) // 8)
     return packed + DCM_BYTES + int(tables) * int(entries) * int(itemsize)
 
 
@@ -168,7 +162,7 @@ def plan_table(match, share=True):
         codes=most,
         keras_values=int(keras_values.max()),
         merged=int(np.maximum(keras_values - codes, 0).sum()),
-        index_bits=_bits(most),
+        index_bits=index_bits(most),
         bytes_before=weight.nbytes,
         bytes_after=lut_bytes(size, len(codes), most, itemsize),
     )
@@ -189,7 +183,7 @@ def plan_table(match, share=True):
             merged=max(int(keras_values.max()) - entries, 0)
             if not shared.negated
             else 0,
-            index_bits=_bits(entries),
+            index_bits=index_bits(entries),
             bytes_after=shared_after,
             shared=shared,
         )

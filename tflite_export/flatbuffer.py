@@ -87,15 +87,11 @@ class ModelInfo:
 
     Attributes:
         weights: `WeightTensor`s of the LUT-decodable ops, in op order.
-        op_names: Names of all ops of subgraph 0, in order.
         num_inputs: Number of model inputs.
-        num_outputs: Number of model outputs.
     """
 
     weights: list
-    op_names: list
     num_inputs: int
-    num_outputs: int
 
 
 def _text(value):
@@ -122,14 +118,12 @@ def read(model_bytes):
     model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
     subgraph = model.subgraphs[0]
     weights = {}
-    names = []
     uses = {}
     for op in subgraph.operators:
         for index in op.inputs if op.inputs is not None else []:
             uses[int(index)] = uses.get(int(index), 0) + 1
     for op in subgraph.operators:
         name = op_name(model, op)
-        names.append(name)
         if name not in WEIGHT_OPS or len(op.inputs) <= WEIGHT_INPUT:
             continue
         index = int(op.inputs[WEIGHT_INPUT])
@@ -165,7 +159,5 @@ def read(model_bytes):
         )
     return ModelInfo(
         weights=list(weights.values()),
-        op_names=names,
         num_inputs=len(subgraph.inputs),
-        num_outputs=len(subgraph.outputs),
     )

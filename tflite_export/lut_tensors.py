@@ -47,20 +47,11 @@ class LutKernel:
     source: str
     channel_scales: np.ndarray = None
 
-    @property
-    def index_bits(self):
-        """Bits an index into a K-entry table needs (at least 1)."""
-        return max(1, (int(self.num_values) - 1).bit_length())
-
 
 def _import_lutq():
     try:
         import lutq_tf
     except ImportError:
-        return None
-    # lutq_tf is developed alongside; a partial package is not usable yet.
-    needed = ("strip_model", "summary", "is_quantized")
-    if not all(hasattr(lutq_tf, name) for name in needed):
         return None
     return lutq_tf
 
