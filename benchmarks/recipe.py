@@ -10,6 +10,10 @@ per run, seed 0:
   float and 2-bit at every rate: the one with the best mean validation
   accuracy at each variant's best rate is used for all.
 
+The MLPerf model was trained on all 50,000 training images, so the
+validation split is not unseen by the starting point: its accuracies run
+~5 points above the test set's, and only their ranking is used.
+
 The reported rows then train on all 50,000 training images for `--epochs`
 epochs with the chosen rate and schedule, over `--seeds` seeds, and are
 evaluated once on the test set (mean +- SE). The test set takes no part in
@@ -48,7 +52,8 @@ VARIANTS = {
     "pow2-4": {"bits": 4, "per_channel": True, "constraint": "pow2"},
     "lutq4-pruned50": {"bits": 4, "per_channel": True, "prune_rate": 0.5},
 }
-RATES = (3e-4, 1e-4, 3e-5)
+# 1e-3 was added when 3e-4, then the largest, won for every variant.
+RATES = (1e-3, 3e-4, 1e-4, 3e-5)
 SCHEDULES = ("cosine", "constant", "warmup")
 SCHEDULE_VARIANTS = ("float", "lutq2")
 _BATCH = 64
