@@ -310,11 +310,13 @@ def lookup(dictionary, assignment):
     )
 
 
-def kmeans_step(x, dictionary, constraint, num_pruned, fixed_zero=None):
+def kmeans_step(x, dictionary, constraint, num_pruned, fixed_zero=None,
+                dictionary_rate=1.0):
     """One LUT-Q k-means step.
 
     Assignment to the nearest entry (pruning first, if any), cluster means
-    (an empty cluster keeps its value), then the constraint's projection.
+    (an empty cluster keeps its value), the blend of the means into the old
+    dictionary (`dictionary_rate`), then the constraint's projection.
 
     Args:
         x: float32 `[M, C]`, the full-precision weights.
@@ -325,6 +327,11 @@ def kmeans_step(x, dictionary, constraint, num_pruned, fixed_zero=None):
         fixed_zero: Python bool, whether row 0 is the zero entry; defaults
             to `num_pruned > 0`. True with `num_pruned` 0 keeps the entry
             unused (a pruning ramp's start).
+        dictionary_rate: Python float in [0, 1]: the dictionary moves this
+            share of the way to the cluster means, d + rate * (means - d),
+            before the projection. 1 (the default) takes the means as they
+            are (no blend is computed, so the result is bit-identical to a
+            step without the option); 0 keeps d (only A moves).
 
     Returns:
         `(dictionary, assignment, quantised, finite)`: float32 `[K, C]`,
@@ -345,6 +352,13 @@ def kmeans_step(x, dictionary, constraint, num_pruned, fixed_zero=None):
     # in x shows here: a [K, C] check instead of a pass over x.
     finite = tf.reduce_all(tf.math.is_finite(sums))
     means = tf.where(counts > 0, sums / tf.maximum(counts, 1.0), dictionary)
+    # Decided in Python on the constant: rate 1 builds today's graph, and
+    # rate 0 keeps d exactly (0 * (means - d) could be NaN on overflow). A
+    # blend of two sorted dictionaries stays sorted.
+    if dictionary_rate == 0:
+        means = dictionary
+    elif dictionary_rate != 1:
+        means = dictionary + np.float32(dictionary_rate) * (means - dictionary)
     if fixed_zero:
         means = tf.concat([tf.zeros_like(means[:1]), means[1:]], axis=0)
     projected = materialize(
@@ -380,7 +394,7 @@ def channel_scales(x):
 
 
 def scaled_kmeans_step(x, dictionary, scales, constraint, num_pruned,
-                       fixed_zero=None):
+                       fixed_zero=None, dictionary_rate=1.0):
     """One LUT-Q k-means step on channel-normalised weights.
 
     The normalised weights `x[m, c] / s_c` of all columns form one table
@@ -395,6 +409,7 @@ def scaled_kmeans_step(x, dictionary, scales, constraint, num_pruned,
         num_pruned: Python int, weights of the whole table (M * C) fixed to
             the zero entry, or an int32 scalar tensor.
         fixed_zero: as `kmeans_step`'s.
+        dictionary_rate: as `kmeans_step`'s.
 
     Returns:
         `(dictionary, assignment, quantised, finite)`: float32 `[K, 1]`,
@@ -405,7 +420,8 @@ def scaled_kmeans_step(x, dictionary, scales, constraint, num_pruned,
     channels = x.shape[1]
     table = tf.reshape(x / scales[None, :], [-1, 1])
     dictionary, assignment, normalised, finite = kmeans_step(
-        table, dictionary, constraint, num_pruned, fixed_zero)
+        table, dictionary, constraint, num_pruned, fixed_zero,
+        dictionary_rate)
     assignment = tf.reshape(assignment, [-1, channels])
     quantized = tf.reshape(normalised, [-1, channels]) * scales[None, :]
     return dictionary, assignment, quantized, finite

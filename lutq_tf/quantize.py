@@ -37,6 +37,7 @@ def quantize_model(
     overrides=None,
     kmeans_every=1,
     init_iterations=20,
+    dictionary_rate=1.0,
 ):
     """Returns a LUT-Q version of a Sequential or Functional model.
 
@@ -68,10 +69,16 @@ def quantize_model(
             fewer weights stay float.
         overrides: `{layer_name: options}` where options is a dict of the
             arguments above (`bits`, `num_values`, `constraint`,
-            `prune_rate`, `per_channel`, `channel_scales`, `kmeans_every`),
+            `prune_rate`, `per_channel`, `channel_scales`, `kmeans_every`,
+            `dictionary_rate`),
             a `LUTQuantizer`, or None to keep that layer in float.
         kmeans_every: run the k-means step every this many optimizer steps.
         init_iterations: Lloyd iterations of the initial k-means.
+        dictionary_rate: float in [0, 1]: each training k-means step moves
+            d this share of the way to the cluster means,
+            d <- d + rate * (means - d), before the constraint's
+            projection. 1 refits d at every step; 0 keeps the initial
+            fit (only A follows W). The initial k-means always fits fully.
 
     Layers are cloned from their configs; `Lambda` layers included (the
     configs come from `model` in memory, not from a file). If Keras cannot
@@ -95,7 +102,7 @@ def quantize_model(
         num_values=num_values, bits=bits, constraint=constraint,
         prune_rate=prune_rate, per_channel=per_channel,
         channel_scales=channel_scales, kmeans_every=kmeans_every,
-        init_iterations=init_iterations,
+        init_iterations=init_iterations, dictionary_rate=dictionary_rate,
     )
     plan = _plan(model, default, layer_types, layer_names, skip, min_weights,
                  overrides)

@@ -39,6 +39,11 @@ class LUTQuantizer:
             ranges at one table's cost (an exporter folds s_c into the int8
             per-channel scale). Pruning takes the tensor's smallest
             |W[m, c] / s_c|. Excludes `per_channel`.
+        dictionary_rate: float in [0, 1]: how far each training k-means step
+            moves d towards the cluster means, d <- d + rate * (means - d),
+            before the constraint's projection. 1 refits d at every step;
+            0 keeps d at its initial fit (only A follows W). The initial
+            k-means (`initialize`) always fits fully.
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class LUTQuantizer:
         kmeans_every=1,
         init_iterations=20,
         channel_scales=False,
+        dictionary_rate=1.0,
     ):
         self.num_values = _resolve_num_values(num_values, bits)
         self.constraint = constraints_lib.get(constraint)
@@ -66,6 +72,7 @@ class LUTQuantizer:
         self.kmeans_every = check_int("kmeans_every", kmeans_every, 1)
         self.init_iterations = check_int("init_iterations", init_iterations,
                                          1)
+        self.dictionary_rate = check_rate("dictionary_rate", dictionary_rate)
 
     @property
     def index_bits(self):
@@ -130,16 +137,18 @@ class LUTQuantizer:
     def initialize(self, matrix):
         """`(dictionary, assignment, quantised)` fitted to a `[M, C]` matrix.
 
-        Quantile seeds, then `init_iterations` k-means steps.
+        Quantile seeds, then `init_iterations` full k-means steps (whatever
+        `dictionary_rate`).
         """
         dictionary = self.seed(matrix)
         scales = self.scales(matrix)
         for _ in range(self.init_iterations):
             dictionary, assignment, quantized, _ = self.step(
-                matrix, dictionary, scales)
+                matrix, dictionary, scales, initial=True)
         return dictionary, assignment, quantized
 
-    def step(self, matrix, dictionary, scales=None, num_pruned=None):
+    def step(self, matrix, dictionary, scales=None, num_pruned=None,
+             initial=False):
         """One k-means step: `(dictionary, assignment, quantised, finite)`.
 
         Args:
@@ -151,12 +160,16 @@ class LUTQuantizer:
                 `[0, self.num_pruned(table size)]`: the weights per table
                 pruned at this step (a ramp); None for the full count.
                 Row 0 stays the zero entry even at 0.
+            initial: Python bool; True for a step of the initial fit, which
+                takes the cluster means fully (rate 1) whatever
+                `dictionary_rate`.
 
         Returns:
             As `kmeans.kmeans_step`; with `channel_scales`, the quantised
             weights are `scales[c] * d[A]` (`kmeans.scaled_kmeans_step`).
         """
         fixed_zero = self.prune_rate > 0
+        rate = 1.0 if initial else self.dictionary_rate
         if self.channel_scales:
             if scales is None:
                 scales = self.scales(matrix)
@@ -165,11 +178,12 @@ class LUTQuantizer:
                     matrix.shape[0] * matrix.shape[1])
             return kmeans.scaled_kmeans_step(
                 matrix, dictionary, scales, self.constraint, num_pruned,
-                fixed_zero)
+                fixed_zero, rate)
         if num_pruned is None:
             num_pruned = self.num_pruned(matrix.shape[0])
         return kmeans.kmeans_step(
-            matrix, dictionary, self.constraint, num_pruned, fixed_zero)
+            matrix, dictionary, self.constraint, num_pruned, fixed_zero,
+            rate)
 
     def with_options(self, **options):
         """A copy with some options replaced (for per-layer overrides)."""
@@ -188,10 +202,13 @@ class LUTQuantizer:
             "kmeans_every": self.kmeans_every,
             "init_iterations": self.init_iterations,
             "channel_scales": self.channel_scales,
+            "dictionary_rate": self.dictionary_rate,
         }
 
     @classmethod
     def from_config(cls, config):
+        # Configs saved before `dictionary_rate` existed load with its
+        # default, 1.0 (`__init__`'s).
         return cls(**config)
 
     def __eq__(self, other):
@@ -205,7 +222,8 @@ class LUTQuantizer:
             f"constraint={self.constraint!r}, prune_rate={self.prune_rate}, "
             f"per_channel={self.per_channel}, "
             f"channel_scales={self.channel_scales}, "
-            f"kmeans_every={self.kmeans_every})"
+            f"kmeans_every={self.kmeans_every}, "
+            f"dictionary_rate={self.dictionary_rate})"
         )
 
 
@@ -267,6 +285,19 @@ def check_fraction(name, value):
         raise TypeError(f"{form}, got {_describe(value)}.")
     # NaN fails both comparisons.
     if not 0 <= value < 1:
+        raise ValueError(f"{form}, got {value!r}.")
+    return float(value)
+
+
+def check_rate(name, value):
+    """`value` as a Python float in [0, 1] (both ends included), else a
+    clear error."""
+    form = f"{name} must be a float in [0, 1]"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, numbers.Real):
+        raise TypeError(f"{form}, got {_describe(value)}.")
+    # NaN fails both comparisons.
+    if not 0 <= value <= 1:
         raise ValueError(f"{form}, got {value!r}.")
     return float(value)
 

@@ -51,6 +51,9 @@ class _TensorState:
         # Weights per table that pruning takes its count of (`num_pruned`).
         self.pruning_table_size = pruning_table_size
         self.update = None  # the compiled k-means step, made on first use
+        # The initial fit's step (full refit) when the quantizer's
+        # `dictionary_rate` is not 1; else `update` serves both.
+        self.initial_update = None
 
     @property
     def size(self):
@@ -290,7 +293,7 @@ class LUTQWrapper(keras.layers.Wrapper):
                     "NaN or Inf; LUT-Q cannot fit a dictionary to it. Check "
                     "the pretrained weights."
                 )
-            update = self._update_function(state)
+            update = self._update_function(state, initial=True)
             dictionary = self.quantizer.seed(state.to_matrix(weights))
             for _ in range(self.quantizer.init_iterations):
                 finite, dictionary, assignment, quantized, scales = update(
@@ -415,8 +418,12 @@ class LUTQWrapper(keras.layers.Wrapper):
             tf.cond(measure, record, lambda: tf.constant(False))
         return finite
 
-    def _update_function(self, state):
+    def _update_function(self, state, initial=False):
         """The k-means step of one tensor, in W's layout, compiled with XLA.
+
+        With `initial`, the initial fit's step: it takes the cluster means
+        fully whatever the quantizer's `dictionary_rate` (the same function
+        as the training step's when that rate is 1).
 
         `(W, d, num_pruned) -> (finite, d, A, Q, s)`, A already in its
         storage dtype,
@@ -424,23 +431,31 @@ class LUTQWrapper(keras.layers.Wrapper):
         `[C]` or None. XLA fuses the passes over W into a few loops; it runs
         compiled whether or not the surrounding train function is.
         """
+        if initial and self.quantizer.dictionary_rate != 1:
+            if state.initial_update is None:
+                state.initial_update = self._compile_update(state, True)
+            return state.initial_update
         if state.update is None:
-
-            def update(weights, dictionary, num_pruned):
-                matrix = state.to_matrix(tf.cast(weights, tf.float32))
-                scales = self.quantizer.scales(matrix)
-                if state.num_pruned is None:
-                    num_pruned = None  # the quantizer's static 0
-                dictionary, assignment, quantized, finite = (
-                    self.quantizer.step(matrix, dictionary, scales,
-                                        num_pruned))
-                assignment = tf.cast(state.from_matrix(assignment),
-                                     state.assignment.dtype)
-                return (finite, dictionary, assignment,
-                        state.from_matrix(quantized), scales)
-
-            state.update = tf.function(update, jit_compile=True)
+            state.update = self._compile_update(state, False)
         return state.update
+
+    def _compile_update(self, state, initial):
+        """`_update_function`'s XLA function (`initial` as there)."""
+
+        def update(weights, dictionary, num_pruned):
+            matrix = state.to_matrix(tf.cast(weights, tf.float32))
+            scales = self.quantizer.scales(matrix)
+            if state.num_pruned is None:
+                num_pruned = None  # the quantizer's static 0
+            dictionary, assignment, quantized, finite = (
+                self.quantizer.step(matrix, dictionary, scales,
+                                    num_pruned, initial=initial))
+            assignment = tf.cast(state.from_matrix(assignment),
+                                 state.assignment.dtype)
+            return (finite, dictionary, assignment,
+                    state.from_matrix(quantized), scales)
+
+        return tf.function(update, jit_compile=True)
 
     def weights_finite(self):
         """True if every quantised W is finite (a full pass; not per step)."""
