@@ -19,8 +19,8 @@ batch order (`np.random.default_rng(seed).permutation`, no shuffling in
 - `tfmot-bntrain-kmeans`: the same with BN training (LUT-Q inside tfmot);
 - `tfmot-freeze`: BN training, centroids restored after every batch;
 - `lutq-fixedd`: LUT-Q whose dictionary stays at its initial k-means fit
-  (only the assignment step runs; a prototype by monkeypatching, see
-  `fixed_dictionary`).
+  (only the assignment step runs; `dictionary_rate=0`; the committed
+  runs used an equivalent monkeypatch before that option existed).
 
     python -m benchmarks.tfmot_resnet8 --cifar10=../shared/data/cifar10_jpeg.tgz \\
         --resnet8_h5=../shared/models/mlperf_tiny_resnet8.h5
@@ -116,32 +116,6 @@ def bn_inference_mode():
         cls.call = original
 
 
-@contextlib.contextmanager
-def fixed_dictionary(model):
-    """LUT-Q's k-means step keeps each dictionary as it is (from here on):
-    A <- nearest entry of d, Q = d[A]; d is not moved to the cluster means."""
-    from lutq_tf import kmeans
-
-    original = kmeans.kmeans_step
-
-    def step(x, dictionary, constraint, num_pruned):
-        _, assignment, _, finite = original(x, dictionary, constraint, num_pruned)
-        return dictionary, assignment, kmeans.lookup(dictionary, assignment), finite
-
-    def retrace():  # the compiled steps were traced by the initial fit
-        for layer in model.layers:
-            for state in getattr(layer, "_states", ()):
-                state.update = None
-
-    kmeans.kmeans_step = step
-    retrace()
-    try:
-        yield
-    finally:
-        kmeans.kmeans_step = original
-        retrace()
-
-
 def reestimated_bn_accuracy(model, x, test, batches=300):
     """Test accuracy after the BN moving statistics are re-estimated for the
     final weights (forward passes in training mode, no weight update)."""
@@ -170,10 +144,11 @@ def lutq_run(h5, train, test, k, seed, options):
         if options.get("bn") == "frozen":
             stack.enter_context(bn_inference_mode())
         keras.utils.set_random_seed(seed)  # k-means initialisation draws
-        q = lutq_tf.quantize_model(model, num_values=k)
+        # A fixed dictionary: `dictionary_rate=0` keeps d at its initial fit.
+        rate = 0.0 if options.get("dictionary") == "fixed" else 1.0
+        q = lutq_tf.quantize_model(model, num_values=k, dictionary_rate=rate)
         before = pipeline.keras_accuracy(q, *test)
         if options.get("dictionary") == "fixed":
-            stack.enter_context(fixed_dictionary(q))
             dictionaries = [s.dictionary.numpy() for l in q.layers
                             for s in getattr(l, "_states", ())]
         bns = [l for l in q.layers if isinstance(l, keras.layers.BatchNormalization)]
@@ -186,7 +161,7 @@ def lutq_run(h5, train, test, k, seed, options):
         start = time.time()
         q.fit(x, train[1][order], batch_size=_BATCH, epochs=1, shuffle=False, verbose=0)
         seconds = time.time() - start
-        if options.get("dictionary") == "fixed":  # the prototype did its job
+        if options.get("dictionary") == "fixed":  # d stayed where the fit put it
             assert all(np.array_equal(s.dictionary.numpy(), d) for s, d in zip(
                 [s for l in q.layers for s in getattr(l, "_states", ())], dictionaries))
         accuracy = pipeline.keras_accuracy(q, *test)
