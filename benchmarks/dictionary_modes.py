@@ -48,14 +48,25 @@ def define_flags():
                       "training (deterministic; written to <out>_fit.json).")
 
 
-def _load(path):
+def validation_split(x, y):
+    """`(train, validation)`: the last 10 % of a fixed shuffle of `(x, y)`
+    held out (the same split for every benchmark that searches on it)."""
+    import numpy as np
+
+    order = np.random.default_rng(0).permutation(len(x))
+    cut = int(len(x) * (1 - _VALIDATION))
+    fit, held = order[:cut], order[cut:]
+    return (x[fit], y[fit]), (x[held], y[held])
+
+
+def load_record(path):
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     return {"runs": []}
 
 
-def _save(record, path):
+def save_record(record, path):
     text = json.dumps(record, indent=1)
     temp = path + ".tmp"
     with open(temp, "w") as f:
@@ -83,7 +94,7 @@ def _run(key, record, path, train, evaluate, h5, bits, mode, rate, seed):
     accuracy = pipeline.keras_accuracy(model, *evaluate)
     record["runs"].append({"key": key, "rate": rate, "accuracy": accuracy,
                            "seconds": round(time.time() - start)})
-    _save(record, path)
+    save_record(record, path)
     print(f"{key}: {accuracy:.4f}", flush=True)
     return accuracy
 
@@ -106,7 +117,7 @@ def fit_only(f):
             q = lutq_tf.quantize_model(model, bits=bits, **options)
             rows[f"lutq{bits}/{mode}"] = pipeline.keras_accuracy(q, *test)
             print(f"fit lutq{bits}/{mode}: {rows[f'lutq{bits}/{mode}']:.4f}", flush=True)
-    _save({"command": "python -m benchmarks.dictionary_modes " + " ".join(sys.argv[1:]),
+    save_record({"command": "python -m benchmarks.dictionary_modes " + " ".join(sys.argv[1:]),
            "accuracy": rows}, f.out + "_fit.json")
 
 
@@ -169,13 +180,10 @@ def main(argv):
         fit_only(f)
         return
     path = f.out + ".json"
-    record = _load(path)
+    record = load_record(path)
     record["command"] = "python -m benchmarks.dictionary_modes " + " ".join(sys.argv[1:])
     (x, y), test = datasets.load_cifar10(f.cifar10)
-    order = np.random.default_rng(0).permutation(len(x))
-    cut = int(len(x) * (1 - _VALIDATION))
-    fit, held = order[:cut], order[cut:]
-    search_train, validation = (x[fit], y[fit]), (x[held], y[held])
+    search_train, validation = validation_split(x, y)
     scores = {}
     for rate in RATES:
         for name, bits, mode in SEARCH_VARIANTS:
@@ -185,7 +193,7 @@ def main(argv):
                      bits, mode, rate, 0))
     rate = max(RATES, key=lambda r: np.mean(scores[r]))
     record["learning_rate"] = rate
-    _save(record, path)
+    save_record(record, path)
     for seed in range(f.seeds):
         _run(f"test/float/seed{seed}", record, path, (x, y), test, f.resnet8_h5,
              None, None, rate, seed)
@@ -197,7 +205,7 @@ def main(argv):
 
 
 def write_markdown(record, out):
-    fit = _load(out + "_fit.json") if os.path.exists(out + "_fit.json") else None
+    fit = load_record(out + "_fit.json") if os.path.exists(out + "_fit.json") else None
     text = markdown(record, fit)
     with open(out + ".md", "w") as f:
         f.write(text)

@@ -38,8 +38,9 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-from benchmarks.dictionary_modes import _load  # noqa: E402
-from benchmarks.dictionary_modes import _save  # noqa: E402
+from benchmarks.dictionary_modes import load_record  # noqa: E402
+from benchmarks.dictionary_modes import save_record  # noqa: E402
+from benchmarks.dictionary_modes import validation_split  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 # Headline rows, each in its best dictionary mode (per channel: see
@@ -57,7 +58,6 @@ RATES = (1e-3, 3e-4, 1e-4, 3e-5)
 SCHEDULES = ("cosine", "constant", "warmup")
 SCHEDULE_VARIANTS = ("float", "lutq2")
 _BATCH = 64
-_VALIDATION = 0.1
 
 
 def define_flags():
@@ -102,7 +102,7 @@ def _run(record, path, key, h5, variant, peak, schedule, epochs, train, evaluate
     accuracy = pipeline.keras_accuracy(model, *evaluate)
     record["runs"].append({"key": key, "accuracy": accuracy,
                            "seconds": round(time.time() - start)})
-    _save(record, path)
+    save_record(record, path)
     print(f"{key}: {accuracy:.4f}", flush=True)
     return accuracy
 
@@ -130,7 +130,7 @@ def search(record, path, f, search_train, validation):
         for variant in f.variants:
             best[variant] = max(RATES, key=lambda r: run(variant, r, record["schedule"]))
     record["learning_rates"] = {v: best[v] for v in f.variants}
-    _save(record, path)
+    save_record(record, path)
 
 
 def markdown(record):
@@ -177,7 +177,6 @@ def markdown(record):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    import numpy as np
 
     from examples import datasets
 
@@ -188,14 +187,11 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"--variants: unknown {sorted(unknown)}; known {list(VARIANTS)}")
     path = f.out + ".json"
-    record = _load(path)
+    record = load_record(path)
     record["command"] = "python -m benchmarks.recipe " + " ".join(sys.argv[1:])
     record["epochs"] = f.epochs
     (x, y), test = datasets.load_cifar10(f.cifar10)
-    order = np.random.default_rng(0).permutation(len(x))
-    cut = int(len(x) * (1 - _VALIDATION))
-    search(record, path, f, (x[order[:cut]], y[order[:cut]]),
-           (x[order[cut:]], y[order[cut:]]))
+    search(record, path, f, *validation_split(x, y))
     write_markdown(record, f.out)
     for seed in range(f.seeds):
         for variant in f.variants:
