@@ -53,10 +53,16 @@ VARIANTS = {
     "pow2-4": {"bits": 4, "per_channel": True, "constraint": "pow2"},
     "lutq4-pruned50": {"bits": 4, "per_channel": True, "prune_rate": 0.5},
 }
-# 1e-3 was added when 3e-4, then the largest, won for every variant.
-RATES = (1e-3, 3e-4, 1e-4, 3e-5)
+# Peak rates: the first four are always tried, and the search climbs the
+# ladder while the largest rate tried is the best.
+RATES = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+_FIRST_RATES = 4
 SCHEDULES = ("cosine", "constant", "warmup")
 SCHEDULE_VARIANTS = ("float", "lutq2")
+# How far each training k-means step moves d towards the cluster means
+# (`dictionary_rate`): chosen once for all LUT-Q rows, on the two ends.
+DICTIONARY_RATES = (1.0, 0.1, 0.0)
+DICTIONARY_RATE_VARIANTS = ("lutq4", "lutq2")
 _BATCH = 64
 
 
@@ -83,7 +89,8 @@ def learning_rate(peak, schedule, steps):
         0.0, steps - warm, warmup_target=peak, warmup_steps=warm)
 
 
-def _run(record, path, key, h5, variant, peak, schedule, epochs, train, evaluate, seed):
+def _run(record, path, key, h5, variant, peak, schedule, epochs, train, evaluate, seed,
+         dictionary_rate=1.0):
     """One fine-tuning run, skipped if `record` has it; returns its accuracy."""
     for run in record["runs"]:
         if run["key"] == key:
@@ -98,7 +105,8 @@ def _run(record, path, key, h5, variant, peak, schedule, epochs, train, evaluate
         pipeline.train_float(model, train, epochs, _BATCH, rate, verbose=0, seed=seed)
     else:
         model, _ = pipeline.lutq_finetune(model, train, epochs, _BATCH, rate, verbose=0,
-                                          seed=seed, **VARIANTS[variant])
+                                          seed=seed, dictionary_rate=dictionary_rate,
+                                          **VARIANTS[variant])
     accuracy = pipeline.keras_accuracy(model, *evaluate)
     record["runs"].append({"key": key, "accuracy": accuracy,
                            "seconds": round(time.time() - start)})
@@ -108,28 +116,37 @@ def _run(record, path, key, h5, variant, peak, schedule, epochs, train, evaluate
 
 
 def search(record, path, f, search_train, validation):
-    """Chooses each variant's peak rate and one schedule for all."""
+    """Chooses each variant's peak rate, one schedule and one dictionary rate."""
     import numpy as np
 
-    def run(variant, rate, schedule):
-        return _run(record, path, f"search/{variant}/{schedule}/{rate:g}", f.resnet8_h5,
-                    variant, rate, schedule, 1, search_train, validation, 0)
+    def run(variant, rate, schedule, dictionary_rate=1.0):
+        key = f"search/{variant}/{schedule}/{rate:g}"
+        if dictionary_rate != 1.0:
+            key += f"/d{dictionary_rate:g}"
+        return _run(record, path, key, f.resnet8_h5, variant, rate, schedule, 1,
+                    search_train, validation, 0, dictionary_rate)
 
-    best = {}
-    for variant in f.variants:
-        scores = {rate: run(variant, rate, "cosine") for rate in RATES}
-        best[variant] = max(RATES, key=scores.get)
-    by_schedule = {}
-    for schedule in SCHEDULES:
-        by_schedule[schedule] = np.mean([
-            max(run(v, rate, schedule) for rate in RATES)
-            for v in SCHEDULE_VARIANTS if v in f.variants])
+    def best_rate(variant, schedule):
+        scores = {rate: run(variant, rate, schedule) for rate in RATES[:_FIRST_RATES]}
+        for rate in RATES[_FIRST_RATES:]:
+            if max(scores, key=scores.get) != max(scores):
+                break
+            scores[rate] = run(variant, rate, schedule)
+        best = max(scores, key=scores.get)
+        return best, scores[best]
+
+    by_schedule = {
+        schedule: np.mean([best_rate(v, schedule)[1]
+                           for v in SCHEDULE_VARIANTS if v in f.variants])
+        for schedule in SCHEDULES}
     record["schedule"] = max(SCHEDULES, key=by_schedule.get)
-    # With a schedule other than cosine, each rate is re-chosen under it.
-    if record["schedule"] != "cosine":
-        for variant in f.variants:
-            best[variant] = max(RATES, key=lambda r: run(variant, r, record["schedule"]))
-    record["learning_rates"] = {v: best[v] for v in f.variants}
+    best = {v: best_rate(v, record["schedule"])[0] for v in f.variants}
+    record["learning_rates"] = best
+    by_dictionary_rate = {
+        d: np.mean([run(v, best[v], record["schedule"], d)
+                    for v in DICTIONARY_RATE_VARIANTS if v in f.variants])
+        for d in DICTIONARY_RATES}
+    record["dictionary_rate"] = max(DICTIONARY_RATES, key=by_dictionary_rate.get)
     save_record(record, path)
 
 
@@ -138,21 +155,34 @@ def markdown(record):
 
     runs = {r["key"]: r["accuracy"] for r in record["runs"]}
     epochs = record.get("epochs")
+    rates = [r for r in RATES if any(k.split("/")[3:] == [f"{r:g}"] for k in runs)]
     lines = ["# CIFAR-10 ResNet-8: the fine-tuning recipe", "",
              f"`{record.get('command', '')}`", "",
              "Search: one epoch per run on 90 % of the training set, accuracy on the "
              "held-out 10 % (seed 0). Peak learning rate per variant:", "",
-             "| variant | schedule | " + " | ".join(f"{r:g}" for r in RATES) + " |",
-             "| --- | --- |" + " ---: |" * len(RATES)]
+             "| variant | schedule | " + " | ".join(f"{r:g}" for r in rates) + " |",
+             "| --- | --- |" + " ---: |" * len(rates)]
     for variant in VARIANTS:
         for schedule in SCHEDULES:
-            cells = [runs.get(f"search/{variant}/{schedule}/{r:g}") for r in RATES]
+            cells = [runs.get(f"search/{variant}/{schedule}/{r:g}") for r in rates]
             if any(c is not None for c in cells):
                 lines.append(f"| {variant} | {schedule} | " + " | ".join(
                     "" if c is None else f"{100 * c:.2f}%" for c in cells) + " |")
     if "schedule" in record:
         lines += ["", f"Chosen schedule: {record['schedule']}; peak rates: " + ", ".join(
             f"{v} {r:g}" for v, r in record["learning_rates"].items()) + "."]
+    if "dictionary_rate" in record:
+        lines += ["", "Dictionary rate (d <- d + rate (means - d) at each k-means step), "
+                  "at each variant's chosen peak rate:", "",
+                  "| variant | " + " | ".join(f"{d:g}" for d in DICTIONARY_RATES) + " |",
+                  "| --- |" + " ---: |" * len(DICTIONARY_RATES)]
+        for variant in DICTIONARY_RATE_VARIANTS:
+            rate = record["learning_rates"].get(variant)
+            key = f"search/{variant}/{record['schedule']}/{rate:g}"
+            cells = [runs.get(key if d == 1.0 else f"{key}/d{d:g}") for d in DICTIONARY_RATES]
+            lines.append(f"| {variant} | " + " | ".join(
+                "" if c is None else f"{100 * c:.2f}%" for c in cells) + " |")
+        lines += ["", f"Chosen dictionary rate: {record['dictionary_rate']:g}."]
 
     def stats(variant):
         values = [a for k, a in runs.items() if k.startswith(f"test/{variant}/e{epochs}/seed")]
@@ -197,7 +227,7 @@ def main(argv):
         for variant in f.variants:
             _run(record, path, f"test/{variant}/e{f.epochs}/seed{seed}", f.resnet8_h5,
                  variant, record["learning_rates"][variant], record["schedule"],
-                 f.epochs, (x, y), test, seed)
+                 f.epochs, (x, y), test, seed, record["dictionary_rate"])
             write_markdown(record, f.out)
 
 
