@@ -16,9 +16,9 @@ import time
 
 import keras
 
-from examples import datasets
-from examples import models
-from examples import pipeline
+from experiments import datasets
+from experiments import models
+from experiments import pipeline
 
 
 @dataclasses.dataclass

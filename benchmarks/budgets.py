@@ -145,7 +145,7 @@ def _accuracy_suite(results, out, suite, float_model, train, test, bits_list,
                     work, seed, weightings):
     import keras
 
-    from examples import pipeline
+    from experiments import pipeline
     import lutq_tf
     import tflite_export
     from tflite_export import plan_costs
@@ -215,9 +215,9 @@ def _accuracy_suite(results, out, suite, float_model, train, test, bits_list,
 
 
 def run_mnist(results, out, data_dir, work, seed, bits_list=(1, 2)):
-    from examples import datasets
-    from examples import models
-    from examples import pipeline
+    from experiments import datasets
+    from experiments import models
+    from experiments import pipeline
 
     train, test = datasets.load_mnist(os.path.join(data_dir, "mnist.npz"))
     weights = os.path.join(work, f"lenet_float_seed{seed}.weights.h5")
@@ -233,9 +233,9 @@ def run_mnist(results, out, data_dir, work, seed, bits_list=(1, 2)):
 
 
 def run_cifar10(results, out, data_dir, models_dir, work, seed):
-    from examples import datasets
-    from examples import models
-    from examples import pipeline
+    from experiments import datasets
+    from experiments import models
+    from experiments import pipeline
 
     train, test = datasets.load_cifar10(os.path.join(data_dir, "cifar10_jpeg.tgz"))
     model = models.load_pretrained_resnet8(os.path.join(models_dir, "mlperf_tiny_resnet8.h5"))
@@ -265,8 +265,8 @@ def run_ranking(results, out, seed):
     import numpy as np
     from scipy import stats
 
-    from examples import datasets
-    from examples import models
+    from experiments import datasets
+    from experiments import models
     from lutq_tf import registry
     from lutq_tf.quantizer import LUTQuantizer
     from tflite_export import planner

@@ -36,7 +36,7 @@ _VALIDATION = 0.1
 
 
 def define_flags():
-    flags.DEFINE_string("cifar10", None, "CIFAR-10 path (see examples.datasets).")
+    flags.DEFINE_string("cifar10", None, "CIFAR-10 path (see experiments.datasets).")
     flags.DEFINE_string("resnet8_h5", None, "MLPerf Tiny ResNet-8 .h5.")
     flags.DEFINE_list("bits", ["4", "3", "2"], "Index bits.")
     flags.DEFINE_list("modes", list(MODES), "Dictionary modes.")
@@ -81,8 +81,8 @@ def _run(key, record, path, train, evaluate, h5, bits, mode, rate, seed):
             return run["accuracy"]
     # A run at another rate (the choice moved) is replaced.
     record["runs"] = [run for run in record["runs"] if run["key"] != key]
-    from examples import models
-    from examples import pipeline
+    from experiments import models
+    from experiments import pipeline
 
     model = models.load_pretrained_resnet8(h5)
     start = time.time()
@@ -101,9 +101,9 @@ def _run(key, record, path, train, evaluate, h5, bits, mode, rate, seed):
 
 def fit_only(f):
     """Test accuracy of the k-means fit alone, per mode and bit width."""
-    from examples import datasets
-    from examples import models
-    from examples import pipeline
+    from experiments import datasets
+    from experiments import models
+    from experiments import pipeline
     import lutq_tf
 
     _, test = datasets.load_cifar10(f.cifar10)
@@ -171,7 +171,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     import numpy as np
 
-    from examples import datasets
+    from experiments import datasets
 
     f = flags.FLAGS
     if not (f.cifar10 and f.resnet8_h5):

@@ -161,7 +161,7 @@ def _row(name, variant, bits, mode, result, mlperf, slim_int8):
 def run_model(name, models_dir, bits_list, modes, work):
     import numpy as np
 
-    from examples import pipeline
+    from experiments import pipeline
     import lutq_tf
     import tflite_export
 

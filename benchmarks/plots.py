@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # before pyplot: headless machines, CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from examples.pipeline import pareto_front  # noqa: E402
+from experiments.pipeline import pareto_front  # noqa: E402
 
 
 def _accuracy(row):

@@ -87,8 +87,8 @@ class Row:
 def _lenet(path):
     import numpy as np
 
-    from examples import datasets
-    from examples import models
+    from experiments import datasets
+    from experiments import models
 
     (x, y), (x_test, _) = datasets.load_mnist(path, limit=12000)
     model = models.lenet()
@@ -100,8 +100,8 @@ def _lenet(path):
 def _digits():
     import numpy as np
 
-    from examples import datasets
-    from examples import models
+    from experiments import datasets
+    from experiments import models
 
     (x, y), (x_test, _) = datasets.load_digits()
     model = models.digits_cnn()

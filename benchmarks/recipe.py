@@ -67,7 +67,7 @@ _BATCH = 64
 
 
 def define_flags():
-    flags.DEFINE_string("cifar10", None, "CIFAR-10 path (see examples.datasets).")
+    flags.DEFINE_string("cifar10", None, "CIFAR-10 path (see experiments.datasets).")
     flags.DEFINE_string("resnet8_h5", None, "MLPerf Tiny ResNet-8 .h5.")
     flags.DEFINE_list("variants", list(VARIANTS), "Headline rows.")
     flags.DEFINE_integer("epochs", 5, "Epochs of the reported rows.")
@@ -95,8 +95,8 @@ def _run(record, path, key, h5, variant, peak, schedule, epochs, train, evaluate
     for run in record["runs"]:
         if run["key"] == key:
             return run["accuracy"]
-    from examples import models
-    from examples import pipeline
+    from experiments import models
+    from experiments import pipeline
 
     model = models.load_pretrained_resnet8(h5)
     rate = learning_rate(peak, schedule, epochs * math.ceil(len(train[0]) / _BATCH))
@@ -208,7 +208,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
 
-    from examples import datasets
+    from experiments import datasets
 
     f = flags.FLAGS
     if not (f.cifar10 and f.resnet8_h5):

@@ -114,7 +114,7 @@ def load_suites(out_dir):
         ValueError: a file is not a suite JSON (names the file and field).
     """
     from benchmarks import suites as suites_lib
-    from examples.pipeline import ResultRow
+    from experiments.pipeline import ResultRow
 
     fields = {f.name for f in dataclasses.fields(ResultRow)} - {"result"}
     titles = {name: suite.title
@@ -220,7 +220,7 @@ def write_report(out_dir, command, skipped=None, tfmot_note=None,
         ValueError: a malformed JSON file (the message names it).
     """
     from benchmarks import plots
-    from examples import pipeline
+    from experiments import pipeline
 
     suite_reports = load_suites(out_dir)
     tfmot_path = os.path.join(out_dir, TFMOT_JSON)

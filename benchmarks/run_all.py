@@ -107,7 +107,7 @@ def _train_speed(quick, out_dir, command, tfmot=False, compare_python=None):
         A note on the run for the markdown when it did not produce
         `train_speed.md` (failure or missing script), else None.
     """
-    from examples.pipeline import log
+    from experiments.pipeline import log
 
     script = os.path.join(suites_lib.REPO_ROOT, "benchmarks", "train_speed.py")
     if not os.path.exists(script):
@@ -160,7 +160,7 @@ def run_benchmarks(out_dir, work_dir, quick=False, suite_names=SUITE_NAMES,
     from benchmarks import accuracy_vs_bits
     from benchmarks import plots
     from benchmarks import tfmot_compare
-    from examples import pipeline
+    from experiments import pipeline
 
     unknown = sorted(set(suite_names) - set(SUITE_NAMES))
     if unknown:

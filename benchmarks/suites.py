@@ -35,7 +35,7 @@ class Variant:
 
 
 def _lutq(bits, per_channel, constraint="none", prune_rate=0.0):
-    from examples.pipeline import variant_label
+    from experiments.pipeline import variant_label
 
     key = {"none": "lutq", "pow2": "pow2_", "uniform": "uniform_"}[constraint]
     key += str(bits)

@@ -29,7 +29,7 @@ seeded random init, optionally float-trained `--pretrain_epochs`):
 CIFAR-10 (`--data`), with `--centroids` and `--bn` ablations; see
 `benchmarks/tfmot_resnet8.py`, which drives it.
 
-The other architectures are the tf_keras twins of `examples/models.py`
+The other architectures are the tf_keras twins of `experiments/models.py`
 (`digits_cnn`, `lenet`, `mlp`), layer by layer, so that
 `np.savez(path, *keras3_model.get_weights())` loads here in order.
 
@@ -56,7 +56,7 @@ from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 # Run as a file (`python benchmarks/tfmot_baseline.py`): make the repo root
-# importable for `examples.datasets` (numpy-only at import time).
+# importable for `experiments.datasets` (numpy-only at import time).
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
@@ -107,7 +107,7 @@ flags.DEFINE_string("out", None, "Where to write the JSON result.")
 flags.DEFINE_integer("seed", 0, "Seed of the random init and shuffling.")
 flags.DEFINE_string(
     "resnet8_h5", None, "--model=resnet8: the MLPerf Tiny .h5 (--data: the "
-    "CIFAR-10 path of examples.datasets.load_cifar10).")
+    "CIFAR-10 path of experiments.datasets.load_cifar10).")
 flags.DEFINE_enum(
     "centroids", "train", ["train", "freeze", "kmeans"],
     "--model=resnet8: tfmot's gradient-trained centroids (train), restored "
@@ -125,12 +125,12 @@ flags.DEFINE_integer("limit", None, "--model=resnet8: use only this many "
 
 
 # ---------------------------------------------------------------------------
-# Models: tf_keras twins of examples/models.py (same layers, order, names).
+# Models: tf_keras twins of experiments/models.py (same layers, order, names).
 # ---------------------------------------------------------------------------
 
 
 def build_model(keras, name, input_shape, num_classes=10):
-    """Builds `name` in tf_keras, matching `examples.models` layer by layer."""
+    """Builds `name` in tf_keras, matching `experiments.models` layer by layer."""
     L = keras.layers
     inputs = keras.Input(shape=input_shape, name="image")
     if name == "digits_cnn":
@@ -191,7 +191,7 @@ def synthetic_data(image_shape, num_classes=10, n_train=2048, n_test=512, seed=0
 
 
 def load_data(data, model_name, seed):
-    from examples import datasets
+    from experiments import datasets
 
     if data == "digits":
         return datasets.load_digits(seed=seed)
@@ -398,7 +398,7 @@ def run(
 
 def load_resnet8(keras, path):
     """The .h5 in tf_keras with x255 folded into the stem, like Keras 3's
-    `examples.models.load_pretrained_resnet8` (same kernel, same L2)."""
+    `experiments.models.load_pretrained_resnet8` (same kernel, same L2)."""
     model = keras.models.load_model(path, compile=False)
     stem = next(l for l in model.layers if isinstance(l, keras.layers.Conv2D))
     stem.kernel.assign(stem.kernel * 255.0)
@@ -429,7 +429,7 @@ def run_resnet8(h5, data, num_clusters, epochs, batch_size, learning_rate,
     import tensorflow_model_optimization as tfmot
     import tf_keras as keras
 
-    from examples import datasets
+    from experiments import datasets
 
     start = time.perf_counter()
     (x, y), (x_test, y_test) = datasets.load_cifar10(data, limit=limit)

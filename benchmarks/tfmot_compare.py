@@ -19,9 +19,9 @@ import keras
 
 from benchmarks import tfmot_runner
 from benchmarks import timing
-from examples import datasets
-from examples import models
-from examples import pipeline
+from experiments import datasets
+from experiments import models
+from experiments import pipeline
 
 
 @dataclasses.dataclass

@@ -68,7 +68,7 @@ _RATE = 1e-4
 
 
 def define_flags():
-    flags.DEFINE_string("cifar10", None, "CIFAR-10 path (see examples.datasets).")
+    flags.DEFINE_string("cifar10", None, "CIFAR-10 path (see experiments.datasets).")
     flags.DEFINE_string("resnet8_h5", None, "MLPerf Tiny ResNet-8 .h5.")
     flags.DEFINE_list("cells", list(CELLS), "Cells to run, in order.")
     flags.DEFINE_list("num_values", ["4", "16"], "K per tensor.")
@@ -121,7 +121,7 @@ def reestimated_bn_accuracy(model, x, test, batches=300):
     final weights (forward passes in training mode, no weight update)."""
     import keras
 
-    from examples import pipeline
+    from experiments import pipeline
 
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -134,8 +134,8 @@ def reestimated_bn_accuracy(model, x, test, batches=300):
 def lutq_run(h5, train, test, k, seed, options):
     import keras
 
-    from examples import models
-    from examples import pipeline
+    from experiments import models
+    from experiments import pipeline
     import lutq_tf
 
     keras.backend.clear_session()
@@ -313,7 +313,7 @@ def run(cifar10, resnet8_h5, cells, num_values, seeds, out):
                 side, _, option = CELLS[name]
                 if side == "lutq":
                     if data is None:
-                        from examples import datasets
+                        from experiments import datasets
                         data = datasets.load_cifar10(cifar10)
                     result = lutq_run(resnet8_h5, data[0], data[1], k, seed, option)
                 else:

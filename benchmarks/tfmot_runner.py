@@ -11,7 +11,7 @@ the current interpreter.
 
 Example (Keras 3 side):
 
-    model = examples.models.digits_cnn()
+    model = experiments.models.digits_cnn()
     save_initial_weights(model, "/tmp/init.npz")
     result = run_tfmot_baseline(
         model="digits", num_clusters=16, epochs=2, data="digits",
@@ -41,7 +41,7 @@ def save_initial_weights(model, path):
     """Saves `model.get_weights()` in order, as `--weights_in` expects.
 
     Args:
-        model: a Keras 3 model from `examples.models` (`digits_cnn`,
+        model: a Keras 3 model from `experiments.models` (`digits_cnn`,
             `lenet` or `mlp`), trained or freshly initialised.
         path: destination .npz path.
 

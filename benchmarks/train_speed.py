@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
-from examples import models  # noqa: E402
+from experiments import models  # noqa: E402
 import lutq_tf  # noqa: E402
 
 FLAGS = flags.FLAGS

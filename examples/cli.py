@@ -2,7 +2,7 @@
 
 Each example calls `define_flags(...)` once at import, with its own
 defaults, defines the flags that are only its own, and starts `main` with
-`setup()`. Kept apart from `examples.pipeline` (which imports TensorFlow) so
+`setup()`. Kept apart from `experiments.pipeline` (which imports TensorFlow) so
 that a bad flag fails at once.
 
     define_flags("out/mnist", bits=2, batch_size=64, float_epochs=3,

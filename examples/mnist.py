@@ -56,9 +56,9 @@ def _check_flags():
 def main(argv):
     del argv
     cli.setup(_check_flags)
-    from examples import datasets
-    from examples import models
-    from examples import pipeline
+    from experiments import datasets
+    from experiments import models
+    from experiments import pipeline
 
     pipeline.start_example(FLAGS.out_dir, FLAGS.seed)
     pipeline.log(f"1/5 loading MNIST from {FLAGS.data_dir or 'keras.datasets'}")

@@ -34,9 +34,9 @@ cli.define_flags("out/quickstart", bits=2, batch_size=32, float_epochs=30,
 def main(argv):
     del argv
     cli.setup()
-    from examples import datasets
-    from examples import models
-    from examples import pipeline
+    from experiments import datasets
+    from experiments import models
+    from experiments import pipeline
 
     pipeline.start_example(FLAGS.out_dir, FLAGS.seed)
     pipeline.log("1/5 loading scikit-learn digits")

@@ -16,7 +16,7 @@ from benchmarks import accuracy_vs_bits
 from benchmarks import report
 from benchmarks import run_all
 from benchmarks import tfmot_compare
-from examples import pipeline
+from experiments import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Tests of examples/datasets.py on bundled digits and tiny synthetic files."""
+"""Tests of experiments/datasets.py on bundled digits and tiny synthetic files."""
 
 import io
 import os
@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from examples import datasets
+from experiments import datasets
 
 try:
     from PIL import Image

@@ -1,4 +1,4 @@
-"""Tests of examples/models.py: shapes, parameter counts, ResNet-8 weights."""
+"""Tests of experiments/models.py: shapes, parameter counts, ResNet-8 weights."""
 
 import os
 
@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from examples import models
+from experiments import models
 
 RESNET8_H5 = os.path.join(
     os.path.dirname(__file__),

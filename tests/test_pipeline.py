@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from benchmarks import suites
-from examples import pipeline
+from experiments import pipeline
 
 
 def _row(variant, acc, tflm=None, flash=None, **fields):
@@ -107,7 +107,7 @@ def test_suite_reports_missing_data(tmp_path):
 
 
 def test_small_channel_overrides_only_for_channels_smaller_than_k():
-    from examples import models
+    from experiments import models
 
     model = models.digits_cnn()  # conv1: 3x3x1 = 9 weights per channel
     assert pipeline.small_channel_overrides(model, 16) == {

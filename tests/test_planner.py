@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from examples import datasets
-from examples import models
+from experiments import datasets
+from experiments import models
 import lutq_tf
 import tflite_export
 from tflite_export import knapsack

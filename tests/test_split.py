@@ -374,8 +374,8 @@ def test_cli_max_decode_bytes_and_bad_budget(tmp_path):
 
 @pytest.mark.slow
 def test_digits_cnn_2_bits_under_4_kb_decode_limit_and_5_kb_budget(tmp_path):
-    from examples import datasets
-    from examples import models
+    from experiments import datasets
+    from experiments import models
     import lutq_tf
 
     (x, _), _ = datasets.load_digits()

@@ -56,7 +56,7 @@ def test_runs_are_appended_skipped_on_rerun_and_reported(tmp_path, monkeypatch):
                         lambda *a: calls.append(a) or _fake(0.5)())
     monkeypatch.setattr(tfmot_resnet8, "tfmot_run",
                         lambda *a: calls.append(a) or _fake(0.6)())
-    monkeypatch.setattr("examples.datasets.load_cifar10", lambda path: ("train", "test"))
+    monkeypatch.setattr("experiments.datasets.load_cifar10", lambda path: ("train", "test"))
     out = str(tmp_path / "r")
     for _ in range(2):
         tfmot_resnet8.run("c", "h", ["lutq", "tfmot"], [4], [0, 1], out)

@@ -287,7 +287,7 @@ def load_pretrained_resnet8(path, rebuild=True, rescale_inputs=True):
     `batch_normalization`, `activation`, `add`, `average_pooling2d`,
     `flatten`, `dense`) and `Activation("relu")` layers. It expects RGB
     pixel values in [0, 255], not [0, 1]: fed the [0, 1] images of
-    `examples.datasets` as-is it predicts one class (10 % accuracy).
+    `experiments.datasets` as-is it predicts one class (10 % accuracy).
 
     Args:
         path: path of the .h5 file.
