@@ -245,12 +245,12 @@ def run_cifar10(results, out, data_dir, models_dir, work, seed):
 
 
 def _unmatrix(m, shape, channel_axes):
-    """Inverse of `sensitivity.matrix`."""
+    """Inverse of `lutq_tf.registry.channel_matrix`."""
     import numpy as np
 
-    ndim = len(shape)
-    axes = [a % ndim for a in channel_axes]
-    order = [a for a in range(ndim) if a not in axes] + axes
+    from lutq_tf.registry import channel_order
+
+    order = channel_order(len(shape), channel_axes)
     return np.transpose(m.reshape([shape[a] for a in order]), np.argsort(order))
 
 
@@ -270,7 +270,6 @@ def run_ranking(results, out, seed):
     from lutq_tf import registry
     from lutq_tf.quantizer import LUTQuantizer
     from tflite_export import planner
-    from tflite_export import sensitivity
 
     if any(r.get("seed") == seed for r in results.get("ranking", [])):
         return
@@ -293,7 +292,7 @@ def run_ranking(results, out, seed):
         for (b, mode, _, sens), plain_offer in zip(offers, plain.offers[name]):
             if mode == "int8":
                 continue
-            w = sensitivity.matrix(original, spec.channel_axes)
+            w = registry.channel_matrix(original, spec.channel_axes)
             quantizer = LUTQuantizer(bits=b, per_channel=mode == "channel",
                                      channel_scales=mode == "scaled")
             shaped = w if mode != "tensor" else w.reshape(-1, 1)

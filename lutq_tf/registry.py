@@ -9,6 +9,7 @@ channel when `per_channel=True`, one scale per channel when
 import collections
 
 import keras
+import numpy as np
 
 QuantizableTensor = collections.namedtuple(
     "QuantizableTensor", ["attribute", "channel_axes"]
@@ -73,6 +74,37 @@ def quantizable_tensors(layer):
                 )
             return tensors
     return ()
+
+
+def channel_axes(layer, attribute):
+    """The output-channel axes of `layer`'s weight `attribute`.
+
+    The last axis for a weight LUT-Q does not list (a custom layer's kernel).
+    """
+    for cls, tensors in _TENSORS_BY_LAYER:
+        if isinstance(layer, cls):
+            for tensor in tensors:
+                if tensor.attribute == attribute:
+                    return tensor.channel_axes
+            break
+    return (-1,)
+
+
+def channel_order(rank, axes):
+    """The axis order that moves the output-channel `axes` last.
+
+    LUT-Q sees every weight as `[M, C]`: M weights in each of C output
+    channels; this order, then a reshape, gives that view.
+    """
+    axes = [a % rank for a in axes]
+    return [a for a in range(rank) if a not in axes] + axes
+
+
+def channel_matrix(array, axes):
+    """A NumPy weight as `[M, C]`, its output-channel `axes` last."""
+    array = np.asarray(array)
+    channels = int(np.prod([array.shape[a] for a in axes]))
+    return np.transpose(array, channel_order(array.ndim, axes)).reshape(-1, channels)
 
 
 def is_supported(layer):

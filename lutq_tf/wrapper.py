@@ -211,14 +211,13 @@ class LUTQWrapper(keras.layers.Wrapper):
             )
         shape = tuple(variable.shape)
         rank = len(shape)
-        channel_axes = [rank + a for a in spec.channel_axes]
         permutation = None
         channels = 1
         if self.quantizer.per_channel or self.quantizer.channel_scales:
-            channels = int(np.prod([shape[a] for a in channel_axes]))
-            if channel_axes != list(range(rank - len(channel_axes), rank)):
-                others = [a for a in range(rank) if a not in channel_axes]
-                permutation = others + channel_axes
+            channels = int(np.prod([shape[a] for a in spec.channel_axes]))
+            order = registry.channel_order(rank, spec.channel_axes)
+            if order != list(range(rank)):
+                permutation = order
         # Channel scales keep one table over the whole (normalised) tensor.
         tables = channels if self.quantizer.per_channel else 1
         size = int(np.prod(shape))

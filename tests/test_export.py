@@ -479,12 +479,9 @@ class _Row(types.SimpleNamespace):
 
 
 def _fake_lutq(monkeypatch, plain, rows):
-    fake = types.SimpleNamespace(
-        is_quantized=lambda model: True,
-        summary=lambda model, print_fn=None: rows,
-        strip_model=lambda model: plain,
-    )
-    monkeypatch.setattr(lut_tensors, "_import_lutq", lambda: fake)
+    monkeypatch.setattr(lut_tensors.lutq_tf, "is_quantized", lambda model: True)
+    monkeypatch.setattr(lut_tensors.lutq_tf, "summary", lambda model, print_fn=None: rows)
+    monkeypatch.setattr(lut_tensors.lutq_tf, "strip_model", lambda model: plain)
 
 
 def _row(layer, k, tensor="kernel", per_channel=False):

@@ -69,13 +69,6 @@ def test_knapsack_on_a_coarse_grid_stays_within_capacity(seed):
 # -- sensitivity -------------------------------------------------------------
 
 
-def test_matrix_puts_channel_axes_last():
-    array = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
-    m = sensitivity.matrix(array, (-2, -1))
-    assert m.shape == (6, 20)
-    np.testing.assert_array_equal(m[:, 7], array[:, :, 1, 2].ravel())
-
-
 def test_distortion_falls_with_bits_and_follows_the_fisher_weights():
     w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
     ones = np.ones_like(w, np.float64)

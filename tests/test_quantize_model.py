@@ -219,3 +219,18 @@ def test_binary_and_ternary_networks(k, expected):
     for row in lutq_tf.summary(quantized, print_fn=None):
         assert row.prune_rate == 0
         assert (row.zeros > 0) == (k == 3)
+
+
+def test_channel_matrix_puts_the_output_channel_last():
+    from lutq_tf import registry
+
+    array = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    depthwise = registry.channel_matrix(array, (-2, -1))  # [.., in, multiplier]
+    assert depthwise.shape == (6, 20)
+    np.testing.assert_array_equal(depthwise[:, 1 * 5 + 2], array[:, :, 1, 2].ravel())
+    transposed = registry.channel_matrix(array, (-2,))  # [.., filters, in]
+    assert transposed.shape == (30, 4)
+    np.testing.assert_array_equal(transposed[:, 3], array[:, :, 3, :].ravel())
+    layer = keras.layers.Conv2DTranspose(4, 3)
+    assert registry.channel_axes(layer, "kernel") == (-2,)
+    assert registry.channel_axes(keras.layers.Layer(), "kernel") == (-1,)

@@ -5,13 +5,14 @@ A LUT-Q model says itself which kernels are look-up tables
 whose kernels hold exactly `d[A]`. Any other Keras model is scanned: a kernel
 whose tables (the whole tensor, else each output channel) hold at most 128
 distinct values, fewer than their element count, is taken as a LUT kernel.
-This module is the only one that knows about `lutq_tf`.
 """
 
 import dataclasses
 
-import keras
 import numpy as np
+
+import lutq_tf
+from lutq_tf import registry
 
 # TFLM's LUT compression stores indices of 1 to 7 bits.
 MAX_TABLE_VALUES = 128
@@ -48,14 +49,6 @@ class LutKernel:
     channel_scales: np.ndarray = None
 
 
-def _import_lutq():
-    try:
-        import lutq_tf
-    except ImportError:
-        return None
-    return lutq_tf
-
-
 def _layers(model):
     """All layers of the model, nested models included."""
     if hasattr(model, "_flatten_layers"):
@@ -75,23 +68,6 @@ def weight_layers(model):
         for layer in _layers(model)
         if any(_kernel(layer, a) is not None for a in KERNEL_ATTRIBUTES)
     ]
-
-
-def _channel_tables(layer, attribute, array):
-    """Reshapes a Keras kernel to `[elements per channel, output channels]`."""
-    transposed = (
-        keras.layers.Conv1DTranspose,
-        keras.layers.Conv2DTranspose,
-        keras.layers.Conv3DTranspose,
-    )
-    depthwise = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
-    if attribute == "depthwise_kernel" or isinstance(layer, depthwise):
-        # [..., in, multiplier]: output channel = in * multiplier + m.
-        return array.reshape(-1, array.shape[-2] * array.shape[-1])
-    if isinstance(layer, transposed):
-        # [..., out, in]
-        return np.moveaxis(array, -2, -1).reshape(-1, array.shape[-2])
-    return array.reshape(-1, array.shape[-1])
 
 
 def distinct_per_column(table):
@@ -115,7 +91,7 @@ def _detect(layer, attribute, array):
     found = None
     if whole <= MAX_TABLE_VALUES and whole < array.size:
         found = (whole, False)
-    tables = _channel_tables(layer, attribute, array)
+    tables = registry.channel_matrix(array, registry.channel_axes(layer, attribute))
     if tables.shape[0] >= 2:
         most = int(distinct_per_column(tables).max())
         fewer_bits = (most - 1).bit_length() < (whole - 1).bit_length()
@@ -149,12 +125,11 @@ def find_lut_kernels(model):
     Raises:
         ValueError: A LUT-Q table has more than 128 values.
     """
-    lutq = _import_lutq()
     notes = []
     kernels = []
-    if lutq is not None and lutq.is_quantized(model):
-        rows = lutq.summary(model, print_fn=lambda *args, **kwargs: None)
-        plain = lutq.strip_model(model)
+    if lutq_tf.is_quantized(model):
+        rows = lutq_tf.summary(model, print_fn=lambda *args, **kwargs: None)
+        plain = lutq_tf.strip_model(model)
         by_name = {layer.name: layer for layer in _layers(plain)}
         for row in rows:
             if row.tensor not in KERNEL_ATTRIBUTES:

@@ -30,20 +30,7 @@ Two estimates of F, by what the batches hold:
 import numpy as np
 import tensorflow as tf
 
-
-def matrix(array, channel_axes):
-    """`array` as `[M, C]`: the output-channel axes last, as LUT-Q sees it.
-
-    Args:
-        array: A kernel, any shape.
-        channel_axes: The (negative) axes that index the output channel
-            (`lutq_tf.registry.QuantizableTensor.channel_axes`).
-    """
-    ndim = array.ndim
-    axes = [a % ndim for a in channel_axes]
-    order = [a for a in range(ndim) if a not in axes] + axes
-    channels = int(np.prod([array.shape[a] for a in axes]))
-    return np.transpose(array, order).reshape(-1, channels)
+from lutq_tf.registry import channel_matrix
 
 
 def fisher(model, kernels, x, y=None, loss=None, batch_size=16, max_batches=8,
@@ -113,8 +100,8 @@ def kmeans_distortion(array, channel_axes, bits, mode, weights, iterations=20):
     """
     from lutq_tf.quantizer import LUTQuantizer
 
-    w = matrix(np.asarray(array, np.float32), channel_axes)
-    f = matrix(np.asarray(weights, np.float64), channel_axes)
+    w = channel_matrix(np.asarray(array, np.float32), channel_axes)
+    f = channel_matrix(np.asarray(weights, np.float64), channel_axes)
     quantizer = LUTQuantizer(bits=bits, per_channel=mode == "channel",
                              channel_scales=mode == "scaled",
                              init_iterations=iterations)
@@ -127,8 +114,8 @@ def kmeans_distortion(array, channel_axes, bits, mode, weights, iterations=20):
 
 def int8_distortion(array, channel_axes, weights):
     """`1/2 sum F (w - q)^2` of symmetric per-channel int8 rounding."""
-    w = matrix(np.asarray(array, np.float64), channel_axes)
-    f = matrix(np.asarray(weights, np.float64), channel_axes)
+    w = channel_matrix(np.asarray(array, np.float64), channel_axes)
+    f = channel_matrix(np.asarray(weights, np.float64), channel_axes)
     scale = np.abs(w).max(axis=0) / 127.0
     scale = np.where(scale > 0, scale, 1.0)
     q = np.round(w / scale) * scale
