@@ -27,6 +27,8 @@ import numpy as np
 
 import lutq_tf
 from lutq_tf import registry as lutq_registry
+from lutq_tf.text import grid
+from lutq_tf.text import markdown
 import tflite_export
 
 # Calibration samples for int8 conversion (the converter uses at most 1000).
@@ -475,23 +477,12 @@ def _cells(rows):
 
 def format_table(rows):
     """`ResultRow`s as a fixed-width text table (one line per row)."""
-    header, body = _cells(rows)
-    widths = [max(len(line[i]) for line in [header, *body])
-              for i in range(len(header))]
-    lines = [header, ["-" * w for w in widths], *body]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
-        for line in lines
-    )
+    return grid(*_cells(rows))
 
 
 def markdown_table(rows):
     """`ResultRow`s as a GitHub markdown table."""
-    header, body = _cells(rows)
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines)
+    return markdown(*_cells(rows))
 
 
 def pareto_front(points):

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 
 from lutq_tf.model import lutq_layers
+from lutq_tf.text import grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +124,4 @@ def format_table(rows):
          f"{r.weight_count:,}", r.constraint)
         for r in rows
     ]
-    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
-              for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths))
-              for row in body]
-    return "\n".join(lines)
+    return grid(header, body)

@@ -71,7 +71,7 @@ def _table_rows(text, heading):
     section = text[text.index(heading) + len(heading):]
     section = section[:section.index("\n#")]
     return [line for line in section.splitlines()
-            if line.startswith("| ") and not line.startswith("| variant")]
+            if line.startswith("| ") and not line.startswith(("| variant", "| ---"))]
 
 
 def test_a_suite_json_left_in_out_dir_survives_a_run_of_another(

@@ -34,7 +34,7 @@ def test_markdown_table_has_header_separator_and_one_line_per_row():
     rows = [_row("a", 0.5, 0.25, 1234), _row("b", 1.0)]
     lines = pipeline.markdown_table(rows).splitlines()
     assert len(lines) == 4
-    assert lines[1].startswith("|---|---:")
+    assert lines[1].startswith("| --- | ---: |")
     assert lines[2].split("|")[1].strip() == "a"
     assert "| 25.00% |" in lines[2] and "1,234" in lines[2]
     assert all(line.count("|") == lines[0].count("|") for line in lines)

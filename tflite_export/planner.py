@@ -23,6 +23,7 @@ import numbers
 
 import numpy as np
 
+from lutq_tf.text import grid
 from tflite_export import knapsack
 from tflite_export import plan_costs
 from tflite_export import sensitivity as sensitivity_lib
@@ -128,21 +129,11 @@ class Plan:
         """The plan as a text table (layer, K, mode, bytes, sensitivity)."""
         head = ("layer", "type", "weights", "K", "bits", "mode", "bytes",
                 "sensitivity")
-        rows = [head]
-        for r in self.layers:
-            rows.append((r.layer, r.layer_type, f"{r.weights:,}",
-                         "-" if r.bits is None else str(r.num_values),
-                         "8" if r.bits is None else str(r.bits), r.mode,
-                         f"{r.bytes:,}", f"{r.sensitivity:.3g}"))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-        right = {2, 3, 4, 6, 7}
-
-        def line(row):
-            return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(row, widths)))
-
-        out = [line(head), "  ".join("-" * w for w in widths)]
-        out += [line(row) for row in rows[1:]]
+        rows = [(r.layer, r.layer_type, f"{r.weights:,}",
+                 "-" if r.bits is None else str(r.num_values),
+                 "8" if r.bits is None else str(r.bits), r.mode,
+                 f"{r.bytes:,}", f"{r.sensitivity:.3g}") for r in self.layers]
+        out = [grid(head, rows, right={2, 3, 4, 6, 7})]
         out.append(
             f"estimated file {self.estimate_bytes:,} B of budget "
             f"{self.budget_bytes:,} B ({self.estimate_bytes / self.budget_bytes:.1%}); "

@@ -2,6 +2,8 @@
 
 import dataclasses
 
+from lutq_tf.text import grid
+
 
 @dataclasses.dataclass
 class TensorReport:
@@ -253,7 +255,7 @@ class ExportResult:
                  str(t.bytes_before), str(t.bytes_after), t.note)
                 for t in self.tensors
             ]
-            lines += _grid(header, rows)
+            lines.append(grid(header, rows))
         if not self.compressed_tensors:
             lines.append("Nothing was compressed.")
         for note in self.notes:
@@ -267,12 +269,3 @@ class ExportResult:
 
     def __str__(self):
         return self.table()
-
-
-def _grid(header, rows):
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
