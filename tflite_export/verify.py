@@ -23,7 +23,9 @@ class Verification:
     Attributes:
         samples: Number of inputs run.
         inputs: `"representative_data"` or `"random"` (float32 without data).
-        bit_exact: Compressed and uncompressed outputs are identical.
+        bit_exact: Compressed and uncompressed outputs are identical:
+            always True, since `verify` raises rather than return a
+            `Verification` for outputs that differ (kept for records).
         top1_agreement: Fraction of inputs where the TFLM model and Keras
             pick the same class (argmax of the last axis), or None for
             outputs with one value per sample.
@@ -83,8 +85,7 @@ class Verification:
         """
         text = (
             f"Verified on {self.samples} {self.inputs.replace('_', ' ')} inputs: "
-            "compressed == uncompressed on TFLM: "
-            f"{'bit-exact' if self.bit_exact else 'DIFFERENT'}; vs Keras: "
+            "compressed == uncompressed on TFLM: bit-exact; vs Keras: "
         )
         if self.outputs:
             text += "per output:\n" + "\n".join(
