@@ -16,7 +16,6 @@ at once (a rerun skips the runs already there), and the markdown table is
 rebuilt from it: the part can run across sessions.
 """
 
-import json
 import os
 import sys
 import time
@@ -27,12 +26,14 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
+from benchmarks.record import load_record  # noqa: E402
+from benchmarks.record import save_record  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 MODES = {"tensor": {}, "scaled": {"channel_scales": True}, "channel": {"per_channel": True}}
 RATES = (3e-4, 1e-4, 3e-5)
 SEARCH_VARIANTS = (("float", None, None), ("lutq", 4, "scaled"))
 _BATCH = 64
-_VALIDATION = 0.1
 
 
 def define_flags():
@@ -46,32 +47,6 @@ def define_flags():
     flags.DEFINE_bool("fit_only", False,
                       "Only the k-means fit of the pretrained weights, no "
                       "training (deterministic; written to <out>_fit.json).")
-
-
-def validation_split(x, y):
-    """`(train, validation)`: the last 10 % of a fixed shuffle of `(x, y)`
-    held out (the same split for every benchmark that searches on it)."""
-    import numpy as np
-
-    order = np.random.default_rng(0).permutation(len(x))
-    cut = int(len(x) * (1 - _VALIDATION))
-    fit, held = order[:cut], order[cut:]
-    return (x[fit], y[fit]), (x[held], y[held])
-
-
-def load_record(path):
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"runs": []}
-
-
-def save_record(record, path):
-    text = json.dumps(record, indent=1)
-    temp = path + ".tmp"
-    with open(temp, "w") as f:
-        f.write(text)
-    os.replace(temp, path)
 
 
 def _run(key, record, path, train, evaluate, h5, bits, mode, rate, seed):
@@ -183,7 +158,7 @@ def main(argv):
     record = load_record(path)
     record["command"] = "python -m benchmarks.dictionary_modes " + " ".join(sys.argv[1:])
     (x, y), test = datasets.load_cifar10(f.cifar10)
-    search_train, validation = validation_split(x, y)
+    search_train, validation = datasets.validation_split(x, y)
     scores = {}
     for rate in RATES:
         for name, bits, mode in SEARCH_VARIANTS:

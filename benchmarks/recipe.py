@@ -41,9 +41,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-from benchmarks.dictionary_modes import load_record  # noqa: E402
-from benchmarks.dictionary_modes import save_record  # noqa: E402
-from benchmarks.dictionary_modes import validation_split  # noqa: E402
+from benchmarks.record import load_record  # noqa: E402
+from benchmarks.record import save_record  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 # Headline rows, each in its best dictionary mode (per channel: see
@@ -229,7 +228,7 @@ def main(argv):
     record["command"] = "python -m benchmarks.recipe " + " ".join(sys.argv[1:])
     record["epochs"] = f.epochs
     (x, y), test = datasets.load_cifar10(f.cifar10)
-    search(record, path, f, *validation_split(x, y))
+    search(record, path, f, *datasets.validation_split(x, y))
     write_markdown(record, f.out)
     for seed in range(f.seeds):
         for variant in f.variants:

@@ -518,6 +518,32 @@ def _write_cache(cache_file, **arrays):
 
 
 # ---------------------------------------------------------------------------
+# Validation split
+# ---------------------------------------------------------------------------
+
+
+def validation_split(x, y, fraction=0.1):
+    """`(train, validation)`: the last `fraction` of a fixed shuffle of `(x, y)`
+    held out.
+
+    The same split for every benchmark that searches on it, in both of
+    their processes (Keras 3 and the tfmot baseline's tf_keras): the
+    shuffle is `np.random.default_rng(0).permutation(len(x))`.
+
+    Args:
+        x, y: training images and labels (numpy arrays, same length).
+        fraction: the share held out for validation.
+
+    Returns:
+        `((x_fit, y_fit), (x_validation, y_validation))`.
+    """
+    order = np.random.default_rng(0).permutation(len(x))
+    cut = int(len(x) * (1 - fraction))
+    fit, held = order[:cut], order[cut:]
+    return (x[fit], y[fit]), (x[held], y[held])
+
+
+# ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
 
