@@ -340,7 +340,7 @@ def _assemble(model, kernels, notes, settings, share=True, keep=None,
         A `_Built`.
     """
     if previous is None:
-        baseline, info, plans, unmatched, chosen = _convert_and_plan(
+        baseline, info, plans, unmatched, chosen = convert_and_plan(
             model, kernels, settings.quantize, settings.data, settings.io_dtype,
             settings.weight_quantization, share=share,
         )
@@ -365,7 +365,7 @@ def _assemble(model, kernels, notes, settings, share=True, keep=None,
             plan.compress = False
             plan.note = "; ".join(filter(None, [plan.note, reason]))
     wanted_steps = slim_lib.STEPS if settings.slim else ()
-    twin, compressed, steps = _build(
+    twin, compressed, steps = build_file(
         baseline, plans, wanted_steps, notes, settings.data
     )
     slim_baseline = slim_lib.slim(baseline, steps) if steps else baseline
@@ -436,7 +436,7 @@ def _assemble_verified(model, kernels, notes, settings, keep=None, built=None):
         )
 
 
-def _build(baseline, plans, steps, notes, data=None):
+def build_file(baseline, plans, steps, notes, data=None):
     """`(twin, compressed, steps)`: the requantised twin and the written file.
 
     The twin is the int8 model with the shared tables' scales and biases,
@@ -506,7 +506,7 @@ def _candidate_plans(model, kernels, quantize, weight_quantization):
     return plans
 
 
-def _convert_and_plan(model, kernels, quantize, data, io_dtype, weight_quantization,
+def convert_and_plan(model, kernels, quantize, data, io_dtype, weight_quantization,
                       share=True):
     """Converts with each candidate weight quantisation until one keeps the LUTs.
 

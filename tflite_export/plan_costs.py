@@ -41,6 +41,7 @@ from tflite_export import convert
 from tflite_export import exporter
 from tflite_export import lut_tensors
 from tflite_export import shared_tables
+from tflite_export import slim
 from tflite_export.lut_tensors import MAX_TABLE_VALUES
 
 # Dictionary modes: one per tensor, one over channel-RMS-scaled weights,
@@ -200,11 +201,11 @@ def measure(model, representative_data, layers=None):
     plain, kernels, _ = lut_tensors.find_lut_kernels(reference)
     specs = convert.input_specs(plain, representative_data)
     data = convert.check_representative_data(plain, representative_data, "int8", specs)
-    baseline, _, plans, _, _ = exporter._convert_and_plan(
+    baseline, _, plans, _, _ = exporter.convert_and_plan(
         plain, kernels, "int8", data, "int8", "per_channel", share=True)
     # The slim file as `export` writes it when nothing is compressed: the
     # same slimming steps, each checked on TFLM.
-    _, slim_bytes, _ = exporter._build(baseline, [], _slim_steps(), [], data)
+    _, slim_bytes, _ = exporter.build_file(baseline, [], slim.STEPS, [], data)
     tensors = {}
     for plan in plans:
         match = plan.match
@@ -229,9 +230,3 @@ def measure(model, representative_data, layers=None):
                if len(facts) == expected.get(name)}
     ordered = {name: tensors[name] for name in layers if name in tensors}
     return ByteModel(int8_bytes=len(slim_bytes), tensors=ordered)
-
-
-def _slim_steps():
-    from tflite_export import slim
-
-    return slim.STEPS
