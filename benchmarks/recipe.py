@@ -78,10 +78,24 @@ def define_flags():
                         "Output path without extension (.json and .md).")
 
 
-def learning_rate(peak, schedule, steps):
-    """A Keras learning rate: `peak` held, cosine-decayed, or warmed up."""
-    import keras
+def learning_rate(peak, schedule, steps, keras=None):
+    """A Keras learning rate: `peak` held, cosine-decayed, or warmed up.
 
+    The one definition of the schedules: `tfmot_baseline.py` uses it with
+    tf_keras.
+
+    Args:
+        peak: the peak learning rate.
+        schedule: `"constant"` (`peak` throughout), `"cosine"` (cosine decay
+            from `peak` to 0 over `steps`) or `"warmup"` (linear from 0 to
+            `peak` over the first 10 % of the steps, at least one, then
+            cosine decay to 0 over the rest).
+        steps: training steps of the whole run.
+        keras: the Keras module whose schedules to build: Keras 3 if None,
+            `tf_keras` in the tfmot process.
+    """
+    if keras is None:
+        import keras
     if schedule == "constant":
         return peak
     if schedule == "cosine":

@@ -24,10 +24,14 @@ seeded random init, optionally float-trained `--pretrain_epochs`):
    Conv2D/Dense kernel with `--num_clusters` centroids, fine-tuned for
    `--epochs` (timed), then `strip_clustering` and evaluated.
 
-`--model=resnet8` is `run_resnet8` instead: the MLPerf Tiny ResNet-8
+`--pretrained` (always for `--model=resnet8`) is `run_pretrained` instead:
+only the clustering run, from a pretrained model: the MLPerf Tiny ResNet-8
 (`--resnet8_h5`, x255 folded into the stem as on the Keras 3 side) on
-CIFAR-10 (`--data`), with `--centroids` and `--bn` ablations; see
-`benchmarks/tfmot_resnet8.py`, which drives it.
+CIFAR-10 (`--data`), or LeNet from `--weights_in` on MNIST; with the
+learning-rate schedule of `benchmarks.recipe` (`--schedule`), on the test
+set or on its validation split (`--split`), and with `--centroids` and
+`--bn` ablations. `benchmarks/recipe.py` (the tfmot rows) and
+`benchmarks/tfmot_resnet8.py` (the ablations) drive it.
 
 The other architectures are the tf_keras twins of `experiments/models.py`
 (`digits_cnn`, `lenet`, `mlp`), layer by layer, so that
@@ -108,19 +112,33 @@ flags.DEFINE_integer("seed", 0, "Seed of the random init and shuffling.")
 flags.DEFINE_string(
     "resnet8_h5", None, "--model=resnet8: the MLPerf Tiny .h5 (--data: the "
     "CIFAR-10 path of experiments.datasets.load_cifar10).")
+flags.DEFINE_bool(
+    "pretrained", False,
+    "Only cluster and fine-tune a pretrained model (`run_pretrained`): "
+    "--model=lenet from --weights_in, --model=resnet8 (always this path) "
+    "from --resnet8_h5.")
+flags.DEFINE_enum(
+    "schedule", "constant", ["constant", "cosine", "warmup"],
+    "--pretrained: the learning-rate schedule, peaking at --learning_rate "
+    "(benchmarks.recipe.learning_rate).")
+flags.DEFINE_enum(
+    "split", "test", ["test", "validation"],
+    "--pretrained: fine-tune on all training images and evaluate on the test "
+    "set (test), or fine-tune on 90 % of them and evaluate on the other 10 % "
+    "(validation; experiments.datasets.validation_split).")
 flags.DEFINE_enum(
     "centroids", "train", ["train", "freeze", "kmeans"],
-    "--model=resnet8: tfmot's gradient-trained centroids (train), restored "
+    "--pretrained: tfmot's gradient-trained centroids (train), restored "
     "after every batch (freeze), or set to the mean of the original weights "
     "assigned to each after every batch, LUT-Q's update (kmeans).")
 flags.DEFINE_enum(
     "bn", "wrapped", ["wrapped", "train"],
-    "--model=resnet8: cluster_weights(model) as is, which wraps every "
+    "--pretrained: cluster_weights(model) as is, which wraps every "
     "layer, BatchNormalization included, and whose wrapper drops `training`, "
     "so BN runs in inference mode during fine-tuning (wrapped); or wrap only "
     "the Conv2D/Dense layers (tfmot's clone_model pattern), so BN trains "
     "(train).")
-flags.DEFINE_integer("limit", None, "--model=resnet8: use only this many "
+flags.DEFINE_integer("limit", None, "--pretrained: use only this many "
                      "training and test images (smoke tests).")
 
 
@@ -258,6 +276,37 @@ def load_weights_npz(path, model):
     model.set_weights(weights)
 
 
+def cluster_model(keras, tfmot, model, num_clusters, centroid_init="kmeans_plus_plus",
+                  bn="wrapped"):
+    """tfmot weight clustering of `model` (not modified), per kernel.
+
+    Args:
+        keras, tfmot: the tf_keras and tfmot modules.
+        model: a tf_keras model.
+        num_clusters: centroids per kernel (K).
+        centroid_init: a `CentroidInitialization` name, lower case.
+        bn: `"wrapped"`: `cluster_weights(model)` as is, which wraps every
+            layer, BatchNormalization included, and whose wrapper drops
+            `training`, so BN runs in inference mode while fine-tuning;
+            `"train"`: only the Conv2D/Dense layers are wrapped (tfmot's
+            `clone_model` pattern), so BN trains. The same for models
+            without BN.
+
+    Returns:
+        The clustered model (uncompiled).
+    """
+    init = getattr(tfmot.clustering.keras.CentroidInitialization, centroid_init.upper())
+
+    def cluster(target):
+        return tfmot.clustering.keras.cluster_weights(
+            target, number_of_clusters=num_clusters, cluster_centroids_init=init)
+
+    if bn == "wrapped":
+        return cluster(model)
+    return keras.models.clone_model(model, clone_function=lambda l: (
+        cluster(l) if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense)) else l))
+
+
 # ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
@@ -332,12 +381,7 @@ def run(
     # 2. Clustering run.
     base = build_model(keras, model_name, input_shape)
     base.set_weights(start_weights)
-    init = getattr(
-        tfmot.clustering.keras.CentroidInitialization, centroid_init.upper()
-    )
-    clustered = tfmot.clustering.keras.cluster_weights(
-        base, number_of_clusters=num_clusters, cluster_centroids_init=init
-    )
+    clustered = cluster_model(keras, tfmot, base, num_clusters, centroid_init)
     compile_model(keras, clustered, learning_rate)
     clustered_acc_before = accuracy(clustered, x_test, y_test)
     cluster_ms, cluster_per_epoch = fit_timed(
@@ -392,7 +436,8 @@ def run(
 
 
 # ---------------------------------------------------------------------------
-# CIFAR-10 ResNet-8 from the MLPerf Tiny .h5 (benchmarks/tfmot_resnet8.py)
+# A pretrained model, clustered and fine-tuned (benchmarks/recipe.py's tfmot
+# rows, benchmarks/tfmot_resnet8.py's ablations)
 # ---------------------------------------------------------------------------
 
 
@@ -408,6 +453,28 @@ def load_resnet8(keras, path):
     return model
 
 
+def load_pretrained(keras, model_name, start, data, limit=None):
+    """`(model, (train, test))`: a pretrained model and its data set.
+
+    Args:
+        keras: the tf_keras module.
+        model_name: `"resnet8"` (`start`: the MLPerf Tiny .h5; `data`: the
+            CIFAR-10 path of `experiments.datasets.load_cifar10`) or an MNIST
+            model of `MODELS`, `"lenet"` or `"mlp"` (`start`: an .npz of its
+            weights, see `load_weights_npz`; `data`: mnist.npz).
+        start, data: see `model_name`.
+        limit: use only this many training and test images (None: all).
+    """
+    from experiments import datasets
+
+    if model_name == "resnet8":
+        return load_resnet8(keras, start), datasets.load_cifar10(data, limit=limit)
+    train, test = datasets.load_mnist(data, limit=limit)
+    model = build_model(keras, model_name, train[0].shape[1:])
+    load_weights_npz(start, model)
+    return model, (train, test)
+
+
 def cluster_means(tf, wrapper):
     """[(centroid variable, mean of the original weights per cluster)]."""
     out = []
@@ -421,41 +488,61 @@ def cluster_means(tf, wrapper):
     return out
 
 
-def run_resnet8(h5, data, num_clusters, epochs, batch_size, learning_rate,
-                seed, centroids="train", bn="wrapped", limit=None):
-    """tfmot clustering of the pretrained ResNet-8, batches in the order of
-    `np.random.default_rng(seed).permutation`; returns the result dict."""
+def run_pretrained(model_name, start, data, num_clusters, epochs, batch_size, learning_rate,
+                   seed, centroids="train", bn="wrapped", limit=None, schedule="constant",
+                   split="test", centroid_init="kmeans_plus_plus"):
+    """tfmot clustering of a pretrained model, fine-tuned with Adam.
+
+    Args:
+        model_name, start, data, limit: the model and its data (see
+            `load_pretrained`).
+        num_clusters: centroids per kernel (K).
+        epochs, batch_size: of the fine-tuning.
+        learning_rate: the peak rate of `schedule`.
+        seed: seeds tf_keras (the centroid initialisation) and the batch
+            order: each epoch runs in a fresh order drawn from
+            `np.random.default_rng(seed)` (the first: that of
+            `benchmarks/tfmot_resnet8.py`'s LUT-Q runs), unshuffled by `fit`.
+        centroids: `"train"` (tfmot's gradient-trained centroids),
+            `"freeze"` (restored after every batch) or `"kmeans"` (set to the
+            mean of the original weights assigned to each after every batch,
+            LUT-Q's update).
+        bn, centroid_init: see `cluster_model`.
+        schedule: `"constant"`, `"cosine"` or `"warmup"`: the schedule of
+            `benchmarks.recipe.learning_rate` over all steps of the run.
+        split: `"test"`: fine-tune on all training images, evaluate on the
+            test set; `"validation"`: fine-tune on 90 % of them and evaluate
+            on the other 10 % (`experiments.datasets.validation_split`, the
+            same images as the Keras 3 side's).
+
+    Returns:
+        The result dict. Its accuracies (`float_test_accuracy`,
+        `clustered_test_accuracy_before_finetune`, `test_accuracy`: after
+        stripping, ...) are on `split`'s evaluation images.
+    """
     import tensorflow as tf
     import tensorflow_model_optimization as tfmot
     import tf_keras as keras
 
+    from benchmarks.recipe import learning_rate as schedule_rate
     from experiments import datasets
 
-    start = time.perf_counter()
-    (x, y), (x_test, y_test) = datasets.load_cifar10(data, limit=limit)
-    # The batch order of benchmarks/tfmot_resnet8.py's LUT-Q runs.
-    order = np.random.default_rng(seed).permutation(len(x))
-    x, y = x[order], y[order]
+    begin = time.perf_counter()
     keras.utils.set_random_seed(seed)
-    base = load_resnet8(keras, h5)
-    compile_model(keras, base, learning_rate)
-    float_acc = accuracy(base, x_test, y_test)
-    def cluster(layer):
-        return tfmot.clustering.keras.cluster_weights(
-            layer, number_of_clusters=num_clusters,
-            cluster_centroids_init=tfmot.clustering.keras.CentroidInitialization.KMEANS_PLUS_PLUS)
-
-    if bn == "wrapped":
-        clustered = cluster(base)
-    else:
-        clustered = keras.models.clone_model(base, clone_function=lambda l: (
-            cluster(l) if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense)) else l))
+    base, ((x, y), evaluate) = load_pretrained(keras, model_name, start, data, limit)
+    if split == "validation":
+        (x, y), evaluate = datasets.validation_split(x, y)
+    steps = epochs * -(-len(x) // batch_size)
+    rate = schedule_rate(learning_rate, schedule, steps, keras)
+    compile_model(keras, base, rate)
+    float_acc = accuracy(base, *evaluate)
+    clustered = cluster_model(keras, tfmot, base, num_clusters, centroid_init, bn)
     wrappers = [l for l in clustered.layers if getattr(l, "cluster_centroids", None)]
     bn_layers = [getattr(l, "layer", l) for l in clustered.layers
                  if isinstance(getattr(l, "layer", l), keras.layers.BatchNormalization)]
     moving_mean = [l.moving_mean.numpy() for l in bn_layers]
-    compile_model(keras, clustered, learning_rate)
-    before = accuracy(clustered, x_test, y_test)
+    compile_model(keras, clustered, rate)
+    before = accuracy(clustered, *evaluate)
     variables = [c for wr in wrappers for c in wr.cluster_centroids.values()]
     initial = [c.numpy() for c in variables]
 
@@ -470,32 +557,38 @@ def run_resnet8(h5, data, num_clusters, epochs, batch_size, learning_rate,
                         c.assign(value)
 
     fit_start = time.perf_counter()
-    clustered.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False,
-                  verbose=0, callbacks=[Centroids()])
+    order = np.random.default_rng(seed)
+    for epoch in range(epochs):
+        permutation = order.permutation(len(x))
+        x, y = x[permutation], y[permutation]
+        clustered.fit(x, y, batch_size=batch_size, initial_epoch=epoch, epochs=epoch + 1,
+                      shuffle=False, verbose=0, callbacks=[Centroids()])
     fit_seconds = time.perf_counter() - fit_start
     trained = [c.numpy() for c in variables]
-    bn_moved = float(max(np.abs(l.moving_mean.numpy() - m).max()
-                         for l, m in zip(bn_layers, moving_mean)))
-    after = accuracy(clustered, x_test, y_test)
+    bn_moved = float(max((np.abs(l.moving_mean.numpy() - m).max()
+                          for l, m in zip(bn_layers, moving_mean)), default=0.0))
+    after = accuracy(clustered, *evaluate)
     # Diagnostics: how far the centroids are from the cluster means of the
     # final weights, and the accuracy once they are replaced by those means.
     means = [value.numpy() for wr in wrappers for _, value in cluster_means(tf, wr)]
     for c, value in zip(variables, means):
         c.assign(value)
-    means_acc = accuracy(clustered, x_test, y_test)
+    means_acc = accuracy(clustered, *evaluate)
     for c, value in zip(variables, trained):
         c.assign(value)
     stripped = tfmot.clustering.keras.strip_clustering(clustered)
-    compile_model(keras, stripped, learning_rate)
+    compile_model(keras, stripped, rate)
     distinct = {l.name: int(np.unique(l.kernel.numpy()).size)
                 for l in stripped.layers if hasattr(l, "kernel")}
     return {
-        "model": "resnet8", "num_clusters": num_clusters, "centroids": centroids,
+        "model": model_name, "num_clusters": num_clusters, "centroids": centroids,
         "bn": bn, "bn_moving_mean_max_change": bn_moved,
         "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+        "schedule": schedule, "split": split, "num_train": int(len(x)),
+        "num_evaluated": int(len(evaluate[0])),
         "seed": seed, "float_test_accuracy": float_acc,
         "clustered_test_accuracy_before_finetune": before,
-        "test_accuracy": accuracy(stripped, x_test, y_test),
+        "test_accuracy": accuracy(stripped, *evaluate),
         "test_accuracy_wrapped": after,
         "test_accuracy_centroids_to_means": means_acc,
         "clustered_layers": [wr.layer.name for wr in wrappers],
@@ -503,7 +596,7 @@ def run_resnet8(h5, data, num_clusters, epochs, batch_size, learning_rate,
         "centroids_initial": [v.tolist() for v in initial],
         "centroids_trained": [v.tolist() for v in trained],
         "cluster_means_final": [v.tolist() for v in means],
-        "fit_seconds": fit_seconds, "wall_seconds": time.perf_counter() - start,
+        "fit_seconds": fit_seconds, "wall_seconds": time.perf_counter() - begin,
         "versions": {"tensorflow": tf.__version__, "tf_keras": keras.__version__,
                      "tfmot": getattr(tfmot, "__version__", "unknown")},
     }
@@ -511,11 +604,14 @@ def run_resnet8(h5, data, num_clusters, epochs, batch_size, learning_rate,
 
 def main(argv):
     del argv
-    if FLAGS.model == "resnet8":
-        result = run_resnet8(
-            FLAGS.resnet8_h5, FLAGS.data, FLAGS.num_clusters, FLAGS.epochs,
+    if FLAGS.model == "resnet8" or FLAGS.pretrained:
+        start = FLAGS.resnet8_h5 if FLAGS.model == "resnet8" else FLAGS.weights_in
+        if not start:
+            raise app.UsageError("--pretrained needs --resnet8_h5 (resnet8) or --weights_in")
+        result = run_pretrained(
+            FLAGS.model, start, FLAGS.data, FLAGS.num_clusters, FLAGS.epochs,
             FLAGS.batch_size, FLAGS.learning_rate, FLAGS.seed, FLAGS.centroids,
-            FLAGS.bn, FLAGS.limit)
+            FLAGS.bn, FLAGS.limit, FLAGS.schedule, FLAGS.split, FLAGS.centroid_init)
     else:
         result = run(
             FLAGS.model,

@@ -37,6 +37,39 @@ def compare_python():
     return os.environ.get("LUTQ_COMPARE_PYTHON") or sys.executable
 
 
+def check_compare_python(python=None):
+    """The baseline's interpreter, checked to have tf_keras and tfmot.
+
+    Looks the packages up without importing them (no TensorFlow start-up),
+    so a long benchmark can check before its first run.
+
+    Args:
+        python: interpreter to check; see `compare_python()`.
+
+    Returns:
+        The interpreter's path.
+
+    Raises:
+        RuntimeError: it is missing or lacks the packages; the message names
+            `LUTQ_COMPARE_PYTHON`.
+    """
+    python = python or compare_python()
+    probe = ("import importlib.util, sys; sys.exit(not all(importlib.util.find_spec(m) for m "
+             "in ('tf_keras', 'tensorflow_model_optimization')))")
+    try:
+        ok = subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+    except OSError:
+        ok = False
+    if not ok:
+        raise RuntimeError(
+            f"the tfmot baseline needs a python with tf-keras and "
+            f"tensorflow-model-optimization; {python} is missing or has none "
+            f"(LUTQ_COMPARE_PYTHON={os.environ.get('LUTQ_COMPARE_PYTHON')!r}). Set "
+            "LUTQ_COMPARE_PYTHON to such a python, e.g. /work/venv-compare/bin/python "
+            "(see benchmarks/tfmot_baseline.py).")
+    return python
+
+
 def save_initial_weights(model, path):
     """Saves `model.get_weights()` in order, as `--weights_in` expects.
 
@@ -72,7 +105,9 @@ def run_tfmot_baseline(
     Args:
         model: `"mlp"`, `"lenet"`, `"digits_cnn"` (aliases `"digits"`,
             `"cnn"`), `"speed_cnn"`, or `"resnet8"` (give `--resnet8_h5=`
-            in `extra_flags` and the CIFAR-10 path as `data`).
+            in `extra_flags` and the CIFAR-10 path as `data`). With
+            `--pretrained` in `extra_flags` (implied for resnet8), only the
+            clustering run of a pretrained model (`run_pretrained`).
         num_clusters: clusters per kernel (K).
         epochs: epochs of the timed float and clustering runs.
         batch_size: batch size.
