@@ -1,11 +1,28 @@
-"""CIFAR-10 ResNet-8: the fine-tuning recipe, searched on validation data.
+"""The fine-tuning recipe, searched on validation data: ResNet-8 and LeNet-5.
 
-Every variant starts from the MLPerf Tiny .h5 and fine-tunes with Adam,
-batch 64. The search runs on a validation split (the last 10 % of a fixed
-shuffle of the training set; the model trains on the other 90 %), one epoch
-per run, seed 0:
+Two tasks (`--task`), each with its own record:
 
-- each variant's peak learning rate, under cosine decay to 0;
+- `resnet8` (default): CIFAR-10 (`--cifar10`); every variant starts from the
+  MLPerf Tiny .h5 (`--resnet8_h5`). That model was trained on all 50,000
+  training images, so the validation split is not unseen by the starting
+  point: its accuracies run ~5 points above the test set's, and only their
+  ranking is used.
+- `lenet`: MNIST (`--mnist`), LeNet-5 (`experiments.models.lenet`). Every
+  variant starts from a float LeNet trained here from seed 0
+  (`--pretrain_epochs`, Adam 1e-3 with cosine decay, batch 64) on exactly
+  the images the run then fine-tunes on: the search's start on the 90 %
+  split, so that its validation accuracies are on images it has never seen;
+  the reported rows' start on all 60,000, as ResNet-8's start saw all of its
+  training set. The test set touches neither. Both are cached under
+  `experiments.datasets.cache_dir()`, keyed by their images and settings.
+
+Every variant fine-tunes with Adam, batch 64. The search runs on a
+validation split (the last 10 % of a fixed shuffle of the training set,
+`experiments.datasets.validation_split`; the model trains on the other
+90 %), one epoch per run, seed 0:
+
+- each variant's peak learning rate: the first four rates of `RATES` are
+  tried, and the ladder climbs while its largest rate tried wins;
 - the schedule (constant, cosine, cosine with a 10 % linear warm-up), on
   float and 2-bit, each at its own best rate: the one with the best mean
   validation accuracy is used for all, if it beats cosine by more than a
@@ -13,23 +30,44 @@ per run, seed 0:
 - how far each k-means step moves the dictionary (`dictionary_rate`), on
   4-bit and 2-bit at their best rates, for all LUT-Q rows.
 
-The MLPerf model was trained on all 50,000 training images, so the
-validation split is not unseen by the starting point: its accuracies run
-~5 points above the test set's, and only their ranking is used.
-
-The reported rows then train on all 50,000 training images for `--epochs`
+The schedule and the dictionary rate are always chosen on those variants,
+whichever rows `--variants` asks for, so rows added later follow the same
+recipe. The reported rows then train on all training images for `--epochs`
 epochs with the chosen rate and schedule, over `--seeds` seeds, and are
 evaluated once on the test set (mean +- SE). The test set takes no part in
 any choice.
 
-    nice python -m benchmarks.recipe --cifar10=../shared/data/cifar10_jpeg.tgz \
-        --resnet8_h5=../shared/models/mlperf_tiny_resnet8.h5
+Variants: the headline rows (`VARIANTS`, the default) and, by name, the
+tfmot comparison (`COMPARISON`): `tfmot4`, `tfmot16`, `tfmot256` are
+TensorFlow Model Optimization's weight clustering with K = 4, 16, 256
+centroids per Conv2D/Dense kernel (only those layers wrapped, so
+BatchNormalization trains, see `tfmot_resnet8.md`; k-means++ initialisation,
+tfmot's own gradient-trained centroids; evaluated after
+`strip_clustering`), run by `benchmarks/tfmot_baseline.py` in its own
+process (tf_keras; `LUTQ_COMPARE_PYTHON` names its python). `lutq-t4`,
+`lutq-t16`, `lutq-t256` are LUT-Q with one dictionary of K values per
+tensor. They get the same search (each its own peak rate on the same
+ladder, under the task's schedule), epochs and seeds (seeded shuffling on
+both sides, though Keras 3 and tf_keras draw different batch orders), and
+the report adds LUT-Q - tfmot for each K.
 
-Each finished run is appended to `benchmarks/results/recipe.json` at once (a
-rerun skips the runs already there) and the markdown table is rebuilt from
-it: the part runs across sessions.
+    nice python -m benchmarks.recipe --cifar10=../shared/data/cifar10_jpeg.tgz \\
+        --resnet8_h5=../shared/models/mlperf_tiny_resnet8.h5
+    nice python -m benchmarks.recipe --task=lenet --mnist=../shared/data/mnist.npz
+
+and the tfmot rows, added to either task's record (here LeNet's):
+
+    LUTQ_COMPARE_PYTHON=/work/venv-compare/bin/python nice python -m benchmarks.recipe \\
+        --task=lenet --mnist=../shared/data/mnist.npz \\
+        --variants=tfmot4,lutq-t4,tfmot16,lutq-t16,tfmot256,lutq-t256
+
+Each finished run is appended to `benchmarks/results/recipe.json`
+(`recipe_lenet.json` for LeNet) at once (a rerun skips the runs already
+there) and the markdown (`recipe.md`, `recipe_lenet.md`) is rebuilt from it:
+the part runs across sessions.
 """
 
+import collections
 import math
 import os
 import sys
@@ -45,6 +83,11 @@ from benchmarks.record import load_record  # noqa: E402
 from benchmarks.record import save_record  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+# task: (title, record file name in RESULTS, data flags it needs)
+TASKS = {
+    "resnet8": ("CIFAR-10 ResNet-8", "recipe", ("cifar10", "resnet8_h5")),
+    "lenet": ("MNIST LeNet-5", "recipe_lenet", ("mnist",)),
+}
 # Headline rows, each in its best dictionary mode (per channel: see
 # dictionary_modes.md).
 VARIANTS = {
@@ -55,6 +98,14 @@ VARIANTS = {
     "pow2-4": {"bits": 4, "per_channel": True, "constraint": "pow2"},
     "lutq4-pruned50": {"bits": 4, "per_channel": True, "prune_rate": 0.5},
 }
+# tfmot clustering against LUT-Q, both with K values per tensor, opt-in by
+# name: {"tfmot": K} runs in tfmot's process.
+TFMOT_K = (4, 16, 256)
+COMPARISON = {}
+for _k in TFMOT_K:
+    COMPARISON[f"tfmot{_k}"] = {"tfmot": _k}
+    COMPARISON[f"lutq-t{_k}"] = {"bits": int(math.log2(_k)), "per_channel": False}
+KNOWN = {**VARIANTS, **COMPARISON}
 # Peak rates: the first four are always tried, and the search climbs the
 # ladder while the largest rate tried is the best.
 RATES = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
@@ -66,16 +117,29 @@ SCHEDULE_VARIANTS = ("float", "lutq2")
 DICTIONARY_RATES = (1.0, 0.1, 0.0)
 DICTIONARY_RATE_VARIANTS = ("lutq4", "lutq2")
 _BATCH = 64
+# LeNet's float pretraining: Adam at this peak rate, cosine decay, seed 0.
+_PRETRAIN_RATE = 1e-3
+
+# What a run trains and is evaluated on: `split` ("validation" for the
+# search, "test" for the reported rows), `train` and `evaluate` as `(x, y)`,
+# and `start`, the path of the starting weights (the .h5 or a cached .npz).
+Stage = collections.namedtuple("Stage", ["split", "train", "evaluate", "start"])
 
 
 def define_flags():
-    flags.DEFINE_string("cifar10", None, "CIFAR-10 path (see experiments.datasets).")
-    flags.DEFINE_string("resnet8_h5", None, "MLPerf Tiny ResNet-8 .h5.")
-    flags.DEFINE_list("variants", list(VARIANTS), "Headline rows.")
+    flags.DEFINE_enum("task", "resnet8", list(TASKS), "CIFAR-10 ResNet-8 or MNIST LeNet-5.")
+    flags.DEFINE_string("cifar10", None, "resnet8: CIFAR-10 path (see experiments.datasets).")
+    flags.DEFINE_string("resnet8_h5", None, "resnet8: MLPerf Tiny ResNet-8 .h5.")
+    flags.DEFINE_string("mnist", None, "lenet: mnist.npz (or a directory holding it).")
+    flags.DEFINE_list("variants", list(VARIANTS),
+                      f"Rows: the headline rows by default; known: {', '.join(KNOWN)}.")
     flags.DEFINE_integer("epochs", 5, "Epochs of the reported rows.")
     flags.DEFINE_integer("seeds", 3, "Seeds per reported row.")
-    flags.DEFINE_string("out", os.path.join(RESULTS, "recipe"),
-                        "Output path without extension (.json and .md).")
+    flags.DEFINE_integer("pretrain_epochs", 10, "lenet: epochs of the float start.")
+    flags.DEFINE_integer("limit", None, "Use only this many training and test images "
+                         "(smoke tests; experiments.datasets' `limit`).")
+    flags.DEFINE_string("out", None, "Output path without extension (.json and .md); "
+                        "default benchmarks/results/recipe (resnet8) or recipe_lenet.")
 
 
 def learning_rate(peak, schedule, steps, keras=None):
@@ -105,25 +169,123 @@ def learning_rate(peak, schedule, steps, keras=None):
         0.0, steps - warm, warmup_target=peak, warmup_steps=warm)
 
 
-def _run(record, path, key, h5, variant, peak, schedule, epochs, train, evaluate, seed,
-         dictionary_rate=1.0):
-    """One fine-tuning run, skipped if `record` has it; returns its accuracy."""
-    for run in record["runs"]:
-        if run["key"] == key:
-            return run["accuracy"]
+def pretrained_lenet(train, epochs):
+    """The path of a float LeNet-5 trained on `train` from seed 0 (cached).
+
+    Adam at `_PRETRAIN_RATE` with cosine decay to 0, batch 64. The weights
+    are saved as `np.savez(path, *model.get_weights())`, which both Keras 3
+    and `tfmot_baseline.py --weights_in` load. The file is keyed by a hash of
+    the images, labels and settings, so reruns reuse it.
+
+    Args:
+        train: `(x, y)`, the images the start trains on.
+        epochs: its epochs.
+    """
+    import hashlib
+
+    import numpy as np
+
+    from experiments import datasets
+
+    digest = hashlib.sha1(f"{epochs}/{_PRETRAIN_RATE:g}/{_BATCH}/seed0".encode())
+    for array in train:
+        digest.update(np.ascontiguousarray(array))
+    path = os.path.join(datasets.cache_dir(), "recipe", f"lenet-{digest.hexdigest()[:16]}.npz")
+    if os.path.exists(path):
+        return path
+    import keras
+
     from experiments import models
     from experiments import pipeline
 
-    model = models.load_pretrained_resnet8(h5)
-    rate = learning_rate(peak, schedule, epochs * math.ceil(len(train[0]) / _BATCH))
-    start = time.time()
-    if VARIANTS[variant] is None:
-        pipeline.train_float(model, train, epochs, _BATCH, rate, verbose=0, seed=seed)
+    keras.utils.set_random_seed(0)
+    model = models.lenet()
+    steps = epochs * math.ceil(len(train[0]) / _BATCH)
+    pipeline.train_float(model, train, epochs, _BATCH,
+                         learning_rate(_PRETRAIN_RATE, "cosine", steps), verbose=0, seed=0)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = path + ".tmp.npz"
+    np.savez(temp, *model.get_weights())
+    os.replace(temp, path)
+    print(f"float LeNet-5, {epochs} epochs on {len(train[0])} images: {path}", flush=True)
+    return path
+
+
+def _start_model(task, start):
+    """A fresh Keras 3 model from `start` (see `Stage`)."""
+    from experiments import models
+
+    if task == "resnet8":
+        return models.load_pretrained_resnet8(start)
+    import numpy as np
+
+    model = models.lenet()
+    with np.load(start) as weights:
+        model.set_weights([weights[f"arr_{i}"] for i in range(len(weights.files))])
+    return model
+
+
+def _keras_run(task, stage, options, peak, schedule, epochs, seed, dictionary_rate):
+    """Float (`options` None) or LUT-Q fine-tuning in Keras 3; its accuracy."""
+    from experiments import pipeline
+
+    model = _start_model(task, stage.start)
+    rate = learning_rate(peak, schedule, epochs * math.ceil(len(stage.train[0]) / _BATCH))
+    if options is None:
+        pipeline.train_float(model, stage.train, epochs, _BATCH, rate, verbose=0, seed=seed)
     else:
-        model, _ = pipeline.lutq_finetune(model, train, epochs, _BATCH, rate, verbose=0,
-                                          seed=seed, dictionary_rate=dictionary_rate,
-                                          **VARIANTS[variant])
-    accuracy = pipeline.keras_accuracy(model, *evaluate)
+        model, _ = pipeline.lutq_finetune(model, stage.train, epochs, _BATCH, rate, verbose=0,
+                                          seed=seed, dictionary_rate=dictionary_rate, **options)
+    return pipeline.keras_accuracy(model, *stage.evaluate)
+
+
+def _tfmot_run(f, stage, k, peak, schedule, epochs, seed):
+    """tfmot clustering with `k` centroids, in tfmot's process; its accuracy."""
+    from benchmarks import tfmot_runner
+
+    extra = ["--pretrained", "--bn=train", f"--schedule={schedule}", f"--split={stage.split}"]
+    if f.limit:
+        extra.append(f"--limit={f.limit}")
+    if f.task == "resnet8":
+        extra.append(f"--resnet8_h5={stage.start}")
+    result = tfmot_runner.run_tfmot_baseline(
+        model=f.task, num_clusters=k, epochs=epochs, batch_size=_BATCH,
+        data=f.cifar10 if f.task == "resnet8" else f.mnist,
+        weights_in=None if f.task == "resnet8" else stage.start,
+        learning_rate=peak, seed=seed, extra_flags=extra)
+    # Both processes must have split the data alike.
+    if (result["num_train"], result["num_evaluated"]) != (len(stage.train[1]),
+                                                          len(stage.evaluate[1])):
+        raise RuntimeError(f"tfmot trained on {result['num_train']} and evaluated "
+                           f"{result['num_evaluated']} images, Keras 3 on "
+                           f"{len(stage.train[1])} and {len(stage.evaluate[1])}.")
+    return result["test_accuracy"]  # on the stage's evaluation images
+
+
+def _run(record, path, key, f, stage, variant, peak, schedule, epochs, seed,
+         dictionary_rate=1.0):
+    """One fine-tuning run, skipped if `record` has it; returns its accuracy.
+
+    Args:
+        record, path: the record and its file (the run is saved at once).
+        key: the run's key in the record.
+        f: the flag values (task, data paths, limit).
+        stage: the `Stage` it trains and is evaluated on.
+        variant: a name in `KNOWN`.
+        peak, schedule: its learning rate (see `learning_rate`).
+        epochs, seed: epochs; seed of the shuffling and initialisations.
+        dictionary_rate: LUT-Q's `dictionary_rate` (ignored otherwise).
+    """
+    for run in record["runs"]:
+        if run["key"] == key:
+            return run["accuracy"]
+    options = KNOWN[variant]
+    start = time.time()
+    if options is not None and "tfmot" in options:
+        accuracy = _tfmot_run(f, stage, options["tfmot"], peak, schedule, epochs, seed)
+    else:
+        accuracy = _keras_run(f.task, stage, options, peak, schedule, epochs, seed,
+                              dictionary_rate)
     record["runs"].append({"key": key, "accuracy": accuracy,
                            "seconds": round(time.time() - start)})
     save_record(record, path)
@@ -131,16 +293,22 @@ def _run(record, path, key, h5, variant, peak, schedule, epochs, train, evaluate
     return accuracy
 
 
-def search(record, path, f, search_train, validation):
-    """Chooses each variant's peak rate, one schedule and one dictionary rate."""
+def search(record, path, f, stage):
+    """Chooses each variant's peak rate, one schedule and one dictionary rate.
+
+    Args:
+        record, path: the record and its file.
+        f: the flag values; `f.variants` get a peak rate.
+        stage: the validation `Stage`.
+    """
     import numpy as np
 
     def run(variant, rate, schedule, dictionary_rate=1.0):
         key = f"search/{variant}/{schedule}/{rate:g}"
         if dictionary_rate != 1.0:
             key += f"/d{dictionary_rate:g}"
-        return _run(record, path, key, f.resnet8_h5, variant, rate, schedule, 1,
-                    search_train, validation, 0, dictionary_rate)
+        return _run(record, path, key, f, stage, variant, rate, schedule, 1, 0,
+                    dictionary_rate)
 
     def best_rate(variant, schedule):
         scores = {rate: run(variant, rate, schedule) for rate in RATES[:_FIRST_RATES]}
@@ -152,43 +320,61 @@ def search(record, path, f, search_train, validation):
         return best, scores[best]
 
     by_schedule = {
-        schedule: np.mean([best_rate(v, schedule)[1]
-                           for v in SCHEDULE_VARIANTS if v in f.variants])
+        schedule: np.mean([best_rate(v, schedule)[1] for v in SCHEDULE_VARIANTS])
         for schedule in SCHEDULES}
     # Another schedule replaces cosine only if it wins by more than the
-    # noise of one validation accuracy (its SE, ~0.5 pp at 5,000 images).
-    noise = 100 * np.sqrt(0.85 * 0.15 / len(validation[1]))
+    # noise of one validation accuracy (its SE: ~0.5 pp for ResNet-8's 85 %
+    # on 5,000 images).
+    p = by_schedule["cosine"]
+    noise = 100 * np.sqrt(p * (1 - p) / len(stage.evaluate[1]))
     best_schedule = max(SCHEDULES, key=by_schedule.get)
-    gain = 100 * (by_schedule[best_schedule] - by_schedule["cosine"])
-    record["schedule"] = best_schedule if gain > noise else "cosine"
-    best = {v: best_rate(v, record["schedule"])[0] for v in f.variants}
-    record["learning_rates"] = best
+    gain = 100 * (by_schedule[best_schedule] - p)
+    schedule = best_schedule if gain > noise else "cosine"
+    if record.get("schedule") != schedule:
+        record["learning_rates"] = {}  # rates chosen under another schedule
+    record["schedule"] = schedule
+    # Rows asked for now join those of earlier runs of the record.
+    rates = record.setdefault("learning_rates", {})
+    for v in dict.fromkeys([*f.variants, *DICTIONARY_RATE_VARIANTS]):
+        rates[v] = best_rate(v, schedule)[0]
     by_dictionary_rate = {
-        d: np.mean([run(v, best[v], record["schedule"], d)
-                    for v in DICTIONARY_RATE_VARIANTS if v in f.variants])
+        d: np.mean([run(v, rates[v], schedule, d) for v in DICTIONARY_RATE_VARIANTS])
         for d in DICTIONARY_RATES}
     record["dictionary_rate"] = max(DICTIONARY_RATES, key=by_dictionary_rate.get)
     save_record(record, path)
 
 
+def _percent(value):
+    return "" if value is None else f"{100 * value:.2f}%"
+
+
 def markdown(record):
+    """The report of a record: search tables, test rows, tfmot vs LUT-Q."""
     import numpy as np
 
     runs = {r["key"]: r["accuracy"] for r in record["runs"]}
     epochs = record.get("epochs")
+    settings = record.get("settings", {})
+    task = settings.get("task", "resnet8")
+    if task == "lenet":
+        start = (f"Every variant starts from a float LeNet-5 trained here from seed 0 for "
+                 f"{settings.get('pretrain_epochs')} epochs on the images it then trains on "
+                 "(the 90 % for the search, all for the reported rows).")
+    else:
+        start = "Every variant starts from the MLPerf Tiny .h5."
     rates = [r for r in RATES if any(k.split("/")[3:] == [f"{r:g}"] for k in runs)]
-    lines = ["# CIFAR-10 ResNet-8: the fine-tuning recipe", "",
+    lines = [f"# {TASKS[task][0]}: the fine-tuning recipe", "",
              f"`{record.get('command', '')}`", "",
-             "Search: one epoch per run on 90 % of the training set, accuracy on the "
-             "held-out 10 % (seed 0). Peak learning rate per variant:", "",
+             f"{start} Search: one epoch per run on 90 % of the training set, accuracy on "
+             "the held-out 10 % (seed 0). Peak learning rate per variant:", "",
              "| variant | schedule | " + " | ".join(f"{r:g}" for r in rates) + " |",
              "| --- | --- |" + " ---: |" * len(rates)]
-    for variant in VARIANTS:
+    for variant in KNOWN:
         for schedule in SCHEDULES:
             cells = [runs.get(f"search/{variant}/{schedule}/{r:g}") for r in rates]
             if any(c is not None for c in cells):
-                lines.append(f"| {variant} | {schedule} | " + " | ".join(
-                    "" if c is None else f"{100 * c:.2f}%" for c in cells) + " |")
+                lines.append(f"| {variant} | {schedule} | "
+                             + " | ".join(_percent(c) for c in cells) + " |")
     if "schedule" in record:
         lines += ["", f"Chosen schedule: {record['schedule']}; peak rates: " + ", ".join(
             f"{v} {r:g}" for v, r in record["learning_rates"].items()) + "."]
@@ -201,60 +387,124 @@ def markdown(record):
             rate = record["learning_rates"].get(variant)
             key = f"search/{variant}/{record['schedule']}/{rate:g}"
             cells = [runs.get(key if d == 1.0 else f"{key}/d{d:g}") for d in DICTIONARY_RATES]
-            lines.append(f"| {variant} | " + " | ".join(
-                "" if c is None else f"{100 * c:.2f}%" for c in cells) + " |")
+            lines.append(f"| {variant} | " + " | ".join(_percent(c) for c in cells) + " |")
         lines += ["", f"Chosen dictionary rate: {record['dictionary_rate']:g}."]
 
     def stats(variant):
+        """(mean, SE, n) of the test rows in percent; None without any."""
         values = [a for k, a in runs.items() if k.startswith(f"test/{variant}/e{epochs}/seed")]
         if not values:
             return None
         se = np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
         return 100 * np.mean(values), 100 * se, len(values)
 
-    lines += ["", f"Test accuracy after {epochs} epochs on all 50,000 training images "
-              "(Keras), mean +- SE over seeds; gap to float:", "",
+    def cell(s):
+        return f"{s[0]:.2f} +- {s[1]:.2f} (n={s[2]})"
+
+    lines += ["", f"Test accuracy after {epochs} epochs on all "
+              f"{record.get('train_size', 50000):,} training images (Keras 3; tfmot rows: "
+              "tf_keras after `strip_clustering`), mean +- SE over seeds; gap to float:", "",
               "| variant | accuracy | gap to float |", "| --- | ---: | ---: |"]
     base = stats("float")
-    for variant in VARIANTS:
+    for variant in KNOWN:
         s = stats(variant)
         if s is None:
             continue
         gap = "" if base is None or variant == "float" else f"{s[0] - base[0]:+.2f} pp"
-        lines.append(f"| {variant} | {s[0]:.2f} +- {s[1]:.2f} (n={s[2]}) | {gap} |")
+        lines.append(f"| {variant} | {cell(s)} | {gap} |")
+    pairs = [(k, stats(f"tfmot{k}"), stats(f"lutq-t{k}")) for k in TFMOT_K]
+    pairs = [(k, t, q) for k, t, q in pairs if t and q]
+    if pairs:
+        lines += ["", "tfmot clustering vs LUT-Q, both with K values per Conv2D/Dense kernel: "
+                  "the difference of the means, SE = sqrt(SE_LUT-Q^2 + SE_tfmot^2); flagged "
+                  "where LUT-Q is worse by more than 2 SE:", "",
+                  "| K | tfmot | LUT-Q per tensor | LUT-Q - tfmot | |",
+                  "| ---: | ---: | ---: | ---: | --- |"]
+        for k, t, q in pairs:
+            diff, se = q[0] - t[0], math.hypot(q[1], t[1])
+            flag = "LUT-Q worse by > 2 SE" if diff < -2 * se else ""
+            lines.append(f"| {k} | {cell(t)} | {cell(q)} | {diff:+.2f} +- {se:.2f} pp "
+                         f"| {flag} |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
+def validate(f):
+    """Raises `app.UsageError` for flag values that cannot run.
 
+    Args:
+        f: the flag values (`flags.FLAGS`, or any object with its names).
+    """
+    if f.task not in TASKS:
+        raise app.UsageError(f"--task: unknown {f.task!r}; known: {', '.join(TASKS)}")
+    needs = TASKS[f.task][2]
+    if not all(getattr(f, name) for name in needs):
+        raise app.UsageError(f"--task={f.task} needs " + " and ".join(f"--{n}" for n in needs))
+    unknown = [v for v in f.variants if v not in KNOWN]
+    if unknown:
+        raise app.UsageError(f"--variants: unknown {', '.join(unknown)}; "
+                             f"known: {', '.join(KNOWN)}")
+    if any("tfmot" in (KNOWN[v] or {}) for v in f.variants):
+        from benchmarks import tfmot_runner
+
+        try:
+            tfmot_runner.check_compare_python()
+        except RuntimeError as e:
+            raise app.UsageError(f"--variants: the tfmot rows: {e}") from e
+
+
+def run(f, command):
+    """Runs the search, then the reported rows, rebuilding the markdown.
+
+    Args:
+        f: the flag values (see `validate`).
+        command: the command line, for the report.
+    """
     from experiments import datasets
 
-    f = flags.FLAGS
-    if not (f.cifar10 and f.resnet8_h5):
-        raise app.UsageError("give --cifar10 and --resnet8_h5")
-    unknown = set(f.variants) - set(VARIANTS)
-    if unknown:
-        raise app.UsageError(f"--variants: unknown {sorted(unknown)}; known {list(VARIANTS)}")
-    path = f.out + ".json"
+    out = f.out or os.path.join(RESULTS, TASKS[f.task][1])
+    path = out + ".json"
     record = load_record(path)
-    record["command"] = "python -m benchmarks.recipe " + " ".join(sys.argv[1:])
+    settings = {"task": f.task, "limit": f.limit}
+    if f.task == "lenet":
+        settings["pretrain_epochs"] = f.pretrain_epochs
+    # (Records from before the tasks have no settings: ResNet-8, all images.)
+    if record.setdefault("settings", settings) != settings:
+        raise app.UsageError(f"{path} holds runs with {record['settings']}, not {settings}: "
+                             "give another --out")
+    record["command"] = command
     record["epochs"] = f.epochs
-    (x, y), test = datasets.load_cifar10(f.cifar10)
-    search(record, path, f, *datasets.validation_split(x, y))
-    write_markdown(record, f.out)
+    if f.task == "resnet8":
+        (x, y), test = datasets.load_cifar10(f.cifar10, limit=f.limit)
+    else:
+        (x, y), test = datasets.load_mnist(f.mnist, limit=f.limit)
+    record["train_size"] = len(x)
+    search_train, validation = datasets.validation_split(x, y)
+    if f.task == "resnet8":
+        starts = f.resnet8_h5, f.resnet8_h5
+    else:
+        starts = (pretrained_lenet(search_train, f.pretrain_epochs),
+                  pretrained_lenet((x, y), f.pretrain_epochs))
+    search(record, path, f, Stage("validation", search_train, validation, starts[0]))
+    write_markdown(record, out)
+    stage = Stage("test", (x, y), test, starts[1])
     for seed in range(f.seeds):
         for variant in f.variants:
-            _run(record, path, f"test/{variant}/e{f.epochs}/seed{seed}", f.resnet8_h5,
-                 variant, record["learning_rates"][variant], record["schedule"],
-                 f.epochs, (x, y), test, seed, record["dictionary_rate"])
-            write_markdown(record, f.out)
+            _run(record, path, f"test/{variant}/e{f.epochs}/seed{seed}", f, stage, variant,
+                 record["learning_rates"][variant], record["schedule"], f.epochs, seed,
+                 record["dictionary_rate"])
+            write_markdown(record, out)
 
 
 def write_markdown(record, out):
     with open(out + ".md", "w") as f:
         f.write(markdown(record))
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    validate(flags.FLAGS)
+    run(flags.FLAGS, "python -m benchmarks.recipe " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

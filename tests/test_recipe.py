@@ -1,0 +1,279 @@
+"""benchmarks.recipe: flags, the search's choices, the report, the schedules
+(also on the tf_keras side when the compare venv is there), and a smoke run of
+each task (slow; tiny data, a one-rate search)."""
+
+import json
+import math
+import os
+import subprocess
+import types
+
+from absl import app
+import numpy as np
+import pytest
+
+from benchmarks import recipe
+from benchmarks.record import save_record
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SHARED = os.path.join(os.path.dirname(_REPO), "shared")
+_H5 = os.path.join(_SHARED, "models", "mlperf_tiny_resnet8.h5")
+_CIFAR = os.path.join(_SHARED, "data", "cifar10_jpeg.tgz")
+_MNIST = os.path.join(_SHARED, "data", "mnist.npz")
+_COMPARE = os.environ.get("LUTQ_COMPARE_PYTHON", "/work/venv-compare/bin/python")
+_NO_COMPARE = "needs the compare venv (tf_keras, tfmot): set LUTQ_COMPARE_PYTHON"
+
+
+def _flags(**values):
+    f = dict(task="lenet", cifar10=None, resnet8_h5=None, mnist="mnist.npz",
+             variants=list(recipe.VARIANTS), epochs=1, seeds=1, pretrain_epochs=1,
+             limit=None, out=None)
+    f.update(values)
+    return types.SimpleNamespace(**f)
+
+
+# ---------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------
+
+
+def test_default_rows_are_the_headline_rows_and_tfmot_is_opt_in():
+    # The ResNet-8 record's plan depends on the default list.
+    assert list(recipe.VARIANTS) == ["float", "lutq4", "lutq3", "lutq2", "pow2-4",
+                                     "lutq4-pruned50"]
+    assert list(recipe.COMPARISON) == ["tfmot4", "lutq-t4", "tfmot16", "lutq-t16",
+                                       "tfmot256", "lutq-t256"]
+    assert recipe.COMPARISON["lutq-t16"] == {"bits": 4, "per_channel": False}
+    assert recipe.COMPARISON["tfmot256"] == {"tfmot": 256}
+
+
+def test_unknown_variant_names_the_known_ones():
+    with pytest.raises(app.UsageError, match=r"unknown tfmot8; known: float, lutq4, .*"
+                       r"tfmot4, lutq-t4, .*lutq-t256"):
+        recipe.validate(_flags(variants=["float", "tfmot8"]))
+
+
+def test_each_task_needs_its_data():
+    with pytest.raises(app.UsageError, match="--task=resnet8 needs --cifar10 and --resnet8_h5"):
+        recipe.validate(_flags(task="resnet8", cifar10="c.tgz"))
+    with pytest.raises(app.UsageError, match="--task=lenet needs --mnist"):
+        recipe.validate(_flags(mnist=None))
+    with pytest.raises(app.UsageError, match="unknown 'vgg'"):
+        recipe.validate(_flags(task="vgg"))
+    recipe.validate(_flags())
+
+
+def test_tfmot_rows_need_the_compare_python(monkeypatch):
+    monkeypatch.setenv("LUTQ_COMPARE_PYTHON", "/nonexistent/python")
+    recipe.validate(_flags(variants=["lutq-t4"]))  # LUT-Q rows alone do not
+    with pytest.raises(app.UsageError, match="LUTQ_COMPARE_PYTHON"):
+        recipe.validate(_flags(variants=["lutq-t4", "tfmot4"]))
+
+
+def test_a_record_of_other_settings_is_refused(tmp_path):
+    out = str(tmp_path / "r")
+    save_record({"runs": [], "settings": {"task": "lenet", "limit": 100,
+                                                 "pretrain_epochs": 1}}, out + ".json")
+    with pytest.raises(app.UsageError, match="give another --out"):
+        recipe.run(_flags(limit=200, out=out), "cmd")
+
+
+# ---------------------------------------------------------------------------
+# The search
+# ---------------------------------------------------------------------------
+
+# Each variant's best rate in the fake search below.
+_BEST = {"float": 1e-4, "lutq2": 1e-3, "lutq4": 3e-4, "tfmot4": 3e-3, "lutq-t4": 1e-4,
+         "lutq-t16": 3e-5}
+
+
+def _fake_search(monkeypatch, warmup_gain):
+    calls = []
+
+    def fake_run(record, path, key, f, stage, variant, peak, schedule, epochs, seed,
+                 dictionary_rate=1.0):
+        calls.append(key)
+        gain = {"cosine": 0.0, "constant": -0.01, "warmup": warmup_gain}[schedule]
+        return (0.9 - 0.01 * abs(math.log10(peak / _BEST[variant])) + gain
+                + (0.01 if dictionary_rate == 0.1 else 0.0))
+
+    monkeypatch.setattr(recipe, "_run", fake_run)
+    return calls
+
+
+def test_search_chooses_a_schedule_then_every_rows_rate(tmp_path, monkeypatch):
+    calls = _fake_search(monkeypatch, warmup_gain=0.05)
+    # 100 validation images: one accuracy's SE is 3 pp, below warm-up's 5.
+    stage = recipe.Stage("validation", None, (None, np.zeros(100)), "start")
+    record = {"runs": []}
+    path = str(tmp_path / "r.json")
+    recipe.search(record, path, _flags(variants=["float", "tfmot4", "lutq-t4"]), stage)
+    assert record["schedule"] == "warmup"
+    assert record["learning_rates"] == {"float": 1e-4, "tfmot4": 3e-3, "lutq-t4": 1e-4,
+                                        "lutq4": 3e-4, "lutq2": 1e-3}
+    assert record["dictionary_rate"] == 0.1
+    # The schedule is chosen on float and 2-bit only; the ladder climbs while
+    # its largest rate wins (tfmot4: up to 1e-2, lutq2: to 3e-3).
+    tfmot = [k for k in calls if k.startswith("search/tfmot4/")]
+    assert {k.split("/")[2] for k in tfmot} == {"warmup"}
+    assert "search/tfmot4/warmup/0.01" in tfmot and "search/lutq2/cosine/0.003" in calls
+    assert "search/lutq2/cosine/0.01" not in calls
+    assert "search/lutq4/warmup/0.0003/d0" in calls
+    # A later run for more rows keeps the rates already chosen.
+    recipe.search(record, path, _flags(variants=["lutq-t16"]), stage)
+    assert record["learning_rates"]["float"] == 1e-4
+    assert record["learning_rates"]["lutq-t16"] == 3e-5
+    with open(path) as f:
+        assert json.load(f)["schedule"] == "warmup"
+
+
+def test_a_schedule_within_the_noise_leaves_cosine(tmp_path, monkeypatch):
+    _fake_search(monkeypatch, warmup_gain=0.02)
+    stage = recipe.Stage("validation", None, (None, np.zeros(100)), "start")
+    record = {"runs": []}
+    recipe.search(record, str(tmp_path / "r.json"), _flags(variants=["float"]), stage)
+    assert record["schedule"] == "cosine"
+
+
+# ---------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------
+
+
+def _record():
+    runs = [{"key": "search/float/cosine/0.0003", "accuracy": 0.991},
+            {"key": "search/tfmot4/cosine/0.001", "accuracy": 0.95}]
+    tests = {"float": (0.990, 0.992, 0.991),
+             "tfmot4": (0.97, 0.97, 0.97), "lutq-t4": (0.98, 0.98, 0.98),
+             "tfmot16": (0.99, 0.99, 0.99), "lutq-t16": (0.96, 0.965, 0.97),
+             "tfmot256": (0.99, 0.99, 0.99), "lutq-t256": (0.975, 0.985, 0.995),
+             "lutq2": (0.99,)}
+    for variant, values in tests.items():
+        runs += [{"key": f"test/{variant}/e2/seed{s}", "accuracy": a}
+                 for s, a in enumerate(values)]
+    return {"runs": runs, "epochs": 2, "train_size": 60000, "command": "cmd",
+            "settings": {"task": "lenet", "limit": None, "pretrain_epochs": 10}}
+
+
+def test_report_shows_rows_gaps_and_the_tfmot_pairs():
+    text = recipe.markdown(_record())
+    assert text.startswith("# MNIST LeNet-5: the fine-tuning recipe\n")
+    assert "trained here from seed 0 for 10 epochs" in text
+    assert "| tfmot4 | cosine |  | 95.00% |" in text
+    assert "after 2 epochs on all 60,000 training images" in text
+    assert "| float | 99.10 +- 0.06 (n=3) |  |" in text
+    assert "| lutq-t16 | 96.50 +- 0.29 (n=3) | -2.60 pp |" in text
+    assert "| lutq2 | 99.00 +- nan (n=1) | -0.10 pp |" in text
+    assert "| 4 | 97.00 +- 0.00 (n=3) | 98.00 +- 0.00 (n=3) | +1.00 +- 0.00 pp |  |" in text
+    assert ("| 16 | 99.00 +- 0.00 (n=3) | 96.50 +- 0.29 (n=3) | -2.50 +- 0.29 pp "
+            "| LUT-Q worse by > 2 SE |") in text
+    assert "| 256 | 99.00 +- 0.00 (n=3) | 98.50 +- 0.58 (n=3) | -0.50 +- 0.58 pp |  |" in text
+
+
+def test_report_of_a_record_from_before_the_tasks():
+    record = {"runs": [{"key": "test/float/e5/seed0", "accuracy": 0.8}], "epochs": 5}
+    text = recipe.markdown(record)
+    assert text.startswith("# CIFAR-10 ResNet-8: the fine-tuning recipe\n")
+    assert "MLPerf Tiny .h5" in text and "all 50,000 training images" in text
+    assert "LUT-Q - tfmot" not in text
+
+
+# ---------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------
+
+_STEPS = (0, 1, 5, 9, 10, 11, 55, 99, 100)
+
+
+def _values(schedule):
+    rate = recipe.learning_rate(1e-3, schedule, 100)
+    return [float(rate(step)) for step in _STEPS]
+
+
+def test_schedules():
+    assert recipe.learning_rate(1e-3, "constant", 100) == 1e-3
+    np.testing.assert_allclose(
+        _values("cosine"), [1e-3 * 0.5 * (1 + math.cos(math.pi * s / 100)) for s in _STEPS],
+        rtol=1e-5, atol=1e-9)
+    # 10 steps of linear warm-up, then cosine over the other 90.
+    np.testing.assert_allclose(
+        _values("warmup"), [1e-4 * s if s <= 10 else
+                            1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 90))
+                            for s in _STEPS], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(_COMPARE), reason=_NO_COMPARE)
+def test_tf_keras_gets_the_same_schedules_and_validation_split():
+    script = (
+        "import json; import numpy as np; import tf_keras\n"
+        "from benchmarks.recipe import learning_rate\n"
+        "from experiments.datasets import validation_split\n"
+        f"steps = {list(_STEPS)}\n"
+        "out = {s: [float(learning_rate(1e-3, s, 100, tf_keras)(t)) for t in steps]\n"
+        "       for s in ('cosine', 'warmup')}\n"
+        "out['held'] = validation_split(np.arange(1000), np.arange(1000))[1][0].tolist()\n"
+        "print(json.dumps(out))\n")
+    proc = subprocess.run([_COMPARE, "-c", script], cwd=_REPO, capture_output=True,
+                          text=True, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    tf_keras_side = json.loads(proc.stdout.strip().splitlines()[-1])
+    for schedule in ("cosine", "warmup"):
+        np.testing.assert_allclose(tf_keras_side[schedule], _values(schedule), rtol=1e-6)
+    from experiments import datasets
+
+    held = datasets.validation_split(np.arange(1000), np.arange(1000))[1][0]
+    assert tf_keras_side["held"] == held.tolist()
+
+
+# ---------------------------------------------------------------------------
+# Smoke runs: both tasks, a float, a LUT-Q and a tfmot row, one rate, one epoch
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_rate_search(monkeypatch):
+    monkeypatch.setattr(recipe, "RATES", (1e-3,))
+    monkeypatch.setattr(recipe, "_FIRST_RATES", 1)
+    monkeypatch.setattr(recipe, "SCHEDULES", ("cosine",))
+    monkeypatch.setattr(recipe, "SCHEDULE_VARIANTS", ("float",))
+    monkeypatch.setattr(recipe, "DICTIONARY_RATES", (1.0,))
+    monkeypatch.setattr(recipe, "DICTIONARY_RATE_VARIANTS", ("lutq-t4",))
+    monkeypatch.setenv("LUTQ_COMPARE_PYTHON", _COMPARE)
+
+
+def _smoke(f):
+    recipe.validate(f)
+    recipe.run(f, "smoke")
+    with open(f.out + ".json") as r:
+        record = json.load(r)
+    assert [r["key"] for r in record["runs"]] == [
+        "search/float/cosine/0.001", "search/lutq-t4/cosine/0.001",
+        "search/tfmot4/cosine/0.001", "test/float/e1/seed0", "test/lutq-t4/e1/seed0",
+        "test/tfmot4/e1/seed0"]
+    assert all(0 <= r["accuracy"] <= 1 for r in record["runs"])
+    with open(f.out + ".md") as md:
+        assert "| 4 | " in md.read()
+    recipe.run(f, "smoke")  # resumed: nothing left to run
+    with open(f.out + ".json") as r:
+        assert len(json.load(r)["runs"]) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (os.path.exists(_COMPARE) and os.path.exists(_MNIST)),
+                    reason=f"{_NO_COMPARE}; and ../shared's mnist.npz")
+def test_lenet_smoke(one_rate_search, tmp_path, monkeypatch):
+    monkeypatch.setenv("LUTQ_TF_CACHE_DIR", str(tmp_path / "cache"))
+    _smoke(_flags(mnist=_MNIST, variants=["float", "lutq-t4", "tfmot4"], limit=256,
+                  out=str(tmp_path / "r")))
+    # Two float starts (90 % and all), reused by the rerun.
+    assert len(os.listdir(tmp_path / "cache" / "recipe")) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (os.path.exists(_COMPARE) and os.path.exists(_H5)
+                         and os.path.exists(_CIFAR)),
+                    reason=f"{_NO_COMPARE}; and ../shared's ResNet-8 .h5 and CIFAR-10")
+def test_resnet8_smoke(one_rate_search, tmp_path):
+    _smoke(_flags(task="resnet8", cifar10=_CIFAR, resnet8_h5=_H5, mnist=None,
+                  variants=["float", "lutq-t4", "tfmot4"], limit=128,
+                  out=str(tmp_path / "r")))
