@@ -87,7 +87,7 @@ _BEST = {"float": 1e-4, "lutq2": 1e-3, "lutq4": 3e-4, "tfmot4": 3e-3, "lutq-t4":
          "lutq-t16": 3e-5}
 
 
-def _fake_search(monkeypatch, warmup_gain):
+def _fake_search(monkeypatch, warmup_gain, dictionary_gain=0.04):
     calls = []
 
     def fake_run(record, path, key, f, stage, variant, peak, schedule, epochs, seed,
@@ -95,7 +95,7 @@ def _fake_search(monkeypatch, warmup_gain):
         calls.append(key)
         gain = {"cosine": 0.0, "constant": -0.01, "warmup": warmup_gain}[schedule]
         return (0.9 - 0.01 * abs(math.log10(peak / _BEST[variant])) + gain
-                + (0.01 if dictionary_rate == 0.1 else 0.0))
+                + (dictionary_gain if dictionary_rate == 0.1 else 0.0))
 
     monkeypatch.setattr(recipe, "_run", fake_run)
     return calls
@@ -103,7 +103,8 @@ def _fake_search(monkeypatch, warmup_gain):
 
 def test_search_chooses_a_schedule_then_every_rows_rate(tmp_path, monkeypatch):
     calls = _fake_search(monkeypatch, warmup_gain=0.05)
-    # 100 validation images: one accuracy's SE is 3 pp, below warm-up's 5.
+    # 100 validation images: one accuracy's SE is 3 pp, below warm-up's 5 and the
+    # dictionary rate 0.1's 4.
     stage = recipe.Stage("validation", None, (None, np.zeros(100)), "start")
     record = {"runs": []}
     path = str(tmp_path / "r.json")
@@ -127,12 +128,12 @@ def test_search_chooses_a_schedule_then_every_rows_rate(tmp_path, monkeypatch):
         assert json.load(f)["schedule"] == "warmup"
 
 
-def test_a_schedule_within_the_noise_leaves_cosine(tmp_path, monkeypatch):
-    _fake_search(monkeypatch, warmup_gain=0.02)
+def test_choices_within_the_noise_keep_the_defaults(tmp_path, monkeypatch):
+    _fake_search(monkeypatch, warmup_gain=0.02, dictionary_gain=0.02)
     stage = recipe.Stage("validation", None, (None, np.zeros(100)), "start")
     record = {"runs": []}
     recipe.search(record, str(tmp_path / "r.json"), _flags(variants=["float"]), stage)
-    assert record["schedule"] == "cosine"
+    assert record["schedule"] == "cosine" and record["dictionary_rate"] == 1.0
 
 
 # ---------------------------------------------------------------------------
