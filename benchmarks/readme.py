@@ -89,28 +89,43 @@ def dictionary_modes():
 
 
 def recipe():
+    from benchmarks import recipe as recipe_lib
+
     if not os.path.exists(os.path.join(RESULTS, "recipe.json")):
         return ["(Not run yet: `python -m benchmarks.recipe --cifar10=... --resnet8_h5=...`.)"]
     record = _json("recipe.json")
     runs = {r["key"]: r["accuracy"] for r in record["runs"]}
     lines = [f"`{record['command']}`"]
-    if "schedule" not in record:
+    if "dictionary_rate" not in record:
         return lines + ["", "(The search is still running.)"]
-    epochs = record["epochs"]
-    lines += ["", f"Chosen on the validation split: {record['schedule']} schedule; peak "
-              "rates " + ", ".join(f"{v} {r:g}" for v, r in record["learning_rates"].items())
-              + f". Test accuracy after {epochs} epochs, mean +- SE over seeds:", "",
-              "| variant | accuracy | seeds | gap to float |", "| --- | ---: | ---: | ---: |"]
+    epochs, rates = record["epochs"], record["learning_rates"]
+    schedule = {"cosine": "cosine decay to 0 over all steps",
+                "warmup": "cosine decay after a 10 % linear warm-up",
+                "constant": "a constant rate"}[record["schedule"]]
+    lines += ["", f"Chosen on the validation split: Adam, batch 64, {schedule}, "
+              f"`dictionary_rate={record['dictionary_rate']:g}`, and each variant's peak "
+              f"rate below. Test accuracy after {epochs} epochs on all training images, "
+              "mean +- SE over seeds, against the issue's target gap to float:", "",
+              "| variant | `quantize_model` options | peak rate | accuracy | seeds "
+              "| gap to float | target |",
+              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     base = None
-    for variant in record["learning_rates"]:
+    for variant, options in recipe_lib.VARIANTS.items():
         values = [a for k, a in runs.items() if k.startswith(f"test/{variant}/e{epochs}/seed")]
-        if not values:
+        if variant not in rates or not values:
             continue
         mean = 100 * np.mean(values)
-        if variant == "float":
-            base = mean
-        gap = f"{mean - base:+.2f} pp" if base is not None and variant != "float" else ""
-        lines.append(f"| {variant} | {_mean_se(values)} | {len(values)} | {gap} |")
+        base = mean if variant == "float" else base
+        gap = target = ""
+        if base is not None and variant != "float":
+            gap = f"{mean - base:+.2f} pp"
+            margin = recipe_lib.TARGETS["resnet8"].get(variant)
+            if margin is not None:
+                target = f"<= {margin} pp: " + (
+                    "met" if base - mean <= margin else f"missed by {base - mean - margin:.2f} pp")
+        args = "-" if options is None else ", ".join(f"{k}={v!r}" for k, v in options.items())
+        lines.append(f"| {variant} | `{args}` | {rates[variant]:g} | {_mean_se(values)} "
+                     f"| {len(values)} | {gap} | {target} |")
     return lines
 
 
