@@ -110,9 +110,12 @@ def test_search_chooses_a_schedule_then_every_rows_rate(tmp_path, monkeypatch):
     path = str(tmp_path / "r.json")
     recipe.search(record, path, _flags(variants=["float", "tfmot4", "lutq-t4"]), stage)
     assert record["schedule"] == "warmup"
+    # Per-tensor rows asked for: their dictionary rate is chosen on lutq-t4/16.
     assert record["learning_rates"] == {"float": 1e-4, "tfmot4": 3e-3, "lutq-t4": 1e-4,
-                                        "lutq4": 3e-4, "lutq2": 1e-3}
-    assert record["dictionary_rate"] == 0.1
+                                        "lutq4": 3e-4, "lutq2": 1e-3, "lutq-t16": 3e-5}
+    assert record["dictionary_rate"] == record["tensor_dictionary_rate"] == 0.1
+    assert "search/lutq-t16/warmup/3e-05/d0" in calls
+    assert recipe.dictionary_rate(record, "lutq-t4") == record["tensor_dictionary_rate"]
     # The schedule is chosen on float and 2-bit only; the ladder climbs while
     # its largest rate wins (tfmot4: up to 1e-2, lutq2: to 3e-3).
     tfmot = [k for k in calls if k.startswith("search/tfmot4/")]
@@ -238,7 +241,8 @@ def one_rate_search(monkeypatch):
     monkeypatch.setattr(recipe, "SCHEDULES", ("cosine",))
     monkeypatch.setattr(recipe, "SCHEDULE_VARIANTS", ("float",))
     monkeypatch.setattr(recipe, "DICTIONARY_RATES", (1.0,))
-    monkeypatch.setattr(recipe, "DICTIONARY_RATE_VARIANTS", ("lutq-t4",))
+    monkeypatch.setattr(recipe, "DICTIONARY_RATE_VARIANTS",
+                        {"dictionary_rate": ("lutq-t4",), "tensor_dictionary_rate": ("lutq-t4",)})
     monkeypatch.setenv("LUTQ_COMPARE_PYTHON", _COMPARE)
 
 
