@@ -1,6 +1,7 @@
-# Two entry points, each of which sets up its own virtual environment:
-#   make demo   train, quantise, export and verify on sklearn's bundled digits
-#   make test   run the test suite
+# Entry points, each of which sets up its own virtual environment:
+#   make demo       train, quantise, export and verify on sklearn's bundled digits
+#   make test       run the test suite (what CI runs; without `extended` tests)
+#   make test-all   run every test, the `extended` ones too
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,4 +21,9 @@ test: venv
 	$(VENV)/bin/ruff check .
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q
 
-.PHONY: venv demo test
+# -m "" replaces setup.cfg's -m "not extended": no test is deselected.
+test-all: venv
+	$(VENV)/bin/ruff check .
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -m ""
+
+.PHONY: venv demo test test-all

@@ -264,9 +264,18 @@ def _smoke(f):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.skipif(not (os.path.exists(_COMPARE) and os.path.exists(_MNIST)),
                     reason=f"{_NO_COMPARE}; and ../shared's mnist.npz")
 def test_lenet_smoke(one_rate_search, tmp_path, monkeypatch):
+    """Extended (`make test-all`; needs ../shared and the compare venv,
+    which CI lacks). The default tests cover the pieces this runs end to
+    end: the search and its choices
+    (test_search_chooses_a_schedule_then_every_rows_rate), the report
+    (test_report_shows_rows_gaps_and_the_tfmot_pairs), the record's
+    settings on a rerun (test_a_record_of_other_settings_is_refused) and
+    the tf_keras side's schedules
+    (test_tf_keras_gets_the_same_schedules_and_validation_split)."""
     monkeypatch.setenv("LUTQ_TF_CACHE_DIR", str(tmp_path / "cache"))
     _smoke(_flags(mnist=_MNIST, variants=["float", "lutq-t4", "tfmot4"], limit=256,
                   out=str(tmp_path / "r")))
@@ -275,10 +284,14 @@ def test_lenet_smoke(one_rate_search, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.skipif(not (os.path.exists(_COMPARE) and os.path.exists(_H5)
                          and os.path.exists(_CIFAR)),
                     reason=f"{_NO_COMPARE}; and ../shared's ResNet-8 .h5 and CIFAR-10")
 def test_resnet8_smoke(one_rate_search, tmp_path):
+    """Extended (`make test-all`): as test_lenet_smoke, on the ResNet-8 task
+    (its flags: test_each_task_needs_its_data; its report:
+    test_report_of_a_record_from_before_the_tasks)."""
     _smoke(_flags(task="resnet8", cifar10=_CIFAR, resnet8_h5=_H5, mnist=None,
                   variants=["float", "lutq-t4", "tfmot4"], limit=128,
                   out=str(tmp_path / "r")))
