@@ -1,9 +1,17 @@
-"""Tests of the export command line and of the C array for firmware."""
+"""Tests of the export command line and of the C array for firmware.
 
+One test runs `python -m tflite_export` in a fresh process (the entry
+point); the others call its `main` in this process (`run_cli`), which
+spares each a TensorFlow import of several seconds.
+"""
+
+import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import keras
 import numpy as np
@@ -30,6 +38,7 @@ def _lut_model(seed=0):
 
 
 def _run_cli(*args, cwd):
+    """`python -m tflite_export ARGS` in a fresh process."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(
@@ -38,11 +47,43 @@ def _run_cli(*args, cwd):
     )
 
 
+def run_cli(*args, cwd):
+    """`python -m tflite_export ARGS` in this process, as `app.run` runs it:
+    the flags parsed, then `main`; a flag or usage error prints its message
+    and exits with 1. Returns, like `subprocess.run`, the exit code and the
+    printed stdout and stderr."""
+    from absl import app
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from tflite_export import __main__ as cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    was_parsed = flags.FLAGS.is_parsed()
+    here = os.getcwd()
+    try:
+        os.chdir(cwd)
+        with flagsaver.flagsaver(), contextlib.redirect_stdout(stdout), \
+                contextlib.redirect_stderr(stderr):
+            try:
+                code = cli.main(flags.FLAGS(["tflite_export", *map(str, args)]))
+            except (flags.Error, app.UsageError) as error:
+                print(f"FATAL {error}", file=sys.stderr)
+                code = 1
+    finally:
+        os.chdir(here)
+        if not was_parsed:
+            flags.FLAGS.unparse_flags()
+    return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(),
+                                 stderr=stderr.getvalue())
+
+
 @pytest.mark.slow
 def test_cli_exports_and_prints_the_report(tmp_path):
     model, data = _lut_model()
     model.save(tmp_path / "model.keras")
     np.save(tmp_path / "data.npy", data)
+    # The entry point, in its own process.
     proc = _run_cli(
         "model.keras", "--out", "model.tflite", "--quantize", "int8",
         "--representative", "data.npy", "--c_array", "model_data.cc",
@@ -55,7 +96,7 @@ def test_cli_exports_and_prints_the_report(tmp_path):
         assert needle in proc.stdout
     assert (tmp_path / "model_data.cc").exists() and (tmp_path / "model_data.h").exists()
     # --noslim keeps what TFLM does not read: a larger file.
-    proc = _run_cli(
+    proc = run_cli(
         "model.keras", "--out", "full.tflite", "--representative", "data.npy",
         "--noslim", "--shared_tables", "false", cwd=tmp_path,
     )
@@ -69,7 +110,7 @@ def test_cli_exports_a_tf_keras_2_h5(tmp_path):
     # DepthwiseConv2D with tf.keras 2.x's `groups` key, which Keras 3 refuses.
     save_tf_keras_style_h5(model, tmp_path / "model.h5", groups=1)
     np.save(tmp_path / "data.npy", data)
-    proc = _run_cli(
+    proc = run_cli(
         "model.h5", "--quantize", "int8", "--representative", "data.npy",
         cwd=tmp_path,
     )
@@ -81,7 +122,7 @@ def test_cli_exports_a_tf_keras_2_h5(tmp_path):
 @pytest.mark.slow
 def test_cli_reports_an_unreadable_h5_and_writes_nothing(tmp_path):
     (tmp_path / "model.h5").write_bytes(b"not an HDF5 file")
-    proc = _run_cli("model.h5", "--out", "model.tflite", cwd=tmp_path)
+    proc = run_cli("model.h5", "--out", "model.tflite", cwd=tmp_path)
     assert proc.returncode == 1
     assert "error: model.h5 is not a Keras model file" in proc.stderr
     assert not (tmp_path / "model.tflite").exists()
@@ -91,7 +132,7 @@ def test_cli_reports_an_unreadable_h5_and_writes_nothing(tmp_path):
 def test_cli_reports_bad_input_and_writes_nothing(tmp_path):
     model, _ = _lut_model()
     model.save(tmp_path / "model.keras")
-    proc = _run_cli("model.keras", "--out", "model.tflite", cwd=tmp_path)
+    proc = run_cli("model.keras", "--out", "model.tflite", cwd=tmp_path)
     assert proc.returncode == 1
     assert "needs representative_data" in proc.stderr
     assert not (tmp_path / "model.tflite").exists()
@@ -154,7 +195,7 @@ def test_cli_takes_an_npz_with_one_array_per_input(tmp_path):
     model.save(tmp_path / "model.keras")
     np.savez(tmp_path / "named.npz", alpha=data[1], zeta=data[0])
     np.savez(tmp_path / "ordered.npz", *data)
-    proc = _run_cli("model.keras", "--out", "a.tflite", "--representative",
+    proc = run_cli("model.keras", "--out", "a.tflite", "--representative",
                     "named.npz", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "output_1:" in proc.stdout and "bit-exact" in proc.stdout
@@ -178,13 +219,13 @@ def test_cli_names_a_bad_data_file_and_a_damaged_model(tmp_path):
     model, data = _lut_model()
     model.save(tmp_path / "model.keras")
     (tmp_path / "data.txt").write_text("1 2 3\n")
-    proc = _run_cli("model.keras", "--representative", "data.txt", cwd=tmp_path)
+    proc = run_cli("model.keras", "--representative", "data.txt", cwd=tmp_path)
     assert proc.returncode == 1
     assert "error: --representative data.txt is not a .npy or .npz file" in proc.stderr
     with zipfile.ZipFile(tmp_path / "damaged.keras", "w") as z:
         z.writestr("readme.txt", "no config.json")
     for name in ("damaged.keras",):
-        proc = _run_cli(name, "--quantize", "float32", cwd=tmp_path)
+        proc = run_cli(name, "--quantize", "float32", cwd=tmp_path)
         assert proc.returncode == 1, proc.stderr[-2000:]
         assert (f"error: cannot load {name} as a Keras model" in proc.stderr
                 or f"error: {name} is not a Keras model file" in proc.stderr)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from test_export import decode_op_count
 from test_export import set_lut
+from test_export_cli import run_cli
 
 import tflite_export
 from tflite_export import convert
@@ -343,22 +344,13 @@ def test_ram_budget_below_int8_arena_names_the_minimum(tmp_path):
 
 @pytest.mark.slow
 def test_cli_max_decode_bytes_and_bad_budget(tmp_path):
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    # In this process: tests/test_export_cli.py runs the entry point itself.
     model, data = _lut_model("dense")
     model.save(tmp_path / "model.keras")
     np.save(tmp_path / "data.npy", data)
 
     def run(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "tflite_export", "model.keras",
-             "--representative", "data.npy", *args],
-            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-        )
+        return run_cli("model.keras", "--representative", "data.npy", *args, cwd=tmp_path)
 
     proc = run("--out", "m.tflite", "--max_decode_bytes", "8192")
     assert proc.returncode == 0, proc.stderr[-3000:]
