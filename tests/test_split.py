@@ -296,6 +296,28 @@ def test_ram_bytes_fits_the_budget_with_a_small_file(tmp_path):
     assert lut.choice == "int8" and not tight.compressed_tensors
 
 
+@pytest.mark.slow
+def test_ram_bytes_tries_plans_a_pessimistic_estimate_rules_out(tmp_path, monkeypatch):
+    from tflite_export import ram_budget
+
+    model, data = _lut_model("dense")
+    unsplit = tflite_export.export(
+        model, tmp_path / "u.tflite", representative_data=data,
+        weight_quantization="per_tensor",
+    )
+    budget = unsplit.baseline_arena_bytes + 8192
+    # Every group op estimated far above its real cost: no split "fits" the
+    # estimate, so only the plans whose decode buffer alone fits find one.
+    monkeypatch.setattr(ram_budget, "GROUP_OP_BYTES", 1 << 20)
+    result = tflite_export.export(
+        model, tmp_path / "m.tflite", representative_data=data, ram_bytes=budget,
+        weight_quantization="per_tensor",
+    )
+    assert result.arena_bytes <= budget and result.verification.bit_exact
+    (lut,) = [c for c in result.ram.choices if c.layer == "lut"]
+    assert lut.choice == "split"
+
+
 # -- Bad input: clear errors, nothing written --------------------------------
 
 
