@@ -200,9 +200,17 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def byte_model(digits):
-    model, (x, _), _ = digits
-    return plan_costs.measure(model, x[:64])
+def digits_choices(digits):
+    """The digits model's choices, measured once for every budget below:
+    `plan_budget(model, budget, x, ...)` is `choices(model, x, ...).plan(budget)`."""
+    model, (x, y), _ = digits
+    return planner.choices(model, x[:256], labels=y[:256], kmeans_iterations=4)
+
+
+@pytest.fixture(scope="module")
+def byte_model(digits_choices):
+    # The choices' reference conversion: plan_costs.measure(model, x[:64]).
+    return digits_choices.byte_model
 
 
 def _slack(file_bytes):
@@ -246,11 +254,10 @@ def test_byte_estimate_bounds_the_written_file_for_random_plans(digits, byte_mod
 
 
 @pytest.mark.slow
-def test_budgets_met_on_the_digits_model(digits, tmp_path):
+def test_budgets_met_on_the_digits_model(digits, digits_choices, tmp_path):
     model, (x, y), (x_test, y_test) = digits
     for budget in (12_000, 7_000):
-        plan = planner.plan_budget(model, budget, x[:256], labels=y[:256],
-                                   kmeans_iterations=4)
+        plan = digits_choices.plan(budget)
         assert plan.estimate_bytes <= budget
         assert "sensitivity" in str(plan)
         q = lutq_tf.quantize_model(model, **plan)
@@ -281,12 +288,9 @@ def test_budget_below_the_smallest_file_names_the_minimum(digits):
 
 
 @pytest.mark.slow
-def test_more_budget_never_costs_sensitivity(digits):
-    model, (x, y), _ = digits
-    kwargs = dict(labels=y[:128], bits=(1, 2, 4), modes=("tensor", "channel"),
-                  kmeans_iterations=2, max_batches=2)
-    small = planner.plan_budget(model, 8_000, x[:128], **kwargs)
-    large = planner.plan_budget(model, 16_000, x[:128], **kwargs)
+def test_more_budget_never_costs_sensitivity(digits_choices):
+    small = digits_choices.plan(8_000)
+    large = digits_choices.plan(16_000)
     assert large.sensitivity <= small.sensitivity
     assert small.estimate_bytes <= 8_000 < large.estimate_bytes <= 16_000
 
