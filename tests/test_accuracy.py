@@ -42,7 +42,9 @@ def test_fine_tuning_keeps_95_percent_of_float_accuracy(pretrained, options):
     model, ((x_train, y_train), (x_test, y_test)), float_accuracy = pretrained
     quantized = lutq_tf.quantize_model(model, **options)
     _compile(quantized, 3e-4)
-    quantized.fit(x_train, y_train, epochs=10, batch_size=32, verbose=0)
+    # 3 epochs: from the first on, each variant scores 97-98 % (measured
+    # over 10 epochs), 4 pp above the bar.
+    quantized.fit(x_train, y_train, epochs=3, batch_size=32, verbose=0)
     accuracy = quantized.evaluate(x_test, y_test, verbose=0)[1]
     assert accuracy >= 0.95 * float_accuracy, (accuracy, float_accuracy)
 
