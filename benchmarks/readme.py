@@ -132,6 +132,12 @@ def recipe():
     return lines
 
 
+def batchnorm():
+    from benchmarks import batchnorm as batchnorm_lib
+
+    return batchnorm_lib.markdown(_json("batchnorm.json")).rstrip("\n").splitlines()
+
+
 def quickstart():
     with open(os.path.join(RESULTS, "quickstart.md")) as f:
         return f.read().rstrip("\n").splitlines()
@@ -189,8 +195,8 @@ def ram_budget():
 
 
 BLOCKS = {"mlperf_flash": mlperf_flash, "budgets": budgets, "ram_budget": ram_budget,
-          "dictionary_modes": dictionary_modes,
-          "recipe": recipe, "quickstart": quickstart, "train_speed": train_speed}
+          "dictionary_modes": dictionary_modes, "recipe": recipe, "batchnorm": batchnorm,
+          "quickstart": quickstart, "train_speed": train_speed}
 
 
 def render(text):

@@ -11,6 +11,7 @@ check_tensorflow_backend()
 
 from lutq_tf import callbacks  # noqa: E402
 from lutq_tf import constraints  # noqa: E402
+from lutq_tf.batchnorm import reestimate_batchnorm  # noqa: E402
 from lutq_tf.loading import load_model  # noqa: E402
 from lutq_tf.model import LUTQModel  # noqa: E402
 from lutq_tf.model import LUTQModelMixin  # noqa: E402
