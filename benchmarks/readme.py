@@ -65,7 +65,9 @@ def mlperf_flash():
 
 def _mean_se(values):
     values = 100 * np.asarray(values)
-    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    if len(values) < 2:  # no spread to show yet
+        return f"{values.mean():.2f} %"
+    se = values.std(ddof=1) / np.sqrt(len(values))
     return f"{values.mean():.2f} +- {se:.2f} %"
 
 
