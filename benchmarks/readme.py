@@ -113,8 +113,16 @@ def recipe():
               "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     base, done = None, 0
     for variant, options in recipe_lib.VARIANTS.items():
-        values = [a for k, a in runs.items() if k.startswith(f"test/{variant}/e{epochs}/seed")]
-        if variant not in rates or not values:
+        name = recipe_lib.row(record, variant)
+        values = [a for k, a in runs.items() if k.startswith(f"test/{name}/e{epochs}/seed")]
+        if variant not in rates:
+            continue
+        args = "-" if options is None else ", ".join(f"{k}={v!r}" for k, v in options.items())
+        callbacks = record.get("callbacks", {}).get(variant)
+        if callbacks:
+            args += "; callbacks: " + ", ".join(callbacks)
+        if not values:
+            lines.append(f"| {variant} | `{args}` | {rates[variant]:g} | (running) | 0 | | |")
             continue
         done += len(values)
         mean = 100 * np.mean(values)
@@ -126,7 +134,6 @@ def recipe():
             if margin is not None:
                 target = f"<= {margin} pp: " + (
                     "met" if base - mean <= margin else f"missed by {base - mean - margin:.2f} pp")
-        args = "-" if options is None else ", ".join(f"{k}={v!r}" for k, v in options.items())
         lines.append(f"| {variant} | `{args}` | {rates[variant]:g} | {_mean_se(values)} "
                      f"| {len(values)} | {gap} | {target} |")
     if not done:

@@ -31,7 +31,11 @@ validation split (the last 10 % of a fixed shuffle of the training set,
   4-bit and 2-bit per channel at their best rates for the per-channel rows
   (and on K = 4 and 16 per tensor for the per-tensor rows, when asked for),
   by the same rule (1, the default, unless another wins by more than that
-  SE).
+  SE);
+- each headline LUT-Q row's training schedule from `lutq_tf.callbacks`
+  (`CALLBACKS`), at its chosen rates: each callback against the same run
+  without it, over the same proxy epochs; the one that gains most is kept
+  for that row if it gains more than that SE (else none).
 
 The schedule and the dictionary rate are always chosen on those variants,
 whichever rows `--variants` asks for, so rows added later follow the same
@@ -130,6 +134,12 @@ SCHEDULE_VARIANTS = ("float", "lutq2")
 DICTIONARY_RATES = (1.0, 0.1, 0.0)
 DICTIONARY_RATE_VARIANTS = {"dictionary_rate": ("lutq4", "lutq2"),
                             "tensor_dictionary_rate": ("lutq-t4", "lutq-t16")}
+# Schedules from lutq_tf.callbacks tried per headline LUT-Q row: name ->
+# epochs of its search run (freezing the last epoch needs two).
+# kmeans-warmup: `KMeansWarmup` for the first 10 % of the steps;
+# pruning-ramp: `PruningRamp` over the first half (pruned rows only);
+# freeze-last: `FreezeDictionaries(1)`.
+CALLBACKS = {"kmeans-warmup": 1, "pruning-ramp": 1, "freeze-last": 2}
 _BATCH = 64
 # LeNet's float pretraining: Adam at this peak rate, cosine decay, seed 0.
 _PRETRAIN_RATE = 1e-3
@@ -181,6 +191,36 @@ def learning_rate(peak, schedule, steps, keras=None):
     warm = max(1, steps // 10)
     return keras.optimizers.schedules.CosineDecay(
         0.0, steps - warm, warmup_target=peak, warmup_steps=warm)
+
+
+def callbacks_apply(name, variant):
+    """Whether the schedule `name` (in `CALLBACKS`) is tried on `variant`."""
+    options = VARIANTS.get(variant)
+    if options is None:  # float, or not a headline row
+        return False
+    return name != "pruning-ramp" or options.get("prune_rate", 0) > 0
+
+
+def make_callbacks(names, epochs, steps):
+    """Fresh `lutq_tf.callbacks` for a run of `epochs` epochs, `steps` steps.
+
+    Args:
+        names: names in `CALLBACKS`.
+        epochs, steps: the run's epochs and optimizer steps.
+    """
+    from lutq_tf import callbacks
+
+    built = {"kmeans-warmup": lambda: callbacks.KMeansWarmup(max(1, steps // 10)),
+             "pruning-ramp": lambda: callbacks.PruningRamp(max(1, steps // 2)),
+             "freeze-last": lambda: callbacks.FreezeDictionaries(1)}
+    if "freeze-last" in names and epochs < 2:
+        raise ValueError("freeze-last needs a run of 2 epochs or more.")
+    return [built[name]() for name in names]
+
+
+def row(record, variant):
+    """A reported row's name: the variant and its chosen callbacks."""
+    return "".join([variant, *(f"+{c}" for c in record.get("callbacks", {}).get(variant, ()))])
 
 
 def pretrained_lenet(train, epochs):
@@ -239,17 +279,21 @@ def _start_model(task, start):
     return model
 
 
-def _keras_run(task, stage, options, peak, schedule, epochs, seed, dictionary_rate):
+def _keras_run(task, stage, options, peak, schedule, epochs, seed, dictionary_rate,
+               callbacks):
     """Float (`options` None) or LUT-Q fine-tuning in Keras 3; its accuracy."""
     from experiments import pipeline
 
     model = _start_model(task, stage.start)
-    rate = learning_rate(peak, schedule, epochs * math.ceil(len(stage.train[0]) / _BATCH))
+    steps = epochs * math.ceil(len(stage.train[0]) / _BATCH)
+    rate = learning_rate(peak, schedule, steps)
     if options is None:
         pipeline.train_float(model, stage.train, epochs, _BATCH, rate, verbose=0, seed=seed)
     else:
-        model, _ = pipeline.lutq_finetune(model, stage.train, epochs, _BATCH, rate, verbose=0,
-                                          seed=seed, dictionary_rate=dictionary_rate, **options)
+        model, _ = pipeline.lutq_finetune(
+            model, stage.train, epochs, _BATCH, rate, verbose=0, seed=seed,
+            callbacks=make_callbacks(callbacks, epochs, steps),
+            dictionary_rate=dictionary_rate, **options)
     return pipeline.keras_accuracy(model, *stage.evaluate)
 
 
@@ -277,7 +321,7 @@ def _tfmot_run(f, stage, k, peak, schedule, epochs, seed):
 
 
 def _run(record, path, key, f, stage, variant, peak, schedule, epochs, seed,
-         dictionary_rate=1.0):
+         dictionary_rate=1.0, callbacks=()):
     """One fine-tuning run, skipped if `record` has it; returns its accuracy.
 
     Args:
@@ -289,6 +333,7 @@ def _run(record, path, key, f, stage, variant, peak, schedule, epochs, seed,
         peak, schedule: its learning rate (see `learning_rate`).
         epochs, seed: epochs; seed of the shuffling and initialisations.
         dictionary_rate: LUT-Q's `dictionary_rate` (ignored otherwise).
+        callbacks: names in `CALLBACKS` (LUT-Q rows only).
     """
     for run in record["runs"]:
         if run["key"] == key:
@@ -299,7 +344,7 @@ def _run(record, path, key, f, stage, variant, peak, schedule, epochs, seed,
         accuracy = _tfmot_run(f, stage, options["tfmot"], peak, schedule, epochs, seed)
     else:
         accuracy = _keras_run(f.task, stage, options, peak, schedule, epochs, seed,
-                              dictionary_rate)
+                              dictionary_rate, callbacks)
     record["runs"].append({"key": key, "accuracy": accuracy,
                            "seconds": round(time.time() - start)})
     save_record(record, path)
@@ -308,7 +353,8 @@ def _run(record, path, key, f, stage, variant, peak, schedule, epochs, seed,
 
 
 def search(record, path, f, stage):
-    """Chooses each variant's peak rate, one schedule and one dictionary rate.
+    """Chooses each variant's peak rate, one schedule, one dictionary rate and
+    each headline LUT-Q row's callbacks.
 
     Args:
         record, path: the record and its file.
@@ -317,12 +363,15 @@ def search(record, path, f, stage):
     """
     import numpy as np
 
-    def run(variant, rate, schedule, dictionary_rate=1.0):
+    def run(variant, rate, schedule, dictionary_rate=1.0, epochs=1, callbacks=()):
         key = f"search/{variant}/{schedule}/{rate:g}"
         if dictionary_rate != 1.0:
             key += f"/d{dictionary_rate:g}"
-        return _run(record, path, key, f, stage, variant, rate, schedule, 1, 0,
-                    dictionary_rate)
+        if epochs != 1:
+            key += f"/e{epochs}"
+        key += "".join(f"/+{c}" for c in callbacks)
+        return _run(record, path, key, f, stage, variant, rate, schedule, epochs, 0,
+                    dictionary_rate, callbacks)
 
     def best_rate(variant, schedule):
         scores = {rate: run(variant, rate, schedule) for rate in RATES[:_FIRST_RATES]}
@@ -362,6 +411,19 @@ def search(record, path, f, stage):
             d: np.mean([run(v, rates[v], schedule, d) for v in variants])
             for d in DICTIONARY_RATES}
         record[name] = preferred(by_dictionary_rate, 1.0)
+    chosen = record.setdefault("callbacks", {})
+    for v in f.variants:
+        tried = [c for c in CALLBACKS if callbacks_apply(c, v)]
+        if not tried:
+            continue
+
+        def score(callbacks, epochs):
+            return run(v, rates[v], schedule, dictionary_rate(record, v), epochs, callbacks)
+
+        gains = {"": 0.0}
+        gains.update({c: score((c,), CALLBACKS[c]) - score((), CALLBACKS[c]) for c in tried})
+        best = preferred(gains, "")
+        chosen[v] = [best] if best else []
     save_record(record, path)
 
 
@@ -423,10 +485,25 @@ def markdown(record):
                 cells = [runs.get(key if d == 1.0 else f"{key}/d{d:g}") for d in DICTIONARY_RATES]
                 lines.append(f"| {variant} | " + " | ".join(_percent(c) for c in cells) + " |")
         lines += ["", f"Chosen dictionary rate: {', '.join(chosen)}."]
+    if record.get("callbacks"):
+        lines += ["", "Schedules from `lutq_tf.callbacks` (`CALLBACKS` in recipe.py), each "
+                  "against the same run without it (over its search epochs), at each row's "
+                  "chosen rates; the best is kept if it gains more than one validation SE:",
+                  "", "| variant | " + " | ".join(f"{c} ({e} ep)" for c, e in CALLBACKS.items())
+                  + " | chosen |", "| --- |" + " ---: |" * len(CALLBACKS) + " --- |"]
+        for variant, chosen in record["callbacks"].items():
+            base = f"search/{variant}/{record['schedule']}/{record['learning_rates'][variant]:g}"
+            cells = []
+            for c, e in CALLBACKS.items():
+                suffix = f"/e{e}" if e != 1 else ""
+                with_c, without = runs.get(f"{base}{suffix}/+{c}"), runs.get(base + suffix)
+                cells.append("" if with_c is None or without is None else
+                             f"{_percent(with_c)} ({100 * (with_c - without):+.2f})")
+            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {', '.join(chosen) or '-'} |")
 
-    def stats(variant):
-        """(mean, SE, n) of the test rows in percent; None without any."""
-        values = [a for k, a in runs.items() if k.startswith(f"test/{variant}/e{epochs}/seed")]
+    def stats(name):
+        """(mean, SE, n) of a row's test runs in percent; None without any."""
+        values = [a for k, a in runs.items() if k.startswith(f"test/{name}/e{epochs}/seed")]
         if not values:
             return None
         se = np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
@@ -440,12 +517,15 @@ def markdown(record):
               "tf_keras after `strip_clustering`), mean +- SE over seeds; gap to float:", "",
               "| variant | accuracy | gap to float |", "| --- | ---: | ---: |"]
     base = stats("float")
-    for variant in KNOWN:
-        s = stats(variant)
+    names = [row(record, v) for v in KNOWN]
+    # Rows of a variant under an earlier choice of its callbacks follow it.
+    names += sorted({k.split("/")[1] for k in runs if k.startswith("test/")} - set(names))
+    for name in names:
+        s = stats(name)
         if s is None:
             continue
-        gap = "" if base is None or variant == "float" else f"{s[0] - base[0]:+.2f} pp"
-        lines.append(f"| {variant} | {cell(s)} | {gap} |")
+        gap = "" if base is None or name == "float" else f"{s[0] - base[0]:+.2f} pp"
+        lines.append(f"| {name} | {cell(s)} | {gap} |")
     pairs = [(k, stats(f"tfmot{k}"), stats(f"lutq-t{k}")) for k in TFMOT_K]
     pairs = [(k, t, q) for k, t, q in pairs if t and q]
     if pairs:
@@ -523,9 +603,9 @@ def run(f, command):
     stage = Stage("test", (x, y), test, starts[1])
     for seed in range(f.seeds):
         for variant in f.variants:
-            _run(record, path, f"test/{variant}/e{f.epochs}/seed{seed}", f, stage, variant,
-                 record["learning_rates"][variant], record["schedule"], f.epochs, seed,
-                 dictionary_rate(record, variant))
+            _run(record, path, f"test/{row(record, variant)}/e{f.epochs}/seed{seed}", f, stage,
+                 variant, record["learning_rates"][variant], record["schedule"], f.epochs, seed,
+                 dictionary_rate(record, variant), record["callbacks"].get(variant, ()))
             write_markdown(record, out)
 
 

@@ -84,18 +84,20 @@ def test_a_record_of_other_settings_is_refused(tmp_path):
 
 # Each variant's best rate in the fake search below.
 _BEST = {"float": 1e-4, "lutq2": 1e-3, "lutq4": 3e-4, "tfmot4": 3e-3, "lutq-t4": 1e-4,
-         "lutq-t16": 3e-5}
+         "lutq-t16": 3e-5, "lutq4-pruned50": 1e-3}
 
 
-def _fake_search(monkeypatch, warmup_gain, dictionary_gain=0.04):
+def _fake_search(monkeypatch, warmup_gain, dictionary_gain=0.04, callback_gains=None):
     calls = []
+    callback_gains = callback_gains or {}
 
     def fake_run(record, path, key, f, stage, variant, peak, schedule, epochs, seed,
-                 dictionary_rate=1.0):
+                 dictionary_rate=1.0, callbacks=()):
         calls.append(key)
         gain = {"cosine": 0.0, "constant": -0.01, "warmup": warmup_gain}[schedule]
+        gain += sum(callback_gains.get((variant, c), 0.0) for c in callbacks)
         return (0.9 - 0.01 * abs(math.log10(peak / _BEST[variant])) + gain
-                + (dictionary_gain if dictionary_rate == 0.1 else 0.0))
+                + (dictionary_gain if dictionary_rate == 0.1 else 0.0) + 0.001 * epochs)
 
     monkeypatch.setattr(recipe, "_run", fake_run)
     return calls
@@ -139,6 +141,38 @@ def test_choices_within_the_noise_keep_the_defaults(tmp_path, monkeypatch):
     assert record["schedule"] == "cosine" and record["dictionary_rate"] == 1.0
 
 
+def test_each_lutq_row_keeps_the_callback_that_gains_more_than_the_noise(tmp_path,
+                                                                       monkeypatch):
+    # 100 validation images: the noise is 3 pp.
+    calls = _fake_search(monkeypatch, warmup_gain=0.0, dictionary_gain=0.0, callback_gains={
+        ("lutq4-pruned50", "pruning-ramp"): 0.05, ("lutq4-pruned50", "freeze-last"): 0.04,
+        ("lutq2", "kmeans-warmup"): 0.02})
+    stage = recipe.Stage("validation", None, (None, np.zeros(100)), "start")
+    record = {"runs": []}
+    recipe.search(record, str(tmp_path / "r.json"),
+                  _flags(variants=["float", "lutq2", "lutq4-pruned50"]), stage)
+    assert record["callbacks"] == {"lutq2": [], "lutq4-pruned50": ["pruning-ramp"]}
+    # Each against the same run without it: freezing the last epoch over two.
+    assert {"search/lutq2/cosine/0.001/+kmeans-warmup", "search/lutq2/cosine/0.001/e2",
+            "search/lutq2/cosine/0.001/e2/+freeze-last"} <= set(calls)
+    assert "search/lutq2/cosine/0.001/+pruning-ramp" not in calls  # lutq2 does not prune
+    assert not [k for k in calls if k.startswith("search/float/") and "+" in k]
+    assert recipe.row(record, "lutq4-pruned50") == "lutq4-pruned50+pruning-ramp"
+    assert recipe.row(record, "lutq2") == "lutq2"
+
+
+def test_callbacks_are_built_for_the_run():
+    from lutq_tf import callbacks
+
+    warmup, ramp, freeze = recipe.make_callbacks(
+        ["kmeans-warmup", "pruning-ramp", "freeze-last"], epochs=5, steps=1000)
+    assert isinstance(warmup, callbacks.KMeansWarmup) and warmup.steps == 100
+    assert isinstance(ramp, callbacks.PruningRamp) and ramp.steps == 500
+    assert isinstance(freeze, callbacks.FreezeDictionaries) and freeze.epochs == 1
+    with pytest.raises(ValueError, match="freeze-last needs a run of 2 epochs"):
+        recipe.make_callbacks(["freeze-last"], epochs=1, steps=100)
+
+
 # ---------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------
@@ -172,6 +206,27 @@ def test_report_shows_rows_gaps_and_the_tfmot_pairs():
     assert ("| 16 | 99.00 +- 0.00 (n=3) | 96.50 +- 0.29 (n=3) | -2.50 +- 0.29 pp "
             "| LUT-Q worse by > 2 SE |") in text
     assert "| 256 | 99.00 +- 0.00 (n=3) | 98.50 +- 0.58 (n=3) | -0.50 +- 0.58 pp |  |" in text
+
+
+def test_report_shows_the_callback_search_and_the_chosen_rows():
+    base = "search/lutq4-pruned50/cosine/0.001"
+    runs = [{"key": base, "accuracy": 0.80}, {"key": base + "/+kmeans-warmup", "accuracy": 0.79},
+            {"key": base + "/+pruning-ramp", "accuracy": 0.83},
+            {"key": base + "/e2", "accuracy": 0.82}, {"key": base + "/e2/+freeze-last",
+                                                     "accuracy": 0.825},
+            {"key": "test/float/e5/seed0", "accuracy": 0.85},
+            {"key": "test/lutq4-pruned50/e5/seed0", "accuracy": 0.82},
+            {"key": "test/lutq4-pruned50+pruning-ramp/e5/seed0", "accuracy": 0.84}]
+    record = {"runs": runs, "epochs": 5, "schedule": "cosine",
+              "learning_rates": {"lutq4-pruned50": 1e-3},
+              "callbacks": {"lutq4-pruned50": ["pruning-ramp"]}}
+    text = recipe.markdown(record)
+    assert ("| lutq4-pruned50 | 79.00% (-1.00) | 83.00% (+3.00) | 82.50% (+0.50) "
+            "| pruning-ramp |") in text
+    rows = [line for line in text.splitlines() if line.startswith("| lutq4-pruned50")]
+    # The chosen recipe's row first, the earlier one after it.
+    assert rows[-2].startswith("| lutq4-pruned50+pruning-ramp | 84.00 +- nan (n=1) | -1.00 pp")
+    assert rows[-1].startswith("| lutq4-pruned50 | 82.00 +- nan (n=1) | -3.00 pp")
 
 
 def test_report_of_a_record_from_before_the_tasks():
