@@ -119,7 +119,7 @@ def run_suite(suite, work_dir, verbose=0):
                     float_model = copy_model(start)
                     float_seconds = pipeline.train_float(
                         float_model, train, suite.epochs, suite.batch_size,
-                        suite.learning_rate, verbose=verbose)
+                        suite.fine_tuning_rate(len(train[0])), verbose=verbose)
                 row = pipeline.evaluate_export(
                     float_model, path, variant.label, train[0], test,
                     variant.export, suite.tflm_samples,
@@ -127,7 +127,7 @@ def run_suite(suite, work_dir, verbose=0):
             else:
                 lutq_model, seconds = pipeline.lutq_finetune(
                     start, train, suite.epochs, suite.batch_size,
-                    suite.learning_rate, verbose=verbose, **variant.options)
+                    suite.fine_tuning_rate(len(train[0])), verbose=verbose, **variant.options)
                 row = pipeline.evaluate_export(
                     lutq_model, path, variant.label, train[0], test,
                     variant.export, suite.tflm_samples, train_seconds=seconds,

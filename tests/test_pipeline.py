@@ -141,3 +141,13 @@ def test_full_suites_run_every_variant_on_all_training_data():
     assert full["mnist"].tflm_samples == 2000
 
 
+
+
+def test_cifar10_suite_fine_tunes_with_the_recipes_float_rate():
+    cifar10 = suites.make_suites(False)["cifar10"]
+    assert "Adam lr 0.0003, cosine decay" in cifar10.describe()
+    rate = cifar10.fine_tuning_rate(640)  # 10 steps at batch 64
+    assert float(rate(0)) == pytest.approx(3e-4)
+    assert float(rate(10)) == pytest.approx(0.0, abs=1e-12)
+    # The other suites keep a constant rate.
+    assert suites.make_suites(False)["mnist"].fine_tuning_rate(640) == 5e-4
