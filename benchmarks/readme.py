@@ -96,26 +96,39 @@ def recipe():
     if not os.path.exists(os.path.join(RESULTS, "recipe.json")):
         return ["(Not run yet: `python -m benchmarks.recipe --cifar10=... --resnet8_h5=...`.)"]
     record = _json("recipe.json")
-    runs = {r["key"]: r["accuracy"] for r in record["runs"]}
     lines = [f"`{record['command']}`"]
     if "dictionary_rate" not in record:
         return lines + ["", "(The search is still running.)"]
-    epochs, rates = record["epochs"], record["learning_rates"]
     schedule = {"cosine": "cosine decay to 0 over all steps",
                 "warmup": "cosine decay after a 10 % linear warm-up",
                 "constant": "a constant rate"}[record["schedule"]]
     lines += ["", f"Chosen on the validation split: Adam, batch 64, {schedule}, "
               f"`dictionary_rate={record['dictionary_rate']:g}`, and each variant's peak "
-              f"rate below. Test accuracy after {epochs} epochs on all training images, "
-              "mean +- SE over seeds, against the issue's target gap to float:", "",
-              "| variant | `quantize_model` options | peak rate | accuracy | seeds "
-              "| gap to float | target |",
-              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+              f"rate below. Test accuracy after {record['epochs']} epochs on all training "
+              "images, mean +- SE over seeds, against the issue's target gap to float:", ""]
+    lines += _recipe_table(recipe_lib, record, "resnet8")
+    if os.path.exists(os.path.join(RESULTS, "recipe_lenet.json")):
+        lenet = _json("recipe_lenet.json")
+        if "learning_rates" in lenet:
+            lines += ["", "MNIST LeNet-5 ([`recipe_lenet.md`](benchmarks/results/"
+                      "recipe_lenet.md); from a float LeNet-5 trained here), the same "
+                      f"search: `{lenet['command']}`", ""]
+            lines += _recipe_table(recipe_lib, lenet, "lenet")
+    return lines
+
+
+def _recipe_table(recipe_lib, record, task):
+    """The reported rows of a recipe record, with the task's targets."""
+    runs = {r["key"]: r["accuracy"] for r in record["runs"]}
+    epochs, rates = record["epochs"], record["learning_rates"]
+    lines = ["| variant | `quantize_model` options | peak rate | accuracy | seeds "
+             "| gap to float | target |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     base, done = None, 0
     for variant, options in recipe_lib.VARIANTS.items():
         name = recipe_lib.row(record, variant)
         values = [a for k, a in runs.items() if k.startswith(f"test/{name}/e{epochs}/seed")]
-        if variant not in rates:
+        if variant not in rates or (task != "resnet8" and not values):
             continue
         args = "-" if options is None else ", ".join(f"{k}={v!r}" for k, v in options.items())
         callbacks = record.get("callbacks", {}).get(variant)
@@ -130,7 +143,7 @@ def recipe():
         gap = target = ""
         if base is not None and variant != "float":
             gap = f"{mean - base:+.2f} pp"
-            margin = recipe_lib.TARGETS["resnet8"].get(variant)
+            margin = recipe_lib.TARGETS[task].get(variant)
             if margin is not None:
                 target = f"<= {margin} pp: " + (
                     "met" if base - mean <= margin else f"missed by {base - mean - margin:.2f} pp")

@@ -25,10 +25,23 @@ def test_recipe_block_gives_each_row_its_options_rate_and_target(monkeypatch):
     record = {"command": "python -m benchmarks.recipe", "epochs": 5, "schedule": "cosine",
               "dictionary_rate": 1.0, "runs": runs,
               "learning_rates": {"float": 3e-4, "lutq4": 3e-4, "lutq2": 1e-3}}
-    monkeypatch.setattr(readme, "_json", lambda name: record)
+    lenet = {"command": "lenet cmd", "epochs": 5, "runs": [
+        {"key": f"test/{v}/e5/seed0", "accuracy": a} for v, a in (("float", 0.993),
+                                                                  ("lutq2", 0.990))],
+        "learning_rates": {"float": 3e-5, "lutq2": 1e-4, "lutq4": 1e-4},
+        "callbacks": {"lutq2": ["pruning-ramp"]}}
+    lenet["runs"][1]["key"] = "test/lutq2+pruning-ramp/e5/seed0"
+    monkeypatch.setattr(readme, "_json", {"recipe.json": record, "recipe_lenet.json": lenet}.get)
     lines = readme.recipe()
     assert any("cosine decay to 0" in line and "`dictionary_rate=1`" in line for line in lines)
-    rows = {line.split(" | ")[0]: line for line in lines if line.startswith("| lutq")}
+    split = lines.index(next(line for line in lines if line.startswith("MNIST LeNet-5")))
+    rows = {line.split(" | ")[0]: line for line in lines[:split] if line.startswith("| lutq")}
     assert "`bits=4, per_channel=True` | 0.0003 |" in rows["| lutq4"]
     assert rows["| lutq4"].endswith("| -0.20 pp | <= 0.3 pp: met |")
     assert rows["| lutq2"].endswith("| -5.00 pp | <= 2.5 pp: missed by 2.50 pp |")
+    # LeNet's rows: its own targets, each row under its chosen callbacks, and
+    # no row for a variant without test runs.
+    assert "`lenet cmd`" in lines[split]
+    lenet_rows = [line for line in lines[split:] if line.startswith("| lutq")]
+    assert lenet_rows == ["| lutq2 | `bits=2, per_channel=True; callbacks: pruning-ramp` | 0.0001 "
+                          "| 99.00 % | 1 | -0.30 pp | <= 0.2 pp: missed by 0.10 pp |"]
