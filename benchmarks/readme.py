@@ -102,9 +102,14 @@ def recipe():
     schedule = {"cosine": "cosine decay to 0 over all steps",
                 "warmup": "cosine decay after a 10 % linear warm-up",
                 "constant": "a constant rate"}[record["schedule"]]
+    chosen = record.get("callbacks", {})
+    callbacks = ""
+    if chosen and not any(chosen.values()):
+        callbacks = ("no `lutq_tf.callbacks` schedule (none gained more than the noise on "
+                     "validation; most cost accuracy), ")
     lines += ["", f"Chosen on the validation split: Adam, batch 64, {schedule}, "
-              f"`dictionary_rate={record['dictionary_rate']:g}`, and each variant's peak "
-              f"rate below. Test accuracy after {record['epochs']} epochs on all training "
+              f"`dictionary_rate={record['dictionary_rate']:g}`, {callbacks}and each variant's "
+              f"peak rate below. Test accuracy after {record['epochs']} epochs on all training "
               "images, mean +- SE over seeds, against the issue's target gap to float:", ""]
     lines += _recipe_table(recipe_lib, record, "resnet8")
     if os.path.exists(os.path.join(RESULTS, "recipe_lenet.json")):
