@@ -218,6 +218,17 @@ def make_callbacks(names, epochs, steps):
     return [built[name]() for name in names]
 
 
+def search_key(variant, schedule, rate, dictionary_rate=1.0, epochs=1, callbacks=()):
+    """A search run's key in the record: its settings that differ from one
+    epoch at dictionary rate 1 without callbacks."""
+    key = f"search/{variant}/{schedule}/{rate:g}"
+    if dictionary_rate != 1.0:
+        key += f"/d{dictionary_rate:g}"
+    if epochs != 1:
+        key += f"/e{epochs}"
+    return key + "".join(f"/+{c}" for c in callbacks)
+
+
 def row(record, variant):
     """A reported row's name: the variant and its chosen callbacks."""
     return "".join([variant, *(f"+{c}" for c in record.get("callbacks", {}).get(variant, ()))])
@@ -364,12 +375,7 @@ def search(record, path, f, stage):
     import numpy as np
 
     def run(variant, rate, schedule, dictionary_rate=1.0, epochs=1, callbacks=()):
-        key = f"search/{variant}/{schedule}/{rate:g}"
-        if dictionary_rate != 1.0:
-            key += f"/d{dictionary_rate:g}"
-        if epochs != 1:
-            key += f"/e{epochs}"
-        key += "".join(f"/+{c}" for c in callbacks)
+        key = search_key(variant, schedule, rate, dictionary_rate, epochs, callbacks)
         return _run(record, path, key, f, stage, variant, rate, schedule, epochs, 0,
                     dictionary_rate, callbacks)
 
@@ -461,7 +467,7 @@ def markdown(record):
              "| --- | --- |" + " ---: |" * len(rates)]
     for variant in KNOWN:
         for schedule in SCHEDULES:
-            cells = [runs.get(f"search/{variant}/{schedule}/{r:g}") for r in rates]
+            cells = [runs.get(search_key(variant, schedule, r)) for r in rates]
             if any(c is not None for c in cells):
                 lines.append(f"| {variant} | {schedule} | "
                              + " | ".join(_percent(c) for c in cells) + " |")
@@ -481,8 +487,8 @@ def markdown(record):
             chosen.append(f"{record[name]:g} {'per tensor' if 'tensor' in name else 'per channel'}")
             for variant in variants:
                 rate = record["learning_rates"].get(variant)
-                key = f"search/{variant}/{record['schedule']}/{rate:g}"
-                cells = [runs.get(key if d == 1.0 else f"{key}/d{d:g}") for d in DICTIONARY_RATES]
+                cells = [runs.get(search_key(variant, record["schedule"], rate, d))
+                         for d in DICTIONARY_RATES]
                 lines.append(f"| {variant} | " + " | ".join(_percent(c) for c in cells) + " |")
         lines += ["", f"Chosen dictionary rate: {', '.join(chosen)}."]
     if record.get("callbacks"):
@@ -492,11 +498,11 @@ def markdown(record):
                   "", "| variant | " + " | ".join(f"{c} ({e} ep)" for c, e in CALLBACKS.items())
                   + " | chosen |", "| --- |" + " ---: |" * len(CALLBACKS) + " --- |"]
         for variant, chosen in record["callbacks"].items():
-            base = f"search/{variant}/{record['schedule']}/{record['learning_rates'][variant]:g}"
+            settings = (variant, record["schedule"], record["learning_rates"][variant],
+                        record.get("dictionary_rate", 1.0))  # headline rows' rate
             cells = []
             for c, e in CALLBACKS.items():
-                suffix = f"/e{e}" if e != 1 else ""
-                with_c, without = runs.get(f"{base}{suffix}/+{c}"), runs.get(base + suffix)
+                with_c, without = (runs.get(search_key(*settings, e, cs)) for cs in ((c,), ()))
                 cells.append("" if with_c is None or without is None else
                              f"{_percent(with_c)} ({100 * (with_c - without):+.2f})")
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {', '.join(chosen) or '-'} |")

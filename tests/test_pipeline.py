@@ -141,8 +141,6 @@ def test_full_suites_run_every_variant_on_all_training_data():
     assert full["mnist"].tflm_samples == 2000
 
 
-
-
 def test_cifar10_suite_fine_tunes_with_the_recipes_float_rate():
     cifar10 = suites.make_suites(False)["cifar10"]
     assert "Adam lr 0.0003, cosine decay" in cifar10.describe()
