@@ -32,8 +32,9 @@ validation split (the last 10 % of a fixed shuffle of the training set,
   (and on K = 4 and 16 per tensor for the per-tensor rows, when asked for),
   by the same rule (1, the default, unless another wins by more than that
   SE);
-- each headline LUT-Q row's training schedule from `lutq_tf.callbacks`
-  (`CALLBACKS`), at its chosen rates: each callback against the same run
+- each headline LUT-Q row's training schedule from `lutq_tf.callbacks`, or
+  batch-norm re-estimation as training begins (`CALLBACKS`), at its chosen
+  rates: each against the same run
   without it, over the same proxy epochs; the one that gains most is kept
   for that row if it gains more than that SE (else none).
 
@@ -138,8 +139,11 @@ DICTIONARY_RATE_VARIANTS = {"dictionary_rate": ("lutq4", "lutq2"),
 # epochs of its search run (freezing the last epoch needs two).
 # kmeans-warmup: `KMeansWarmup` for the first 10 % of the steps;
 # pruning-ramp: `PruningRamp` over the first half (pruned rows only);
-# freeze-last: `FreezeDictionaries(1)`.
-CALLBACKS = {"kmeans-warmup": 1, "pruning-ramp": 1, "freeze-last": 2}
+# freeze-last: `FreezeDictionaries(1)`;
+# bn-reestimate: `lutq_tf.reestimate_batchnorm` on the first `_BN_IMAGES`
+# training images as fit begins (after the k-means fit of `quantize_model`).
+CALLBACKS = {"kmeans-warmup": 1, "pruning-ramp": 1, "freeze-last": 2, "bn-reestimate": 1}
+_BN_IMAGES = 2048
 _BATCH = 64
 # LeNet's float pretraining: Adam at this peak rate, cosine decay, seed 0.
 _PRETRAIN_RATE = 1e-3
@@ -201,21 +205,38 @@ def callbacks_apply(name, variant):
     return name != "pruning-ramp" or options.get("prune_rate", 0) > 0
 
 
-def make_callbacks(names, epochs, steps):
-    """Fresh `lutq_tf.callbacks` for a run of `epochs` epochs, `steps` steps.
+def make_callbacks(names, epochs, steps, x=None):
+    """Fresh callbacks for a run of `epochs` epochs, `steps` steps.
 
     Args:
         names: names in `CALLBACKS`.
         epochs, steps: the run's epochs and optimizer steps.
+        x: the run's training images (bn-reestimate uses the first
+            `_BN_IMAGES`).
     """
     from lutq_tf import callbacks
 
     built = {"kmeans-warmup": lambda: callbacks.KMeansWarmup(max(1, steps // 10)),
              "pruning-ramp": lambda: callbacks.PruningRamp(max(1, steps // 2)),
-             "freeze-last": lambda: callbacks.FreezeDictionaries(1)}
+             "freeze-last": lambda: callbacks.FreezeDictionaries(1),
+             "bn-reestimate": lambda: _reestimate_batchnorm(x[:_BN_IMAGES])}
     if "freeze-last" in names and epochs < 2:
         raise ValueError("freeze-last needs a run of 2 epochs or more.")
+    if "bn-reestimate" in names and x is None:
+        raise ValueError("bn-reestimate needs the training images `x`.")
     return [built[name]() for name in names]
+
+
+def _reestimate_batchnorm(x):
+    """A callback running `lutq_tf.reestimate_batchnorm` on `x` as fit begins."""
+    import keras
+
+    import lutq_tf
+
+    callback = keras.callbacks.LambdaCallback()
+    callback.on_train_begin = lambda logs=None: lutq_tf.reestimate_batchnorm(
+        callback.model, x, batch_size=_BATCH)
+    return callback
 
 
 def search_key(variant, schedule, rate, dictionary_rate=1.0, epochs=1, callbacks=()):
@@ -303,7 +324,7 @@ def _keras_run(task, stage, options, peak, schedule, epochs, seed, dictionary_ra
     else:
         model, _ = pipeline.lutq_finetune(
             model, stage.train, epochs, _BATCH, rate, verbose=0, seed=seed,
-            callbacks=make_callbacks(callbacks, epochs, steps),
+            callbacks=make_callbacks(callbacks, epochs, steps, stage.train[0]),
             dictionary_rate=dictionary_rate, **options)
     return pipeline.keras_accuracy(model, *stage.evaluate)
 
@@ -492,7 +513,8 @@ def markdown(record):
                 lines.append(f"| {variant} | " + " | ".join(_percent(c) for c in cells) + " |")
         lines += ["", f"Chosen dictionary rate: {', '.join(chosen)}."]
     if record.get("callbacks"):
-        lines += ["", "Schedules from `lutq_tf.callbacks` (`CALLBACKS` in recipe.py), each "
+        lines += ["", "Schedules from `lutq_tf.callbacks` and batch-norm re-estimation as "
+                  "training begins (`CALLBACKS` in recipe.py), each "
                   "against the same run without it (over its search epochs), at each row's "
                   "chosen rates; the best is kept if it gains more than one validation SE:",
                   "", "| variant | " + " | ".join(f"{c} ({e} ep)" for c, e in CALLBACKS.items())

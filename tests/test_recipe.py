@@ -171,6 +171,31 @@ def test_callbacks_are_built_for_the_run():
     assert isinstance(freeze, callbacks.FreezeDictionaries) and freeze.epochs == 1
     with pytest.raises(ValueError, match="freeze-last needs a run of 2 epochs"):
         recipe.make_callbacks(["freeze-last"], epochs=1, steps=100)
+    with pytest.raises(ValueError, match="bn-reestimate needs the training images"):
+        recipe.make_callbacks(["bn-reestimate"], epochs=1, steps=100)
+
+
+def test_bn_reestimate_sets_the_moving_statistics_as_fit_begins():
+    import keras
+    import numpy as np
+
+    import lutq_tf
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+                              keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+    q = lutq_tf.quantize_model(model, bits=2)
+    x = np.random.default_rng(0).normal(3.0, 2.0, (recipe._BATCH * 2, 4)).astype("float32")
+    y = np.zeros(len(x), "int32")
+    q.compile(optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy")
+    (callback,) = recipe.make_callbacks(["bn-reestimate"], epochs=1, steps=2, x=x)
+    bn = next(layer for layer in q.layers if isinstance(layer, keras.layers.BatchNormalization))
+    seen = []
+    probe = keras.callbacks.LambdaCallback(
+        on_train_begin=lambda logs: seen.append(np.array(bn.moving_mean)))
+    q.fit(x, y, batch_size=recipe._BATCH, epochs=1, verbose=0, callbacks=[callback, probe])
+    hidden = np.asarray(q.layers[0](x))  # the quantised first layer's outputs
+    np.testing.assert_allclose(seen[0], hidden.mean(axis=0), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------
@@ -221,8 +246,8 @@ def test_report_shows_the_callback_search_and_the_chosen_rows():
               "learning_rates": {"lutq4-pruned50": 1e-3},
               "callbacks": {"lutq4-pruned50": ["pruning-ramp"]}}
     text = recipe.markdown(record)
-    assert ("| lutq4-pruned50 | 79.00% (-1.00) | 83.00% (+3.00) | 82.50% (+0.50) "
-            "| pruning-ramp |") in text
+    assert ("| lutq4-pruned50 | 79.00% (-1.00) | 83.00% (+3.00) | 82.50% (+0.50) | "
+            " | pruning-ramp |") in text
     rows = [line for line in text.splitlines() if line.startswith("| lutq4-pruned50")]
     # The chosen recipe's row first, the earlier one after it.
     assert rows[-2].startswith("| lutq4-pruned50+pruning-ramp | 84.00 +- nan (n=1) | -1.00 pp")
