@@ -4,19 +4,19 @@
    post-training quantisation and LUT-Q variants (1-4 bits, pow2, pruning,
    per tensor and per channel) on the digits CNN, MNIST LeNet and CIFAR-10
    ResNet-8: Keras accuracy, TFLM accuracy of the export, flash bytes.
-2. LUT-Q vs tfmot clustering (`benchmarks.tfmot_compare`), K = 4 and 16.
-3. Train-step time ratios: `python -m benchmarks.train_speed` if it exists.
-4. Plots: accuracy vs flash bytes with the Pareto front; a weight histogram
+2. Train-step time ratios: `python -m benchmarks.train_speed` if it exists
+   (with `--tfmot`, tfmot clustering's too).
+3. Plots: accuracy vs flash bytes with the Pareto front; a weight histogram
    with its dictionary.
 
 Each part writes its JSON to `--out_dir` (default `benchmarks/results/`,
 `benchmarks/results/quick/` with `--quick`): `<suite>.json` with the rows
 (plus the exporter's per-tensor reports in `<suite>_exports.txt` and the
-weight histogram `weights_<suite>.png`), `tfmot.json`, `train_speed.json`;
+weight histogram `weights_<suite>.png`) and `train_speed.json`;
 each JSON records its command, date and wall time. `results.md` and
 `accuracy_vs_bytes.png` are then rebuilt from *every* JSON in `--out_dir`
 (`benchmarks.report`): a run replaces only the parts it ran, so
-`--suites=cifar10 --notfmot --notrain_speed` updates just the CIFAR-10 rows
+`--suites=cifar10 --notrain_speed` updates just the CIFAR-10 rows
 of the one table. `--report_only` rebuilds the report without running
 anything. The .tflite files go to `--work_dir` (default `out/benchmarks/`).
 A suite whose data is missing is skipped, with the reason printed and in
@@ -29,7 +29,7 @@ Each part's wall time is in `results.md` (its JSON's `"run"` record);
     python -m benchmarks.run_all --mnist=../shared/data/mnist.npz \
         --cifar10=../shared/data/cifar10_jpeg.tgz \
         --resnet8_h5=../shared/models/mlperf_tiny_resnet8.h5
-    python -m benchmarks.run_all --suites=cifar10 --notfmot --notrain_speed
+    python -m benchmarks.run_all --suites=cifar10 --notrain_speed
     python -m benchmarks.run_all --report_only
 """
 
@@ -51,8 +51,7 @@ SUITE_NAMES = report.SUITE_NAMES
 
 _QUICK = flags.DEFINE_boolean(
     "quick", False,
-    "~10 minute run: MNIST and CIFAR-10 on subsets with fewer variants, "
-    "tfmot comparison on digits.")
+    "~10 minute run: MNIST and CIFAR-10 on subsets with fewer variants.")
 _OUT_DIR = flags.DEFINE_string(
     "out_dir", None,
     "Where results.md, the JSON files and the plots go (default: "
@@ -80,8 +79,8 @@ _EPOCHS = flags.DEFINE_integer(
     "epochs", None, "Override every suite's fine-tuning epochs.")
 _PRETRAIN_EPOCHS = flags.DEFINE_integer(
     "pretrain_epochs", None, "Override every suite's float pretraining epochs.")
-_TFMOT = flags.DEFINE_boolean("tfmot", True,
-                              "Run the tfmot clustering comparison.")
+_TFMOT = flags.DEFINE_boolean(
+    "tfmot", True, "Time tfmot clustering's train step too (full runs of train_speed).")
 _COMPARE_PYTHON = flags.DEFINE_string(
     "compare_python", None,
     "Python with tf-keras + tfmot (default: $LUTQ_COMPARE_PYTHON).")
@@ -159,7 +158,6 @@ def run_benchmarks(out_dir, work_dir, quick=False, suite_names=SUITE_NAMES,
     """
     from benchmarks import accuracy_vs_bits
     from benchmarks import plots
-    from benchmarks import tfmot_compare
     from experiments import pipeline
 
     unknown = sorted(set(suite_names) - set(SUITE_NAMES))
@@ -198,31 +196,10 @@ def run_benchmarks(out_dir, work_dir, quick=False, suite_names=SUITE_NAMES,
         elif os.path.exists(histogram):
             os.remove(histogram)  # an older run's layer, not this one's
 
-    if tfmot:
-        if not quick and mnist and os.path.exists(mnist):
-            model, data, k_epochs, k_pretrain = "lenet", mnist, 1, 2
-        else:
-            model, data, k_epochs, k_pretrain = "digits_cnn", "digits", 3, 20
-            if not quick:
-                skipped["tfmot on MNIST"] = (
-                    "mnist.npz missing (--mnist): compared on digits instead")
-        if epochs is not None:
-            k_epochs = epochs
-        if pretrain_epochs is not None:
-            k_pretrain = pretrain_epochs
-        comparison = tfmot_compare.run_comparison(
-            model, data, epochs=k_epochs, pretrain_epochs=k_pretrain,
-            work_dir=work_dir, python=compare_python)
-        tfmot_compare.save_json(
-            comparison, os.path.join(out_dir, report.TFMOT_JSON),
-            run=report.run_record(command, comparison.seconds, quick))
-        print(tfmot_compare.markdown(comparison), flush=True)
-
     speed = (_train_speed(quick, out_dir, command, tfmot, compare_python)
              if train_speed else None)
     path = report.write_report(
         out_dir, command, skipped,
-        tfmot_note="Not run (--notfmot).",
         train_speed_note=speed or (
             None if train_speed else
             "Not rerun by this command (--notrain_speed); the latest run:"))
@@ -238,7 +215,7 @@ def report_only(out_dir, command=None):
     """
 
     names = [f"{name}.json" for name in SUITE_NAMES]
-    names += [report.TFMOT_JSON, report.TRAIN_SPEED_JSON]
+    names += [report.TRAIN_SPEED_JSON]
     if not os.path.isdir(out_dir) or not any(
             os.path.exists(os.path.join(out_dir, n)) for n in names):
         raise ValueError(
