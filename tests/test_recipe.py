@@ -40,7 +40,7 @@ def _flags(**values):
 def test_default_rows_are_the_headline_rows_and_tfmot_is_opt_in():
     # The ResNet-8 record's plan depends on the default list.
     assert list(recipe.VARIANTS) == ["float", "lutq4", "lutq3", "lutq2", "pow2-4",
-                                     "lutq4-pruned50"]
+                                     "lutq4-pruned50", "lutq4-pruned50-erk"]
     assert list(recipe.COMPARISON) == ["tfmot4", "lutq-t4", "tfmot16", "lutq-t16",
                                        "tfmot256", "lutq-t256"]
     assert recipe.COMPARISON["lutq-t16"] == {"bits": 4, "per_channel": False}
@@ -375,3 +375,4 @@ def test_resnet8_smoke(one_rate_search, tmp_path):
     _smoke(_flags(task="resnet8", cifar10=_CIFAR, resnet8_h5=_H5, mnist=None,
                   variants=["float", "lutq-t4", "tfmot4"], limit=128,
                   out=str(tmp_path / "r")))
+
