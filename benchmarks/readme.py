@@ -105,8 +105,9 @@ def recipe():
     chosen = record.get("callbacks", {})
     callbacks = ""
     if chosen and not any(chosen.values()):
-        callbacks = ("no `lutq_tf.callbacks` schedule (none gained more than the noise on "
-                     "validation; most cost accuracy), ")
+        callbacks = ("no `lutq_tf.callbacks` schedule and no batch-norm re-estimation before "
+                     "training (none gained more than the noise on validation; most cost "
+                     "accuracy), ")
     lines += ["", f"Chosen on the validation split: Adam, batch 64, {schedule}, "
               f"`dictionary_rate={record['dictionary_rate']:g}`, {callbacks}and each variant's "
               f"peak rate below. Test accuracy after {record['epochs']} epochs on all training "

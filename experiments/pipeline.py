@@ -103,7 +103,7 @@ def lutq_finetune(float_model, train, epochs, batch_size=32,
             weights (a 3x3 conv on one input channel has 9) get per-tensor
             dictionaries, unless `overrides` is given. One more option:
             `prune_allocation="erk"` spreads `prune_rate` over the layers
-            by `erk_prune_overrides` (default "uniform": every layer at
+            by `lutq_tf.erk_prune_overrides` (default "uniform": every layer at
             `prune_rate`).
 
     Returns:
@@ -111,7 +111,7 @@ def lutq_finetune(float_model, train, epochs, batch_size=32,
         spent in `fit`.
     """
     if quantize_options.pop("prune_allocation", "uniform") == "erk":
-        quantize_options["overrides"] = erk_prune_overrides(
+        quantize_options["overrides"] = lutq_tf.erk_prune_overrides(
             float_model, quantize_options["prune_rate"])
         if quantize_options.get("per_channel"):
             k = quantize_options.get("num_values") or 2 ** quantize_options.get("bits", 4)
@@ -151,40 +151,6 @@ def small_channel_overrides(model, num_values):
             if int(np.prod(shape)) // channels < num_values:
                 overrides[layer.name] = {"per_channel": False}
     return overrides
-
-
-def erk_prune_overrides(model, prune_rate):
-    """`quantize_model` overrides: per-layer prune rates, `prune_rate` overall.
-
-    The Erdos-Renyi-kernel allocation (Evci et al., RigL, arXiv 1911.11134):
-    a layer's density (1 - its prune rate) is proportional to
-    sum(kernel shape) / prod(kernel shape), so large layers are pruned more
-    and small ones (the stem, the classifier, 1x1 shortcuts) less or not at
-    all; layers that would exceed density 1 stay unpruned and the rest
-    share the remaining zeros. Layers with several quantisable kernels
-    (SeparableConv) use their first kernel's shape.
-
-    Returns:
-        `{layer name: {"prune_rate": rate}}` for every layer LUT-Q
-        quantises; the rates' weight-count average is `prune_rate`.
-    """
-    names, sizes, scores = [], [], []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        kernels = [tuple(getattr(layer, spec.attribute).shape)
-                   for spec in lutq_registry.quantizable_tensors(layer)]
-        if kernels:
-            names.append(layer.name)
-            sizes.append(sum(int(np.prod(k)) for k in kernels))
-            scores.append(sum(kernels[0]) / np.prod(kernels[0]))
-    sizes, scores = np.array(sizes, float), np.array(scores)
-    dense = np.zeros(len(names), bool)
-    while True:
-        kept = (1 - prune_rate) * sizes.sum() - sizes[dense].sum()
-        density = np.where(dense, 1.0, kept / (scores[~dense] * sizes[~dense]).sum() * scores)
-        if (density <= 1).all():
-            break
-        dense |= density > 1
-    return {name: {"prune_rate": float(1 - d)} for name, d in zip(names, density)}
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from lutq_tf.model import LUTQModelMixin  # noqa: E402
 from lutq_tf.model import LUTQSequential  # noqa: E402
 from lutq_tf.model import NonFiniteWeightsError  # noqa: E402
 from lutq_tf.model import lutq_layers  # noqa: E402
+from lutq_tf.pruning import erk_prune_overrides  # noqa: E402
 from lutq_tf.quantize import quantize_model  # noqa: E402
 from lutq_tf.quantize import strip_model  # noqa: E402
 from lutq_tf.quantizer import LUTQuantizer  # noqa: E402

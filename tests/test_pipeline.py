@@ -152,24 +152,6 @@ def test_cifar10_suite_fine_tunes_with_the_recipes_float_rate():
     assert suites.make_suites(False)["mnist"].fine_tuning_rate(640) == 5e-4
 
 
-def test_erk_allocation_prunes_large_layers_more_and_keeps_the_overall_rate():
-    import keras
-
-    # Densities are proportional to sum(shape) / prod(shape): the stem's
-    # (1x1x3x2) exceeds 1, so it stays unpruned and the others share 50 %.
-    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 1, name="stem"),
-                              keras.layers.Conv2D(64, 3, name="big"),
-                              keras.layers.Flatten(), keras.layers.Dense(10, name="fc")])
-    rates = {name: o["prune_rate"] for name, o in
-             pipeline.erk_prune_overrides(model, 0.5).items()}
-    sizes = {"stem": 3 * 2, "big": 3 * 3 * 2 * 64, "fc": 6 * 6 * 64 * 10}
-    assert set(rates) == set(sizes)
-    assert sum(rates[n] * sizes[n] for n in sizes) / sum(sizes.values()) == pytest.approx(0.5)
-    assert rates["stem"] == 0.0
-    big, fc = (1 - rates[n] for n in ("big", "fc"))
-    assert big / fc == pytest.approx((3 + 3 + 2 + 64) / 1152 / ((2304 + 10) / 23040))
-
-
 def test_lutq_finetune_spreads_the_prune_rate_by_erk():
     import keras
 
@@ -180,7 +162,7 @@ def test_lutq_finetune_spreads_the_prune_rate_by_erk():
     x, y = np.zeros((4, 8, 8, 3), "float32"), np.zeros(4, "int32")
     q, _ = pipeline.lutq_finetune(model, (x, y), epochs=0, verbose=0, bits=2,
                                   per_channel=True, prune_rate=0.5, prune_allocation="erk")
-    expected = pipeline.erk_prune_overrides(model, 0.5)
+    expected = lutq_tf.erk_prune_overrides(model, 0.5)
     zeros = {layer.name: np.mean(layer.quantized_tensors["kernel"][2] == 0)
              for layer in lutq_tf.lutq_layers(q)}
     # Each channel prunes a whole number of its weights ("big": 18 each).
