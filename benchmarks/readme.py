@@ -136,7 +136,7 @@ def _recipe_table(recipe_lib, record, task):
         values = [a for k, a in runs.items() if k.startswith(f"test/{name}/e{epochs}/seed")]
         if variant not in rates or (task != "resnet8" and not values):
             continue
-        args = "-" if options is None else ", ".join(f"{k}={v!r}" for k, v in options.items())
+        args = _quantize_options(options)
         callbacks = record.get("callbacks", {}).get(variant)
         if callbacks:
             args += "; callbacks: " + ", ".join(callbacks)
@@ -158,6 +158,17 @@ def _recipe_table(recipe_lib, record, task):
     if not done:
         lines.append("| (the test rows are running) | | | | | | |")
     return lines
+
+
+def _quantize_options(options):
+    """A recipe row's options as `quantize_model` arguments."""
+    if options is None:
+        return "-"
+    options = dict(options)
+    args = []
+    if options.pop("prune_allocation", "uniform") == "erk":
+        args.append(f"overrides=erk_prune_overrides(model, {options.pop('prune_rate')})")
+    return ", ".join([*(f"{k}={v!r}" for k, v in options.items()), *args])
 
 
 def batchnorm():

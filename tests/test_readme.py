@@ -21,10 +21,12 @@ def test_an_edited_figure_is_caught():
 
 def test_recipe_block_gives_each_row_its_options_rate_and_target(monkeypatch):
     runs = [{"key": f"test/{v}/e5/seed{s}", "accuracy": a + 0.001 * s}
-            for v, a in (("float", 0.85), ("lutq4", 0.848), ("lutq2", 0.80)) for s in range(3)]
+            for v, a in (("float", 0.85), ("lutq4", 0.848), ("lutq2", 0.80),
+                         ("lutq4-pruned50-erk", 0.847)) for s in range(3)]
     record = {"command": "python -m benchmarks.recipe", "epochs": 5, "schedule": "cosine",
               "dictionary_rate": 1.0, "runs": runs,
-              "learning_rates": {"float": 3e-4, "lutq4": 3e-4, "lutq2": 1e-3}}
+              "learning_rates": {"float": 3e-4, "lutq4": 3e-4, "lutq2": 1e-3,
+                                 "lutq4-pruned50-erk": 3e-4}}
     lenet = {"command": "lenet cmd", "epochs": 5, "runs": [
         {"key": f"test/{v}/e5/seed0", "accuracy": a} for v, a in (("float", 0.993),
                                                                   ("lutq2", 0.990))],
@@ -39,6 +41,9 @@ def test_recipe_block_gives_each_row_its_options_rate_and_target(monkeypatch):
     assert "`bits=4, per_channel=True` | 0.0003 |" in rows["| lutq4"]
     assert rows["| lutq4"].endswith("| -0.20 pp | <= 0.3 pp: met |")
     assert rows["| lutq2"].endswith("| -5.00 pp | <= 2.5 pp: missed by 2.50 pp |")
+    # The ERK row as the user writes it: overrides from erk_prune_overrides.
+    assert ("`bits=4, per_channel=True, overrides=erk_prune_overrides(model, 0.5)` | 0.0003 |"
+            in rows["| lutq4-pruned50-erk"])
     # LeNet's rows: its own targets, each row under its chosen callbacks, and
     # no row for a variant without test runs.
     assert "`lenet cmd`" in lines[split]
