@@ -108,6 +108,9 @@ def recipe():
         callbacks = ("no `lutq_tf.callbacks` schedule and no batch-norm re-estimation before "
                      "training (none gained more than the noise on validation; most cost "
                      "accuracy), ")
+    elif chosen:
+        callbacks = ("the callbacks listed with a row (each gained more than the noise on "
+                     "validation; the other rows none), ")
     lines += ["", f"Chosen on the validation split: Adam, batch 64, {schedule}, "
               f"`dictionary_rate={record['dictionary_rate']:g}`, {callbacks}and each variant's "
               f"peak rate below. Test accuracy after {record['epochs']} epochs on all training "
