@@ -116,6 +116,7 @@ def recipe():
               f"peak rate below. Test accuracy after {record['epochs']} epochs on all training "
               "images, mean +- SE over seeds, against the issue's target gap to float:", ""]
     lines += _recipe_table(recipe_lib, record, "resnet8")
+    lines += recipe_lib.tfmot_pairs(record)
     if os.path.exists(os.path.join(RESULTS, "recipe_lenet.json")):
         lenet = _json("recipe_lenet.json")
         if "learning_rates" in lenet:
@@ -123,6 +124,7 @@ def recipe():
                       "recipe_lenet.md); from a float LeNet-5 trained here), the same "
                       f"search: `{lenet['command']}`", ""]
             lines += _recipe_table(recipe_lib, lenet, "lenet")
+            lines += recipe_lib.tfmot_pairs(lenet)
     return lines
 
 

@@ -200,12 +200,16 @@ def learning_rate(peak, schedule, steps, keras=None):
         0.0, steps - warm, warmup_target=peak, warmup_steps=warm)
 
 
-def callbacks_apply(name, variant):
-    """Whether the schedule `name` (in `CALLBACKS`) is tried on `variant`."""
+def callbacks_apply(name, variant, task):
+    """Whether the schedule `name` (in `CALLBACKS`) is tried on `variant` of
+    `task` (pruning-ramp: pruned rows only; bn-reestimate: models with batch
+    norms, which LeNet-5 has not)."""
     options = VARIANTS.get(variant)
     if options is None:  # float, or not a headline row
         return False
-    return name != "pruning-ramp" or options.get("prune_rate", 0) > 0
+    if name == "pruning-ramp":
+        return options.get("prune_rate", 0) > 0
+    return name != "bn-reestimate" or task == "resnet8"
 
 
 def make_callbacks(names, epochs, steps, x=None):
@@ -443,7 +447,7 @@ def search(record, path, f, stage):
         record[name] = preferred(by_dictionary_rate, 1.0)
     chosen = record.setdefault("callbacks", {})
     for v in f.variants:
-        tried = [c for c in CALLBACKS if callbacks_apply(c, v)]
+        tried = [c for c in CALLBACKS if callbacks_apply(c, v, f.task)]
         if not tried:
             continue
 
@@ -470,7 +474,6 @@ def _percent(value):
 
 def markdown(record):
     """The report of a record: search tables, test rows, tfmot vs LUT-Q."""
-    import numpy as np
 
     runs = {r["key"]: r["accuracy"] for r in record["runs"]}
     epochs = record.get("epochs")
@@ -533,15 +536,7 @@ def markdown(record):
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {', '.join(chosen) or '-'} |")
 
     def stats(name):
-        """(mean, SE, n) of a row's test runs in percent; None without any."""
-        values = [a for k, a in runs.items() if k.startswith(f"test/{name}/e{epochs}/seed")]
-        if not values:
-            return None
-        se = np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-        return 100 * np.mean(values), 100 * se, len(values)
-
-    def cell(s):
-        return f"{s[0]:.2f} +- {s[1]:.2f} (n={s[2]})"
+        return test_stats(record, name)
 
     lines += ["", f"Test accuracy after {epochs} epochs on all "
               f"{record.get('train_size', 50000):,} training images (Keras 3; tfmot rows: "
@@ -557,20 +552,48 @@ def markdown(record):
             continue
         gap = "" if base is None or name == "float" else f"{s[0] - base[0]:+.2f} pp"
         lines.append(f"| {name} | {cell(s)} | {gap} |")
-    pairs = [(k, stats(f"tfmot{k}"), stats(f"lutq-t{k}")) for k in TFMOT_K]
-    pairs = [(k, t, q) for k, t, q in pairs if t and q]
-    if pairs:
-        lines += ["", "tfmot clustering vs LUT-Q, both with K values per Conv2D/Dense kernel: "
-                  "the difference of the means, SE = sqrt(SE_LUT-Q^2 + SE_tfmot^2); flagged "
-                  "where LUT-Q is worse by more than 2 SE:", "",
-                  "| K | tfmot | LUT-Q per tensor | LUT-Q - tfmot | |",
-                  "| ---: | ---: | ---: | ---: | --- |"]
-        for k, t, q in pairs:
-            diff, se = q[0] - t[0], math.hypot(q[1], t[1])
-            flag = "LUT-Q worse by > 2 SE" if diff < -2 * se else ""
-            lines.append(f"| {k} | {cell(t)} | {cell(q)} | {diff:+.2f} +- {se:.2f} pp "
-                         f"| {flag} |")
+    lines += tfmot_pairs(record)
     return "\n".join(lines) + "\n"
+
+
+def test_stats(record, name):
+    """(mean, SE, n) of a row's test runs in percent; None without any."""
+    import numpy as np
+
+    values = [r["accuracy"] for r in record["runs"]
+              if r["key"].startswith(f"test/{name}/e{record['epochs']}/seed")]
+    if not values:
+        return None
+    se = np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return 100 * np.mean(values), 100 * se, len(values)
+
+
+def cell(s):
+    """A `test_stats` triple as a table cell."""
+    if s[2] == 1:
+        return f"{s[0]:.2f} (n=1)"
+    return f"{s[0]:.2f} +- {s[1]:.2f} (n={s[2]})"
+
+
+def tfmot_pairs(record):
+    """Markdown lines: tfmot vs LUT-Q per tensor for each K with test runs on
+    both sides (none without)."""
+    pairs = [(k, test_stats(record, f"tfmot{k}"), test_stats(record, f"lutq-t{k}"))
+             for k in TFMOT_K]
+    pairs = [(k, t, q) for k, t, q in pairs if t and q]
+    if not pairs:
+        return []
+    lines = ["", "tfmot clustering vs LUT-Q, both with K values per Conv2D/Dense kernel: "
+             "the difference of the means, SE = sqrt(SE_LUT-Q^2 + SE_tfmot^2); flagged "
+             "where LUT-Q is worse by more than 2 SE:", "",
+             "| K | tfmot | LUT-Q per tensor | LUT-Q - tfmot | |",
+             "| ---: | ---: | ---: | ---: | --- |"]
+    for k, t, q in pairs:
+        diff, se = q[0] - t[0], math.hypot(q[1], t[1])
+        flag = "LUT-Q worse by > 2 SE" if diff < -2 * se else ""
+        spread = "" if math.isnan(se) else f" +- {se:.2f}"
+        lines.append(f"| {k} | {cell(t)} | {cell(q)} | {diff:+.2f}{spread} pp | {flag} |")
+    return lines
 
 
 def validate(f):

@@ -150,15 +150,19 @@ def test_each_lutq_row_keeps_the_callback_that_gains_more_than_the_noise(tmp_pat
     stage = recipe.Stage("validation", None, (None, np.zeros(100)), "start")
     record = {"runs": []}
     recipe.search(record, str(tmp_path / "r.json"),
-                  _flags(variants=["float", "lutq2", "lutq4-pruned50"]), stage)
+                  _flags(task="resnet8", variants=["float", "lutq2", "lutq4-pruned50"]), stage)
     assert record["callbacks"] == {"lutq2": [], "lutq4-pruned50": ["pruning-ramp"]}
     # Each against the same run without it: freezing the last epoch over two.
     assert {"search/lutq2/cosine/0.001/+kmeans-warmup", "search/lutq2/cosine/0.001/e2",
             "search/lutq2/cosine/0.001/e2/+freeze-last"} <= set(calls)
     assert "search/lutq2/cosine/0.001/+pruning-ramp" not in calls  # lutq2 does not prune
+    assert "search/lutq2/cosine/0.001/+bn-reestimate" in calls
     assert not [k for k in calls if k.startswith("search/float/") and "+" in k]
     assert recipe.row(record, "lutq4-pruned50") == "lutq4-pruned50+pruning-ramp"
     assert recipe.row(record, "lutq2") == "lutq2"
+    # LeNet-5 has no batch norm to re-estimate.
+    assert not recipe.callbacks_apply("bn-reestimate", "lutq2", "lenet")
+    assert recipe.callbacks_apply("freeze-last", "lutq2", "lenet")
 
 
 def test_callbacks_are_built_for_the_run():
@@ -226,11 +230,20 @@ def test_report_shows_rows_gaps_and_the_tfmot_pairs():
     assert "after 2 epochs on all 60,000 training images" in text
     assert "| float | 99.10 +- 0.06 (n=3) |  |" in text
     assert "| lutq-t16 | 96.50 +- 0.29 (n=3) | -2.60 pp |" in text
-    assert "| lutq2 | 99.00 +- nan (n=1) | -0.10 pp |" in text
+    assert "| lutq2 | 99.00 (n=1) | -0.10 pp |" in text
     assert "| 4 | 97.00 +- 0.00 (n=3) | 98.00 +- 0.00 (n=3) | +1.00 +- 0.00 pp |  |" in text
     assert ("| 16 | 99.00 +- 0.00 (n=3) | 96.50 +- 0.29 (n=3) | -2.50 +- 0.29 pp "
             "| LUT-Q worse by > 2 SE |") in text
     assert "| 256 | 99.00 +- 0.00 (n=3) | 98.50 +- 0.58 (n=3) | -0.50 +- 0.58 pp |  |" in text
+
+
+def test_tfmot_pairs_with_one_seed_show_no_spread():
+    record = {"epochs": 5, "runs": [{"key": "test/tfmot4/e5/seed0", "accuracy": 0.97},
+                                    {"key": "test/lutq-t4/e5/seed0", "accuracy": 0.98},
+                                    {"key": "test/tfmot16/e5/seed0", "accuracy": 0.99}]}
+    lines = recipe.tfmot_pairs(record)
+    assert lines[-1] == "| 4 | 97.00 (n=1) | 98.00 (n=1) | +1.00 pp |  |"  # K=16: one side
+    assert recipe.tfmot_pairs({"epochs": 5, "runs": record["runs"][:1]}) == []
 
 
 def test_report_shows_the_callback_search_and_the_chosen_rows():
@@ -250,8 +263,8 @@ def test_report_shows_the_callback_search_and_the_chosen_rows():
             " | pruning-ramp |") in text
     rows = [line for line in text.splitlines() if line.startswith("| lutq4-pruned50")]
     # The chosen recipe's row first, the earlier one after it.
-    assert rows[-2].startswith("| lutq4-pruned50+pruning-ramp | 84.00 +- nan (n=1) | -1.00 pp")
-    assert rows[-1].startswith("| lutq4-pruned50 | 82.00 +- nan (n=1) | -3.00 pp")
+    assert rows[-2].startswith("| lutq4-pruned50+pruning-ramp | 84.00 (n=1) | -1.00 pp")
+    assert rows[-1].startswith("| lutq4-pruned50 | 82.00 (n=1) | -3.00 pp")
 
 
 def test_report_of_a_record_from_before_the_tasks():
