@@ -105,7 +105,8 @@ VARIANTS = {
     "lutq2": {"bits": 2, "per_channel": True},
     "pow2-4": {"bits": 4, "per_channel": True, "constraint": "pow2"},
     "lutq4-pruned50": {"bits": 4, "per_channel": True, "prune_rate": 0.5},
-    # 50 % of all weights, more in large layers (pipeline.erk_prune_overrides).
+    # 50 % of all weights, more in large layers (lutq_tf.erk_prune_overrides,
+    # applied by experiments.pipeline.lutq_finetune).
     "lutq4-pruned50-erk": {"bits": 4, "per_channel": True, "prune_rate": 0.5,
                            "prune_allocation": "erk"},
 }
