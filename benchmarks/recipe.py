@@ -584,9 +584,13 @@ def tfmot_pairs(record):
     pairs = [(k, t, q) for k, t, q in pairs if t and q]
     if not pairs:
         return []
-    lines = ["", "tfmot clustering vs LUT-Q, both with K values per Conv2D/Dense kernel: "
-             "the difference of the means, SE = sqrt(SE_LUT-Q^2 + SE_tfmot^2); flagged "
-             "where LUT-Q is worse by more than 2 SE:", "",
+    lines = ["", "tfmot clustering vs LUT-Q, both with K values per Conv2D/Dense kernel "
+             f"(`--variants={','.join(COMPARISON)}` added to this record, with "
+             "`LUTQ_COMPARE_PYTHON` set; LUT-Q at the per-tensor dictionary rate chosen "
+             f"on validation, {record.get('tensor_dictionary_rate', 1.0):g}): "
+             "the difference of the means, "
+             "SE = sqrt(SE_LUT-Q^2 + SE_tfmot^2); flagged where LUT-Q is worse by more "
+             "than 2 SE:", "",
              "| K | tfmot | LUT-Q per tensor | LUT-Q - tfmot | |",
              "| ---: | ---: | ---: | ---: | --- |"]
     for k, t, q in pairs:
