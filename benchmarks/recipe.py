@@ -536,19 +536,16 @@ def markdown(record):
                              f"{_percent(with_c)} ({100 * (with_c - without):+.2f})")
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {', '.join(chosen) or '-'} |")
 
-    def stats(name):
-        return test_stats(record, name)
-
     lines += ["", f"Test accuracy after {epochs} epochs on all "
               f"{record.get('train_size', 50000):,} training images (Keras 3; tfmot rows: "
               "tf_keras after `strip_clustering`), mean +- SE over seeds; gap to float:", "",
               "| variant | accuracy | gap to float |", "| --- | ---: | ---: |"]
-    base = stats("float")
+    base = test_stats(record, "float")
     names = [row(record, v) for v in KNOWN]
     # Rows of a variant under an earlier choice of its callbacks follow it.
     names += sorted({k.split("/")[1] for k in runs if k.startswith("test/")} - set(names))
     for name in names:
-        s = stats(name)
+        s = test_stats(record, name)
         if s is None:
             continue
         gap = "" if base is None or name == "float" else f"{s[0] - base[0]:+.2f} pp"

@@ -12,7 +12,7 @@ the current interpreter.
 Example (Keras 3 side):
 
     model = experiments.models.digits_cnn()
-    save_initial_weights(model, "/tmp/init.npz")
+    np.savez("/tmp/init.npz", *model.get_weights())  # the order --weights_in reads
     result = run_tfmot_baseline(
         model="digits", num_clusters=16, epochs=2, data="digits",
         weights_in="/tmp/init.npz")
@@ -24,8 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-
-import numpy as np
 
 _TF_LOG_PREFIXES = ("I0000", "W0000", "E0000", "WARNING: All log messages")
 
@@ -70,21 +68,6 @@ def check_compare_python(python=None):
     return python
 
 
-def save_initial_weights(model, path):
-    """Saves `model.get_weights()` in order, as `--weights_in` expects.
-
-    Args:
-        model: a Keras 3 model from `experiments.models` (`digits_cnn`,
-            `lenet` or `mlp`), trained or freshly initialised.
-        path: destination .npz path.
-
-    Returns:
-        `path`.
-    """
-    np.savez(path, *model.get_weights())
-    return path
-
-
 def run_tfmot_baseline(
     model="digits",
     num_clusters=16,
@@ -112,7 +95,8 @@ def run_tfmot_baseline(
         epochs: epochs of the timed float and clustering runs.
         batch_size: batch size.
         data: `"digits"`, `"synthetic"` or a path to `mnist.npz`.
-        weights_in: optional .npz of initial weights (`save_initial_weights`).
+        weights_in: optional .npz of initial weights
+            (`np.savez(path, *model.get_weights())`).
         learning_rate, pretrain_epochs, seed: passed on when not None.
         out: where the script writes its JSON; a temporary file if None.
         python: interpreter to use; see `compare_python()`.

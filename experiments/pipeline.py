@@ -110,21 +110,23 @@ def lutq_finetune(float_model, train, epochs, batch_size=32,
         `(lutq_model, seconds)`: the trained LUT-Q model and the seconds
         spent in `fit`.
     """
-    if quantize_options.pop("prune_allocation", "uniform") == "erk":
-        quantize_options["overrides"] = lutq_tf.erk_prune_overrides(
-            float_model, quantize_options["prune_rate"])
+    erk = quantize_options.pop("prune_allocation", "uniform") == "erk"
+    if erk and "overrides" in quantize_options:
+        raise ValueError("lutq_finetune: prune_allocation='erk' writes the overrides; "
+                         "pass one or the other.")
+    if "overrides" not in quantize_options:
+        overrides = (lutq_tf.erk_prune_overrides(float_model, quantize_options["prune_rate"])
+                     if erk else {})
         if quantize_options.get("per_channel"):
-            k = quantize_options.get("num_values") or 2 ** quantize_options.get("bits", 4)
-            for name, options in small_channel_overrides(float_model, k).items():
-                quantize_options["overrides"][name].update(options)
-    elif (quantize_options.get("per_channel")
-            and "overrides" not in quantize_options):
-        overrides = small_channel_overrides(
-            float_model, quantize_options.get("num_values")
-            or 2 ** quantize_options.get("bits", 4))
+            small = small_channel_overrides(
+                float_model, quantize_options.get("num_values")
+                or 2 ** quantize_options.get("bits", 4))
+            if small:
+                log(f"    per-tensor dictionaries for {', '.join(small)}: "
+                    "fewer weights per output channel than K")
+            for name, options in small.items():
+                overrides.setdefault(name, {}).update(options)
         if overrides:
-            log(f"    per-tensor dictionaries for {', '.join(overrides)}: "
-                "fewer weights per output channel than K")
             quantize_options["overrides"] = overrides
     keras.utils.set_random_seed(seed)  # k-means initialisation draws
     lutq_model = lutq_tf.quantize_model(float_model, **quantize_options)
