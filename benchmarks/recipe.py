@@ -124,6 +124,10 @@ COMPARISON = {}
 for _k in TFMOT_K:
     COMPARISON[f"tfmot{_k}"] = {"tfmot": _k}
     COMPARISON[f"lutq-t{_k}"] = {"bits": int(math.log2(_k)), "per_channel": False}
+# Diagnosis of the K=16 pair: tfmot with its centroids held at their
+# k-means++ init (no centroid gradient), as LUT-Q per tensor holds its
+# dictionary (tensor_dictionary_rate 0).
+COMPARISON["tfmot16-frozen"] = {"tfmot": 16, "centroids": "freeze"}
 KNOWN = {**VARIANTS, **COMPARISON}
 # Peak rates: the first four are always tried, and the search climbs the
 # ladder while the largest rate tried is the best.
@@ -337,11 +341,15 @@ def _keras_run(task, stage, options, peak, schedule, epochs, seed, dictionary_ra
     return pipeline.keras_accuracy(model, *stage.evaluate)
 
 
-def _tfmot_run(f, stage, k, peak, schedule, epochs, seed):
-    """tfmot clustering with `k` centroids, in tfmot's process; its accuracy."""
+def _tfmot_run(f, stage, k, peak, schedule, epochs, seed, centroids="train"):
+    """tfmot clustering with `k` centroids, in tfmot's process; its accuracy.
+
+    `centroids`: tfmot_baseline's `--centroids` (train: by gradient; freeze).
+    """
     from benchmarks import tfmot_runner
 
-    extra = ["--pretrained", "--bn=train", f"--schedule={schedule}", f"--split={stage.split}"]
+    extra = ["--pretrained", "--bn=train", f"--schedule={schedule}", f"--split={stage.split}",
+             f"--centroids={centroids}"]
     if f.limit:
         extra.append(f"--limit={f.limit}")
     if f.task == "resnet8":
@@ -381,7 +389,8 @@ def _run(record, path, key, f, stage, variant, peak, schedule, epochs, seed,
     options = KNOWN[variant]
     start = time.time()
     if options is not None and "tfmot" in options:
-        accuracy = _tfmot_run(f, stage, options["tfmot"], peak, schedule, epochs, seed)
+        accuracy = _tfmot_run(f, stage, options["tfmot"], peak, schedule, epochs, seed,
+                              options.get("centroids", "train"))
     else:
         accuracy = _keras_run(f.task, stage, options, peak, schedule, epochs, seed,
                               dictionary_rate, callbacks)
