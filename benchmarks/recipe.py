@@ -57,7 +57,9 @@ process (tf_keras; `LUTQ_COMPARE_PYTHON` names its python). `lutq-t4`,
 tensor. They get the same search (each its own peak rate on the same
 ladder, under the task's schedule), epochs and seeds (seeded shuffling on
 both sides, though Keras 3 and tf_keras draw different batch orders), and
-the report adds LUT-Q - tfmot for each K.
+the report adds LUT-Q - tfmot for each K. `DIAGNOSES` are rows that test an
+explanation of a pair's difference (`tfmot16-frozen`: tfmot without its
+centroid gradient), searched and seeded alike.
 
     nice python -m benchmarks.recipe --cifar10=../shared/data/cifar10_jpeg.tgz \\
         --resnet8_h5=../shared/models/mlperf_tiny_resnet8.h5
@@ -127,8 +129,8 @@ for _k in TFMOT_K:
 # Diagnosis of the K=16 pair: tfmot with its centroids held at their
 # k-means++ init (no centroid gradient), as LUT-Q per tensor holds its
 # dictionary (tensor_dictionary_rate 0).
-COMPARISON["tfmot16-frozen"] = {"tfmot": 16, "centroids": "freeze"}
-KNOWN = {**VARIANTS, **COMPARISON}
+DIAGNOSES = {"tfmot16-frozen": {"tfmot": 16, "centroids": "freeze"}}
+KNOWN = {**VARIANTS, **COMPARISON, **DIAGNOSES}
 # Peak rates: the first four are always tried, and the search climbs the
 # ladder while the largest rate tried is the best.
 RATES = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
