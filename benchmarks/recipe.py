@@ -126,11 +126,14 @@ COMPARISON = {}
 for _k in TFMOT_K:
     COMPARISON[f"tfmot{_k}"] = {"tfmot": _k}
     COMPARISON[f"lutq-t{_k}"] = {"bits": int(math.log2(_k)), "per_channel": False}
-# Diagnosis of the K=16 pair: tfmot with its centroids held at their
-# k-means++ init (no centroid gradient), as LUT-Q per tensor holds its
-# dictionary (tensor_dictionary_rate 0).
-DIAGNOSES = {"tfmot16-frozen": {"tfmot": 16, "centroids": "freeze"}}
-KNOWN = {**VARIANTS, **COMPARISON, **DIAGNOSES}
+# Rows that test an explanation of a pair's difference: name -> (options,
+# what the report says of it).
+DIAGNOSES = {
+    "tfmot16-frozen": ({"tfmot": 16, "centroids": "freeze"},
+                       "tfmot K=16 with its centroids held at their k-means++ init (no "
+                       "centroid gradient), as LUT-Q per tensor holds its dictionary"),
+}
+KNOWN = {**VARIANTS, **COMPARISON, **{name: d[0] for name, d in DIAGNOSES.items()}}
 # Peak rates: the first four are always tried, and the search climbs the
 # ladder while the largest rate tried is the best.
 RATES = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
@@ -561,6 +564,8 @@ def markdown(record):
             continue
         gap = "" if base is None or name == "float" else f"{s[0] - base[0]:+.2f} pp"
         lines.append(f"| {name} | {cell(s)} | {gap} |")
+    lines += [f"\n`{name}` (`--variants={name}`): {about}."
+              for name, (_, about) in DIAGNOSES.items() if test_stats(record, name)]
     lines += tfmot_pairs(record)
     return "\n".join(lines) + "\n"
 

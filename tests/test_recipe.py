@@ -246,6 +246,36 @@ def test_tfmot_pairs_with_one_seed_show_no_spread():
     assert recipe.tfmot_pairs({"epochs": 5, "runs": record["runs"][:1]}) == []
 
 
+def test_a_diagnostic_row_is_described_once_it_has_test_runs():
+    record = _record()
+    assert "tfmot16-frozen" not in recipe.markdown(record)
+    record["runs"].append({"key": "test/tfmot16-frozen/e2/seed0", "accuracy": 0.985})
+    text = recipe.markdown(record)
+    assert "| tfmot16-frozen | 98.50 (n=1) | -0.60 pp |" in text
+    assert "`tfmot16-frozen` (`--variants=tfmot16-frozen`): tfmot K=16 with its centroids" in text
+    # The pairs table and its command stay the pairs'.
+    assert "--variants=tfmot4,lutq-t4,tfmot16,lutq-t16,tfmot256,lutq-t256`" in text
+
+
+def test_a_diagnostic_row_passes_its_centroids_to_tfmot(tmp_path, monkeypatch):
+    from benchmarks import tfmot_runner
+
+    seen = {}
+
+    def fake_baseline(**kwargs):
+        seen.update(kwargs)
+        return {"num_train": 3, "num_evaluated": 2, "test_accuracy": 0.5}
+
+    monkeypatch.setattr(tfmot_runner, "run_tfmot_baseline", fake_baseline)
+    stage = recipe.Stage("test", (None, np.zeros(3)), (None, np.zeros(2)), "start.h5")
+    record = {"runs": []}
+    for variant, centroids in (("tfmot16-frozen", "freeze"), ("tfmot16", "train")):
+        recipe._run(record, str(tmp_path / "r.json"), f"test/{variant}",
+                    _flags(variants=[variant]), stage, variant, 3e-4, "cosine", 1, 0)
+        assert seen["num_clusters"] == 16
+        assert f"--centroids={centroids}" in seen["extra_flags"]
+
+
 def test_report_shows_the_callback_search_and_the_chosen_rows():
     base = "search/lutq4-pruned50/cosine/0.001"
     runs = [{"key": base, "accuracy": 0.80}, {"key": base + "/+kmeans-warmup", "accuracy": 0.79},
