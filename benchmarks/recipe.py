@@ -346,21 +346,22 @@ def _keras_run(task, stage, options, peak, schedule, epochs, seed, dictionary_ra
     return pipeline.keras_accuracy(model, *stage.evaluate)
 
 
-def _tfmot_run(f, stage, k, peak, schedule, epochs, seed, centroids="train"):
-    """tfmot clustering with `k` centroids, in tfmot's process; its accuracy.
+def _tfmot_run(f, stage, options, peak, schedule, epochs, seed):
+    """tfmot clustering, in tfmot's process; its accuracy.
 
-    `centroids`: tfmot_baseline's `--centroids` (train: by gradient; freeze).
+    `options`: {"tfmot": K} and, optionally, "centroids": tfmot_baseline's
+    `--centroids` (default "train": by gradient).
     """
     from benchmarks import tfmot_runner
 
     extra = ["--pretrained", "--bn=train", f"--schedule={schedule}", f"--split={stage.split}",
-             f"--centroids={centroids}"]
+             f"--centroids={options.get('centroids', 'train')}"]
     if f.limit:
         extra.append(f"--limit={f.limit}")
     if f.task == "resnet8":
         extra.append(f"--resnet8_h5={stage.start}")
     result = tfmot_runner.run_tfmot_baseline(
-        model=f.task, num_clusters=k, epochs=epochs, batch_size=_BATCH,
+        model=f.task, num_clusters=options["tfmot"], epochs=epochs, batch_size=_BATCH,
         data=f.cifar10 if f.task == "resnet8" else f.mnist,
         weights_in=None if f.task == "resnet8" else stage.start,
         learning_rate=peak, seed=seed, extra_flags=extra)
@@ -394,8 +395,7 @@ def _run(record, path, key, f, stage, variant, peak, schedule, epochs, seed,
     options = KNOWN[variant]
     start = time.time()
     if options is not None and "tfmot" in options:
-        accuracy = _tfmot_run(f, stage, options["tfmot"], peak, schedule, epochs, seed,
-                              options.get("centroids", "train"))
+        accuracy = _tfmot_run(f, stage, options, peak, schedule, epochs, seed)
     else:
         accuracy = _keras_run(f.task, stage, options, peak, schedule, epochs, seed,
                               dictionary_rate, callbacks)
