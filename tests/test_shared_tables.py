@@ -266,3 +266,36 @@ def test_every_per_channel_kernel_of_the_mlperf_autoencoder_is_matched():
     data = np.random.default_rng(0).normal(size=(8, 640)).astype(np.float32)
     baseline, matches = _converted(q, data)
     assert len(matches) == len(lutq_tf.summary(q, print_fn=None)) == 10
+
+
+def _ancillary_headers(path):
+    """DCM byte 5 of every DECODE output's ancillary tensor in a file."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    with open(path, "rb") as f:
+        model = schema.ModelT.InitFromPackedBuf(bytearray(f.read()), 0)
+    subgraph = model.subgraphs[0]
+    headers = []
+    for op in subgraph.operators:
+        code = model.operatorCodes[op.opcodeIndex].customCode
+        if code not in (b"TFLM_DECODE", "TFLM_DECODE"):
+            continue
+        for k in range(len(op.outputs)):
+            ancillary = subgraph.tensors[int(op.inputs[2 * k + 1])]
+            headers.append(int(model.buffers[ancillary.buffer].data[5]))
+    return headers
+
+
+@pytest.mark.slow
+def test_shared_table_carries_the_one_table_marker(tmp_path):
+    """The format's axis nibble 0xF ("one table") is written for a shared
+    table. TFLM's kernel masks byte 5 with 0x07 and ignores the nibble (it
+    shares the table through stride 0), so the file stays bit-exact."""
+    model, data = _model("conv2d", 4, np.random.default_rng(2))
+    result = tflite_export.export(
+        model, tmp_path / "m.tflite", representative_data=data, shared_tables=True
+    )
+    (lut,) = [t for t in result.tensors if t.layer == "lut"]
+    assert lut.table_mode.startswith("shared")
+    assert _ancillary_headers(result.path) == [0xF0 | 2]
+    check_written(result, model, data, min_top1=0.7)

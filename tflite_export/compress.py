@@ -35,8 +35,12 @@ _OVERHEAD_BYTES = 128
 # Unslimmed, the encoded tensor keeps a float32 scale and an int64 zero
 # point per channel.
 _BYTES_PER_QUANTIZATION = 12
-# The DCM's axis field value for one table per tensor.
-_PER_TENSOR_AXIS = 0xF
+# The DCM's axis nibble for "one table" (tflite-micro's compression/lut.py).
+# Written for per-tensor and shared tables alike. TFLM's kernel (90b983c2)
+# masks byte 5 with 0x07 and never reads the nibble: it takes channels from
+# the output's quantisation and shares a table through stride 0. The marker
+# is for a kernel that reads it.
+ONE_TABLE_AXIS = 0xF
 _LUT_VERSION = 1
 _DECODE_TYPE_LUT = 0
 _DCM_VERSION = 1
@@ -273,11 +277,11 @@ def encode(plan, array):
         table = plan.shared.table
         indices = np.searchsorted(table, array)
         # Stride 0: every channel's table pointer stays on the one table.
-        ancillary = _metadata(plan.index_bits, plan.axis, 0) + table.tobytes()
+        ancillary = _metadata(plan.index_bits, ONE_TABLE_AXIS, 0) + table.tobytes()
         return pack_indices(indices, plan.index_bits), ancillary
     if plan.mode == "per-tensor":
         table, indices = np.unique(array, return_inverse=True)
-        ancillary = _metadata(plan.index_bits, _PER_TENSOR_AXIS, len(table))
+        ancillary = _metadata(plan.index_bits, ONE_TABLE_AXIS, len(table))
         return pack_indices(indices, plan.index_bits), ancillary + table.tobytes()
     moved = np.moveaxis(array, plan.axis, 0)
     stride = plan.codes

@@ -94,7 +94,8 @@ class ModelInfo:
     num_inputs: int
 
 
-def _text(value):
+def text(value):
+    """A flatbuffer string (bytes or None) as str."""
     return value.decode("utf-8") if isinstance(value, bytes) else (value or "")
 
 
@@ -102,7 +103,7 @@ def op_name(model, op):
     code = model.operatorCodes[op.opcodeIndex]
     builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
     if builtin == schema.BuiltinOperator.CUSTOM:
-        return _text(code.customCode)
+        return text(code.customCode)
     return _OP_NAMES.get(builtin, str(builtin))
 
 
@@ -148,7 +149,7 @@ def read(model_bytes):
                 axis = int(quant.quantizedDimension)
         weights[index] = WeightTensor(
             index=index,
-            name=_text(tensor.name),
+            name=text(tensor.name),
             op=name,
             array=array,
             scales=scales,

@@ -14,10 +14,7 @@ import re
 from tensorflow.lite.python import schema_py_generated as schema
 
 from tflite_export.errors import ExportError
-
-
-def _text(value):
-    return value.decode("utf-8") if isinstance(value, bytes) else (value or "")
+from tflite_export.flatbuffer import text
 
 
 def _output_position(name):
@@ -68,18 +65,18 @@ def keras_order(model_bytes, input_names):
     if len(inputs) > 1:
         position = {name: i for i, name in enumerate(input_names)}
         wanted = {
-            int(t.tensorIndex): position.get(_text(t.name), -1)
+            int(t.tensorIndex): position.get(text(t.name), -1)
             for t in signature.inputs
         }
         new_inputs = _ordered(inputs, wanted, "inputs")
     new_outputs = outputs
     if len(outputs) > 1:
         wanted = {
-            int(t.tensorIndex): _output_position(_text(t.name))
+            int(t.tensorIndex): _output_position(text(t.name))
             for t in signature.outputs
         }
         if None in wanted.values():
-            names = sorted(_text(t.name) for t in signature.outputs)
+            names = sorted(text(t.name) for t in signature.outputs)
             raise ExportError(
                 f"the converted model's outputs are named {names}, not "
                 "output_0, output_1, ...: cannot order them like the Keras "

@@ -1,0 +1,173 @@
+"""Device profiles (`tflite_export.target`) and the device cost model (`device`)."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from test_export import make_model
+
+from tflite_export import device
+from tflite_export import target as targets
+
+
+def test_profiles_are_valid_and_named():
+    for name, profile in targets.PROFILES.items():
+        assert profile.name == name
+        assert "90b983c2" in profile.provenance
+    assert targets.get("cortex-m4-ref").kernels == "reference"
+    assert targets.get("cortex-m4-cmsis-nn").kernels == "cmsis-nn"
+    trimmed = targets.get("cortex-m4-cmsis-nn-decode-int8")
+    assert trimmed.decode_code_bytes < targets.get("cortex-m4-cmsis-nn").decode_code_bytes
+    assert targets.get(None) is None
+
+
+def test_unknown_target_name_lists_the_profiles():
+    with pytest.raises(ValueError, match="cortex-m4-cmsis-nn.*Target"):
+        targets.get("cortex-m7")
+    with pytest.raises(TypeError, match="profile name"):
+        targets.get(3)
+
+
+def test_profile_round_trips_through_json():
+    profile = targets.get("cortex-m4-cmsis-nn")
+    data = json.loads(json.dumps(profile.to_dict()))
+    assert targets.Target.from_dict(data) == profile
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("decode_code_bytes", -1, "decode_code_bytes"),
+    ("decode_code_bytes", "21KB", "decode_code_bytes"),
+    ("decode_tensor_instructions", float("nan"), "decode_tensor_instructions"),
+    ("kernels", "cmsis", "kernels"),
+    ("decode_linked", "yes", "decode_linked"),
+    ("mac_instructions", {"CONV_2D": 2.0}, "missing"),
+    ("op_code_bytes", {"CONCATENATION": -5}, "CONCATENATION"),
+])
+def test_bad_profile_field_is_named(field, value, message):
+    profile = targets.get("cortex-m4-ref")
+    with pytest.raises((TypeError, ValueError), match=message):
+        dataclasses.replace(profile, **{field: value})
+
+
+def test_bad_profile_file_names_the_source_and_field():
+    data = targets.get("cortex-m4-ref").to_dict()
+    data["decode_paths"]["width4_16"]["per_weight"] = -3
+    with pytest.raises(ValueError, match="board.json.*per_weight"):
+        targets.Target.from_dict(data, source="board.json")
+    data = targets.get("cortex-m4-ref").to_dict()
+    del data["kernels"]
+    data["flash"] = 1
+    expected = "board.json.*unknown: \\['flash'\\].*missing: \\['kernels'\\]"
+    with pytest.raises(ValueError, match=expected):
+        targets.Target.from_dict(data, source="board.json")
+
+
+def test_decode_paths_follow_tflm():
+    assert device.decode_path(4) == "width4_16"
+    assert device.decode_path(3) == "width3_32"
+    assert device.decode_path(2) == "width2_16"
+    # 1 bit, wider indices, the alternate axis and non-int8 outputs: per weight.
+    assert device.decode_path(1) == "width_any"
+    assert device.decode_path(5) == "width_any"
+    assert device.decode_path(4, alternate_axis=True) == "width_any"
+    assert device.decode_path(4, int8_output=False) == "width_any"
+
+
+@pytest.mark.parametrize("per_channel, measured", [(40, 6.2), (64, 3.84), (640, 3.42)])
+def test_block_path_matches_issue_22_per_weight_averages(per_channel, measured):
+    """Issue 22's per-weight averages at 4 bits (decode code only, without the
+    per-tensor part), on channel lengths where alignment plays no role."""
+    target = targets.get("cortex-m4-cmsis-nn")
+    channels = 16
+    path, count = device.decode_instructions(target, per_channel * channels, 4, channels)
+    per_weight = (count - target.decode_tensor_instructions) / (per_channel * channels)
+    assert path == "width4_16"
+    assert per_weight == pytest.approx(measured, rel=0.02)
+
+
+def test_misaligned_channels_lose_blocks():
+    """A channel that starts off a 16-index boundary decodes its lead weights
+    one by one, so 17-weight channels cost more per weight than 16-weight ones."""
+    target = targets.get("cortex-m4-cmsis-nn")
+    _, aligned = device.decode_instructions(target, 16 * 32, 4, 32)
+    _, misaligned = device.decode_instructions(target, 17 * 32, 4, 32)
+    assert misaligned / (17 * 32) > 1.5 * aligned / (16 * 32)
+
+
+def test_per_weight_loop_costs_more_than_blocks():
+    target = targets.get("cortex-m4-cmsis-nn")
+    _, blocks = device.decode_instructions(target, 4096, 4, 1)
+    _, any_width = device.decode_instructions(target, 4096, 1, 1)
+    _, depthwise = device.decode_instructions(target, 4096, 4, 64, alternate_axis=True)
+    assert any_width > 5 * blocks
+    assert depthwise > 5 * blocks
+
+
+@pytest.fixture(scope="module")
+def conv_export(tmp_path_factory):
+    import tflite_export
+
+    model, _, data = make_model("conv2d", 16, per_channel=False)
+    path = tmp_path_factory.mktemp("device") / "conv.tflite"
+    result = tflite_export.export(model, str(path), representative_data=data)
+    return result, data
+
+
+def _int8_file(result):
+    """The int8 route's file of the same architecture: weights that are no
+    LUT (random), so the exporter keeps every tensor int8."""
+    import tflite_export
+
+    model, _, data = make_model("conv2d", 16, per_channel=False)
+    conv = model.get_layer("conv")
+    kernel, bias = conv.get_weights()
+    conv.set_weights([np.random.default_rng(1).normal(size=kernel.shape), bias])
+    path = str(result.path) + ".int8.tflite"
+    plain = tflite_export.export(model, path, representative_data=data)
+    assert not plain.compressed_tensors
+    with open(plain.path, "rb") as f:
+        return f.read()
+
+
+def test_report_reads_the_decode_ops_and_adds_decode_code_once(conv_export):
+    result, _ = conv_export
+    with open(result.path, "rb") as f:
+        written = f.read()
+    int8 = _int8_file(result)
+    assert len(int8) == result.slim_baseline_bytes
+    profile = targets.get("cortex-m4-cmsis-nn")
+    report = device.report(profile, written, int8)
+    assert len(report.decoded) == len(result.compressed_tensors) == 1
+    decoded = report.decoded[0]
+    assert (decoded.bits, decoded.path) == (4, "width4_16")
+    assert decoded.elements == 32 * 3 * 3 * 16
+    assert report.file_change == len(written) - len(int8) < 0
+    assert report.code_added == {device.DECODE_OP: profile.decode_code_bytes}
+    assert report.flash_change == report.file_change + profile.decode_code_bytes
+    # A small model: the DECODE kernel outweighs what compression saves.
+    assert not report.wins
+    assert report.break_even_decode_bytes == -report.file_change
+    assert "LOSES" in report.verdict() and f"{-report.file_change:,}" in report.verdict()
+    # Conv 8x8x16 -> 6x6x32 with 3x3 filters, and the 32 -> 10 head.
+    assert device.macs(int8) == {"CONV_2D": 6 * 6 * 32 * 3 * 3 * 16, "FULLY_CONNECTED": 320}
+    linked = dataclasses.replace(profile, decode_linked=True)
+    free = device.report(linked, written, int8)
+    assert free.code_added == {} and free.wins
+    assert "saves" in free.verdict()
+    text = "\n".join(report.lines())
+    assert "width4_16" in text and "cortex-m4-cmsis-nn" in text
+
+
+def test_int8_instructions_use_the_targets_per_mac_costs(conv_export):
+    result, _ = conv_export
+    int8 = _int8_file(result)
+    with open(result.path, "rb") as f:
+        written = f.read()
+    ref = device.report("cortex-m4-ref", written, int8)
+    cmsis = device.report("cortex-m4-cmsis-nn", written, int8)
+    assert ref.int8_instructions > 3 * cmsis.int8_instructions
+    assert ref.decode_instructions == cmsis.decode_instructions
+    assert np.isclose(
+        cmsis.decode_share, cmsis.decode_instructions / cmsis.int8_instructions
+    )

@@ -1,0 +1,314 @@
+"""What a written file costs on a microcontroller, for a `target.Target`.
+
+Reads the files themselves (the export and the int8 route's slim file of the
+same model), so it judges any .tflite the same way:
+
+- firmware flash: the file change plus the code of ops the int8 route does
+  not link (DECODE once, CONCATENATION for splits);
+- decode instructions per inference: each DECODE output by its path, from
+  the mechanism of TFLM's `decode_state_lut.cc` (block paths walk each
+  channel from its index offset: weights before the first aligned block and
+  after the last full one take the per-weight loop);
+- the int8 model's instructions, from its MACs and the target's per-MAC
+  costs, to put decoding in proportion.
+"""
+
+import dataclasses
+
+import numpy as np
+from tensorflow.lite.python import schema_py_generated as schema
+
+from tflite_export import flatbuffer
+from tflite_export import target as targets
+
+DECODE_OP = "TFLM_DECODE"
+# DCM byte 5 holds the index width in its low 3 bits (the kernel masks it).
+_DCM_PARAMS = 5
+_BIT_WIDTH_MASK = 0x07
+
+
+@dataclasses.dataclass
+class DecodedTensor:
+    """One DECODE output and what decoding it costs per inference.
+
+    Attributes:
+        name: The decoded tensor's name in the file.
+        elements: Weights it holds.
+        bits: Index width.
+        channels: Channels DECODE walks (the output's per-channel scales; 1
+            per tensor).
+        alternate_axis: Whether its channels are on the last axis (a
+            per-channel depthwise kernel): DECODE then takes the per-weight
+            loop at any width.
+        path: The DECODE path (`target.DECODE_PATHS`).
+        instructions: Estimated instructions per inference.
+    """
+
+    name: str
+    elements: int
+    bits: int
+    channels: int
+    alternate_axis: bool
+    path: str
+    instructions: float
+
+
+def decode_path(bits, int8_output=True, alternate_axis=False):
+    """The DECODE path TFLM takes for a tensor (`decode_state_lut.cc`).
+
+    Args:
+        bits: Index width (1-7).
+        int8_output: Whether the decoded tensor is int8.
+        alternate_axis: Whether its channels are on its last axis.
+    """
+    if int8_output and not alternate_axis:
+        if bits == 4:
+            return "width4_16"
+        if bits == 3:
+            return "width3_32"
+        if bits == 2:
+            return "width2_16"
+    return "width_any"
+
+
+def decode_instructions(target, elements, bits, channels=1, alternate_axis=False,
+                        int8_output=True):
+    """Estimated instructions to decode one tensor once.
+
+    Args:
+        target: A `target.Target`.
+        elements: Weights in the tensor.
+        bits: Index width.
+        channels: Channels of its quantisation (1 per tensor).
+        alternate_axis: Whether the channels are on the last axis.
+        int8_output: Whether the decoded tensor is int8.
+
+    Returns:
+        `(path, instructions)`.
+    """
+    path = decode_path(bits, int8_output, alternate_axis)
+    cost = target.decode_paths[path]
+    total = float(target.decode_tensor_instructions)
+    if not cost.block:
+        return path, total + elements * cost.per_weight + channels * cost.per_channel
+    per_channel = elements // max(channels, 1)
+    # Each channel starts where the previous one ended; the weights up to the
+    # next block-aligned index and after its last full block are per weight.
+    # Channels whose length is not a multiple of the block lose blocks to
+    # this alignment: on 27-weight channels at 4 bits the walk gives 10.2
+    # instructions per weight where a count of whole blocks per channel gives
+    # the 8.7 issue 22 measured. Unresolved; the walk is what the source
+    # does, and it errs high.
+    starts = np.arange(channels, dtype=np.int64) * per_channel
+    lead = np.minimum((-starts) % cost.block, per_channel)
+    blocks = (per_channel - lead) // cost.block
+    loose = per_channel - blocks * cost.block
+    total += channels * cost.per_channel
+    total += float(blocks.sum()) * cost.per_block + float(loose.sum()) * cost.per_weight
+    return path, total
+
+
+def _ops(model_bytes):
+    """`(model, subgraph)` of a flatbuffer, unpacked."""
+    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+    return model, model.subgraphs[0]
+
+
+def decoded_tensors(target, model_bytes):
+    """The `DecodedTensor`s of a file's DECODE ops."""
+    model, subgraph = _ops(model_bytes)
+    found = []
+    for op in subgraph.operators:
+        if flatbuffer.op_name(model, op) != DECODE_OP:
+            continue
+        for k, out in enumerate(op.outputs):
+            ancillary = subgraph.tensors[int(op.inputs[2 * k + 1])]
+            dcm = model.buffers[ancillary.buffer].data
+            bits = int(dcm[_DCM_PARAMS]) & _BIT_WIDTH_MASK
+            tensor = subgraph.tensors[int(out)]
+            shape = [int(s) for s in tensor.shape]
+            quant = tensor.quantization
+            channels = len(quant.scale) if quant is not None and quant.scale is not None else 1
+            channels = max(channels, 1)
+            alternate = (
+                channels > 1 and int(quant.quantizedDimension) == len(shape) - 1
+            )
+            int8 = tensor.type == schema.TensorType.INT8
+            elements = int(np.prod(shape))
+            path, count = decode_instructions(target, elements, bits, channels, alternate, int8)
+            found.append(DecodedTensor(
+                name=flatbuffer.text(tensor.name),
+                elements=elements,
+                bits=bits,
+                channels=channels,
+                alternate_axis=alternate,
+                path=path,
+                instructions=count,
+            ))
+    return found
+
+
+def macs(model_bytes):
+    """`{op: MACs}` of a file's CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED
+    and TRANSPOSE_CONV ops, from their tensors' shapes."""
+    model, subgraph = _ops(model_bytes)
+    counts = {}
+    for op in subgraph.operators:
+        name = flatbuffer.op_name(model, op)
+        if name not in targets.MAC_OPS:
+            continue
+        shape = [int(s) for s in subgraph.tensors[int(op.inputs[1])].shape]
+        if name == "TRANSPOSE_CONV":
+            # Every input value meets every filter tap of every output channel.
+            data = subgraph.tensors[int(op.inputs[2])].shape
+            count = int(np.prod(data)) * int(np.prod(shape[:3]))
+        else:
+            out = int(np.prod(subgraph.tensors[int(op.outputs[0])].shape))
+            if name == "CONV_2D":
+                per_output = int(np.prod(shape[1:]))  # [out, kh, kw, in]
+            elif name == "DEPTHWISE_CONV_2D":
+                per_output = int(np.prod(shape[1:3]))  # [1, kh, kw, out]
+            else:
+                per_output = shape[-1]  # [units, in]
+            count = out * per_output
+        counts[name] = counts.get(name, 0) + count
+    return counts
+
+
+def op_names(model_bytes):
+    """The names of a file's operators (builtin or custom), as a set."""
+    model, subgraph = _ops(model_bytes)
+    return {flatbuffer.op_name(model, op) for op in subgraph.operators}
+
+
+@dataclasses.dataclass
+class DeviceReport:
+    """An export against the int8 route on one target.
+
+    Attributes:
+        target: The `target.Target` judged on.
+        file_change: Written file bytes minus the slim int8 file's.
+        code_added: `{op: bytes}` of code the export links beyond the int8
+            route's (DECODE once, CONCATENATION for splits).
+        decoded: A `DecodedTensor` per DECODE output.
+        int8_instructions: Estimated instructions per inference of the int8
+            model's MAC ops (the rest of the model is not counted).
+        arena_bytes: Arena for the target's kernel set, or None where not
+            estimated.
+        arena_note: What `arena_bytes` is.
+    """
+
+    target: object
+    file_change: int
+    code_added: dict
+    decoded: list
+    int8_instructions: float
+    arena_bytes: object = None
+    arena_note: str = ""
+
+    @property
+    def flash_change(self):
+        """Firmware flash (text+data) change against the int8 route."""
+        return self.file_change + sum(self.code_added.values())
+
+    @property
+    def decode_instructions(self):
+        return sum(t.instructions for t in self.decoded)
+
+    @property
+    def decode_share(self):
+        """Decode instructions over the int8 model's MAC instructions."""
+        return self.decode_instructions / self.int8_instructions if self.int8_instructions else 0.0
+
+    @property
+    def break_even_decode_bytes(self):
+        """The DECODE code size at which this export's firmware matches the
+        int8 route's (0 when no DECODE size would)."""
+        other = self.file_change + sum(
+            size for op, size in self.code_added.items() if op != DECODE_OP
+        )
+        return max(-other, 0)
+
+    @property
+    def wins(self):
+        return self.flash_change < 0
+
+    def verdict(self):
+        """One line: does compression pay in firmware flash on this target?"""
+        change = self.flash_change
+        if not self.decoded:
+            return f"no DECODE op: firmware {_signed(change)} B against the int8 route."
+        if change < 0:
+            return (
+                f"compression saves {-change:,} B of firmware flash on {self.target.name} "
+                f"(break-even DECODE code {self.break_even_decode_bytes:,} B, "
+                f"this target's {self.target.decode_code_cost:,} B)."
+            )
+        return (
+            f"compression LOSES on {self.target.name}: firmware {_signed(change)} B against "
+            f"the int8 route; DECODE's code would have to be under "
+            f"{self.break_even_decode_bytes:,} B to break even "
+            f"(this target's {self.target.decode_code_cost:,} B)."
+        )
+
+    def lines(self):
+        """The report's device section, as lines of text."""
+        t = self.target
+        code = ", ".join(f"{op} {size:,} B" for op, size in self.code_added.items()) or "none"
+        lines = [
+            f"  device ({t.name}, {t.kernels} kernels; estimated from the target's costs):",
+            f"    firmware flash {_signed(self.flash_change)} B against the int8 route "
+            f"(file {_signed(self.file_change)} B, code added: {code})",
+        ]
+        if self.arena_bytes is not None:
+            lines.append(f"    arena {self.arena_bytes:,} B ({self.arena_note})")
+        elif self.arena_note:
+            lines.append(f"    arena: {self.arena_note}")
+        if self.decoded:
+            lines.append(
+                f"    decode {self.decode_instructions:,.0f} instructions per inference, "
+                f"{100 * self.decode_share:.1f} % of the int8 model's MAC instructions "
+                f"({self.int8_instructions:,.0f})"
+            )
+            for d in self.decoded:
+                lines.append(
+                    f"      {d.name}: {d.path}, {d.bits}-bit, {d.elements} weights "
+                    f"in {d.channels} channel(s): {d.instructions:,.0f}"
+                )
+        lines.append(f"    verdict: {self.verdict()}")
+        return lines
+
+
+def _signed(value):
+    return f"{value:+,}"
+
+
+def report(target, model_bytes, int8_bytes, arena_bytes=None, arena_note=""):
+    """A `DeviceReport` of a file against the int8 route's file.
+
+    Args:
+        target: A profile name or `target.Target`.
+        model_bytes: The export's flatbuffer.
+        int8_bytes: The int8 route's (slim, uncompressed) flatbuffer of the
+            same model.
+        arena_bytes: The arena for the target's kernel set, if known.
+        arena_note: What `arena_bytes` is, or why it is missing.
+    """
+    target = targets.get(target)
+    ours, theirs = op_names(model_bytes), op_names(int8_bytes)
+    code = {}
+    if DECODE_OP in ours and DECODE_OP not in theirs and target.decode_code_cost:
+        code[DECODE_OP] = target.decode_code_cost
+    for op, size in target.op_code_bytes.items():
+        if op in ours and op not in theirs and size:
+            code[op] = size
+    counts = macs(int8_bytes)
+    return DeviceReport(
+        target=target,
+        file_change=len(model_bytes) - len(int8_bytes),
+        code_added=code,
+        decoded=decoded_tensors(target, model_bytes),
+        int8_instructions=sum(target.mac_instructions[op] * n for op, n in counts.items()),
+        arena_bytes=arena_bytes,
+        arena_note=arena_note,
+    )
