@@ -123,6 +123,7 @@ def test_header_records_length_and_crc32_of_the_model(tmp_path):
     model = bytes(range(256)) * 3
     source, header = c_array.render(model, str(tmp_path / "model_data.cc"))
     (tmp_path / "model_data.h").write_text(header)
+    (tmp_path / "model_data.cc").write_text(source)
     (tmp_path / "m.tflite").write_bytes(model)
     assert c_array.header_checksum(tmp_path / "model_data.h") == (
         len(model), zlib.crc32(model)
@@ -136,3 +137,46 @@ def test_header_records_length_and_crc32_of_the_model(tmp_path):
     with pytest.raises(ValueError, match="records no model length"):
         c_array.header_checksum(tmp_path / "old.h")
 
+
+
+def _c_pair(tmp_path, model):
+    source, header = c_array.render(model, str(tmp_path / "model_data.cc"))
+    (tmp_path / "model_data.h").write_text(header)
+    (tmp_path / "model_data.cc").write_text(source)
+    (tmp_path / "m.tflite").write_bytes(model)
+    return source
+
+
+def test_matches_reads_the_array_in_the_cc(tmp_path):
+    model = bytes(range(256)) * 3
+    source = _c_pair(tmp_path, model)
+    tflite, h, cc = tmp_path / "m.tflite", tmp_path / "model_data.h", tmp_path / "model_data.cc"
+    assert c_array.matches(tflite, h)
+    assert c_array.source_array(cc) == ("model_data", model, len(model))
+    # One byte of the array flipped (0x11 is the 18th byte): the header and
+    # the .tflite still agree, the .cc does not.
+    cc.write_text(source.replace("0x11,", "0xee,", 1))
+    assert not c_array.matches(tflite, h)
+    # A byte dropped, a length changed, a value that is no byte.
+    cc.write_text(source.replace("0x11, ", "", 1))
+    assert not c_array.matches(tflite, h)
+    cc.write_text(source.replace(f"_len = {len(model)};", f"_len = {len(model) - 1};"))
+    assert not c_array.matches(tflite, h)
+    cc.write_text(source.replace("0x11,", "0x111,", 1))
+    assert not c_array.matches(tflite, h)
+    # Another header's .cc (another symbol).
+    cc.write_text(source.replace("model_data", "other_model"))
+    assert not c_array.matches(tflite, h)
+    # The .cc named explicitly, wherever it is.
+    (tmp_path / "elsewhere.cc").write_text(source)
+    assert c_array.matches(tflite, h, source_path=tmp_path / "elsewhere.cc")
+
+
+def test_matches_without_the_cc_or_with_a_foreign_one_says_so(tmp_path):
+    _c_pair(tmp_path, b"\x01\x02\x03")
+    (tmp_path / "model_data.cc").unlink()
+    with pytest.raises(ValueError, match=r"no C source .*model_data\.cc.*source_path="):
+        c_array.matches(tmp_path / "m.tflite", tmp_path / "model_data.h")
+    (tmp_path / "model_data.cc").write_text("int main() { return 0; }\n")
+    with pytest.raises(ValueError, match="holds no model array"):
+        c_array.matches(tmp_path / "m.tflite", tmp_path / "model_data.h")

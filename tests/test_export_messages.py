@@ -32,6 +32,98 @@ def test_export_arguments_name_the_expected_form(tmp_path, kwargs, error, messag
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(quantize="float32", weight_quantization="per_channel"),
+     r"weight_quantization='per_channel' applies to int8 weights only.*Drop "
+     "weight_quantization"),
+    # Given explicitly, the default value too: only leaving it unset is quiet.
+    (dict(quantize="float32", weight_quantization="auto"),
+     "weight_quantization='auto' applies to int8"),
+    (dict(quantize="float32", shared_tables=True),
+     "shared_tables=True applies to int8 per-channel weights only"),
+    (dict(weight_quantization="per_tensor", shared_tables=False),
+     "shared_tables=False applies to per-channel weights only"),
+    (dict(verify=False, min_agreement=0.9),
+     r"min_agreement=0.9 set how the export is verified, but verify=False"),
+    (dict(verify=False, max_verify_samples=100),
+     r"max_verify_samples=100 set how the export is verified, but verify=False"),
+    (dict(verify=False, min_agreement=0.5, max_verify_samples=10),
+     "min_agreement=0.5 and max_verify_samples=10"),
+    (dict(verify=False, shared_tables="auto"),
+     r"shared_tables='auto' keeps shared tables only if .*verify=False"),
+    (dict(max_decode_bytes=1024, ram_bytes=65536),
+     "give max_decode_bytes or ram_bytes, not both"),
+])
+def test_options_the_export_would_ignore_are_refused(tmp_path, kwargs, message):
+    model, data = _tiny()
+    with pytest.raises(ValueError, match=message):
+        tflite_export.export(model, tmp_path / "m.tflite", data, **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_min_agreement_without_an_output_of_classes_is_refused(tmp_path):
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(1, name="score")])
+    data = np.random.default_rng(0).normal(size=(8, 16)).astype("float32")
+    with pytest.raises(ValueError, match=r"min_agreement=0.9 bounds top-1.*no output"):
+        tflite_export.export(model, tmp_path / "m.tflite", data, min_agreement=0.9)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_min_agreement_of_a_subclassed_model_without_classes_writes_nothing(tmp_path):
+    # Its output shape is known only once verification has run.
+    class Score(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.fc = keras.layers.Dense(1, name="fc")
+
+        def call(self, x):
+            return self.fc(x)
+
+    data = np.random.default_rng(0).normal(size=(8, 16)).astype("float32")
+    model = Score()
+    model(data[:1])
+    with pytest.raises(ValueError, match=r"min_agreement=0.5 bounds top-1.*no output"):
+        tflite_export.export(model, tmp_path / "m.tflite", data, quantize="float32",
+                             min_agreement=0.5)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_unset_options_are_never_refused_and_random_inputs_honour_the_limit(tmp_path):
+    model, data = _tiny()
+    result = tflite_export.export(model, tmp_path / "a.tflite", quantize="float32",
+                                  verify=False)
+    assert result.verification is None and result.weight_quantization == "float"
+    # Without representative data a float32 export verifies on random
+    # inputs: at most max_verify_samples of them.
+    result = tflite_export.export(model, tmp_path / "b.tflite", quantize="float32",
+                                  max_verify_samples=2)
+    assert result.verification.samples == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quantize", "float32", "--weight_quantization", "per_channel"],
+     "weight_quantization='per_channel' applies to int8 weights only"),
+    (["--quantize", "float32", "--shared_tables", "false"],
+     "shared_tables=False applies to int8 per-channel weights only"),
+    (["--noverify", "--min_agreement", "0.5"],
+     "min_agreement=0.5 set how the export is verified, but verify=False"),
+    (["--noverify", "--shared_tables", "auto"], "shared_tables='auto' keeps"),
+    (["--max_decode_bytes", "1024", "--ram_bytes", "65536"],
+     "give max_decode_bytes or ram_bytes, not both"),
+])
+def test_cli_refuses_the_same_combinations_before_loading(tmp_path, flags, message):
+    from test_export_cli import run_cli
+
+    # Not even a model: the flags are refused before it is loaded.
+    (tmp_path / "model.keras").write_bytes(b"not read")
+    proc = run_cli("model.keras", "--out", "m.tflite", *flags, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"error: {message}" in proc.stderr.replace("\n", " ")
+    assert os.listdir(tmp_path) == ["model.keras"]
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     model, data = _tiny()

@@ -262,6 +262,71 @@ def test_depthwise_over_the_limit_stays_int8_with_a_note(tmp_path):
     assert result.decode_buffer_bytes <= 512
 
 
+def _tiny_lut_model(kind):
+    """Two-bit (K=4 per tensor) models whose layer to split is small.
+
+    dense: 64 -> Dense 'h' (40) -> Dense 'two', 64 B per output channel of
+    h; conv: Conv2D 'conv' (4 -> 16, 3x3: 36 B per channel) -> depthwise
+    -> pooling -> Dense. Unsplit, each kernel compresses with a gain.
+    """
+    rng = np.random.default_rng(0)
+    if kind == "dense":
+        inp = keras.Input((64,))
+        x = keras.layers.Dense(40, activation="relu", name="h")(inp)
+        out = keras.layers.Dense(2, name="two")(x)
+        layers = ["h", "two"]
+    else:
+        inp = keras.Input((8, 8, 4))
+        x = keras.layers.Conv2D(16, 3, activation="relu", name="conv")(inp)
+        x = keras.layers.DepthwiseConv2D(3, name="dw")(x)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        out = keras.layers.Dense(2, name="two")(x)
+        layers = ["conv", "two"]
+    model = keras.Model(inp, out)
+    for name in layers:
+        set_lut(model.get_layer(name), "kernel", 4, False, rng)
+    data = rng.normal(size=(32,) + tuple(inp.shape[1:])).astype(np.float32)
+    return model, data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,limit,layer,free_ops", [
+    ("dense", 64, "h", False),    # 40 one-channel groups, none compressible
+    ("conv", 256, "conv", False),  # 3 groups: one saves ~14 B, ops cost more
+    # Extra ops priced at 0 B, so the estimate admits the split; the built
+    # file then shows it saves nothing: the groups come out uncompressed
+    # (conv), or the file is larger than with the layer int8 (dense).
+    ("dense", 256, "h", True),
+    ("conv", 256, "conv", True),
+])
+def test_split_that_saves_nothing_is_not_made(tmp_path, monkeypatch, kind, limit,
+                                              layer, free_ops):
+    from tflite_export import ram_budget
+
+    if free_ops:
+        monkeypatch.setattr(ram_budget, "GROUP_FILE_BYTES", 0)
+    model, data = _tiny_lut_model(kind)
+    path = tmp_path / "m.tflite"
+    result = tflite_export.export(model, path, representative_data=data,
+                                  max_decode_bytes=limit)
+    ram = result.ram
+    assert ram.unsplit_decode_buffer_bytes > limit  # compressed when unsplit
+    (choice,) = [c for c in ram.choices if c.layer == layer]
+    assert choice.choice == "int8" and choice.groups == 0
+    assert not any(t.layer.startswith(f"{layer}_part") for t in result.tensors)
+    assert ram.concat_ops == {}
+    (tensor,) = [t for t in result.tensors if t.layer == layer]
+    assert not tensor.compressed
+    assert f"kept int8: decodes to {choice.decoded_bytes} B > max_decode_bytes={limit}" \
+        in tensor.note
+    # No group ops: the arena is the int8 model's, the file has no DECODE.
+    assert result.arena_bytes <= ram.int8_arena_bytes
+    assert result.decode_buffer_bytes == 0 and decode_op_count(path) == 0
+    assert result.size_bytes == result.slim_baseline_bytes == os.path.getsize(path)
+    assert f"{layer} ({choice.op}): kept int8: decodes to" in str(result)
+    assert result.verification.bit_exact
+
+
 # -- The RAM budget chooser --------------------------------------------------
 
 

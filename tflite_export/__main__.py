@@ -5,6 +5,10 @@
         [--noslim] [--shared_tables auto|true|false]
         [--max_decode_bytes N | --ram_bytes N]
 
+Flags that the export would ignore in the combination given (e.g.
+--weight_quantization with --quantize float32, --min_agreement with
+--noverify) are errors, as in `tflite_export.export`.
+
 MODEL is a `.keras` file or an HDF5 `.h5` file, also one saved by tf.keras
 2.x (loaded by `lutq_tf.load_model`). Prints the export report as a table.
 """
@@ -38,9 +42,9 @@ _IO_DTYPE = flags.DEFINE_enum(
     "Model input/output type (default: the --quantize type).",
 )
 _WEIGHT_QUANTIZATION = flags.DEFINE_enum(
-    "weight_quantization", "auto",
+    "weight_quantization", None,
     ["auto", "per_channel", "dense_per_tensor", "per_tensor"],
-    "int8 weight quantisation of the converter.",
+    "int8 weight quantisation of the converter (default: auto; int8 only).",
 )
 _VERIFY = flags.DEFINE_bool(
     "verify", True, "Verify on TFLM (bit-exact vs uncompressed) and vs Keras."
@@ -51,9 +55,10 @@ _SLIM = flags.DEFINE_bool(
     "each step kept only if TFLM's outputs stay bit-identical.",
 )
 _SHARED_TABLES = flags.DEFINE_enum(
-    "shared_tables", "auto", ["auto", "true", "false"],
+    "shared_tables", None, ["auto", "true", "false"],
     "One value table for all channels of a tensor whose channels share a "
-    "dictionary (auto: unless it agrees less with Keras than plain int8).",
+    "dictionary (default auto: unless it agrees less with Keras than plain "
+    "int8; int8 per-channel weights only).",
 )
 _MAX_DECODE_BYTES = flags.DEFINE_integer(
     "max_decode_bytes", None,
@@ -66,8 +71,11 @@ _RAM_BYTES = flags.DEFINE_integer(
     "keep int8 for the smallest file whose arena fits.",
 )
 _MIN_AGREEMENT = flags.DEFINE_float(
-    "min_agreement", None, "Fail if top-1 agreement with Keras is lower."
+    "min_agreement", None,
+    "Fail if top-1 agreement with Keras is lower (needs --verify).",
 )
+
+_SHARED_CHOICES = {None: None, "auto": "auto", "true": True, "false": False}
 
 
 def main(argv):
@@ -83,7 +91,23 @@ def main(argv):
     # Registers the LUT-Q layers, and loads tf.keras 2.x .h5 files too.
     import lutq_tf
     import tflite_export
+    from tflite_export import exporter
 
+    options = dict(
+        quantize=_QUANTIZE.value,
+        verify=_VERIFY.value,
+        weight_quantization=_WEIGHT_QUANTIZATION.value,
+        min_agreement=_MIN_AGREEMENT.value,
+        shared_tables=_SHARED_CHOICES[_SHARED_TABLES.value],
+        max_decode_bytes=_MAX_DECODE_BYTES.value,
+        ram_bytes=_RAM_BYTES.value,
+    )
+    try:
+        # export's own check, before the model is loaded.
+        exporter.check_combinations(**options)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     try:
         # Uncompiled: the export needs no optimizer, and a tf.keras 2.x
         # training config may not compile in Keras 3.
@@ -112,18 +136,10 @@ def main(argv):
             model,
             out,
             representative_data=data,
-            quantize=_QUANTIZE.value,
-            verify=_VERIFY.value,
             c_array=_C_ARRAY.value,
             io_dtype=_IO_DTYPE.value,
-            weight_quantization=_WEIGHT_QUANTIZATION.value,
-            min_agreement=_MIN_AGREEMENT.value,
             slim=_SLIM.value,
-            shared_tables={"auto": "auto", "true": True, "false": False}[
-                _SHARED_TABLES.value
-            ],
-            max_decode_bytes=_MAX_DECODE_BYTES.value,
-            ram_bytes=_RAM_BYTES.value,
+            **options,
         )
     except (ValueError, TypeError, ImportError, tflite_export.ExportError) as e:
         print(f"error: {e}", file=sys.stderr)

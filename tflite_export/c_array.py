@@ -89,8 +89,99 @@ def header_checksum(header_path_):
     return int(length.group(1)), int(crc.group(1), 16)
 
 
-def matches(model_path, header_path_):
-    """Whether a .tflite file is the model a C header was written with."""
+def source_array(source_path):
+    """`(name, bytes, length)` of the array a `.cc` written by `render` holds.
+
+    Args:
+        source_path: Path of the `.cc` file.
+
+    Returns:
+        The array's symbol, its bytes (None if an element is not a byte
+        literal, e.g. an edited value above 0xff), and the value its
+        `NAME_len` defines.
+
+    Raises:
+        ValueError: The file holds no array and length as `render` writes
+            them.
+    """
+    with open(source_path, encoding="utf-8") as f:
+        text = f.read()
+    array = re.search(
+        r"const unsigned char (\w+)\[\] = \{(.*?)\};", text, flags=re.DOTALL
+    )
+    length = array and re.search(
+        rf"const unsigned int {array.group(1)}_len = (\d+);", text
+    )
+    if not (array and length):
+        raise ValueError(
+            f"{source_path} holds no model array and length as tflite_export "
+            "writes them (`const unsigned char NAME[] = {...};` and "
+            "`NAME_len`); export again with c_array=."
+        )
+    values = []
+    for token in array.group(2).split(","):
+        token = token.strip()
+        if not token:
+            continue
+        try:
+            value = int(token, 0)
+        except ValueError:
+            return array.group(1), None, int(length.group(1))
+        if not 0 <= value <= 0xFF:
+            return array.group(1), None, int(length.group(1))
+        values.append(value)
+    return array.group(1), bytes(values), int(length.group(1))
+
+
+def matches(model_path, header_path_, source_path=None):
+    """Whether a .tflite file and a C source/header pair hold one model.
+
+    Checks that:
+
+    - the header's recorded length and CRC-32 (`NAME_expected_len`,
+      `NAME_crc32`) are the .tflite's;
+    - the `.cc` array holds exactly the .tflite's bytes, byte for byte,
+      and its `NAME_len` is their count (the boot-time check compares the
+      linked array with the header's length and CRC-32; this compares
+      the bytes themselves);
+    - the `.cc` defines the symbol the header declares and includes that
+      header.
+
+    Nothing else: not whether the model runs, nor the array's alignment.
+
+    Args:
+        model_path: Path of the .tflite file.
+        header_path_: Path of the `.h` written beside the `.cc`.
+        source_path: Path of the `.cc` (default: the header's path with
+            `.cc`, where `export(c_array="x.cc")` puts it).
+
+    Returns:
+        True if every check passes, else False.
+
+    Raises:
+        ValueError: A file is missing or was not written by `render`.
+    """
+    if source_path is None:
+        source_path = os.path.splitext(os.fspath(header_path_))[0] + ".cc"
+    if not os.path.isfile(source_path):
+        raise ValueError(
+            f"no C source {os.fspath(source_path)!r} beside the header "
+            f"{os.fspath(header_path_)!r}: pass source_path= (the c_array file "
+            "export wrote)."
+        )
     with open(model_path, "rb") as f:
         data = f.read()
-    return header_checksum(header_path_) == (len(data), zlib.crc32(data) & 0xFFFFFFFF)
+    if header_checksum(header_path_) != (len(data), zlib.crc32(data) & 0xFFFFFFFF):
+        return False
+    with open(header_path_, encoding="utf-8") as f:
+        header = f.read()
+    name, array, length = source_array(source_path)
+    include = f'#include "{os.path.basename(os.fspath(header_path_))}"'
+    with open(source_path, encoding="utf-8") as f:
+        includes_header = include in f.read()
+    return (
+        array == data
+        and length == len(data)
+        and f"extern const unsigned char {name}[];" in header
+        and includes_header
+    )

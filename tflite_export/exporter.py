@@ -32,6 +32,11 @@ WEIGHT_QUANTIZATION_CHOICES = ("auto",) + tuple(convert.WEIGHT_QUANTIZATION)
 
 # Inputs for verifying a float32 export when no representative data is given.
 _RANDOM_SAMPLES = 8
+# Defaults of the options that default to None, so that an option given
+# explicitly in a combination that would ignore it is refused.
+DEFAULT_WEIGHT_QUANTIZATION = "auto"
+DEFAULT_MAX_VERIFY_SAMPLES = 100
+DEFAULT_SHARED_TABLES = "auto"
 
 
 def export(
@@ -42,11 +47,11 @@ def export(
     verify=True,
     c_array=None,
     io_dtype=None,
-    weight_quantization="auto",
+    weight_quantization=None,
     min_agreement=None,
-    max_verify_samples=100,
+    max_verify_samples=None,
     slim=True,
-    shared_tables="auto",
+    shared_tables=None,
     max_decode_bytes=None,
     ram_bytes=None,
 ):
@@ -56,6 +61,15 @@ def export(
     that holds a LUT kernel is stored as bit-packed indices plus value
     tables (TFLM's DECODE format), the smallest TFLM arena is measured, and
     the result is verified on TFLM before anything is written.
+
+    Options that would have no effect in the combination given are refused
+    (ValueError, see `check_combinations`): `weight_quantization` or
+    `shared_tables` with `quantize="float32"`, `shared_tables` with
+    `weight_quantization="per_tensor"`, `min_agreement`,
+    `max_verify_samples` or `shared_tables="auto"` with `verify=False`,
+    `min_agreement` for a model without an output of several classes, and
+    `max_decode_bytes` with `ram_bytes`. An option left unset (None) takes
+    its default and is never refused.
 
     Args:
         model: A LUT-Q model (with `lutq_tf` layers) or a plain Keras model
@@ -77,28 +91,34 @@ def export(
             (outputs must be bit-exact) and compare with Keras.
         c_array: Optional path of a `.cc` file to write the model to as a C
             array, with a `.h` beside it that records the model's length and
-            CRC-32 (`c_array.matches(tflite, header)` checks a pair).
+            CRC-32 (`c_array.matches(tflite, header)` checks the .tflite,
+            the .h and the .cc's array against each other).
         io_dtype: Type of the model input and output: `"int8"` (default for
             int8) or `"float32"`.
-        weight_quantization: For int8, how the converter quantises weights:
-            `"per_channel"`, `"dense_per_tensor"` (FULLY_CONNECTED per
-            tensor), `"per_tensor"`, or `"auto"` (the smallest tables that
-            keep every dictionary value a distinct int8 code).
-        min_agreement: If set, verification also fails when top-1 agreement
-            with Keras is below it.
-        max_verify_samples: Verify on at most this many inputs (an int >= 1).
-            The bit-exact check also runs random inputs over the whole
-            input range.
+        weight_quantization: For int8 only, how the converter quantises
+            weights: `"per_channel"`, `"dense_per_tensor"` (FULLY_CONNECTED
+            per tensor), `"per_tensor"`, or `"auto"` (default: the smallest
+            tables that keep every dictionary value a distinct int8 code).
+        min_agreement: If set (needs `verify`, and an output of several
+            classes), verification also fails when top-1 agreement with
+            Keras is below it.
+        max_verify_samples: With `verify`, verify on at most this many
+            inputs (an int >= 1; default 100; without representative data,
+            at most 8 random inputs). The bit-exact check also runs random
+            inputs over the whole input range.
         slim: Remove what TFLM never reads (tensor names, signature defs,
             conversion metadata, per-channel zero-point arrays, bias and
             encoded-tensor quantisation, empty buffers); each step is kept
             only if TFLM's outputs stay bit-identical.
-        shared_tables: `"auto"`: one value table for all channels of a
-            per-channel tensor whose channels share a dictionary (requantised
-            scales), unless the result agrees less with Keras than the
-            converter's int8 model on the verification inputs (top-1 for a
-            classifier, max |diff| otherwise); then one table per channel.
-            True: shared tables whatever the agreement. False: never.
+        shared_tables: For int8 per-channel weights only. `"auto"`
+            (default): one value table for all channels of a per-channel
+            tensor whose channels share a dictionary (requantised scales),
+            unless the result agrees less with Keras than the converter's
+            int8 model on the verification inputs (top-1 for a classifier,
+            max |diff| otherwise); then one table per channel. Left unset
+            with `verify=False`, shared tables are kept without that check
+            (an explicit `"auto"` needs `verify`). True: shared tables
+            whatever the agreement. False: never.
         max_decode_bytes: If set (an int, bytes), no DECODE output may be
             larger: TFLM decodes each compressed kernel into the arena right
             before its op, so the arena grows by the largest decoded kernel.
@@ -112,15 +132,19 @@ def export(
             that the measured arena fits and the file is smallest (the
             largest decode limit that fits). `result.ram` reports the
             choices, arenas, and flash and host latency against the unsplit
-            file. Give at most one of the two.
+            file. Give at most one of the two. Under either, a layer is
+            split only if some of its groups are compressed and save more
+            file bytes than the extra ops cost; otherwise it stays int8,
+            unsplit, and the report says why.
 
     Returns:
         An `ExportResult`; `print(result)` shows the report.
 
     Raises:
-        ValueError: Bad arguments (the message names the argument), a
-            `max_decode_bytes` below one output channel of a layer to split,
-            or a `ram_bytes` below the arena with every kernel int8.
+        ValueError: Bad arguments or combinations of them (the message
+            names the arguments), a `max_decode_bytes` below one output
+            channel of a layer to split, or a `ram_bytes` below the arena
+            with every kernel int8.
         ImportError: tflite-micro is not installed.
         ExportError: The model cannot be converted, compressed or run on TFLM.
         UnsupportedModelError: (an ExportError) TFLM cannot run the graph:
@@ -141,7 +165,9 @@ def export(
             f"io_dtype must be one of {allowed} with quantize={quantize!r}, "
             f"got {io_dtype!r}."
         )
-    if weight_quantization not in WEIGHT_QUANTIZATION_CHOICES:
+    if weight_quantization is not None and (
+        weight_quantization not in WEIGHT_QUANTIZATION_CHOICES
+    ):
         raise ValueError(
             f"weight_quantization must be one of {WEIGHT_QUANTIZATION_CHOICES}, "
             f"got {weight_quantization!r}."
@@ -149,26 +175,36 @@ def export(
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
     _check_min_agreement(min_agreement)
-    if shared_tables not in ("auto", True, False):
+    if shared_tables is not None and shared_tables not in ("auto", True, False):
         raise ValueError(
             f"shared_tables must be 'auto', True or False, got {shared_tables!r}."
         )
-    if isinstance(max_verify_samples, bool) or not isinstance(
-        max_verify_samples, numbers.Integral
-    ):
-        raise TypeError(
-            "max_verify_samples must be an int >= 1 (e.g. 100), got "
-            f"{max_verify_samples!r} ({type(max_verify_samples).__name__})."
-        )
-    if max_verify_samples < 1:
-        raise ValueError(f"max_verify_samples must be >= 1, got {max_verify_samples}.")
+    if max_verify_samples is not None:
+        if isinstance(max_verify_samples, bool) or not isinstance(
+            max_verify_samples, numbers.Integral
+        ):
+            raise TypeError(
+                "max_verify_samples must be an int >= 1 (e.g. 100), got "
+                f"{max_verify_samples!r} ({type(max_verify_samples).__name__})."
+            )
+        if max_verify_samples < 1:
+            raise ValueError(
+                f"max_verify_samples must be >= 1, got {max_verify_samples}."
+            )
     max_decode_bytes = ram_budget.check_budget(max_decode_bytes, "max_decode_bytes")
     ram_bytes = ram_budget.check_budget(ram_bytes, "ram_bytes")
-    if max_decode_bytes is not None and ram_bytes is not None:
-        raise ValueError(
-            "give max_decode_bytes or ram_bytes, not both: ram_bytes chooses "
-            "the decode limit itself."
-        )
+    check_combinations(
+        quantize=quantize, verify=verify, weight_quantization=weight_quantization,
+        shared_tables=shared_tables, min_agreement=min_agreement,
+        max_verify_samples=max_verify_samples, max_decode_bytes=max_decode_bytes,
+        ram_bytes=ram_bytes,
+    )
+    if weight_quantization is None:
+        weight_quantization = DEFAULT_WEIGHT_QUANTIZATION
+    if max_verify_samples is None:
+        max_verify_samples = DEFAULT_MAX_VERIFY_SAMPLES
+    if shared_tables is None:
+        shared_tables = DEFAULT_SHARED_TABLES
     path = _check_writable(path, "path")
     outputs = [path]
     if c_array is not None:
@@ -186,6 +222,8 @@ def export(
     data = convert.check_representative_data(
         plain, representative_data, quantize, specs
     )
+    if min_agreement is not None and _classes(plain) is False:
+        raise ValueError(_NO_CLASSES.format(min_agreement=min_agreement))
 
     if verify:
         if data is not None:
@@ -193,9 +231,10 @@ def export(
             source = "representative_data"
         else:
             rng = np.random.default_rng(0)
+            samples = min(_RANDOM_SAMPLES, max_verify_samples)
             inputs = [
                 rng.standard_normal(
-                    (_RANDOM_SAMPLES,) + convert.input_shape(plain, None, specs, i)[1:]
+                    (samples,) + convert.input_shape(plain, None, specs, i)[1:]
                 ).astype(np.float32)
                 for i in range(len(specs))
             ]
@@ -216,6 +255,12 @@ def export(
             max_decode_bytes=max_decode_bytes, ram_bytes=ram_bytes,
             assemble=_assemble, assemble_verified=_assemble_verified,
         )
+    if (
+        min_agreement is not None
+        and verification is not None
+        and verification.top1_agreement is None
+    ):  # a subclassed model's output shapes are known only now
+        raise ValueError(_NO_CLASSES.format(min_agreement=min_agreement))
     baseline, compressed, plans = built.baseline, built.compressed, built.plans
     if not kernels:
         notes.append("No LUT-Q layers found: exported without compression.")
@@ -259,6 +304,92 @@ def export(
         decode_buffer_bytes=built.decode_buffer_bytes,
         ram=ram,
     )
+
+
+_NO_CLASSES = (
+    "min_agreement={min_agreement} bounds top-1 agreement with Keras, but no "
+    "output of the model has several values per sample (classes on the "
+    "last axis) to take a top-1 of: drop min_agreement (the report still "
+    "gives max |diff| and SNR). Nothing was written."
+)
+
+
+def check_combinations(quantize="int8", verify=True, weight_quantization=None,
+                       shared_tables=None, min_agreement=None,
+                       max_verify_samples=None, max_decode_bytes=None,
+                       ram_bytes=None):
+    """Refuses options that `export` would ignore in this combination.
+
+    An option counts as given when it is not None, whatever its value (an
+    explicit default too): None leaves it unset. The command line calls
+    this too, before loading the model.
+
+    Args:
+        quantize, verify, weight_quantization, shared_tables, min_agreement,
+            max_verify_samples, max_decode_bytes, ram_bytes: As `export`
+            takes them.
+
+    Raises:
+        ValueError: The message names the options and says what to do.
+    """
+    if quantize == "float32" and weight_quantization is not None:
+        raise ValueError(
+            f"weight_quantization={weight_quantization!r} applies to int8 "
+            "weights only; quantize='float32' keeps float weights. Drop "
+            "weight_quantization, or export with quantize='int8'."
+        )
+    if quantize == "float32" and shared_tables is not None:
+        raise ValueError(
+            f"shared_tables={shared_tables!r} applies to int8 per-channel "
+            "weights only; quantize='float32' stores one value table per "
+            "tensor. Drop shared_tables, or export with quantize='int8'."
+        )
+    if weight_quantization == "per_tensor" and shared_tables is not None:
+        raise ValueError(
+            f"shared_tables={shared_tables!r} applies to per-channel weights "
+            "only; weight_quantization='per_tensor' gives every tensor one "
+            "value table. Drop shared_tables, or use another "
+            "weight_quantization."
+        )
+    if not verify:
+        ignored = [
+            f"{name}={value!r}"
+            for name, value in (("min_agreement", min_agreement),
+                                ("max_verify_samples", max_verify_samples))
+            if value is not None
+        ]
+        if ignored:
+            raise ValueError(
+                f"{' and '.join(ignored)} set how the export is verified, but "
+                "verify=False: drop them, or verify."
+            )
+        if shared_tables == "auto":
+            raise ValueError(
+                "shared_tables='auto' keeps shared tables only if they agree "
+                "with Keras as well as plain int8 on the verification inputs, "
+                "but verify=False: give shared_tables=True or False, or verify."
+            )
+    if max_decode_bytes is not None and ram_bytes is not None:
+        raise ValueError(
+            "give max_decode_bytes or ram_bytes, not both: ram_bytes chooses "
+            "the decode limit itself."
+        )
+
+
+def _classes(model):
+    """Whether an output has several values per sample (a top-1 exists).
+
+    None when the output shapes are unknown (a subclassed model).
+    """
+    try:
+        shapes = [tuple(t.shape) for t in keras.tree.flatten(model.outputs)]
+    except (AttributeError, ValueError, TypeError):
+        return None
+    if not shapes:
+        return None
+    if any(len(shape) >= 2 and shape[-1] is None for shape in shapes):
+        return None
+    return any(len(shape) >= 2 and shape[-1] > 1 for shape in shapes)
 
 
 @dataclasses.dataclass

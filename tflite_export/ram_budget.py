@@ -17,6 +17,13 @@ weight tensor:
   output channel decodes to more than the limit, and unsplittable ones
   above it, stay int8.
 
+A split is made only if it pays: at least one group compressed and the
+groups' savings above what their extra ops cost in the file. Groups too
+small to compress would only add ops (and arena) to an int8 layer, so
+such a layer stays int8, unsplit, with the reason in the report. This is
+estimated before building and checked on the built file: a split whose
+groups came out uncompressed, or that saves no bytes, is undone.
+
 The report (`RamReport`) gives the main arena, the decode buffer, the
 uncompressed twin's arena, and flash and host latency against the unsplit
 compressed file.
@@ -46,8 +53,10 @@ DECODE_STATE_BYTES = 0
 # ~215-240 B per extra op. The search corrects the estimate by each
 # measured candidate.
 GROUP_OP_BYTES = 220
-# File bytes of one extra group, for ranking candidates only (the DECODE
-# op and tensors, a DCM, the op and its bias and output tensors).
+# File bytes of one extra group beyond its weights and any DECODE op: the
+# op, its weight, bias and output tensors, their quantisation and the
+# CONCATENATION inputs. 39 extra one-channel groups of an int8 Dense
+# measured ~265 B each (concatenations included).
 GROUP_FILE_BYTES = 256
 # Candidate models built at most when searching for a decode limit that
 # fits `ram_bytes` (each is converted and its arena measured).
@@ -82,6 +91,10 @@ class _Tensor:
     after: int  # file bytes compressed, unsplit (data + per-tensor overhead)
     output_bytes: int = 0  # the layer's output; split, its groups' outputs
     # live beside it until the CONCATENATION
+    elements: int = 0  # weights of the tensor
+    tables: int = 1  # value tables unsplit (one per channel, or one)
+    codes: int = 0  # entries of the fullest table
+    itemsize: int = 1  # bytes per decoded weight
 
 
 def _functional(model):
@@ -126,10 +139,92 @@ def _tensors(plain, built):
             layer=plan.match.kernel.layer, op=weight.op, decoded=weight.nbytes,
             channels=channels, channel_bytes=-(-weight.nbytes // channels),
             why_not=why, before=plan.bytes_before,
-            after=plan.bytes_after + compress._OVERHEAD_BYTES,
+            after=plan.bytes_after + compress.overhead_bytes(),
             output_bytes=_output_bytes(layer, weight.array.dtype.itemsize),
+            elements=int(weight.array.size), tables=plan.tables, codes=plan.codes,
+            itemsize=weight.array.dtype.itemsize,
         ))
     return tensors
+
+
+def _split_saving(t, groups):
+    """`(net, gross, compressed)`: estimated file bytes a split saves vs int8.
+
+    A group is compressed only if its packed indices, tables and DECODE
+    overhead take fewer bytes than its weights uncompressed (the rule of
+    `compress.decide`); `gross` sums what the compressed groups save,
+    `net` subtracts `GROUP_FILE_BYTES` per group beyond the first, and
+    `compressed` counts the compressed groups.
+
+    Args:
+        t: The `_Tensor`.
+        groups: Output channels per group (`split.group_sizes`).
+    """
+    per_channel = t.elements // t.channels
+    gross, compressed = 0, 0
+    for size in groups:
+        tables = size if t.tables > 1 else 1  # one per channel, or shared
+        after = compress.lut_bytes(
+            size * per_channel, tables, t.codes, t.itemsize
+        ) + compress.overhead_bytes()
+        before = size * t.channel_bytes
+        if after < before:
+            gross += before - after
+            compressed += 1
+    return gross - GROUP_FILE_BYTES * (len(groups) - 1), gross, compressed
+
+
+def _paying_limit(t):
+    """The smallest decode limit at which `t` is compressed with a gain.
+
+    A split into groups whose estimated net saving is positive, or the
+    whole kernel compressed unsplit (it was, in the unsplit build).
+    """
+    last = None
+    for per_group in range(1, t.channels):
+        groups = split_lib.group_sizes(
+            t.channels, t.channel_bytes, per_group * t.channel_bytes
+        )
+        if len(groups) == 1:
+            break
+        if len(groups) == last:  # the same split as a smaller limit's
+            continue
+        last = len(groups)
+        net, _, compressed = _split_saving(t, groups)
+        if compressed and net > 0:
+            return max(groups) * t.channel_bytes
+    return t.decoded
+
+
+def _no_gain(t, groups, argument):
+    """Why a split into `groups` is not made, or "" if it pays (estimated)."""
+    net, gross, compressed = _split_saving(t, groups)
+    if compressed and net > 0:
+        return ""
+    count, largest = len(groups), max(groups)
+    if not compressed:
+        why = (
+            f"a split into {count} groups of <= {largest} channels "
+            f"({largest * t.channel_bytes} B) would compress none of them (each "
+            "group's indices, table and DECODE op would take more bytes than "
+            "its int8 weights), so it would only add ops to an int8 layer"
+        )
+    else:
+        why = (
+            f"a split into {count} groups of <= {largest} channels would save "
+            f"~{gross} B by compressing {compressed} of them, less than the "
+            f"~{GROUP_FILE_BYTES * (count - 1)} B its extra ops cost"
+        )
+    return why + _hint(t, argument)
+
+
+def _hint(t, argument):
+    """What limit would let `t` be compressed (for `max_decode_bytes`)."""
+    if argument != "max_decode_bytes":
+        return ""
+    least = _paying_limit(t)
+    how = "split with a gain" if least < t.decoded else "compressed unsplit"
+    return f"; it is {how} at max_decode_bytes >= {least}"
 
 
 def _decide(tensors, limit, argument):
@@ -149,7 +244,8 @@ def _decide(tensors, limit, argument):
         groups = None if t.why_not else split_lib.group_sizes(
             t.channels, t.channel_bytes, limit
         )
-        if groups is not None:
+        no_gain = _no_gain(t, groups, argument) if groups is not None else ""
+        if groups is not None and not no_gain:
             sizes[t.layer] = groups
             largest = max(groups) * t.channel_bytes
             choices.append(RamChoice(
@@ -158,7 +254,7 @@ def _decide(tensors, limit, argument):
                 f"of <= {max(groups)} channels",
             ))
             continue
-        reason = t.why_not or (
+        reason = t.why_not or no_gain or (
             f"one output channel decodes to {t.channel_bytes} B > {limit} B"
         )
         keep[t.layer] = (
@@ -209,16 +305,13 @@ def _options(t, limit):
         return [dataclasses.replace(keep, reason=(
             f"one output channel decodes to {t.channel_bytes} B > {limit} B"))]
     count = len(groups)
-    # Compressed data per decoded byte; a group must save more than its own
-    # DECODE op and tensors cost in the file.
-    ratio = (t.after - compress._OVERHEAD_BYTES) / t.decoded
-    if min(groups) * t.channel_bytes * (1 - ratio) <= GROUP_FILE_BYTES:
+    no_gain = _no_gain(t, groups, "ram_bytes")
+    if no_gain:
         return [dataclasses.replace(keep, reason=(
-            f"{count} groups of <= {max(groups)} channels would each save "
-            "less than their DECODE op costs"))]
+            f"decodes to {t.decoded} B > {limit} B and {no_gain}"))]
     return [keep, _Option(
         "split", count, max(groups) * t.channel_bytes,
-        t.after + GROUP_FILE_BYTES * (count - 1),
+        t.before - _split_saving(t, groups)[0],
         DECODE_STATE_BYTES * count + GROUP_OP_BYTES * (count - 1)
         + t.output_bytes,
         f"decodes to {t.decoded} B > {limit} B: {count} groups of <= "
@@ -295,6 +388,138 @@ def _candidate(plain, kernels, sizes):
     return model, split_lib.split_kernels(kernels, info), info
 
 
+def _unpaid_splits(built, info):
+    """`{layer: why}`: split layers whose built groups save no file bytes.
+
+    Measured on the built candidate: at least one group must be compressed,
+    and the compressed groups' savings (int8 bytes minus indices, tables and
+    DECODE overhead) must exceed `GROUP_FILE_BYTES` per extra group.
+    """
+    unpaid = {}
+    for layer, entry in info.items():
+        names = set(entry["groups"])
+        count = len(names)
+        compressed = [
+            p for p in built.plans if p.match.kernel.layer in names and p.compress
+        ]
+        gross = sum(
+            p.bytes_before - p.bytes_after - compress.overhead_bytes()
+            for p in compressed
+        )
+        cost = GROUP_FILE_BYTES * (count - 1)
+        if not compressed:
+            unpaid[layer] = (
+                f"split into {count} groups, none of them came out compressed "
+                "(each would take more bytes than its int8 weights), so the "
+                "split would only add ops to an int8 layer"
+            )
+        elif gross <= cost:
+            unpaid[layer] = (
+                f"split into {count} groups, the {len(compressed)} compressed "
+                f"ones saved ~{gross} B, less than the ~{cost} B its extra ops "
+                "cost"
+            )
+    return unpaid
+
+
+def _build(plain, kernels, settings, plan, unsplit, tensors, assemble, limit,
+           label):
+    """Builds a candidate, undoing splits the built file shows do not pay.
+
+    A split layer whose groups are all uncompressed, or save less than the
+    extra ops cost (`_unpaid_splits`), is kept int8 unsplit instead and the
+    model is built again.
+
+    Args:
+        plain, kernels, settings: As for `fit`.
+        plan: `(sizes, keep, choices)` (`_decide`, `_realise`); updated in
+            place for the splits undone.
+        unsplit: The unsplit build (its conversion is reused when nothing
+            is split).
+        tensors: The `_Tensor`s.
+        assemble: The exporter's `_assemble`.
+        limit: The decode limit, and `label` its name for the report
+            (`"max_decode_bytes="` or `"the decode limit "`).
+
+    Returns:
+        `(built, model, kernels, info, notes)` of the model built.
+    """
+    sizes, keep, choices = plan
+    share = settings.shared_tables is not False
+    by_layer = {t.layer: t for t in tensors}
+    while True:
+        model, split_kernels, info = _candidate(plain, kernels, sizes)
+        built_notes = []
+        if info:
+            built = assemble(model, split_kernels, built_notes, settings,
+                             share=share, keep=keep)
+        else:
+            built = assemble(plain, kernels, built_notes, settings, share=share,
+                             keep=keep, previous=unsplit)
+        unpaid = _unpaid_splits(built, info)
+        if not unpaid:
+            return built, model, split_kernels, info, built_notes
+        for layer, why in unpaid.items():
+            t = by_layer[layer]
+            del sizes[layer]
+            keep[layer] = f"kept int8: decodes to {t.decoded} B > {label}{limit} B, {why}"
+            for i, choice in enumerate(choices):
+                if choice.layer == layer:
+                    choices[i] = RamChoice(
+                        t.layer, t.op, t.decoded, "int8", 0, 0,
+                        f"decodes to {t.decoded} B > {limit} B and {why}",
+                    )
+
+
+def _unsplit_if_larger(plain, kernels, settings, built, plan, info, unsplit,
+                       tensors, assemble, limit, label):
+    """The build with every split layer int8 instead, if its file is no larger.
+
+    The last, measured check that a split pays (the extra ops' file bytes
+    are estimated until here).
+
+    Returns:
+        `(built, info, notes)`: `built` and `info` as given and notes None
+        when the split file is the smaller; else the build with the split
+        layers int8 (the conversion of `unsplit` reused), `{}` and its
+        notes, and `plan` updated.
+    """
+    if not info:
+        return built, info, None
+    sizes, keep, choices = plan
+    by_layer = {t.layer: t for t in tensors}
+    why = {
+        layer: (
+            f"split into {len(entry['groups'])} groups the file was "
+            f"{len(built.compressed)} B, not smaller than with it int8"
+        )
+        for layer, entry in info.items()
+    }
+    alt_keep = dict(keep)
+    for layer in info:
+        alt_keep[layer] = (
+            f"kept int8: decodes to {by_layer[layer].decoded} B > {label}{limit} B, "
+            f"{why[layer]}"
+        )
+    alt_notes = []
+    alt = assemble(plain, kernels, alt_notes, settings,
+                   share=settings.shared_tables is not False, keep=alt_keep,
+                   previous=unsplit)
+    if len(alt.compressed) > len(built.compressed):
+        return built, info, None
+    for layer in info:
+        t = by_layer[layer]
+        del sizes[layer]
+        keep[layer] = alt_keep[layer]
+        for i, choice in enumerate(choices):
+            if choice.layer == layer:
+                choices[i] = RamChoice(
+                    t.layer, t.op, t.decoded, "int8", 0, 0,
+                    f"decodes to {t.decoded} B > {limit} B and {why[layer]}",
+                )
+    return alt, {}, alt_notes
+
+
 def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes,
         assemble, assemble_verified):
     """Builds the export under a decode limit or a RAM budget.
@@ -305,7 +530,8 @@ def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes,
         notes: The report's notes (appended to).
         settings: The exporter's `_Settings`.
         max_decode_bytes: Largest decoded kernel allowed, or None.
-        ram_bytes: Arena budget, or None. One of the two is given.
+        ram_bytes: Arena budget, or None. Exactly one of the two is given
+            (`exporter.check_combinations` refuses both).
         assemble: The exporter's `_assemble` (build without verification).
         assemble_verified: The exporter's `_assemble_verified`.
 
@@ -317,11 +543,6 @@ def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes,
             could be split (max_decode_bytes), or the budget is below the
             arena of the model with every kernel int8 (ram_bytes).
     """
-    if max_decode_bytes is not None and ram_bytes is not None:
-        raise ValueError(
-            "give max_decode_bytes or ram_bytes, not both: ram_bytes chooses "
-            "the decode limit itself."
-        )
     share = settings.shared_tables is not False
     unsplit_notes = []
     unsplit = assemble(plain, kernels, unsplit_notes, settings, share=share)
@@ -343,11 +564,23 @@ def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes,
                 "(it counts bytes: 32 KiB is 32768), or ram_bytes to let the "
                 "exporter keep such layers int8. Nothing was written."
             )
-        sizes, keep, choices = _decide(tensors, limit, argument)
-        model, split_kernels, info = _candidate(plain, kernels, sizes)
+        plan = _decide(tensors, limit, argument)
+        sizes, keep, choices = plan
         if sizes or keep:
+            label = "max_decode_bytes="
+            built, model, split_kernels, info, built_notes = _build(
+                plain, kernels, settings, plan, unsplit, tensors, assemble,
+                limit, label,
+            )
+            built, info, alt_notes = _unsplit_if_larger(
+                plain, kernels, settings, built, plan, info, unsplit, tensors,
+                assemble, limit, label,
+            )
+            if alt_notes is not None:
+                model, split_kernels, built_notes = plain, kernels, alt_notes
+            notes.extend(built_notes)
             built, verification = assemble_verified(
-                model, split_kernels, notes, settings, keep=keep
+                model, split_kernels, notes, settings, keep=keep, built=built
             )
         else:  # every decoded kernel fits already
             notes.extend(unsplit_notes)
@@ -416,7 +649,6 @@ def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
         )
         return built, verification, limit, choices, {}
     base = unsplit.baseline_arena
-    share = settings.shared_tables is not False
     # Up to the whole budget: TFLM's planner can put a decode buffer over
     # activations that are dead by then (LeNet-5: arena +24,464 B for a
     # 31,200 B buffer); the estimate, corrected by measurements, filters.
@@ -457,11 +689,12 @@ def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
             break
         key, (flash, _, limit, options) = min(candidates.items(), key=lambda x: x[1][:2])
         tried.add(key)
-        sizes, keep, choices = _realise(tensors, options, limit, ram_bytes)
-        model, split_kernels, info = _candidate(plain, kernels, sizes)
-        candidate_notes = []
-        built = assemble(model, split_kernels, candidate_notes, settings,
-                         share=share, keep=keep)
+        plan = _realise(tensors, options, limit, ram_bytes)
+        _, keep, choices = plan
+        built, model, split_kernels, info, candidate_notes = _build(
+            plain, kernels, settings, plan, unsplit, tensors, assemble, limit,
+            "the decode limit ",
+        )
         bias = built.arena_bytes - _estimate(options, base)
         if built.arena_bytes <= ram_bytes and (
             best is None or len(built.compressed) < best["bytes"]
@@ -469,6 +702,14 @@ def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
             best = dict(bytes=len(built.compressed), estimate=flash, limit=limit,
                         built=built, choices=choices, keep=keep, model=model,
                         kernels=split_kernels, info=info, notes=candidate_notes)
+    int8_reason = "no decode limit kept the arena within ram_bytes"
+    if best is not None and best["bytes"] >= len(unsplit.slim_baseline):
+        # Splits whose extra ops outweigh what their groups save.
+        int8_reason = (
+            f"the smallest file that fit ({best['bytes']} B) was not smaller "
+            f"than with every kernel int8 ({len(unsplit.slim_baseline)} B)"
+        )
+        best = None
     if best is not None:
         notes.extend(best["notes"])
         for choice in best["choices"]:
@@ -483,14 +724,18 @@ def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
         return built, verification, best["limit"], best["choices"], best["info"]
     # Nothing compressed needs no decode buffer: the int8 arena, which fits.
     limit = 0
-    keep = {t.layer: f"kept int8: no decode limit fits ram_bytes={ram_bytes}"
+    keep = {t.layer: f"kept int8: {int8_reason} (ram_bytes={ram_bytes})"
             for t in tensors}
     choices = [
-        RamChoice(t.layer, t.op, t.decoded, "int8", 0, 0,
-                  "no decode limit kept the arena within ram_bytes")
+        RamChoice(t.layer, t.op, t.decoded, "int8", 0, 0, int8_reason)
         for t in tensors
     ]
+    int8_notes = []
+    built = assemble(plain, kernels, int8_notes, settings,
+                     share=settings.shared_tables is not False, keep=keep,
+                     previous=unsplit)
+    notes.extend(int8_notes)
     built, verification = assemble_verified(
-        plain, kernels, notes, settings, keep=keep
+        plain, kernels, notes, settings, keep=keep, built=built
     )
     return built, verification, limit, choices, {}

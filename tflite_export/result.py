@@ -137,7 +137,9 @@ class RamReport:
         for c in self.choices:
             ops = self.concat_ops.get(c.layer)
             extra = f", {ops} CONCATENATION op(s)" if ops else ""
-            lines.append(f"    {c.layer} ({c.op}): {c.choice}{extra}: {c.reason}")
+            # int8: not compressed, so no decode buffer (and not split).
+            shown = "kept int8" if c.choice == "int8" else c.choice
+            lines.append(f"    {c.layer} ({c.op}): {shown}{extra}: {c.reason}")
         return lines
 
 
