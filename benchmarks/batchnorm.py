@@ -72,9 +72,6 @@ def main(argv):
     for label, options in ROWS:
         model = models.load_pretrained_resnet8(f.resnet8_h5)
         if options is not None:
-            if options.get("per_channel"):
-                options = {**options, "overrides": pipeline.small_channel_overrides(
-                    model, 2 ** options["bits"]) or None}
             keras.utils.set_random_seed(0)  # k-means initialisation draws
             model = lutq_tf.quantize_model(model, **options)
         fitted = pipeline.keras_accuracy(model, x_test, y_test)

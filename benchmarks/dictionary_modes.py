@@ -86,10 +86,7 @@ def fit_only(f):
     rows = {"float": pipeline.keras_accuracy(model, *test)}
     for bits in [int(b) for b in f.bits]:
         for mode in f.modes:
-            options = dict(MODES[mode])
-            if mode == "channel":
-                options["overrides"] = pipeline.small_channel_overrides(model, 2**bits)
-            q = lutq_tf.quantize_model(model, bits=bits, **options)
+            q = lutq_tf.quantize_model(model, bits=bits, **MODES[mode])
             rows[f"lutq{bits}/{mode}"] = pipeline.keras_accuracy(q, *test)
             print(f"fit lutq{bits}/{mode}: {rows[f'lutq{bits}/{mode}']:.4f}", flush=True)
     save_record({"command": "python -m benchmarks.dictionary_modes " + " ".join(sys.argv[1:]),

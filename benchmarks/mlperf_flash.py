@@ -161,7 +161,6 @@ def _row(name, variant, bits, mode, result, mlperf, slim_int8):
 def run_model(name, models_dir, bits_list, modes, work):
     import numpy as np
 
-    from experiments import pipeline
     import lutq_tf
     import tflite_export
 
@@ -181,12 +180,9 @@ def run_model(name, models_dir, bits_list, modes, work):
     rows.append(_row(name, "int8 slim", 8, "-", slim, mlperf, slim_bytes))
     for bits in bits_list:
         for mode in modes:
-            options = dict(MODES[mode])
-            if mode == "channel":
-                # Channels with fewer than K weights (3x3 depthwise) get
-                # one dictionary per tensor, as in the examples.
-                options["overrides"] = pipeline.small_channel_overrides(model, 2**bits)
-            q = lutq_tf.quantize_model(model, bits=bits, **options)
+            # Per channel, layers whose channels hold fewer than K weights
+            # (3x3 depthwise) get one dictionary per tensor (quantize_model).
+            q = lutq_tf.quantize_model(model, bits=bits, **MODES[mode])
             path = os.path.join(work, f"lutq{bits}_{mode}.tflite")
             # Random inputs make top-1 agreement a coin toss on near ties:
             # keep the shared tables for size (bit-exactness still checked).

@@ -26,7 +26,6 @@ import keras
 import numpy as np
 
 import lutq_tf
-from lutq_tf import registry as lutq_registry
 from lutq_tf.text import grid
 from lutq_tf.text import markdown
 import tflite_export
@@ -98,10 +97,7 @@ def lutq_finetune(float_model, train, epochs, batch_size=32,
         batch_size, learning_rate, verbose, seed, callbacks: as in
             `train_float`.
         **quantize_options: passed to `lutq_tf.quantize_model` (`bits`,
-            `constraint`, `prune_rate`, `per_channel`, ...). With
-            `per_channel`, layers whose output channels hold fewer than K
-            weights (a 3x3 conv on one input channel has 9) get per-tensor
-            dictionaries, unless `overrides` is given. One more option:
+            `constraint`, `prune_rate`, `per_channel`, ...). One more option:
             `prune_allocation="erk"` spreads `prune_rate` over the layers
             by `lutq_tf.erk_prune_overrides` (default "uniform": every layer at
             `prune_rate`).
@@ -114,45 +110,14 @@ def lutq_finetune(float_model, train, epochs, batch_size=32,
     if erk and "overrides" in quantize_options:
         raise ValueError("lutq_finetune: prune_allocation='erk' writes the overrides; "
                          "pass one or the other.")
-    if "overrides" not in quantize_options:
-        overrides = (lutq_tf.erk_prune_overrides(float_model, quantize_options["prune_rate"])
-                     if erk else {})
-        if quantize_options.get("per_channel"):
-            small = small_channel_overrides(
-                float_model, quantize_options.get("num_values")
-                or 2 ** quantize_options.get("bits", 4))
-            if small:
-                log(f"    per-tensor dictionaries for {', '.join(small)}: "
-                    "fewer weights per output channel than K")
-            for name, options in small.items():
-                overrides.setdefault(name, {}).update(options)
-        if overrides:
-            quantize_options["overrides"] = overrides
+    if erk:
+        quantize_options["overrides"] = lutq_tf.erk_prune_overrides(
+            float_model, quantize_options["prune_rate"])
     keras.utils.set_random_seed(seed)  # k-means initialisation draws
     lutq_model = lutq_tf.quantize_model(float_model, **quantize_options)
     seconds = train_float(lutq_model, train, epochs, batch_size,
                           learning_rate, verbose, seed, callbacks)
     return lutq_model, seconds
-
-
-def small_channel_overrides(model, num_values):
-    """`quantize_model` overrides: per tensor where a channel has < K weights.
-
-    LUT-Q refuses a per-channel dictionary of K entries for a channel with
-    fewer than K weights; such layers (typically the first conv) get one
-    dictionary per tensor instead.
-
-    Returns:
-        `{layer name: {"per_channel": False}}`, possibly empty.
-    """
-    overrides = {}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        for spec in lutq_registry.quantizable_tensors(layer):
-            shape = tuple(getattr(layer, spec.attribute).shape)
-            channels = int(np.prod([shape[a] for a in spec.channel_axes]))
-            if int(np.prod(shape)) // channels < num_values:
-                overrides[layer.name] = {"per_channel": False}
-    return overrides
 
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,9 @@ dictionary `d` is `[K, C]` and the assignment `a` is `[M, C]` with values in
 In the scaled-dictionary mode (`scaled_kmeans_step`), each column is first
 divided by its scale `s_c` (its RMS), the normalised columns form one
 table `[M * C, 1]` with one dictionary `[K, 1]`, and
-`q[m, c] = s_c * d[a[m, c]]`.
+`q[m, c] = s_c * d[a[m, c]]`. An all-zero column has `s_c = 0`: its
+normalised weights are 0, they leave the cluster means alone, and its `q`
+is exactly 0.
 
 With pruning, row 0 of `d` is the pruning entry, fixed at exactly 0, and
 exactly `num_pruned` weights of each table (the smallest |x|; ties broken by
@@ -339,15 +341,28 @@ def kmeans_step(x, dictionary, constraint, num_pruned, fixed_zero=None,
         and a bool scalar, False if `x` holds NaN or Inf (the other outputs
         are then meaningless).
     """
-    num_values = dictionary.shape[0]
     if fixed_zero is None:
         fixed_zero = num_pruned > 0
+    dictionary, assignment, sums, counts = _assign_and_sum(
+        x, dictionary, num_pruned, fixed_zero)
+    return _refit(dictionary, assignment, sums, counts, constraint,
+                  fixed_zero, dictionary_rate)
+
+
+def _assign_and_sum(x, dictionary, num_pruned, fixed_zero):
+    """`kmeans_step`'s first half: `(sorted d, assignment, sums, counts)`."""
     # Every step keeps d sorted (cluster means of a nearest-entry partition
     # stay in order, the projections are monotone); sorting again costs
     # nothing and guards against a one-ulp inversion from rounding.
     dictionary = sort_entries(dictionary, fixed_zero)
     assignment = assign(x, dictionary, num_pruned, fixed_zero)
-    sums, counts = cluster_sums(x, assignment, num_values)
+    sums, counts = cluster_sums(x, assignment, dictionary.shape[0])
+    return dictionary, assignment, sums, counts
+
+
+def _refit(dictionary, assignment, sums, counts, constraint, fixed_zero,
+           dictionary_rate):
+    """`kmeans_step`'s second half: the means, the blend, the projection."""
     # Every weight, pruned ones included, adds to some sum, so a NaN or Inf
     # in x shows here: a [K, C] check instead of a pass over x.
     finite = tf.reduce_all(tf.math.is_finite(sums))
@@ -367,8 +382,8 @@ def kmeans_step(x, dictionary, constraint, num_pruned, fixed_zero=None,
 
 
 def channel_scales(x):
-    """Each column's scale: its RMS `s_c = sqrt(mean_m x[m, c]^2)` (1 for an
-    all-zero column).
+    """Each column's scale: its RMS `s_c = sqrt(mean_m x[m, c]^2)` (0 for an
+    all-zero column, whose quantised weights are then exactly 0).
 
     RMS rather than the largest |x|: one outlier would squeeze a channel's
     bulk of weights near 0. On CIFAR-10 ResNet-8 (k-means fit alone, no
@@ -390,7 +405,26 @@ def channel_scales(x):
     unit = tf.where(peak > 0, peak, tf.ones_like(peak))
     rms = unit * tf.sqrt(tf.reduce_mean(tf.square(x / unit[None, :]), axis=0))
     # Materialised: the division and the final product read it per weight.
-    return materialize(tf.where(rms > 0, rms, tf.ones_like(rms)))
+    return materialize(rms)
+
+
+def normalize(x, scales):
+    """The normalised weights `x[m, c] / s_c`, 0 in columns with `s_c = 0`.
+
+    A column holding NaN or Inf has a NaN scale, so its normalised weights
+    stay NaN (the step's finite check sees them).
+
+    Args:
+        x: float32 `[M, C]`.
+        scales: float32 `[C]`, `channel_scales(x)`.
+
+    Returns:
+        float32 `[M, C]`.
+    """
+    # s_c = 0 only in an all-zero column, whose weights 0 / 1 are 0: no
+    # per-weight select (XLA would recompute it in each consumer).
+    safe = materialize(tf.where(scales == 0, tf.ones_like(scales), scales))
+    return x / safe[None, :]
 
 
 def scaled_kmeans_step(x, dictionary, scales, constraint, num_pruned,
@@ -400,6 +434,9 @@ def scaled_kmeans_step(x, dictionary, scales, constraint, num_pruned,
     The normalised weights `x[m, c] / s_c` of all columns form one table
     (`[M * C, 1]`, row-major) that `kmeans_step` fits one dictionary to:
     assignment, pruning over the whole table, cluster means, projection.
+    An all-zero column (`s_c = 0`) is normalised to 0 and assigned (pruned
+    first, else to the entry nearest 0) but not counted in the cluster
+    means, so it pulls no entry towards 0; its quantised weights are +0.
 
     Args:
         x: float32 `[M, C]`, the full-precision weights.
@@ -415,15 +452,39 @@ def scaled_kmeans_step(x, dictionary, scales, constraint, num_pruned,
         `(dictionary, assignment, quantised, finite)`: float32 `[K, 1]`,
         int32 `[M, C]`, float32 `[M, C]` with
         `quantised[m, c] == scales[c] * d[a[m, c]]` exactly (one float32
-        product), and a bool scalar, False if `x` holds NaN or Inf.
+        product; +0 where `scales[c]` is 0), and a bool scalar, False if `x`
+        holds NaN or Inf.
     """
+    if fixed_zero is None:
+        fixed_zero = num_pruned > 0
+    num_values = dictionary.shape[0]
     channels = x.shape[1]
-    table = tf.reshape(x / scales[None, :], [-1, 1])
-    dictionary, assignment, normalised, finite = kmeans_step(
-        table, dictionary, constraint, num_pruned, fixed_zero,
+    table = tf.reshape(normalize(x, scales), [-1, 1])
+    dictionary, assignment, sums, counts = _assign_and_sum(
+        table, dictionary, num_pruned, fixed_zero)
+    zero = scales == 0
+
+    def zero_column_counts():
+        # Their weights are 0: they add to the counts only.
+        weights = tf.broadcast_to(tf.cast(zero, tf.float32)[None, :],
+                                  tf.shape(x))
+        return tf.math.unsorted_segment_sum(
+            tf.reshape(weights, [-1]), tf.reshape(assignment, [-1]),
+            num_values)[:, None]
+
+    # A second pass over the weights, only for a tensor with an all-zero
+    # column: a count mask inside the cluster sums cost every tensor
+    # 15-20 % of its step (784x512, K=4 and 16), a branch around the whole
+    # step about twice its compile time.
+    counts -= tf.cond(tf.reduce_any(zero), zero_column_counts,
+                      lambda: tf.zeros_like(counts))
+    dictionary, assignment, normalised, finite = _refit(
+        dictionary, assignment, sums, counts, constraint, fixed_zero,
         dictionary_rate)
     assignment = tf.reshape(assignment, [-1, channels])
     quantized = tf.reshape(normalised, [-1, channels]) * scales[None, :]
+    # +0, not the -0 of 0 times a negative entry.
+    quantized = tf.where(zero[None, :], tf.zeros_like(quantized), quantized)
     return dictionary, assignment, quantized, finite
 
 
@@ -452,3 +513,28 @@ def seed_dictionary(x, num_values, constraint, num_pruned):
     if fixed_zero:
         seeds = tf.concat([tf.zeros_like(seeds[:1]), seeds], axis=0)
     return constraint.project(seeds, tf.ones_like(seeds), seeds, fixed_zero)
+
+
+def scaled_seed_dictionary(x, scales, num_values, constraint, num_pruned):
+    """`seed_dictionary` of the normalised weights of the non-zero columns.
+
+    All-zero columns (`s_c = 0`) are left out, as from the cluster means;
+    if every column is zero, the seeds come from the zeros.
+
+    Args:
+        x: float32 `[M, C]`, finite; eager (the number of non-zero columns
+            sets the table's length).
+        scales: float32 `[C]`, `channel_scales(x)`.
+        num_values: K.
+        constraint: a `Constraint`.
+        num_pruned: Python int; if > 0, row 0 is the zero entry.
+
+    Returns:
+        float32 `[K, 1]`.
+    """
+    normalised = normalize(x, scales)
+    live = scales != 0
+    if bool(tf.reduce_any(live)):
+        normalised = tf.boolean_mask(normalised, live, axis=1)
+    return seed_dictionary(tf.reshape(normalised, [-1, 1]), num_values,
+                           constraint, num_pruned)

@@ -38,6 +38,7 @@ def quantize_model(
     kmeans_every=1,
     init_iterations=20,
     dictionary_rate=1.0,
+    expected_weights=None,
 ):
     """Returns a LUT-Q version of a Sequential or Functional model.
 
@@ -57,7 +58,11 @@ def quantize_model(
         constraint: "none", "pow2", "uniform" or a
             `lutq_tf.constraints.Constraint`.
         prune_rate: fraction in [0, 1) of weights per table set to exactly 0.
-        per_channel: one dictionary per output channel.
+        per_channel: one dictionary per output channel. A layer whose
+            output channels hold fewer than K weights each (a 3x3
+            DepthwiseConv2D has 9) gets one dictionary per tensor instead,
+            whatever the constraint; one warning lists such layers and
+            `summary` marks them ("tensor (channels < K)").
         channel_scales: one dictionary per tensor over the weights divided
             by their output channel's RMS (s_c); Q = s_c * d[A].
             Excludes `per_channel`.
@@ -79,6 +84,10 @@ def quantize_model(
             d <- d + rate * (means - d), before the constraint's
             projection. 1 refits d at every step; 0 keeps the initial
             fit (only A follows W). The initial k-means always fits fully.
+        expected_weights: `{layer_name: count}`: the quantisable weights
+            (biases excluded) each named layer must hold, e.g. those a
+            flash-budget plan was measured on (`tflite_export.plan_budget`
+            passes them); a ValueError naming the layers otherwise.
 
     Layers are cloned from their configs; `Lambda` layers included (the
     configs come from `model` in memory, not from a file). If Keras cannot
@@ -104,8 +113,10 @@ def quantize_model(
         channel_scales=channel_scales, kmeans_every=kmeans_every,
         init_iterations=init_iterations, dictionary_rate=dictionary_rate,
     )
+    _check_expected_weights(model, expected_weights)
     plan = _plan(model, default, layer_types, layer_names, skip, min_weights,
                  overrides)
+    _fall_back_to_per_tensor(model, plan)
 
     def clone(layer):
         fresh = _fresh_copy(layer)
@@ -332,6 +343,81 @@ def _plan(model, default, layer_types, layer_names, skip, min_weights,
             continue
         plan[name] = default
     return plan
+
+
+def _fall_back_to_per_tensor(model, plan):
+    """Per-tensor dictionaries where per-channel ones would exceed a channel.
+
+    A per-channel dictionary of K entries needs at least K weights per
+    channel. A layer with smaller channels gets the same quantizer per
+    tensor (`per_channel_fallback=True`), which still quantises the layer at
+    the asked bits and exports as one table (a dictionary holding a channel
+    exactly would not compress it, and pow2 cannot hold one). A layer with
+    a tensor smaller than K is left to the wrapper's refusal: per tensor
+    would not fit either. Updates `plan` in place and warns once, listing
+    the layers.
+    """
+    layers = {layer.name: layer for layer in _all_layers(model)}
+    fallen = []
+    for name, quantizer in plan.items():
+        if not quantizer.per_channel:
+            continue
+        sizes = _weights_per_channel(layers[name])
+        smallest = min((per_channel, attribute)
+                       for per_channel, _, attribute in sizes)
+        fits_per_tensor = min(size for _, size, _ in sizes) >= (
+            quantizer.num_values)
+        if smallest[0] < quantizer.num_values and fits_per_tensor:
+            plan[name] = quantizer.with_options(per_channel=False,
+                                                per_channel_fallback=True)
+            fallen.append(f"'{name}' (`{smallest[1]}`: {smallest[0]} weights "
+                          f"per channel, K={quantizer.num_values})")
+    if fallen:
+        warnings.warn(
+            f"quantize_model: per_channel=True, but the output channels of "
+            f"{len(fallen)} layer(s) of model '{model.name}' hold fewer "
+            "weights than a dictionary's K entries, so each of their tensors "
+            f"gets one dictionary per tensor instead: {', '.join(fallen)}. "
+            "To choose otherwise, give such a layer an override (fewer bits "
+            "per channel, or None to keep it float); lutq_tf.summary marks "
+            "these tensors \"tensor (channels < K)\".",
+            stacklevel=3,
+        )
+
+
+def _weights_per_channel(layer):
+    """`(weights per output channel, weights, attribute)` of each quantisable
+    tensor of `layer`."""
+    sizes = []
+    for spec in registry.quantizable_tensors(layer):
+        shape = tuple(getattr(layer, spec.attribute).shape)
+        size = int(np.prod(shape))
+        channels = int(np.prod([shape[a] for a in spec.channel_axes]))
+        sizes.append((size // max(channels, 1), size, spec.attribute))
+    return sizes
+
+
+def _check_expected_weights(model, expected_weights):
+    """A ValueError naming each layer whose weight count is not the expected one."""
+    if expected_weights is None:
+        return
+    if not isinstance(expected_weights, collections.abc.Mapping):
+        raise TypeError("`expected_weights` takes a dict {layer_name: count}, "
+                        f"got {expected_weights!r}.")
+    layers = {layer.name: layer for layer in _all_layers(model)}
+    _check_names("expected_weights", expected_weights)
+    wrong = [f"no layer '{name}'" if name not in layers else
+             f"layer '{name}' has {_quantizable_size(layers[name]):,} weights, "
+             f"expected {count:,}"
+             for name, count in expected_weights.items()
+             if name not in layers or _quantizable_size(layers[name]) != count]
+    if wrong:
+        raise ValueError(
+            f"Model '{model.name}' is not the model these options were made "
+            f"for (`expected_weights`, e.g. a flash-budget plan's): "
+            f"{'; '.join(wrong)}. Plan this model itself "
+            "(tflite_export.plan_budget) rather than reuse another's plan."
+        )
 
 
 def _check_names(argument, names):

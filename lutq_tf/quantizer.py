@@ -5,7 +5,6 @@ import numbers
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from lutq_tf import constraints as constraints_lib
 from lutq_tf import kmeans
@@ -35,7 +34,8 @@ class LUTQuantizer:
         init_iterations: Lloyd iterations of the initial k-means.
         channel_scales: one dictionary per tensor over the weights divided
             by their output channel's scale `s_c = RMS(W[:, c])` (refreshed
-            at each k-means step); Q[m, c] = s_c * d[A[m, c]]. Per-channel
+            at each k-means step); Q[m, c] = s_c * d[A[m, c]]. An all-zero
+            channel has s_c = 0, so its Q stays exactly 0. Per-channel
             ranges at one table's cost (an exporter folds s_c into the int8
             per-channel scale). Pruning takes the tensor's smallest
             |W[m, c] / s_c|. Excludes `per_channel`.
@@ -44,6 +44,11 @@ class LUTQuantizer:
             before the constraint's projection. 1 refits d at every step;
             0 keeps d at its initial fit (only A follows W). The initial
             k-means (`initialize`) always fits fully.
+        per_channel_fallback: True when `per_channel` was asked for a layer
+            whose output channels hold fewer than K weights each, so this
+            quantizer has one dictionary per tensor instead (set by
+            `quantize_model`; `summary` reports it). Only with
+            `per_channel=False` and `channel_scales=False`.
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class LUTQuantizer:
         init_iterations=20,
         channel_scales=False,
         dictionary_rate=1.0,
+        per_channel_fallback=False,
     ):
         self.num_values = _resolve_num_values(num_values, bits)
         self.constraint = constraints_lib.get(constraint)
@@ -73,6 +79,14 @@ class LUTQuantizer:
         self.init_iterations = check_int("init_iterations", init_iterations,
                                          1)
         self.dictionary_rate = check_rate("dictionary_rate", dictionary_rate)
+        self.per_channel_fallback = check_bool("per_channel_fallback",
+                                               per_channel_fallback)
+        if self.per_channel_fallback and self.mode != "tensor":
+            raise ValueError(
+                "per_channel_fallback=True marks a per-tensor dictionary that "
+                "replaced a per-channel one; it needs per_channel=False and "
+                "channel_scales=False."
+            )
 
     @property
     def index_bits(self):
@@ -113,7 +127,7 @@ class LUTQuantizer:
         """The channel scales of a `[M, C]` matrix, or None.
 
         Returns:
-            float32 `[C]`, `s_c` = the RMS of `matrix[:, c]` (1 for an all-zero
+            float32 `[C]`, `s_c` = the RMS of `matrix[:, c]` (0 for an all-zero
             column), with `channel_scales`; else None.
         """
         if not self.channel_scales:
@@ -125,10 +139,12 @@ class LUTQuantizer:
 
         Returns:
             float32 `[K, C]`; `[K, 1]` per tensor or with `channel_scales`
-            (seeded from the normalised weights).
+            (seeded from the normalised weights of the non-zero channels).
         """
         if self.channel_scales:
-            matrix = tf.reshape(matrix / self.scales(matrix), [-1, 1])
+            return kmeans.scaled_seed_dictionary(
+                matrix, self.scales(matrix), self.num_values, self.constraint,
+                self.num_pruned(matrix.shape[0] * matrix.shape[1]))
         return kmeans.seed_dictionary(
             matrix, self.num_values, self.constraint,
             self.num_pruned(matrix.shape[0]),
@@ -190,6 +206,9 @@ class LUTQuantizer:
         config = self.get_config()
         if "bits" in options or "num_values" in options:
             config.pop("num_values")
+        # The fallback was `quantize_model`'s decision for one layer's
+        # shapes: a derived quantizer starts without it.
+        config["per_channel_fallback"] = False
         config.update(options)
         return LUTQuantizer.from_config(config)
 
@@ -203,12 +222,13 @@ class LUTQuantizer:
             "init_iterations": self.init_iterations,
             "channel_scales": self.channel_scales,
             "dictionary_rate": self.dictionary_rate,
+            "per_channel_fallback": self.per_channel_fallback,
         }
 
     @classmethod
     def from_config(cls, config):
-        # Configs saved before `dictionary_rate` existed load with its
-        # default, 1.0 (`__init__`'s).
+        # Configs saved before `dictionary_rate` (or `per_channel_fallback`)
+        # existed load with its default, 1.0 (False): `__init__`'s.
         return cls(**config)
 
     def __eq__(self, other):
@@ -223,7 +243,10 @@ class LUTQuantizer:
             f"per_channel={self.per_channel}, "
             f"channel_scales={self.channel_scales}, "
             f"kmeans_every={self.kmeans_every}, "
-            f"dictionary_rate={self.dictionary_rate})"
+            f"dictionary_rate={self.dictionary_rate}"
+            + (", per_channel_fallback=True" if self.per_channel_fallback
+               else "")
+            + ")"
         )
 
 

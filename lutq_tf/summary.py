@@ -35,6 +35,9 @@ class TensorSummary:
             channels), with Q[m, c] = s[c] * d[A[m, c]]; else None.
         zeros: fraction of quantised weights that are exactly 0, pruned or
             not (a ternary dictionary's middle entry, a uniform grid's 0).
+        per_channel_fallback: per tensor because `per_channel` was asked
+            but the layer's output channels hold fewer than K weights each
+            (`quantize_model`); the table shows "tensor (channels < K)".
     """
 
     layer: str
@@ -51,6 +54,7 @@ class TensorSummary:
     channel_scales: Optional[np.ndarray] = dataclasses.field(
         default=None, compare=False)
     zeros: Optional[float] = None
+    per_channel_fallback: bool = False
 
     def __post_init__(self):
         # Rows made without a mode (older callers) get it from per_channel.
@@ -60,7 +64,9 @@ class TensorSummary:
 
 
 def summary(model, print_fn=print):
-    """Per quantised tensor: K, entries in use, pruning, index bits, size.
+    """Per quantised tensor: K, what one dictionary serves (per tensor,
+    channel, or scaled; per-channel fallbacks marked), entries in use,
+    pruning, index bits, size.
 
     Args:
         model: a Keras model containing `LUTQWrapper` layers.
@@ -105,6 +111,7 @@ def summary(model, print_fn=print):
                 channel_scales=(None if scales is None
                                 else scales.numpy().copy()),
                 zeros=float(np.mean(quantized == 0)),
+                per_channel_fallback=quantizer.per_channel_fallback,
             ))
     if print_fn is not None:
         print_fn(format_table(rows))
@@ -117,7 +124,8 @@ def format_table(rows):
               "bits", "weights", "constraint")
     body = [
         (r.layer, r.tensor, str(r.num_values),
-         r.mode, str(r.in_use),
+         f"{r.mode} (channels < K)" if r.per_channel_fallback else r.mode,
+         str(r.in_use),
          f"{100 * r.prune_rate:.1f}%",
          "" if r.zeros is None else f"{100 * r.zeros:.1f}%",
          str(r.index_bits),

@@ -107,18 +107,6 @@ def test_suite_reports_missing_data(tmp_path):
     assert made["digits"].missing_data() is None
 
 
-def test_small_channel_overrides_only_for_channels_smaller_than_k():
-    from experiments import models
-
-    model = models.digits_cnn()  # conv1: 3x3x1 = 9 weights per channel
-    assert pipeline.small_channel_overrides(model, 16) == {
-        "conv1": {"per_channel": False}}
-    assert pipeline.small_channel_overrides(model, 8) == {}
-    # fc2 has 64 weights per channel.
-    assert set(pipeline.small_channel_overrides(model, 128)) == {
-        "conv1", "fc2"}
-
-
 def test_subset_column_only_when_tflm_ran_on_a_subset():
     full = _row("a", 0.9, 0.9, 10, tflm_samples=450, test_samples=450,
                 keras_accuracy_tflm_samples=0.9)

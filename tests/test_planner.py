@@ -92,14 +92,16 @@ def _digits_model():
 
 
 def _hand_plan():
+    """A plan for the digits CNN whose numbers agree as a planned one's do:
+    26,864 + (2,000 - 4,608) + (5,000 - 18,432) + (500 - 640) + 64 = 10,748."""
     rows = [
         planner.LayerPlan("conv1", "Conv2D", 144, None, "int8", 144, 0.0),
         planner.LayerPlan("conv2", "Conv2D", 4608, 3, "scaled", 2000, 0.1),
         planner.LayerPlan("fc1", "Dense", 18432, 2, "channel", 5000, 0.2),
         planner.LayerPlan("fc2", "Dense", 640, 4, "tensor", 500, 0.3),
     ]
-    return planner.Plan(budget_bytes=10_000, estimate_bytes=9_000,
-                        int8_bytes=26_864, min_bytes=6_000, layers=rows)
+    return planner.Plan(budget_bytes=12_000, estimate_bytes=10_748,
+                        int8_bytes=26_864, min_bytes=7_000, layers=rows)
 
 
 def test_plan_is_usable_as_quantize_model_arguments():
@@ -117,12 +119,164 @@ def test_plan_table_and_json_round_trip(tmp_path):
     plan = _hand_plan()
     text = plan.table()
     for word in ("layer", "K", "mode", "bytes", "sensitivity", "conv2", "scaled",
-                 "10,000"):
+                 "12,000", "10,748"):
         assert word in text
     path = tmp_path / "plan.json"
     plan.save(path)
     assert planner.Plan.load(path) == plan
     assert json.load(open(path))["export_options"] == plan.export_options()
+
+
+# -- plan files: every field checked on load (issue 24) -----------------------
+
+
+def _edit(data, path, value):
+    """`data` with the field at `path` (keys and indices) set to `value`, or
+    deleted when `value` is `_DELETE`."""
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    if value is _DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return data
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("path, value, words", [
+    # An edited mode used to load and quantise per tensor.
+    (("layers", 3, "mode"), "fancy", ["layers[3] ('fc2').mode", "'fancy'"]),
+    # An edited estimate used to print "estimated file 1 B".
+    (("estimate_bytes",), 1, ["estimate_bytes", "10,748", "min_bytes 7,000"]),
+    # bits: 9 used to load; quantize_model refused it later, unexplained.
+    (("layers", 2, "bits"), 9, ["layers[2] ('fc1').bits", "1..7"]),
+    (("layers", 2, "bits"), "2", ["layers[2] ('fc1').bits", "1..7"]),
+    (("layers", 0, "bits"), 4, ["layers[0] ('conv1').bits", "null for an int8"]),
+    (("min_bytes",), _DELETE, ["min_bytes", "missing"]),
+    (("layers", 1, "weights"), "4608", ["layers[1] ('conv2').weights", "whole number"]),
+    (("layers", 1, "bytes"), 900, ["layers[1] ('conv2').bytes", "at least 1,880"]),
+    (("layers", 1, "sensitivity"), -1, ["layers[1] ('conv2').sensitivity"]),
+    (("layers", 1, "extra"), 1, ["layers[1]", "unknown ['extra']"]),
+    (("estimate_byte",), 1, ["estimate_byte:", "not a plan field"]),
+    (("budget_bytes",), 10_000, ["budget_bytes", "exceeds the budget"]),
+    (("schema",), 3, ["schema", "1 to 2"]),
+    (("fisher",), "hessian", ["fisher"]),
+    (("quantize_options", "overrides", "fc2", "bits"), 1, ["quantize_options"]),
+    (("export_options", "shared_tables"), False, ["export_options"]),
+])
+def test_edited_plan_files_are_refused_naming_file_and_field(tmp_path, path, value,
+                                                            words):
+    source = tmp_path / "plan.json"
+    _hand_plan().save(source)
+    data = _edit(json.loads(source.read_text()), path, value)
+    source.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as info:
+        planner.Plan.load(source)
+    message = str(info.value)
+    assert message.startswith(f"{source}: ")
+    for word in words:
+        assert word in message
+
+
+def test_truncated_or_binary_plan_files_name_the_file(tmp_path):
+    source = tmp_path / "plan.json"
+    _hand_plan().save(source)
+    text = source.read_text()
+    source.write_text(text[:len(text) // 2])
+    with pytest.raises(ValueError, match=f"{source}: not a plan JSON file"):
+        planner.Plan.load(source)
+    source.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match=f"{source}: not a plan JSON file"):
+        planner.Plan.load(source)
+    source.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a plan: expected a JSON object"):
+        planner.Plan.load(source)
+
+
+def test_plan_files_without_a_schema_load_as_before(tmp_path):
+    """Files written before `schema` (1) have the same layer rows."""
+    plan = _hand_plan()
+    data = plan.to_dict()
+    del data["schema"]
+    del data["quantize_options"]["expected_weights"]
+    source = tmp_path / "old.json"
+    source.write_text(json.dumps(data))
+    loaded = planner.Plan.load(source)
+    assert loaded == plan
+    assert loaded.quantize_options()["expected_weights"]["fc1"] == 18432
+
+
+def test_saving_an_inconsistent_plan_writes_nothing(tmp_path):
+    plan = _hand_plan()
+    plan.estimate_bytes = 1
+    target = tmp_path / "plan.json"
+    with pytest.raises(ValueError, match="estimate_bytes"):
+        plan.save(target)
+    assert not target.exists()
+
+
+def test_an_unknown_mode_in_memory_is_refused_not_quantised_per_tensor():
+    plan = _hand_plan()
+    plan.layers[3].mode = "fancy"
+    with pytest.raises(ValueError, match="layer 'fc2': mode 'fancy'"):
+        lutq_tf.quantize_model(_digits_model(), **plan)
+
+
+def test_min_bytes_counts_all_int8_when_compression_saves_less_than_decode():
+    """A layer saving 29 B by compression cannot pay DECODE's 64 B: the
+    smallest file is all int8, and the plan of that budget loads back."""
+    facts = plan_costs.TensorFacts("fc", "kernel", size=200, channels=1,
+                                   shareable=True, negated=False, dead=False)
+    byte_model = plan_costs.ByteModel(int8_bytes=1000, tensors={"fc": [facts]})
+    cost = byte_model.layer_bytes("fc", 1, "tensor")
+    assert cost == 171
+    found = planner.Choices(byte_model=byte_model,
+                            offers={"fc": [(None, "int8", 200, 1.0),
+                                           (1, "tensor", cost, 0.5)]},
+                            layer_types={"fc": "Dense"}, bits=[1],
+                            modes=["tensor"], fisher="labels")
+    assert found.min_bytes == 1000
+    for budget in (1000, 1035, 2000):
+        plan = found.plan(budget)
+        assert planner.Plan.from_dict(plan.to_dict()) == plan
+
+
+# -- a plan applied to another model with the same layer names (issue 24) -----
+
+
+def _small_cnn(filters=4, units=32):
+    """Conv2D -> Flatten -> fc1 Dense(units) -> fc2 Dense(10) on 8x8x1."""
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(filters, 3, name="conv")(inputs)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(units, activation="relu", name="fc1")(x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="fc2")(x))
+
+
+def _small_plan():
+    """A plan of `_small_cnn()`: conv 36, fc1 4,608, fc2 320 weights."""
+    rows = [planner.LayerPlan("conv", "Conv2D", 36, None, "int8", 36, 0.0),
+            planner.LayerPlan("fc1", "Dense", 4608, 2, "tensor", 1300, 0.1),
+            planner.LayerPlan("fc2", "Dense", 320, None, "int8", 320, 0.0)]
+    return planner.Plan(budget_bytes=6_000, estimate_bytes=2_950,
+                        int8_bytes=6_194, min_bytes=2_900, layers=rows)
+
+
+@pytest.mark.parametrize("filters, units, words", [
+    (4, 64, ["'fc1' has 9,216 weights, expected 4,608"]),
+    # A layer the plan keeps int8 counts too: its bytes are in the estimate.
+    (8, 32, ["'conv' has 72 weights, expected 36", "'fc1' has 9,216"]),
+])
+def test_a_plan_refuses_a_model_whose_layers_differ(filters, units, words):
+    plan = planner.Plan.from_dict(_small_plan().to_dict())
+    lutq_tf.quantize_model(_small_cnn(), **plan)  # the planned model: fine
+    with pytest.raises(ValueError) as info:
+        lutq_tf.quantize_model(_small_cnn(filters, units), **plan)
+    for word in words + ["plan_budget"]:
+        assert word in str(info.value)
 
 
 # -- bad input (nothing heavy runs before these checks) ------------------------
@@ -185,6 +339,82 @@ def test_cli_usage_errors_write_nothing(tmp_path, capsys):
     assert code == 2
     assert "no such file" in capsys.readouterr().err
     assert not out.exists()
+
+
+# Labels are checked against the loss and the model's output before any
+# conversion (issue 24: these failed inside the Fisher estimate).
+@pytest.mark.parametrize("labels, loss, words", [
+    (np.eye(10)[np.arange(4)], None,
+     ["shape (4, 10)", "class indices", "argmax", "categorical_crossentropy"]),
+    (np.array(["cat", "dog", "cat", "dog"]), None, ["numbers", "<U3"]),
+    (np.arange(50, 54), None, ["class indices in 0..9", "50..53"]),
+    (np.array([0.5, 1, 2, 3]), None, ["whole class indices", "0.5"]),
+    (np.array([0, 1, np.nan, 3]), None, ["NaN"]),
+    (np.arange(4), "categorical_crossentropy", ["one-hot", "sparse_categorical"]),
+    (np.arange(4), "crossentropy_of_my_own", ["not a Keras loss"]),
+])
+def test_labels_that_do_not_fit_the_loss_are_named(labels, loss, words):
+    x = np.zeros((4, 8, 8, 1), np.float32)
+    with pytest.raises(ValueError) as info:
+        planner.plan_budget(_digits_model(), 10_000, x, labels=labels, loss=loss)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_cli_names_bad_bits_and_modes_before_loading_anything(tmp_path, capsys):
+    for flag, text in (("--bits", "2,x"), ("--bits", "9"), ("--modes", "tensor,rows")):
+        code = plan_cli.main([str(tmp_path / "m.keras"), "--budget", "8KiB",
+                              "--data", str(tmp_path / "x.npy"), flag, text])
+        assert code == 2
+        assert f"{flag}='{text}'" in capsys.readouterr().err
+    assert plan_cli._MAX_BITS == plan_costs.MAX_BITS
+    assert plan_cli._MODES == plan_costs.MODES
+
+
+@pytest.fixture
+def cli_files(tmp_path):
+    """A compiled small CNN saved as .keras, 4 inputs and labels as .npy."""
+    model = _small_cnn()
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    paths = {n: str(tmp_path / n) for n in ("m.keras", "x.npy", "y.npy")}
+    model.save(paths["m.keras"])
+    np.save(paths["x.npy"], np.zeros((4, 8, 8, 1), np.float32))
+    np.save(paths["y.npy"], np.arange(4))
+    return paths
+
+
+def test_cli_names_data_files_that_are_not_one_npy_array(cli_files, tmp_path, capsys):
+    text, archive = str(tmp_path / "x.csv"), str(tmp_path / "x.npz")
+    with open(text, "w") as f:
+        f.write("1,2,3\n")
+    np.savez(archive, x=np.zeros((4, 8, 8, 1)), y=np.arange(4))
+    for data, words in ((text, ["not a .npy array file"]),
+                        (archive, ["an .npz archive", "['x', 'y']"])):
+        code = plan_cli.main([cli_files["m.keras"], "--budget", "8KiB",
+                              "--data", data])
+        assert code == 2
+        err = capsys.readouterr().err
+        for word in [f"--data={data}"] + words:
+            assert word in err
+
+
+def test_cli_takes_the_loss_the_model_was_compiled_with(cli_files, tmp_path, capsys):
+    # The README's command, without --loss: the file's loss checks the
+    # labels (here out of range, so that no conversion runs).
+    np.save(cli_files["y.npy"], np.arange(50, 54))
+    code = plan_cli.main([cli_files["m.keras"], "--budget", "8KiB", "--data",
+                          cli_files["x.npy"], "--labels", cli_files["y.npy"]])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "class indices in 0..9" in err and "no loss" not in err
+    # A model saved without compile: the flag to use is named.
+    plain = str(tmp_path / "plain.keras")
+    _small_cnn().save(plain)
+    code = plan_cli.main([plain, "--budget", "8KiB", "--data", cli_files["x.npy"],
+                          "--labels", cli_files["y.npy"]])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--labels needs a loss" in err and "pass --loss" in err
 
 
 # -- on the digits model (conversions, so slow) --------------------------------
@@ -293,6 +523,9 @@ def test_more_budget_never_costs_sensitivity(digits_choices):
     large = digits_choices.plan(16_000)
     assert large.sensitivity <= small.sensitivity
     assert small.estimate_bytes <= 8_000 < large.estimate_bytes <= 16_000
+    # Planned numbers pass the checks of `Plan.load`.
+    for plan in (small, large):
+        assert planner.Plan.from_dict(plan.to_dict()) == plan
 
 
 def test_weighting_must_be_known():
@@ -308,9 +541,9 @@ def test_cli_writes_the_plan_and_the_lutq_model(digits, tmp_path, capsys):
     np.save(data, x[:64])
     np.save(labels, y[:64])
     out, quantized = str(tmp_path / "plan.json"), str(tmp_path / "q.keras")
+    # No --loss: the model's compiled one (logits), as in the README.
     code = plan_cli.main([model_path, "--budget", "10KiB", "--data", data,
-                          "--labels", labels, "--loss",
-                          "sparse_categorical_crossentropy", "--bits", "1,2,4",
+                          "--labels", labels, "--bits", "1,2,4",
                           "--modes", "tensor,channel", "--out", out,
                           "--quantized", quantized])
     assert code == 0

@@ -29,9 +29,15 @@ def _weights(rng, rows=60, channels=5):
 
 
 def _numpy_scales(matrix):
-    rms = np.sqrt(np.mean(np.square(matrix.astype(np.float64)), axis=0))
     # (float32 in the library: relative to each column's largest |x|.)
-    return np.where(rms > 0, rms, 1).astype(np.float32)
+    # An all-zero column's RMS is 0.
+    return np.sqrt(np.mean(np.square(matrix.astype(np.float64)), axis=0)
+                   ).astype(np.float32)
+
+
+def _normalised(w, s):
+    """w / s, 0 in all-zero columns (s = 0)."""
+    return w / np.where(s == 0, 1, s)
 
 
 def _invariants(state, quantizer):
@@ -50,7 +56,12 @@ def _invariants(state, quantizer):
     # Every channel is s_c * d[A], one float32 product, from one table.
     np.testing.assert_array_equal(q, s[None, :] * d[a, 0])
     assert len(np.unique(d[a, 0])) <= k
-    np.testing.assert_allclose(q / s, d[a, 0], rtol=1e-6)
+    live = s != 0
+    np.testing.assert_allclose(q[:, live] / s[live], d[a[:, live], 0],
+                               rtol=1e-6)
+    # An all-zero channel stays exactly (+)0.
+    assert np.all(w[:, ~live] == 0)
+    assert not np.any(np.signbit(q[:, ~live]) | (q[:, ~live] != 0))
     num_pruned = quantizer.num_pruned(w.size)
     if num_pruned:
         assert np.all(d[0] == 0)
@@ -58,7 +69,7 @@ def _invariants(state, quantizer):
         assert pruned.sum() == num_pruned
         assert np.all(q[pruned] == 0)
         # The smallest normalised weights of the whole tensor.
-        x = np.abs(w / s)
+        x = np.abs(_normalised(w, s))
         assert x[pruned].max() <= x[~pruned].min()
     return w, d, a, q, s
 
@@ -76,14 +87,25 @@ def test_step_matches_numpy_reference(name, prune_rate, k):
         channel_scales=True)
     s = quantizer.scales(tf.constant(w)).numpy()
     np.testing.assert_allclose(s, _numpy_scales(w), rtol=1e-6)
-    x = (w / s).reshape(-1, 1)  # normalised, one table, row-major
+    assert s[2] == 0  # the all-zero column
+    # The reference never sees the zero column: it must add nothing to the
+    # seeds or the cluster means. Pruning takes its weights first (|0| is
+    # the smallest), so the rest of the table prunes that many fewer.
+    live = np.arange(w.shape[1]) != 2
+    x = (w[:, live] / s[live]).reshape(-1, 1)  # one table, row-major
     num_pruned = quantizer.num_pruned(w.size)
+    live_pruned = num_pruned - w.shape[0] if num_pruned else 0
+    assert live_pruned >= 0
     d = quantizer.seed(tf.constant(w)).numpy()
     np.testing.assert_array_equal(
         d, kmeans.seed_dictionary(tf.constant(x), k, quantizer.constraint,
                                   num_pruned).numpy())
-    want_d, want_a = reference.step(x, d, quantizer.constraint, num_pruned)
-    want_a = want_a.reshape(w.shape)
+    want_d, live_a = reference.step(x, d, quantizer.constraint, live_pruned)
+    want_a = np.zeros(w.shape, np.int64)
+    want_a[:, live] = live_a.reshape(w.shape[0], -1)
+    if not num_pruned:
+        # Assigned like any weight 0: to the entry nearest 0.
+        want_a[:, 2] = reference.assign(np.zeros((1, 1)), d, 0)[0, 0]
     step = tf.function(quantizer.step, jit_compile=True)  # as the wrapper
     for got in (quantizer.step(tf.constant(w), tf.constant(d)),
                 step(tf.constant(w), tf.constant(d))):
@@ -93,6 +115,7 @@ def test_step_matches_numpy_reference(name, prune_rate, k):
         np.testing.assert_allclose(got_d, want_d, rtol=1e-5, atol=1e-7)
         # XLA may round the RMS differently from eager TF by an ulp.
         np.testing.assert_allclose(got_q, s[None, :] * got_d[got_a, 0], rtol=1e-6)
+        np.testing.assert_array_equal(got_q[:, 2], 0)
         if num_pruned:
             assert np.sum(got_q == 0) >= num_pruned
             assert np.all(got_q[got_a == 0] == 0)
@@ -144,11 +167,11 @@ def test_invariants_on_every_channel_layout(case):
     state = wrapper.tensor_states[0]
     assert state.channel_scales.path.endswith("kernel_channel_scales")
     w, _, _, _, s = _invariants(state, wrapper.quantizer)
-    assert np.any(s == 1) and len(np.unique(s)) == state.channels
+    assert np.any(s == 0) and len(np.unique(s)) == state.channels
     # Columns of to_matrix are the output channels: the zeroed one's scale
-    # is 1 and its quantised weights are 0.
+    # is 0 and its quantised weights are 0.
     zero = np.flatnonzero(np.all(w == 0, axis=0))
-    assert zero.size == 1 and s[zero[0]] == 1
+    assert zero.size == 1 and s[zero[0]] == 0
     d, a, q = wrapper.quantized_tensors["kernel"]
     assert q.shape == a.shape == kernel.shape and d.shape == (4, 1)
     np.testing.assert_array_equal(state.to_matrix(q).numpy()[:, zero[0]], 0)
@@ -311,5 +334,125 @@ def test_per_channel_with_channel_scales_is_an_error():
 def test_channel_scales_are_the_rms_without_overflow():
     x = np.array([[3e30, 1.0, 0.0], [-4e30, -1.0, 0.0]], np.float32)
     s = kmeans.channel_scales(tf.constant(x)).numpy()
-    np.testing.assert_allclose(s, [np.sqrt(12.5e60), 1.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(s, [np.sqrt(12.5e60), 1.0, 0.0], rtol=1e-6)
     assert np.all(np.isfinite(s))
+
+
+# -- an all-zero channel (issue 24) --------------------------------------------
+
+def _issue_model(activation=None, outputs=10):
+    """Conv2D -> Flatten -> fc1 Dense(32) -> fc2, fc1's channel 5 all zero.
+
+    `outputs=None` ends the model at fc1, so its channel 5 is an output.
+    """
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    x = L.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    x = L.Dense(32, activation=activation, name="fc1")(L.Flatten()(x))
+    if outputs:
+        x = L.Dense(outputs, name="fc2")(x)
+    model = keras.Model(inputs, x)
+    layer = model.get_layer("fc1")
+    kernel, bias = layer.get_weights()
+    kernel[:, 5] = 0
+    bias[5] = 0
+    layer.set_weights([kernel, bias])
+    return model
+
+
+# Only fc1 is quantised: each LUT-Q layer costs an XLA compile.
+_ONLY_FC1 = ["conv", "fc2"]
+
+
+def _zero_channel_state(model):
+    """fc1's `[M, C]` W, Q and s; checks the scaled invariants."""
+    layer = model.get_layer("fc1")
+    state = layer.tensor_states[0]
+    w, _, _, q, s = _invariants(state, layer.quantizer)
+    return w, q, s
+
+
+@pytest.mark.parametrize("constraint", ["none", "pow2"])
+def test_zero_channel_stays_zero_at_quantize_time(constraint):
+    # Was: Q[:, 5] a constant -0.308 (free) or -0.25 (pow2), 4.5x the
+    # layer's mean |W|, from s_5 = 1.
+    model = lutq_tf.quantize_model(_issue_model(), bits=2,
+                                   channel_scales=True, constraint=constraint,
+                                   skip=_ONLY_FC1)
+    w, q, s = _zero_channel_state(model)
+    assert s[5] == 0 and np.all(s[np.arange(32) != 5] > 0)
+    np.testing.assert_array_equal(q[:, 5], 0)
+    # The zero channel adds nothing to the dictionary: the same fit as
+    # without it (up to the order of the float32 cluster sums).
+    quantizer = model.get_layer("fc1").quantizer
+    want_d, _, want_q = quantizer.initialize(
+        tf.constant(np.delete(w, 5, axis=1)))
+    d = model.get_layer("fc1").tensor_states[0].dictionary.numpy()
+    np.testing.assert_allclose(d, want_d.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(np.delete(q, 5, axis=1), want_q.numpy(),
+                               rtol=1e-5)
+
+
+def test_zero_channel_stays_zero_after_fit():
+    # A dead ReLU unit (zero weights and bias): its gradient is 0, so W's
+    # column stays 0 and so must Q's. Was: W's column 0 after fit, Q's a
+    # non-zero constant (s_5 = 1).
+    x, y = _data()
+    model = lutq_tf.quantize_model(_issue_model("relu"), bits=2,
+                                   channel_scales=True, skip=_ONLY_FC1)
+    _compile(model)
+    before = model.get_layer("fc1").layer.kernel.numpy()
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    w, q, s = _zero_channel_state(model)
+    assert np.any(w != before)  # trained
+    np.testing.assert_array_equal(w[:, 5], 0)
+    np.testing.assert_array_equal(q[:, 5], 0)
+    assert s[5] == 0
+
+
+def _fully_connected_weight_scales(path):
+    """The quantisation scales of the weight input of each FULLY_CONNECTED
+    op of a .tflite file (after DECODE insertion: the decoded tensor's)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    with open(path, "rb") as f:
+        model = schema.ModelT.InitFromPackedBuf(bytearray(f.read()), 0)
+    subgraph = model.subgraphs[0]
+    scales = []
+    for op in subgraph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == (
+                schema.BuiltinOperator.FULLY_CONNECTED):
+            quantization = subgraph.tensors[op.inputs[1]].quantization
+            scales.append(np.asarray(quantization.scale))
+    return scales
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["int8", "float32"])
+def test_zero_channel_exports_as_zero(tmp_path, quantize):
+    # fc1 is the output, so its channel 5 (zero weights and bias) must come
+    # out exactly 0 on TFLM for every input. Was: the file held s_5 * d[A].
+    from test_export import tflm_outputs
+
+    import tflite_export
+
+    model = lutq_tf.quantize_model(_issue_model(outputs=None), bits=2,
+                                   channel_scales=True, skip=["conv"])
+    data = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype(
+        np.float32)
+    result = tflite_export.export(model, tmp_path / "m.tflite",
+                                  representative_data=data, quantize=quantize)
+    assert result.verification.bit_exact
+    (fc1,) = [t for t in result.tensors if t.layer == "fc1"]
+    assert fc1.compressed, fc1.note
+    got = tflm_outputs(result.path, data)
+    np.testing.assert_array_equal(got[:, 5], 0)
+    assert np.all(np.any(got != 0, axis=0)[np.arange(32) != 5])
+    np.testing.assert_array_equal(model.predict(data, verbose=0)[:, 5], 0)
+    if quantize == "int8":
+        # Code 0 with a positive scale; the zero channel costs no index bit
+        # (per-channel tables beat a shared table of K + 1 codes).
+        (scales,) = _fully_connected_weight_scales(result.path)
+        assert scales.shape == (32,) and np.all(scales > 0)
+        assert fc1.index_bits == 2

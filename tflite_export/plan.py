@@ -5,7 +5,8 @@
         [--bits 1,2,3,4] [--modes tensor,channel]
         [--out plan.json] [--quantized lutq.keras]
 
-MODEL is a float `.keras` or `.h5` file. Prints the plan table; `--out`
+MODEL is a float `.keras` or `.h5` file; with `--labels` and no
+`--loss`, the loss it was compiled with. Prints the plan table; `--out`
 writes the plan as JSON (`tflite_export.planner.Plan.load`), `--quantized`
 the LUT-Q model `quantize_model(model, **plan)` ready for fine-tuning.
 Export it with `python -m tflite_export ... --weight_quantization
@@ -19,9 +20,14 @@ import argparse
 import os
 import re
 import sys
+import warnings
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024,
           "m": 1024**2, "mb": 1024**2, "mib": 1024**2}
+# `plan_costs.MAX_BITS` and `MODES`, written out: usage errors are reported
+# before TensorFlow is imported (tests check that they agree).
+_MAX_BITS = 7
+_MODES = ("tensor", "scaled", "channel")
 
 
 def parse_budget(text):
@@ -37,6 +43,73 @@ def parse_budget(text):
     if value != int(value) or value <= 0:
         raise ValueError(f"--budget={text!r} is not a positive whole number of bytes.")
     return int(value)
+
+
+def parse_bits(text):
+    """`"1,2,4"` -> [1, 2, 4]; a ValueError naming `--bits` otherwise."""
+    parts = [b.strip() for b in str(text).split(",") if b.strip()]
+    if not parts or not all(p.isdigit() and 1 <= int(p) <= _MAX_BITS for p in parts):
+        raise ValueError(
+            f"--bits={text!r}: give index bits in 1..{_MAX_BITS}, comma "
+            "separated (e.g. 1,2,3,4)."
+        )
+    return [int(p) for p in parts]
+
+
+def parse_modes(text):
+    """`"tensor,channel"` -> a list; a ValueError naming `--modes` otherwise."""
+    modes = [m.strip() for m in str(text).split(",") if m.strip()]
+    if not modes or any(m not in _MODES for m in modes):
+        raise ValueError(
+            f"--modes={text!r}: give dictionary modes from {', '.join(_MODES)}, "
+            "comma separated (e.g. tensor,channel)."
+        )
+    return modes
+
+
+def load_array(path, flag):
+    """The array in a `.npy` file; a ValueError naming the flag and file otherwise."""
+    import numpy as np
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(
+            f"{flag}={path}: not a .npy array file ({e}). Save the array "
+            "with numpy.save(path, array)."
+        ) from e
+    if isinstance(array, np.lib.npyio.NpzFile):
+        names = list(array.files)
+        array.close()
+        raise ValueError(
+            f"{flag}={path}: an .npz archive (arrays {names}), not one array: "
+            "save the one you mean with numpy.save(path, np.load(archive)[name])."
+        )
+    return array
+
+
+def _load_model(path, loss_flag, labels_given):
+    """The model in `path`, compiled from the file when its loss is needed."""
+    import lutq_tf
+
+    if not labels_given or loss_flag:
+        return lutq_tf.load_model(path)
+    # --labels without --loss: the loss the model was compiled with. The
+    # optimizer's saved state is not needed (Keras warns that it skips it).
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+            model = lutq_tf.load_model(path, compile=True)
+        problem = "was saved without compile(loss=...)"
+    except Exception as e:  # noqa: BLE001 (a custom loss Keras cannot rebuild)
+        model = lutq_tf.load_model(path)
+        problem = f"has a compiled loss Keras cannot rebuild ({type(e).__name__}: {e})"
+    if getattr(model, "loss", None) is None:
+        raise ValueError(
+            f"--labels needs a loss: {path} {problem}; pass --loss (e.g. "
+            "--loss sparse_categorical_crossentropy)."
+        )
+    return model
 
 
 def _parser():
@@ -72,8 +145,8 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     try:
         budget = parse_budget(args.budget)
-        bits = [int(b) for b in args.bits.split(",") if b.strip()]
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        bits = parse_bits(args.bits)
+        modes = parse_modes(args.modes)
         for path, flag in ((args.model, "MODEL"), (args.data, "--data"),
                            (args.labels, "--labels")):
             if path is not None and not os.path.isfile(path):
@@ -88,15 +161,17 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import numpy as np
-
     import lutq_tf
     from tflite_export import planner
 
     try:
-        model = lutq_tf.load_model(args.model)
-        data = np.load(args.data)
-        labels = np.load(args.labels) if args.labels else None
+        data = load_array(args.data, "--data")
+        labels = load_array(args.labels, "--labels") if args.labels else None
+        model = _load_model(args.model, args.loss, labels is not None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         plan = planner.plan_budget(model, budget, data, labels=labels,
                                    loss=args.loss, bits=bits, modes=modes)
     except (ValueError, TypeError) as e:

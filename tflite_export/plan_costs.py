@@ -153,6 +153,16 @@ class ByteModel:
         return total
 
 
+def smallest_layer_bytes(weights, bits):
+    """A lower bound of a compressed layer's bytes at `bits`, in any mode.
+
+    The packed indices of all `weights`, one table of K = 2**bits entries
+    and one tensor's overhead: `TensorFacts.bytes` is never below it (a
+    layer of several tensors pays a table and an overhead for each).
+    """
+    return compress.lut_bytes(weights, 1, 2**bits) + compress.overhead_bytes()
+
+
 def candidate_layers(model):
     """Names of the layers whose kernels LUT-Q can take and TFLM can decode."""
     from lutq_tf import registry

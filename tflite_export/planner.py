@@ -72,6 +72,11 @@ class LayerPlan:
         """`quantize_model` options of this layer, or None (stays int8)."""
         if self.mode == INT8:
             return None
+        if self.mode not in MODES:
+            raise ValueError(
+                f"layer '{self.layer}': mode {self.mode!r} is not one of "
+                f"{MODES + (INT8,)}."
+            )
         return {"bits": self.bits, "per_channel": self.mode == "channel",
                 "channel_scales": self.mode == "scaled"}
 
@@ -83,7 +88,9 @@ class Plan:
     Usable as keyword arguments of `lutq_tf.quantize_model`:
     `quantize_model(model, **plan)` quantises exactly the planned layers
     (`layer_names`) with their options (`overrides`); the others stay
-    float and export as int8.
+    float and export as int8. It also passes each planned layer's weight
+    count (`expected_weights`), so a model whose layers differ from the
+    planned one's is refused rather than exported above the estimate.
 
     Attributes:
         budget_bytes: The flash budget.
@@ -92,7 +99,7 @@ class Plan:
         min_bytes: The smallest file the offered choices allow.
         layers: `LayerPlan`s in model order.
         fisher: How the sensitivities were weighted (`"labels"`,
-            `"outputs"`).
+            `"outputs"`, or `"none"`: plain squared error).
     """
 
     budget_bytes: int
@@ -103,11 +110,16 @@ class Plan:
     fisher: str = "labels"
 
     def quantize_options(self):
-        """`{"layer_names": [...], "overrides": {...}}` for `quantize_model`."""
+        """`{"layer_names", "overrides", "expected_weights"}` for `quantize_model`.
+
+        `expected_weights` holds every planned layer's weight count (int8
+        layers too: their bytes are part of the estimate).
+        """
         chosen = [row for row in self.layers if row.mode != INT8]
         return {
             "layer_names": [row.layer for row in chosen],
             "overrides": {row.layer: row.options() for row in chosen},
+            "expected_weights": {row.layer: row.weights for row in self.layers},
         }
 
     def export_options(self):
@@ -146,7 +158,9 @@ class Plan:
         return self.table()
 
     def to_dict(self):
+        """The plan as JSON-ready data (`from_dict` reads it back)."""
         return {
+            "schema": SCHEMA,
             "budget_bytes": self.budget_bytes,
             "estimate_bytes": self.estimate_bytes,
             "int8_bytes": self.int8_bytes,
@@ -158,22 +172,197 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, data):
-        layers = [LayerPlan(**row) for row in data["layers"]]
-        return cls(budget_bytes=data["budget_bytes"],
-                   estimate_bytes=data["estimate_bytes"],
-                   int8_bytes=data["int8_bytes"], min_bytes=data["min_bytes"],
-                   layers=layers, fisher=data.get("fisher", "labels"))
+    def from_dict(cls, data, source="plan"):
+        """A `Plan` from `to_dict`'s data, every field checked.
+
+        Args:
+            data: The dict (e.g. parsed JSON).
+            source: What the data came from, for the messages (a path).
+
+        Raises:
+            ValueError: A missing, unknown, mistyped or out-of-range field,
+                or numbers that disagree (an estimate that the layers'
+                bytes do not give, a layer's bytes below what its bits
+                need); the message names `source` and the field.
+        """
+        return _plan_from_dict(cls, data, str(source))
 
     def save(self, path):
-        """Writes the plan as JSON (`Plan.load` reads it back)."""
+        """Writes the plan as JSON (`Plan.load` reads it back).
+
+        Raises:
+            ValueError: The plan does not pass `from_dict`'s checks (e.g.
+                an edited estimate); nothing is written.
+        """
+        data = self.to_dict()
+        self.from_dict(data, source=f"plan to save as {path}")
+        text = json.dumps(data, indent=1)
         with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+            f.write(text)
 
     @classmethod
     def load(cls, path):
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """Reads a plan written by `save` (or the CLI's `--out`).
+
+        Raises:
+            OSError: The file cannot be read.
+            ValueError: Not JSON (e.g. truncated), or a field fails
+                `from_dict`'s checks; the message names the file and field.
+        """
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(
+                f"{path}: not a plan JSON file ({e}); it may be cut off. "
+                "Write it again with Plan.save or `python -m "
+                "tflite_export.plan ... --out`."
+            ) from e
+        return cls.from_dict(data, source=path)
+
+
+# Plan files: 2 adds `schema` and `quantize_options["expected_weights"]`;
+# files without `schema` (1) hold the same layer fields and load alike.
+SCHEMA = 2
+_PLAN_FIELDS = ("budget_bytes", "estimate_bytes", "int8_bytes", "min_bytes", "layers")
+_OPTIONAL_FIELDS = ("schema", "fisher", "quantize_options", "export_options")
+_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerPlan))
+_FISHER_SOURCES = ("labels", "outputs", "none")
+_REPLAN = ("Plans are measured, not edited: plan again (plan_budget with other "
+           "bits=/modes=, or a budget) or pass quantize_model your own overrides.")
+
+
+def _plan_from_dict(cls, data, source):
+    """`Plan.from_dict`: each field checked, then the numbers against each other."""
+
+    def fail(field, message):
+        return ValueError(f"{source}: {field}: {message}")
+
+    def count(field, value, minimum=1):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise fail(field, f"must be a whole number, got {value!r}.")
+        if value < minimum:
+            raise fail(field, f"must be at least {minimum}, got {value}.")
+        return int(value)
+
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{source}: not a plan: expected a JSON object with the fields "
+            f"{list(_PLAN_FIELDS)}, got {type(data).__name__}."
+        )
+    schema = data.get("schema", 1)
+    if schema not in (1, SCHEMA) or isinstance(schema, bool):
+        raise fail("schema", f"{schema!r} is not a plan format this version reads "
+                             f"(1 to {SCHEMA}); plan again with this version.")
+    missing = [k for k in _PLAN_FIELDS if k not in data]
+    if missing:
+        raise fail(missing[0], f"missing (a plan holds {list(_PLAN_FIELDS)}). {_REPLAN}")
+    unknown = sorted(set(data) - set(_PLAN_FIELDS) - set(_OPTIONAL_FIELDS))
+    if unknown:
+        raise fail(unknown[0], f"not a plan field (known: "
+                               f"{list(_PLAN_FIELDS + _OPTIONAL_FIELDS)}).")
+    budget, estimate, int8_bytes, minimum = (
+        count(k, data[k]) for k in _PLAN_FIELDS[:4])
+    fisher = data.get("fisher", "labels")
+    if fisher not in _FISHER_SOURCES:
+        raise fail("fisher", f"must be one of {_FISHER_SOURCES}, got {fisher!r}.")
+    if not isinstance(data["layers"], list):
+        raise fail("layers", f"must be a list of layer rows, got {data['layers']!r}.")
+
+    rows = []
+    for i, row in enumerate(data["layers"]):
+        where = f"layers[{i}]"
+        if not isinstance(row, dict):
+            raise fail(where, f"must be an object with {list(_LAYER_FIELDS)}, got {row!r}.")
+        missing = [k for k in _LAYER_FIELDS if k not in row]
+        unknown = sorted(set(row) - set(_LAYER_FIELDS))
+        if missing or unknown:
+            raise fail(where, f"must have exactly the fields {list(_LAYER_FIELDS)}; "
+                              f"missing {missing}, unknown {unknown}.")
+        name = row["layer"]
+        if not isinstance(name, str) or not name:
+            raise fail(f"{where}.layer", f"must be a layer name, got {name!r}.")
+        where = f"layers[{i}] ('{name}')"
+        if any(r.layer == name for r in rows):
+            raise fail(where, "names a layer twice.")
+        if not isinstance(row["layer_type"], str):
+            raise fail(f"{where}.layer_type", f"must be a class name, got "
+                                              f"{row['layer_type']!r}.")
+        weights = count(f"{where}.weights", row["weights"])
+        mode, bits, size = row["mode"], row["bits"], row["bytes"]
+        if mode not in MODES + (INT8,):
+            raise fail(f"{where}.mode", f"{mode!r} is not a dictionary mode: one of "
+                                        f"{MODES + (INT8,)}.")
+        if mode == INT8:
+            if bits is not None:
+                raise fail(f"{where}.bits", f"must be null for an int8 layer, got {bits!r}.")
+        elif (isinstance(bits, bool) or not isinstance(bits, numbers.Integral)
+              or not 1 <= bits <= MAX_BITS):
+            raise fail(f"{where}.bits", f"must be index bits in 1..{MAX_BITS} "
+                                        f"(TFLM's LUT decoding), got {bits!r}.")
+        elif 2**bits > weights:
+            raise fail(f"{where}.bits", f"K = {2**bits} values for {weights} weights.")
+        size = count(f"{where}.bytes", size)
+        if mode == INT8 and size != weights:
+            raise fail(f"{where}.bytes", f"an int8 layer's bytes are its weights "
+                                         f"({weights:,}), got {size:,}.")
+        if mode != INT8:
+            floor = plan_costs.smallest_layer_bytes(weights, int(bits))
+            if not floor <= size < weights:
+                raise fail(f"{where}.bytes", (
+                    f"{size:,} B for {weights:,} weights at {bits} bits: a compressed "
+                    f"layer costs at least {floor:,} B and less than its int8 bytes "
+                    f"({weights:,}). {_REPLAN}"))
+        sens = row["sensitivity"]
+        if (isinstance(sens, bool) or not isinstance(sens, numbers.Real)
+                or not np.isfinite(sens) or sens < 0):
+            raise fail(f"{where}.sensitivity", f"must be a finite number >= 0, got {sens!r}.")
+        rows.append(LayerPlan(layer=name, layer_type=row["layer_type"],
+                              weights=weights, bits=None if bits is None else int(bits),
+                              mode=mode, bytes=size, sensitivity=float(sens)))
+
+    # The numbers against each other: the estimate is what the layers' bytes
+    # give on top of the all-int8 file (`plan_costs.ByteModel.estimate`).
+    all_weights = sum(r.weights for r in rows)
+    if int8_bytes <= all_weights:
+        raise fail("int8_bytes", f"{int8_bytes:,} B cannot hold the layers' "
+                                 f"{all_weights:,} int8 weights. {_REPLAN}")
+    compressed = [r for r in rows if r.mode != INT8]
+    expected = (int8_bytes + sum(r.bytes - r.weights for r in compressed)
+                + (plan_costs.DECODE_OPERATOR_BYTES if compressed else 0))
+    if estimate != expected:
+        raise fail("estimate_bytes", (
+            f"{estimate:,} B, but int8_bytes and the layers' bytes give {expected:,} B "
+            f"(smallest possible: min_bytes {minimum:,} B). {_REPLAN}"))
+    floor = int8_bytes - all_weights + sum(
+        min(r.weights, plan_costs.smallest_layer_bytes(r.weights, 1)) for r in rows)
+    if not floor <= minimum <= min(estimate, int8_bytes):
+        raise fail("min_bytes", (
+            f"{minimum:,} B must lie between {floor:,} B (every layer at its least "
+            f"bytes) and the estimate {estimate:,} B (and int8_bytes). {_REPLAN}"))
+    if estimate > budget:
+        raise fail("budget_bytes", (
+            f"the estimate {estimate:,} B exceeds the budget {budget:,} B. {_REPLAN}"))
+
+    plan = cls(budget_bytes=budget, estimate_bytes=estimate, int8_bytes=int8_bytes,
+               min_bytes=minimum, layers=rows, fisher=fisher)
+    # Written for readers; loading derives them from the layers, so an
+    # edited copy would be ignored: refuse it instead.
+    written = data.get("quantize_options")
+    derived = plan.quantize_options()
+    if schema == 1:
+        derived.pop("expected_weights")
+    if written is not None and written != derived:
+        raise fail("quantize_options", (
+            f"{written!r} is not what the layers give ({derived!r}); it is derived "
+            "from `layers`, which is what loads."))
+    written = data.get("export_options")
+    if written is not None and written != plan.export_options():
+        raise fail("export_options", (
+            f"{written!r}: the estimate assumes {plan.export_options()!r}, "
+            "the export's own options."))
+    return plan
 
 
 def check_budget(budget_bytes, argument="budget_bytes"):
@@ -259,7 +448,86 @@ def _check_data(model, data, labels, loss):
                 "labels were given but no loss: pass loss= (e.g. "
                 "'sparse_categorical_crossentropy') or compile the model."
             )
+    _check_labels(model, x, y, loss)
     return x, y, loss
+
+
+def _check_labels(model, x, y, loss):
+    """Labels that `loss` can compare with the model's output, else a ValueError.
+
+    Checked here so that a wrong kind of label is named as such, not as
+    whatever Keras or TF raise from inside the Fisher estimate.
+
+    Args:
+        model: The Keras model.
+        x: Its inputs `(N, ...)`.
+        y: The labels `(N, ...)`, an array.
+        loss: A Keras loss (name, function or `Loss`).
+    """
+    import keras
+
+    if y.dtype.kind not in "biuf":
+        raise ValueError(
+            f"labels must be numbers (class indices or targets), got dtype "
+            f"{y.dtype}: map class names to indices 0..K-1 first."
+        )
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+        raise ValueError("labels hold NaN or infinite values; the Fisher estimate "
+                         "would be NaN: drop or fix those examples.")
+    try:
+        loss_fn = keras.losses.get(loss)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"loss={loss!r} is not a Keras loss: give a name such as "
+            f"'sparse_categorical_crossentropy' or a keras.losses.Loss ({e})."
+        ) from e
+    function = getattr(loss_fn, "fn", loss_fn)  # a LossFunctionWrapper's
+    name = getattr(function, "__name__", type(function).__name__)
+    outputs = getattr(model, "outputs", None) or []
+    if len(outputs) == 1 and len(outputs[0].shape) >= 2:
+        output = tuple(outputs[0].shape[1:])
+        shown = "(N, " + ", ".join("?" if d is None else str(d) for d in output) + ")"
+        classes = output[-1]
+        if "sparse_categorical" in name:
+            if y.shape[1:] not in (output[:-1], output[:-1] + (1,)):
+                hint = (" They look one-hot: pass labels.argmax(-1), or loss="
+                        "'categorical_crossentropy'." if y.shape[1:] == output else "")
+                raise ValueError(
+                    f"labels of shape {y.shape} do not fit loss {name}: it takes "
+                    f"class indices, one per output row (shape (N,) for output "
+                    f"{shown}).{hint}"
+                )
+            if np.any(y != np.round(y)):
+                raise ValueError(f"labels for {name} must be whole class indices, "
+                                 f"got values such as {y[y != np.round(y)][0]}.")
+            low, high = y.min(), y.max()
+            if classes is not None and (low < 0 or high >= classes):
+                raise ValueError(
+                    f"labels must be class indices in 0..{classes - 1} for the "
+                    f"{classes} outputs of model '{model.name}', got values "
+                    f"{low}..{high}."
+                )
+        elif name == "categorical_crossentropy" and y.shape[1:] != output:
+            raise ValueError(
+                f"labels of shape {y.shape} do not fit loss {name} on output "
+                f"{shown}: it takes one-hot labels of the output's shape. For "
+                "class indices use 'sparse_categorical_crossentropy'."
+            )
+    # Whatever the loss: one evaluation on one example, with the error in
+    # the labels' terms.
+    try:
+        value = np.asarray(loss_fn(y[:1], model(x[:1], training=False)))
+    except Exception as e:  # noqa: BLE001 (Keras and TF raise many kinds)
+        raise ValueError(
+            f"loss {name} cannot compare labels of shape {y.shape}, dtype "
+            f"{y.dtype} with the outputs of model '{model.name}': "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    if not np.all(np.isfinite(value)):
+        raise ValueError(
+            f"loss {name} is not finite on the first label ({value}): check "
+            "that the labels and the loss's from_logits fit the model's output."
+        )
 
 
 def plan_budget(
@@ -352,8 +620,11 @@ class Choices:
     def min_bytes(self):
         """The smallest file the offered choices allow."""
         smallest = {n: min(o, key=lambda c: c[2]) for n, o in self.offers.items()}
-        return self.byte_model.estimate(
+        compressed = self.byte_model.estimate(
             {n: (c[0], c[1]) for n, c in smallest.items() if c[1] != INT8})
+        # The DECODE operator code can outweigh tiny savings: all int8 is
+        # then smaller.
+        return min(compressed, self.byte_model.int8_bytes)
 
     def plan(self, budget_bytes):
         """The least-sensitivity `Plan` whose estimated file fits the budget.
