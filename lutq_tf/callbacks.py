@@ -46,27 +46,35 @@ def _iterations(model):
 
 
 class _Pause(keras.callbacks.Callback):
-    """Pauses the k-means steps of every LUT-Q layer while `_paused` says.
+    """Pauses the k-means steps of every LUT-Q layer while `_pause` says.
 
     Pauses from several callbacks (a warm-up, frozen epochs) add up: a
-    layer's steps run when no callback pauses them.
+    layer's steps run when no callback pauses them. A pause never outlives
+    its fit: `on_train_end` ends it; when `fit` raises (Ctrl-C included)
+    that never runs, so a LUT-Q model's `fit` ends it in a `finally`, and
+    the next `fit` with any of these schedules ends one left behind (on a
+    plain `keras.Model`, whose `fit` cannot).
     """
 
     def set_model(self, model):
         super().set_model(model)
         self._lutq_layers = _layers(model, type(self).__name__)
-        self._state = None
 
     def _pause(self, paused):
-        if paused == self._state:
-            return
-        self._state = paused
+        # A layer writes its variable only when its pause state changes.
         for layer in self._lutq_layers:
-            schedule = layer._schedule
-            reasons = getattr(schedule, "pause_reasons", set())
-            reasons = reasons | {id(self)} if paused else reasons - {id(self)}
-            schedule.pause_reasons = reasons
-            schedule.paused.assign(bool(reasons))
+            if paused:
+                layer.pause_kmeans(self)
+            else:
+                layer.resume_kmeans(self)
+
+    def on_train_begin(self, logs=None):
+        # No schedule of an earlier fit still runs: any pause one holds
+        # was left by a fit that raised.
+        for layer in self._lutq_layers:
+            layer.clear_kmeans_pauses(keep=[
+                reason for reason in layer.kmeans_pauses
+                if not isinstance(reason, _Pause)])
 
     def on_train_end(self, logs=None):
         # A later fit without this callback runs the k-means steps.

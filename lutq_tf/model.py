@@ -133,10 +133,32 @@ class LUTQModelMixin:
                                              data_batch=data_batch)
 
     def fit(self, *args, **kwargs):
-        history = super().fit(*args, **kwargs)
+        """Keras' `fit`; see the class docstring for what LUT-Q adds.
+
+        Pauses of the k-means steps set during it (`lutq_tf.callbacks`'
+        schedules) and the figures' switch end with it, however it ends
+        (an exception or Ctrl-C skips the callbacks' `on_train_end`).
+
+        Raises:
+            ValueError: the model's or the optimizer's variables were made
+                under another tf.distribute strategy than `fit` runs with.
+            NonFiniteWeightsError: W of a LUT-Q layer became NaN or Inf.
+        """
+        layers = lutq_layers(self)
+        self._check_strategy(layers)
+        pauses = [layer.kmeans_pauses for layer in layers]
+        figures = getattr(self, "_lutq_figures_every", 0)
+        try:
+            history = super().fit(*args, **kwargs)
+        finally:
+            for layer, kept in zip(layers, pauses):
+                layer.clear_kmeans_pauses(keep=kept)
+            if getattr(self, "_lutq_figures_every", 0) != figures:
+                self._lutq_figures_every = figures
+                self.train_function = None  # traced with the figures
         # With kmeans_every > 1 the per-step check skips the steps between
         # k-means steps; one pass over W here keeps a NaN from outliving fit.
-        for layer in lutq_layers(self):
+        for layer in layers:
             if not layer.weights_finite():
                 layer.nonfinite_flag.assign(True)
         self._raise_if_nonfinite()
@@ -170,7 +192,51 @@ class LUTQModelMixin:
             any_nonfinite = tf.logical_or(any_nonfinite, flag)
         return any_nonfinite
 
+    def _check_strategy(self, layers=None):
+        """Raises a ValueError unless the LUT-Q layers' and the optimizer's
+        variables were made in the scope of the strategy `fit` runs with.
+
+        Keras 3 checks nothing: a model quantised outside
+        `strategy.scope()` and compiled inside, or fitted inside, fails in
+        the train step with a bare AssertionError.
+        """
+        strategy = self.distribute_strategy
+        name = type(strategy).__name__
+        if self._distribute_strategy is not None:
+            where = f"under the {name} the model was made in"
+        elif tf.distribute.has_strategy():
+            where = f"under a {name} (the scope it is called in)"
+        else:
+            where = ("outside any strategy (the model was made outside "
+                     "strategy.scope())")
+        checks = [(f"LUT-Q layer '{layer.name}'", layer.weights)
+                  for layer in (lutq_layers(self) if layers is None
+                                else layers)]
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None:
+            # Where its step counter was made, the optimizer was (and its
+            # slots are made by Keras under the model's strategy).
+            checks.append(("its optimizer", [optimizer.iterations]))
+        for what, variables in checks:
+            for variable in variables:
+                value = getattr(variable, "value", variable)
+                if strategy.extended.variable_created_in_scope(value):
+                    continue
+                made = getattr(value, "distribute_strategy", None)
+                made = (f"under a {type(made).__name__}" if made is not None
+                        else "outside any strategy.scope()")
+                raise ValueError(
+                    f"Model '{self.name}': {what} was made {made}, but fit "
+                    f"runs {where}. Quantize the model "
+                    "(lutq_tf.quantize_model or lutq_tf.load_model, which "
+                    "also build it) and compile it inside one `with "
+                    "strategy.scope():`, then call fit."
+                )
+
     def make_train_function(self, force=False):
+        if force or self.train_function is None:
+            # train_on_batch's way in (fit checks at every call).
+            self._check_strategy()
         super().make_train_function(force=force)
         train_function = self.train_function
         if getattr(train_function, "_lutq_checked", False):

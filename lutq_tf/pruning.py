@@ -1,8 +1,10 @@
 """How a pruning rate is spread over the layers of a model."""
 
+import keras
 import numpy as np
 
 from lutq_tf import registry
+from lutq_tf.quantizer import check_fraction
 
 
 def erk_prune_overrides(model, prune_rate):
@@ -30,10 +32,20 @@ def erk_prune_overrides(model, prune_rate):
         `prune_rate` (each table then prunes a whole number of weights).
 
     Raises:
-        ValueError: `prune_rate` outside [0, 1), or no quantisable layer.
+        TypeError: `model` is not a Keras 3 model, or `prune_rate` is not a
+            number.
+        ValueError: `model` is not built, `prune_rate` is outside [0, 1),
+            or the model has no quantisable layer.
     """
-    if not 0.0 <= prune_rate < 1.0:
-        raise ValueError(f"erk_prune_overrides: prune_rate={prune_rate!r} must be in [0, 1).")
+    registry.check_keras3(model, "erk_prune_overrides: `model`")
+    if not isinstance(model, keras.Model):
+        raise TypeError("erk_prune_overrides: `model` must be a Keras model (keras.Model), "
+                        f"got {type(model).__name__}.")
+    if not model.built:
+        raise ValueError(f"erk_prune_overrides: model '{model.name}' is not built, so its "
+                         "kernels have no shapes yet. Give it an input shape (keras.Input) "
+                         "or call it on a batch first.")
+    prune_rate = check_fraction("erk_prune_overrides: prune_rate", prune_rate)
     names, sizes, scores = [], [], []
     for layer in model._flatten_layers(include_self=False, recursive=True):
         kernels = [tuple(getattr(layer, spec.attribute).shape)

@@ -1,5 +1,7 @@
 """`LUTQWrapper`: a layer whose kernels are LUT-Q look-up tables."""
 
+import collections.abc
+
 import keras
 
 # No public API tells whether a GradientTape records a tensor, or whether
@@ -78,21 +80,54 @@ class _TensorState:
 
 class _Schedule:
     """A wrapper's training controls and figures; plain, so Keras neither
-    tracks nor saves its variables (files keep their layout)."""
+    tracks nor saves its variables (files keep their layout).
+
+    Pauses: each holder (a schedule callback, a user) pauses training's
+    k-means steps under its own reason; they run when no reason is left.
+    The reasons outlive a rebuild; the variables are made by `build`.
+    """
 
     def __init__(self, name):
-        def variable(suffix, dtype):
+        self.name = name
+        self._reasons = frozenset()
+        self.paused = None
+
+    def build(self):
+        def variable(suffix, dtype, initializer="zeros"):
             # A callable initializer: Keras may build inside a stateless
             # scope (a subclassed model's first call), where it defers it.
-            return keras.Variable("zeros", shape=(), dtype=dtype,
-                                  trainable=False, name=f"{name}_{suffix}")
+            return keras.Variable(initializer, shape=(), dtype=dtype,
+                                  trainable=False,
+                                  name=f"{self.name}_{suffix}")
 
         # True: training skips the k-means steps (warm-up, frozen epochs).
-        self.paused = variable("kmeans_paused", "bool")
+        self.paused = variable("kmeans_paused", "bool",
+                               "ones" if self._reasons else "zeros")
         # Of the last measured step: sum |W - Q| over the layer's weights,
         # and the number of assignments that step changed.
         self.error = variable("quantization_error", "float32")
         self.changed = variable("assignments_changed", "float32")
+
+    @property
+    def reasons(self):
+        """The reasons pausing the k-means steps now (a frozenset)."""
+        return self._reasons
+
+    def pause(self, reason):
+        self._set(self._reasons | {reason})
+
+    def resume(self, reason):
+        self._set(self._reasons - {reason})
+
+    def clear_pauses(self, keep=()):
+        # Always written: the safety net must not trust a stale mirror.
+        self._set(self._reasons & frozenset(keep), force=True)
+
+    def _set(self, reasons, force=False):
+        changed = bool(reasons) != bool(self._reasons)
+        self._reasons = reasons
+        if self.paused is not None and (changed or force):
+            self.paused.assign(bool(reasons))
 
 
 @keras.saving.register_keras_serializable(package="lutq_tf")
@@ -172,6 +207,9 @@ class LUTQWrapper(keras.layers.Wrapper):
         # forward pass: that model runs the k-means step after the
         # optimizer's update, so `call` must not.
         self._kmeans_driven = 0
+        # Made here so that pauses set before the build hold (`build`
+        # makes its variables).
+        self._schedule = _Schedule(self.name)
 
     # -- building -----------------------------------------------------------
 
@@ -195,7 +233,7 @@ class LUTQWrapper(keras.layers.Wrapper):
             name="training_calls", shape=(), dtype="int32",
             initializer="zeros", trainable=False, autocast=False,
         )
-        self._schedule = _Schedule(self.name)
+        self._schedule.build()
         self.built = True
         # The weights W are not final yet (`quantize_model` and loading
         # overwrite them): fit at first use (`_ensure_fitted`).
@@ -345,6 +383,36 @@ class LUTQWrapper(keras.layers.Wrapper):
             case that tensor's dictionary and assignment were left unchanged.
         """
         return self._kmeans_step(measure=False)[0]
+
+    def pause_kmeans(self, reason):
+        """Pauses training's k-means steps until `resume_kmeans(reason)`.
+
+        Pauses add up: the steps run again once every reason is resumed.
+        `kmeans_step()` runs regardless. `fit` on a LUT-Q model
+        (`LUTQModelMixin`) ends every pause set during it when it ends,
+        however it ends; `lutq_tf.callbacks`' schedules pause through this.
+
+        Args:
+            reason: a hashable object naming who pauses (e.g. a callback).
+        """
+        if not isinstance(reason, collections.abc.Hashable):
+            raise TypeError(
+                f"LUTQWrapper '{self.name}': a pause `reason` must be "
+                f"hashable (a string, a callback), got {type(reason).__name__}.")
+        self._schedule.pause(reason)
+
+    def resume_kmeans(self, reason):
+        """Ends the pause set with `reason` (nothing if there is none)."""
+        self._schedule.resume(reason)
+
+    def clear_kmeans_pauses(self, keep=()):
+        """Ends every pause but those whose reason is in `keep`."""
+        self._schedule.clear_pauses(keep)
+
+    @property
+    def kmeans_pauses(self):
+        """The reasons pausing training's k-means steps now (a frozenset)."""
+        return self._schedule.reasons
 
     def _kmeans_step(self, measure):
         """`kmeans_step`; also counts the assignments it changes if `measure`.

@@ -77,7 +77,7 @@ def test_warmup_skips_the_first_kmeans_steps():
     _assert_same(record.values[2], start, same=False)  # step 3 ran k-means
     # Cleared at the end of fit: a later fit runs its k-means steps.
     for layer in lutq_tf.lutq_layers(model):
-        assert not bool(layer._schedule.paused.numpy())
+        assert not layer.kmeans_pauses
 
 
 def test_warmup_counts_optimizer_steps_across_fits():
@@ -118,6 +118,97 @@ def test_pauses_add_up_and_reach_self_driven_layers():
     _fit(model, [warmup, cb.FreezeDictionaries(epochs=1), record])
     for state in record.values:
         _assert_same(state, start)
+
+
+class _Raise(keras.callbacks.Callback):
+    """Raises `error` at the end of batch `batch` (0-based)."""
+
+    def __init__(self, error, batch=1):
+        super().__init__()
+        self.error, self.batch = error, batch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.batch:
+            raise self.error
+
+
+def _kmeans_runs_at_each_step(model, callbacks=()):
+    """Fits 2 steps; True if d or A moved at each of them."""
+    states = [_state(model)]
+    record = _Record(_state)
+    _fit(model, [*callbacks, record], n=32)
+    states += record.values
+    return all(any(not np.array_equal(u, v)
+                   for name in a for u, v in zip(a[name], b[name]))
+               for a, b in zip(states, states[1:]))
+
+
+def test_a_pause_ends_with_a_fit_that_raises():
+    model = _model()
+    x, y = _data()
+
+    def batches():
+        # Keras reads one batch ahead: the error comes inside a train step.
+        yield from ((x[:BATCH], y[:BATCH]) for _ in range(3))
+        raise OSError("the data went away")
+
+    for error, fit in (
+            # An exception, then Ctrl-C, raised by a callback mid-pause...
+            (RuntimeError, lambda: _fit(model, [
+                cb.KMeansWarmup(steps=100), _Raise(RuntimeError())])),
+            (KeyboardInterrupt, lambda: _fit(model, [
+                cb.FreezeDictionaries(epochs=1),
+                _Raise(KeyboardInterrupt())])),
+            # ... and by the data.
+            (Exception, lambda: model.fit(
+                batches(), steps_per_epoch=8, verbose=0, shuffle=False,
+                callbacks=[cb.KMeansWarmup(steps=100)]))):
+        with pytest.raises(error):
+            fit()
+        # The next fit, without the schedule, runs its k-means steps.
+        assert _kmeans_runs_at_each_step(model), error
+
+
+def test_a_pause_set_before_fit_outlives_it_until_resumed():
+    model = _model()
+    layers = lutq_tf.lutq_layers(model)
+    for layer in layers:
+        layer.pause_kmeans("mine")
+    with pytest.raises(RuntimeError):
+        _fit(model, [cb.KMeansWarmup(steps=1), _Raise(RuntimeError())])
+    assert not _kmeans_runs_at_each_step(model)
+    for layer in layers:
+        assert layer.kmeans_pauses == {"mine"}
+        layer.resume_kmeans("mine")
+    assert _kmeans_runs_at_each_step(model)
+
+
+def _plain_model():
+    """A plain keras.Sequential whose LUT-Q layer drives its own steps."""
+    model = keras.Sequential([keras.Input((12,)), lutq_tf.LUTQWrapper(
+        L.Dense(2, name="b"), lutq_tf.LUTQuantizer(bits=2))])
+    model.compile(optimizer=keras.optimizers.SGD(0.5),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+    model(_data()[0])
+    return model
+
+
+def test_on_a_plain_model_the_next_schedule_ends_a_pause_left_behind():
+    model = _plain_model()
+    with pytest.raises(KeyboardInterrupt):
+        _fit(model, [cb.KMeansWarmup(steps=100),
+                     _Raise(KeyboardInterrupt())])
+    # Keras' own fit has no `finally`: the next fit's schedule (a warm-up
+    # long over here) ends the pause at its start.
+    assert _kmeans_runs_at_each_step(model, [cb.KMeansWarmup(steps=1)])
+
+
+def test_figures_end_with_a_fit_that_raises():
+    model = _model()
+    with pytest.raises(RuntimeError):
+        _fit(model, [cb.QuantizationFigures(every=1), _Raise(RuntimeError())])
+    assert sorted(_fit(model, []).history) == ["loss"]
 
 
 @pytest.mark.slow

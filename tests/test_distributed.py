@@ -6,7 +6,8 @@ pytest's process has long done. All runs train the same LUT-Q MLP (no
 BatchNormalization) for 20 steps with a global batch of 32. The four
 processes (the single-device reference, the mirrored run and two workers)
 start together: each spends most of its time on one core, tracing and
-compiling.
+compiling. The last test runs, in a process of its own, models made outside
+the strategy's scope, which must fail with a clear error.
 """
 
 import os
@@ -155,3 +156,73 @@ def test_multi_worker_mirrored_strategy_on_two_processes(runs):
     # Both workers hold the same state.
     for key, value in results[0].items():
         np.testing.assert_array_equal(results[1][key], value, err_msg=key)
+
+
+# Models made outside the strategy's scope: each case prints the error
+# `fit` (or `train_on_batch`) raised, or "trained". Models made inside
+# train in the tests above.
+_SCOPE_CASES = """
+import os, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import lutq_tf
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+x = np.ones((4, 3), "float32")
+
+def quantized():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    return lutq_tf.quantize_model(model, bits=1)
+
+def compile_inside():
+    model = quantized()
+    with strategy.scope():
+        model.compile("sgd", "mse")
+    return model
+
+def fit_inside():
+    model = quantized()
+    model.compile("sgd", "mse")
+    with strategy.scope():
+        model.fit(x, x[:, :2], batch_size=4, verbose=0)
+
+for name, case in (
+        ("compile_inside", lambda: compile_inside().fit(
+            x, x[:, :2], batch_size=4, verbose=0)),
+        ("train_on_batch", lambda: compile_inside().train_on_batch(
+            x, x[:, :2])),
+        ("fit_inside", fit_inside)):
+    try:
+        case()
+        print(name, "trained")
+    except Exception as error:
+        print(name, type(error).__name__, str(error).replace(chr(10), " "))
+"""
+
+
+@pytest.mark.slow
+def test_a_model_made_outside_the_strategy_scope_gets_a_clear_error():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _SCOPE_CASES, root], env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    # Quantised (so built) outside, compiled inside: the optimizer is the
+    # strategy's, the variables are not (Keras: a bare AssertionError).
+    for case in ("compile_inside", "train_on_batch"):
+        assert results[case].startswith("ValueError"), results[case]
+        assert "its optimizer was made under a MirroredStrategy" in results[case]
+    # Built outside, fitted inside the scope.
+    assert results["fit_inside"].startswith("ValueError")
+    assert ("was made outside any strategy.scope(), but fit runs under a "
+            "MirroredStrategy") in results["fit_inside"]
+    for case in ("compile_inside", "train_on_batch", "fit_inside"):
+        assert ("Quantize the model (lutq_tf.quantize_model or "
+                "lutq_tf.load_model, which also build it) and compile it "
+                "inside one `with strategy.scope():`") in results[case]

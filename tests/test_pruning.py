@@ -39,11 +39,28 @@ def test_erk_overrides_prune_each_layer_at_its_rate_in_quantize_model():
     assert zeros["small"] < zeros["wide"]
 
 
-@pytest.mark.parametrize("rate", [-0.1, 1.0])
+@pytest.mark.parametrize("rate", [-0.1, 1.0, float("nan")])
 def test_erk_rejects_a_rate_outside_0_1(rate):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match=r"prune_rate=.* must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"prune_rate must be a fraction in \[0, 1\)"):
         lutq_tf.erk_prune_overrides(model, rate)
+
+
+@pytest.mark.parametrize("rate", ["0.5", None, True])
+def test_erk_rejects_a_rate_that_is_not_a_number(rate):
+    # "0.5" used to fail inside the comparison ("'<=' not supported ...").
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(TypeError, match=r"erk_prune_overrides: prune_rate must be a fraction "
+                                        r"in \[0, 1\), got .*\(" + type(rate).__name__):
+        lutq_tf.erk_prune_overrides(model, rate)
+
+
+def test_erk_rejects_what_is_not_a_built_keras_model():
+    with pytest.raises(TypeError, match="erk_prune_overrides: `model` must be a Keras model.*str"):
+        lutq_tf.erk_prune_overrides("model.keras", 0.5)
+    unbuilt = keras.Sequential([keras.layers.Dense(2)], name="net")
+    with pytest.raises(ValueError, match="model 'net' is not built.*keras.Input"):
+        lutq_tf.erk_prune_overrides(unbuilt, 0.5)
 
 
 def test_erk_without_quantisable_layers_says_which_are_supported():
