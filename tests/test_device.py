@@ -171,3 +171,56 @@ def test_int8_instructions_use_the_targets_per_mac_costs(conv_export):
     assert np.isclose(
         cmsis.decode_share, cmsis.decode_instructions / cmsis.int8_instructions
     )
+
+
+def test_arena_is_the_wheels_for_reference_kernels_plus_cmsis_nn_scratch(conv_export):
+    result, _ = conv_export
+    with open(result.path, "rb") as f:
+        written = f.read()
+    arena, note = device.arena("cortex-m4-ref", written, result.arena_bytes)
+    assert arena == result.arena_bytes
+    assert "reference kernels with 64-bit pointers: an upper bound" in note
+    arena, note = device.arena("cortex-m4-cmsis-nn", written, result.arena_bytes)
+    # CMSIS-NN's 3x3 conv over 16 channels: two int16 im2col columns of
+    # 3 * 3 * 16 values, 576 B (already a multiple of 16).
+    assert arena == result.arena_bytes + 576
+    assert note.startswith("estimated:") and "576 B, CONV_2D" in note
+    assert "not modelled" not in note
+
+
+def test_arena_says_which_cmsis_nn_ops_it_does_not_model(conv_export, monkeypatch):
+    from tflite_export import kernel_scratch
+
+    rows = [kernel_scratch.OpScratch(0, "SVDF", None, None),
+            kernel_scratch.OpScratch(1, "CONV_2D", 0, 100),
+            kernel_scratch.OpScratch(2, "RESHAPE", None, None)]
+    monkeypatch.setattr(kernel_scratch, "op_scratch", lambda *args, **kwargs: rows)
+    arena, note = device.arena("cortex-m4-cmsis-nn", b"", 1000)
+    assert arena == 1100
+    # RESHAPE runs the same reference kernel in both builds: not named.
+    assert "scratch of SVDF not modelled" in note and "RESHAPE" not in note
+
+
+def test_load_names_the_file_and_what_is_wrong(tmp_path):
+    profile = targets.get("cortex-m4-cmsis-nn")
+    good = tmp_path / "board.json"
+    good.write_text(json.dumps(profile.to_dict()))
+    assert targets.load(good) == profile
+    broken = tmp_path / "broken.json"
+    broken.write_text("{decode_code_bytes: 1")
+    with pytest.raises(ValueError, match="broken.json is not a JSON target profile"):
+        targets.load(broken)
+    negative = tmp_path / "negative.json"
+    negative.write_text(json.dumps({**profile.to_dict(), "decode_code_bytes": -1}))
+    with pytest.raises(ValueError, match="negative.json: .*decode_code_bytes must be a non-neg"):
+        targets.load(negative)
+    with pytest.raises(ValueError, match="missing.json: cannot read"):
+        targets.load(tmp_path / "missing.json")
+
+
+def test_report_without_a_target_says_its_figures_are_host_only(conv_export):
+    result, _ = conv_export
+    assert result.device is None
+    text = str(result)
+    assert "device: not judged; size and arena are host figures" in text
+    assert "target='cortex-m4-cmsis-nn'" in text and "verdict" not in text

@@ -231,3 +231,52 @@ def test_cli_names_a_bad_data_file_and_a_damaged_model(tmp_path):
                 or f"error: {name} is not a Keras model file" in proc.stderr)
         assert "Traceback" not in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["damaged.keras", "data.txt", "model.keras"]
+
+
+def test_cli_names_a_bad_target_file_before_loading(tmp_path):
+    import json
+
+    from tflite_export import target as targets
+
+    (tmp_path / "model.keras").write_bytes(b"not read")
+    (tmp_path / "broken.json").write_text('{"name": "board",')
+    data = targets.get("cortex-m4-ref").to_dict()
+    data["mac_instructions"]["CONV_2D"] = -2.0
+    (tmp_path / "negative.json").write_text(json.dumps(data))
+    for profile, message in (
+        ("broken.json", "broken.json is not a JSON target profile"),
+        ("negative.json",
+         "negative.json: Target.mac_instructions['CONV_2D'] must be a non-negative"),
+    ):
+        proc = run_cli("model.keras", "--out", "m.tflite", "--target", profile,
+                       cwd=tmp_path)
+        assert proc.returncode == 1
+        assert f"error: {message}" in proc.stderr.replace("\n", " ")
+    assert sorted(os.listdir(tmp_path)) == ["broken.json", "model.keras", "negative.json"]
+
+
+@pytest.mark.slow
+def test_cli_target_by_name_and_by_json_file(tmp_path):
+    import dataclasses
+    import json
+
+    from tflite_export import target as targets
+
+    model, data = _lut_model()
+    model.save(tmp_path / "model.keras")
+    np.save(tmp_path / "data.npy", data)
+    # A profile name: on CMSIS-NN, DECODE's code outweighs the ~3 KB saved.
+    proc = run_cli("model.keras", "--out", "a.tflite", "--representative", "data.npy",
+                   "--target", "cortex-m4-cmsis-nn", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "device (cortex-m4-cmsis-nn, cmsis-nn kernels" in proc.stdout
+    assert "verdict: int8 written" in proc.stdout
+    # A JSON profile of a firmware that links DECODE anyway: compressed.
+    linked = dataclasses.replace(targets.get("cortex-m4-cmsis-nn"), name="my-board",
+                                 decode_linked=True)
+    (tmp_path / "board.json").write_text(json.dumps(linked.to_dict()))
+    proc = run_cli("model.keras", "--out", "b.tflite", "--representative", "data.npy",
+                   "--target", "board.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "verdict: compression saves" in proc.stdout and "device (my-board" in proc.stdout
+    assert os.path.getsize(tmp_path / "b.tflite") < os.path.getsize(tmp_path / "a.tflite")

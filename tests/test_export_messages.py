@@ -53,6 +53,13 @@ def test_export_arguments_name_the_expected_form(tmp_path, kwargs, error, messag
      r"shared_tables='auto' keeps shared tables only if .*verify=False"),
     (dict(max_decode_bytes=1024, ram_bytes=65536),
      "give max_decode_bytes or ram_bytes, not both"),
+    (dict(quantize="float32", target="cortex-m4-ref"),
+     r"target='cortex-m4-ref' judges an int8 export.*quantize='float32'"),
+    (dict(decode="always"), r"decode='always' chooses by firmware flash on a target"),
+    # The explicit default too: without a target it would change nothing.
+    (dict(decode="auto"), "decode='auto' chooses .* but no target is given"),
+    (dict(target="cortex-m4-cmsis-nn", ram_bytes=65536),
+     "ram_bytes with the CMSIS-NN target 'cortex-m4-cmsis-nn' is not supported yet"),
 ])
 def test_options_the_export_would_ignore_are_refused(tmp_path, kwargs, message):
     model, data = _tiny()
@@ -112,6 +119,11 @@ def test_unset_options_are_never_refused_and_random_inputs_honour_the_limit(tmp_
     (["--noverify", "--shared_tables", "auto"], "shared_tables='auto' keeps"),
     (["--max_decode_bytes", "1024", "--ram_bytes", "65536"],
      "give max_decode_bytes or ram_bytes, not both"),
+    (["--decode", "always"], "decode='always' chooses by firmware flash on a target"),
+    (["--target", "cortex-m4-ref", "--quantize", "float32"],
+     "target='cortex-m4-ref' judges an int8 export"),
+    (["--target", "cortex-m7"], "--target 'cortex-m7' is neither a profile"),
+    (["--target", "board.json"], "--target board.json: no such file"),
 ])
 def test_cli_refuses_the_same_combinations_before_loading(tmp_path, flags, message):
     from test_export_cli import run_cli

@@ -3,7 +3,8 @@
 Weights that are look-up tables (`Q = d[A]`) are stored the way TFLM's
 DECODE op reads them: bit-packed indices plus value tables.
 
-    result = tflite_export.export(model, "model.tflite", representative_data=x)
+    result = tflite_export.export(model, "model.tflite", representative_data=x,
+                                  target="cortex-m4-cmsis-nn")
     print(result)
 """
 
@@ -19,6 +20,7 @@ from tflite_export.result import ExportResult
 from tflite_export.result import RamChoice
 from tflite_export.result import RamReport
 from tflite_export.result import TensorReport
+from tflite_export.target import Target
 from tflite_export.verify import Verification
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "Plan",
     "RamChoice",
     "RamReport",
+    "Target",
     "TensorReport",
     "UnsupportedModelError",
     "Verification",

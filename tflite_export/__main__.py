@@ -4,10 +4,18 @@
         [--representative data.npy|data.npz] [--c_array model_data.cc]
         [--noslim] [--shared_tables auto|true|false]
         [--max_decode_bytes N | --ram_bytes N]
+        [--target cortex-m4-cmsis-nn|profile.json [--decode auto|always]]
 
 Flags that the export would ignore in the combination given (e.g.
 --weight_quantization with --quantize float32, --min_agreement with
---noverify) are errors, as in `tflite_export.export`.
+--noverify, --decode without --target) are errors, as in
+`tflite_export.export`.
+
+--target names a device profile (`tflite_export.target.PROFILES`) or a JSON
+file of one (`json.dump(target.to_dict(), f)`: a value ending in .json or
+naming a file is read as a file); the report then judges the file on that
+device, and with --decode auto (the default) the int8 file is written where
+DECODE's code outweighs what compression saves.
 
 MODEL is a `.keras` file or an HDF5 `.h5` file, also one saved by tf.keras
 2.x (loaded by `lutq_tf.load_model`). Prints the export report as a table.
@@ -20,6 +28,8 @@ import zipfile
 from absl import app
 from absl import flags
 from absl import logging
+
+from tflite_export import target as targets
 
 _OUT = flags.DEFINE_string(
     "out", None, "The .tflite file to write (default: MODEL with .tflite)."
@@ -70,6 +80,17 @@ _RAM_BYTES = flags.DEFINE_integer(
     "TFLM arena budget in bytes (e.g. 65536): per kernel, compress, split or "
     "keep int8 for the smallest file whose arena fits.",
 )
+_TARGET = flags.DEFINE_string(
+    "target", None,
+    "Device to judge the file on: a profile name (" + ", ".join(sorted(targets.PROFILES))
+    + ") or a JSON profile file (Target.to_dict()). int8 only.",
+)
+_DECODE = flags.DEFINE_enum(
+    "decode", None, ["auto", "always"],
+    "With --target: auto (default) writes DECODE ops only where they save "
+    "firmware flash, else the int8 file; always writes every compression "
+    "that shrinks the file.",
+)
 _MIN_AGREEMENT = flags.DEFINE_float(
     "min_agreement", None,
     "Fail if top-1 agreement with Keras is lower (needs --verify).",
@@ -93,6 +114,11 @@ def main(argv):
     import tflite_export
     from tflite_export import exporter
 
+    try:
+        target = read_target(_TARGET.value)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     options = dict(
         quantize=_QUANTIZE.value,
         verify=_VERIFY.value,
@@ -101,11 +127,13 @@ def main(argv):
         shared_tables=_SHARED_CHOICES[_SHARED_TABLES.value],
         max_decode_bytes=_MAX_DECODE_BYTES.value,
         ram_bytes=_RAM_BYTES.value,
+        target=target,
+        decode=_DECODE.value,
     )
     try:
         # export's own check, before the model is loaded.
         exporter.check_combinations(**options)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
@@ -146,6 +174,34 @@ def main(argv):
         return 1
     print(result.table())
     return 0
+
+
+def read_target(value):
+    """`--target`: None, a profile name, or a JSON profile file.
+
+    Args:
+        value: The flag's value.
+
+    Returns:
+        None, or a `tflite_export.Target`.
+
+    Raises:
+        ValueError, TypeError: An unknown name, or a file that cannot be
+            read or holds no valid profile (the message names the file and
+            the field).
+    """
+    if value is None:
+        return None
+    if value in targets.PROFILES:
+        return targets.PROFILES[value]
+    if value.endswith(".json") or os.path.isfile(value):
+        if not os.path.isfile(value):
+            raise ValueError(f"--target {value}: no such file.")
+        return targets.load(value)
+    raise ValueError(
+        f"--target {value!r} is neither a profile ({', '.join(sorted(targets.PROFILES))}) "
+        "nor a JSON profile file (json.dump(target.to_dict(), f))."
+    )
 
 
 def load_representative(path, model):

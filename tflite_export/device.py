@@ -10,7 +10,10 @@ same model), so it judges any .tflite the same way:
   channel from its index offset: weights before the first aligned block and
   after the last full one take the per-weight loop);
 - the int8 model's instructions, from its MACs and the target's per-MAC
-  costs, to put decoding in proportion.
+  costs, to put decoding in proportion;
+- the arena for the target's kernel set (`arena`): the host wheel's
+  measured arena for reference kernels, plus the largest CMSIS-NN scratch
+  request (`kernel_scratch`) for CMSIS-NN.
 """
 
 import dataclasses
@@ -19,6 +22,7 @@ import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
 
 from tflite_export import flatbuffer
+from tflite_export import kernel_scratch
 from tflite_export import target as targets
 
 DECODE_OP = "TFLM_DECODE"
@@ -32,7 +36,7 @@ class DecodedTensor:
     """One DECODE output and what decoding it costs per inference.
 
     Attributes:
-        name: The decoded tensor's name in the file.
+        name: The decoded tensor's name in the file ("" in a slim file).
         elements: Weights it holds.
         bits: Index width.
         channels: Channels DECODE walks (the output's per-channel scales; 1
@@ -42,6 +46,7 @@ class DecodedTensor:
             loop at any width.
         path: The DECODE path (`target.DECODE_PATHS`).
         instructions: Estimated instructions per inference.
+        index: The decoded tensor's index in subgraph 0.
     """
 
     name: str
@@ -51,6 +56,7 @@ class DecodedTensor:
     alternate_axis: bool
     path: str
     instructions: float
+    index: int = -1
 
 
 def decode_path(bits, int8_output=True, alternate_axis=False):
@@ -144,6 +150,7 @@ def decoded_tensors(target, model_bytes):
                 alternate_axis=alternate,
                 path=path,
                 instructions=count,
+                index=int(out),
             ))
     return found
 
@@ -196,6 +203,10 @@ class DeviceReport:
         arena_bytes: Arena for the target's kernel set, or None where not
             estimated.
         arena_note: What `arena_bytes` is.
+        declined: When the export wrote the int8 file because compressing
+            saved no firmware flash on the target, the `DeviceReport` of
+            the compressed file it declined (against the int8 file
+            written); else None.
     """
 
     target: object
@@ -205,6 +216,7 @@ class DeviceReport:
     int8_instructions: float
     arena_bytes: object = None
     arena_note: str = ""
+    declined: object = None
 
     @property
     def flash_change(self):
@@ -236,6 +248,19 @@ class DeviceReport:
     def verdict(self):
         """One line: does compression pay in firmware flash on this target?"""
         change = self.flash_change
+        if not self.decoded and self.declined is not None:
+            d = self.declined
+            text = (
+                f"int8 written: compressing would change the file by "
+                f"{_signed(d.file_change)} B but link {format_code(d.code_added)}, firmware "
+                f"{_signed(d.flash_change)} B on {self.target.name}"
+            )
+            if DECODE_OP in d.code_added:
+                text += (
+                    f"; it pays only with DECODE's code under {d.break_even_decode_bytes:,} B "
+                    f"(break-even; this target's {self.target.decode_code_cost:,} B)"
+                )
+            return text + ". decode='always' writes the compressed file anyway."
         if not self.decoded:
             return f"no DECODE op: firmware {_signed(change)} B against the int8 route."
         if change < 0:
@@ -254,7 +279,7 @@ class DeviceReport:
     def lines(self):
         """The report's device section, as lines of text."""
         t = self.target
-        code = ", ".join(f"{op} {size:,} B" for op, size in self.code_added.items()) or "none"
+        code = format_code(self.code_added)
         lines = [
             f"  device ({t.name}, {t.kernels} kernels; estimated from the target's costs):",
             f"    firmware flash {_signed(self.flash_change)} B against the int8 route "
@@ -271,8 +296,9 @@ class DeviceReport:
                 f"({self.int8_instructions:,.0f})"
             )
             for d in self.decoded:
+                name = d.name or f"tensor {d.index}"
                 lines.append(
-                    f"      {d.name}: {d.path}, {d.bits}-bit, {d.elements} weights "
+                    f"      {name}: {d.path}, {d.bits}-bit, {d.elements} weights "
                     f"in {d.channels} channel(s): {d.instructions:,.0f}"
                 )
         lines.append(f"    verdict: {self.verdict()}")
@@ -281,6 +307,65 @@ class DeviceReport:
 
 def _signed(value):
     return f"{value:+,}"
+
+
+def format_code(code_added):
+    """`{op: bytes}` (`DeviceReport.code_added`) as text, e.g.
+    `"TFLM_DECODE 21,408 B"`; `"none"` when empty."""
+    return ", ".join(f"{op} {size:,} B" for op, size in code_added.items()) or "none"
+
+
+def arena(target, model_bytes, wheel_arena_bytes, compiler="gcc"):
+    """The arena a file needs on the target's kernel set, and what it is.
+
+    The tflite-micro wheel runs TFLM's reference kernels with 64-bit
+    pointers, so its measured arena bounds a 32-bit Cortex-M reference
+    build's from above (pointers and handles are smaller there). CMSIS-NN
+    kernels request other scratch buffers (`kernel_scratch`); a scratch
+    buffer lives only while its op runs, so the largest CMSIS-NN request
+    (aligned to `kernel_scratch.ALIGNMENT`) is added to the wheel's arena
+    as an estimate of the CMSIS-NN arena; the reference kernels' own
+    scratch, already in the wheel's arena, is not subtracted.
+
+    Args:
+        target: A profile name or `target.Target`.
+        model_bytes: The file's flatbuffer.
+        wheel_arena_bytes: Its smallest arena measured on the wheel (e.g.
+            `ExportResult.arena_bytes`).
+        compiler: The firmware's compiler, `"gcc"` or `"armclang"`
+            (CMSIS-NN's 1x1 convolution takes a buffer only with Arm
+            Compiler 6).
+
+    Returns:
+        `(arena_bytes, note)`.
+    """
+    target = targets.get(target)
+    if target.kernels == "reference":
+        return wheel_arena_bytes, (
+            "measured on the host tflite-micro wheel, which runs TFLM's reference "
+            "kernels with 64-bit pointers: an upper bound for the 32-bit device's"
+        )
+    rows = kernel_scratch.op_scratch(model_bytes, compiler=compiler, aligned=True)
+    largest = max(
+        (r for r in rows if r.cmsis_nn is not None), key=lambda r: r.cmsis_nn, default=None
+    )
+    extra = largest.cmsis_nn if largest is not None else 0
+    where = f", {largest.op} op {largest.index}" if largest is not None and extra else ""
+    note = (
+        f"estimated: the host wheel's reference-kernel arena {wheel_arena_bytes:,} B + "
+        f"the largest CMSIS-NN scratch request {extra:,} B{where} (read from TFLM "
+        f"{kernel_scratch.TFLM_COMMIT[:8]} and CMSIS-NN {kernel_scratch.CMSIS_NN_COMMIT[:8]} "
+        f"source, {compiler} build; reference scratch not subtracted)"
+    )
+    unmodelled = sorted({
+        r.op for r in rows if r.cmsis_nn is None and r.op in kernel_scratch.CMSIS_NN_OPS
+    })
+    if unmodelled:
+        note += (
+            f"; CMSIS-NN scratch of {', '.join(unmodelled)} not modelled, so "
+            "not counted: the arena may be larger"
+        )
+    return wheel_arena_bytes + extra, note
 
 
 def report(target, model_bytes, int8_bytes, arena_bytes=None, arena_note=""):

@@ -13,12 +13,14 @@ from tflite_export import arena
 from tflite_export import c_array as c_array_lib
 from tflite_export import compress
 from tflite_export import convert
+from tflite_export import device as device_lib
 from tflite_export import flatbuffer
 from tflite_export import lut_tensors
 from tflite_export import mapping
 from tflite_export import ram_budget
 from tflite_export import shared_tables
 from tflite_export import slim as slim_lib
+from tflite_export import target as targets
 from tflite_export import tempfiles
 from tflite_export import tflm
 from tflite_export import tflm_limits
@@ -26,6 +28,7 @@ from tflite_export import verify as verify_lib
 from tflite_export import writer
 from tflite_export.errors import ExportError
 from tflite_export.result import ExportResult
+from tflite_export.result import RamChoice
 from tflite_export.result import TensorReport
 
 WEIGHT_QUANTIZATION_CHOICES = ("auto",) + tuple(convert.WEIGHT_QUANTIZATION)
@@ -37,6 +40,10 @@ _RANDOM_SAMPLES = 8
 DEFAULT_WEIGHT_QUANTIZATION = "auto"
 DEFAULT_MAX_VERIFY_SAMPLES = 100
 DEFAULT_SHARED_TABLES = "auto"
+# `decode`: "auto" writes DECODE ops only where they save firmware flash on
+# the target; "always" writes every compression that shrinks the file.
+DECODE_CHOICES = ("auto", "always")
+DEFAULT_DECODE = "auto"
 
 
 def export(
@@ -54,6 +61,8 @@ def export(
     shared_tables=None,
     max_decode_bytes=None,
     ram_bytes=None,
+    target=None,
+    decode=None,
 ):
     """Exports a LUT-Q model as a .tflite file with LUT-compressed weights.
 
@@ -67,9 +76,11 @@ def export(
     `shared_tables` with `quantize="float32"`, `shared_tables` with
     `weight_quantization="per_tensor"`, `min_agreement`,
     `max_verify_samples` or `shared_tables="auto"` with `verify=False`,
-    `min_agreement` for a model without an output of several classes, and
-    `max_decode_bytes` with `ram_bytes`. An option left unset (None) takes
-    its default and is never refused.
+    `min_agreement` for a model without an output of several classes,
+    `max_decode_bytes` with `ram_bytes`, `target` with `quantize="float32"`,
+    and `decode` without `target`; `ram_bytes` with a CMSIS-NN target is not
+    supported yet. An option left unset (None) takes its default and is
+    never refused.
 
     Args:
         model: A LUT-Q model (with `lutq_tf` layers) or a plain Keras model
@@ -135,7 +146,34 @@ def export(
             file. Give at most one of the two. Under either, a layer is
             split only if some of its groups are compressed and save more
             file bytes than the extra ops cost; otherwise it stays int8,
-            unsplit, and the report says why.
+            unsplit, and the report says why. With a CMSIS-NN `target`,
+            `ram_bytes` is refused (not supported yet: the budget is
+            checked against the host wheel's reference-kernel arena).
+        target: The device the file is for, int8 only: a profile name
+            (`tflite_export.target.PROFILES`, e.g. `"cortex-m4-cmsis-nn"`)
+            or a `tflite_export.Target` with your firmware's own costs.
+            The file is then judged against the int8 route of the same
+            model (the slim uncompressed file) in firmware flash (file
+            bytes plus the code of DECODE, linked once, and of any
+            CONCATENATION a split adds), arena for the target's kernel
+            set (reference: the wheel's measured arena, an upper bound;
+            CMSIS-NN: that plus the largest CMSIS-NN scratch request, an
+            estimate), and decode instructions: `result.device`, a
+            `device.DeviceReport`, printed with the report. Unset, the
+            report gives host figures only (file bytes and the wheel's
+            reference-kernel arena).
+        decode: With a `target` only, when to write DECODE ops. `"auto"`
+            (default): only when they save firmware flash on the target;
+            when compressing saves no more file bytes than the code it
+            links (DECODE's `target.decode_code_bytes`, 0 if
+            `target.decode_linked`, and CONCATENATION's for a split), the
+            slim int8 file (no DECODE op) is written instead, verified,
+            and the notes and the device verdict say what compressing
+            would have saved and the DECODE size at which it breaks even.
+            Under `max_decode_bytes` or `ram_bytes` the decision is made on
+            the file those choose. `"always"`: write every compression
+            that shrinks the file, as without a target, whatever the
+            device verdict.
 
     Returns:
         An `ExportResult`; `print(result)` shows the report.
@@ -143,8 +181,10 @@ def export(
     Raises:
         ValueError: Bad arguments or combinations of them (the message
             names the arguments), a `max_decode_bytes` below one output
-            channel of a layer to split, or a `ram_bytes` below the arena
-            with every kernel int8.
+            channel of a layer to split, a `ram_bytes` below the arena
+            with every kernel int8, or an unknown `target` name.
+        TypeError: An argument of the wrong type (e.g. a `target` that is
+            neither a profile name nor a `Target`).
         ImportError: tflite-micro is not installed.
         ExportError: The model cannot be converted, compressed or run on TFLM.
         UnsupportedModelError: (an ExportError) TFLM cannot run the graph:
@@ -193,12 +233,17 @@ def export(
             )
     max_decode_bytes = ram_budget.check_budget(max_decode_bytes, "max_decode_bytes")
     ram_bytes = ram_budget.check_budget(ram_bytes, "ram_bytes")
+    target = targets.get(target)
+    if decode is not None and decode not in DECODE_CHOICES:
+        raise ValueError(f"decode must be one of {DECODE_CHOICES}, got {decode!r}.")
     check_combinations(
         quantize=quantize, verify=verify, weight_quantization=weight_quantization,
         shared_tables=shared_tables, min_agreement=min_agreement,
         max_verify_samples=max_verify_samples, max_decode_bytes=max_decode_bytes,
-        ram_bytes=ram_bytes,
+        ram_bytes=ram_bytes, target=target, decode=decode,
     )
+    if decode is None:
+        decode = DEFAULT_DECODE
     if weight_quantization is None:
         weight_quantization = DEFAULT_WEIGHT_QUANTIZATION
     if max_verify_samples is None:
@@ -246,15 +291,63 @@ def export(
         source=source if verify else None, min_agreement=min_agreement,
         reference=plain,
     )
+    # Builds of the unsplit model (`fit` makes one first): their conversion
+    # is the int8 route's.
+    unsplit = []
+
+    def assemble(model, *args, **kwargs):
+        built = _assemble(model, *args, **kwargs)
+        if model is plain:
+            unsplit.append(built)
+        return built
+
+    judge = target is not None and decode == "auto"
+    declined = None  # a `_Declined`: the compressed file not written
+    first_note = len(notes)
     if max_decode_bytes is None and ram_bytes is None:
-        built, verification = _assemble_verified(plain, kernels, notes, settings)
+        candidate_notes = []
+        built = assemble(plain, kernels, candidate_notes, settings,
+                         share=settings.shared_tables is not False)
+        keep = None
+        if judge:  # decided before verifying a file that would not be written
+            declined = _loses(target, built.compressed, built.slim_baseline)
+        if declined is None:
+            notes.extend(candidate_notes)
+        else:
+            built, keep = _int8_build(plain, kernels, notes, settings, unsplit[0],
+                                      target, declined)
+        built, verification = _assemble_verified(plain, kernels, notes, settings,
+                                                 keep=keep, built=built)
         ram = None
     else:
         built, verification, ram = ram_budget.fit(
             plain, kernels, notes, settings,
             max_decode_bytes=max_decode_bytes, ram_bytes=ram_bytes,
-            assemble=_assemble, assemble_verified=_assemble_verified,
+            assemble=assemble, assemble_verified=_assemble_verified,
         )
+    route = unsplit[0]
+    # The int8 route: the converter's file of the same unsplit model,
+    # slimmed like the written file when that is of the unsplit model too.
+    int8_bytes = (
+        built.slim_baseline if built.baseline == route.baseline else route.slim_baseline
+    )
+    if judge and declined is None:
+        # The file verified: per-channel tables after shared ones were
+        # dropped, or the file max_decode_bytes or ram_bytes chose.
+        declined = _loses(target, built.compressed, int8_bytes)
+        if declined is not None:
+            del notes[first_note:]  # they describe the file not written
+            built, keep = _int8_build(plain, kernels, notes, settings, route, target,
+                                      declined)
+            built, verification = _assemble_verified(plain, kernels, notes, settings,
+                                                     keep=keep, built=built)
+            if ram is not None:
+                ram = _ram_int8(ram, built)
+    device_report = None
+    if target is not None:
+        device_report = _device_report(target, built, int8_bytes, declined)
+        if declined is not None:
+            notes.append(_declined_note(device_report))
     if (
         min_agreement is not None
         and verification is not None
@@ -303,6 +396,7 @@ def export(
         notes=notes,
         decode_buffer_bytes=built.decode_buffer_bytes,
         ram=ram,
+        device=device_report,
     )
 
 
@@ -317,7 +411,7 @@ _NO_CLASSES = (
 def check_combinations(quantize="int8", verify=True, weight_quantization=None,
                        shared_tables=None, min_agreement=None,
                        max_verify_samples=None, max_decode_bytes=None,
-                       ram_bytes=None):
+                       ram_bytes=None, target=None, decode=None):
     """Refuses options that `export` would ignore in this combination.
 
     An option counts as given when it is not None, whatever its value (an
@@ -326,11 +420,13 @@ def check_combinations(quantize="int8", verify=True, weight_quantization=None,
 
     Args:
         quantize, verify, weight_quantization, shared_tables, min_agreement,
-            max_verify_samples, max_decode_bytes, ram_bytes: As `export`
-            takes them.
+            max_verify_samples, max_decode_bytes, ram_bytes, target, decode:
+            As `export` takes them.
 
     Raises:
-        ValueError: The message names the options and says what to do.
+        ValueError: The message names the options and says what to do (an
+            unknown target name too).
+        TypeError: `target` is neither a profile name nor a `Target`.
     """
     if quantize == "float32" and weight_quantization is not None:
         raise ValueError(
@@ -374,6 +470,128 @@ def check_combinations(quantize="int8", verify=True, weight_quantization=None,
             "give max_decode_bytes or ram_bytes, not both: ram_bytes chooses "
             "the decode limit itself."
         )
+    profile = targets.get(target)
+    if profile is not None and quantize == "float32":
+        raise ValueError(
+            f"target={profile.name!r} judges an int8 export on the device (the "
+            "int8 kernels' costs, DECODE's int8 paths), but quantize='float32': "
+            "drop target, or export with quantize='int8'."
+        )
+    if decode is not None and profile is None:
+        raise ValueError(
+            f"decode={decode!r} chooses by firmware flash on a target whether "
+            "to write DECODE ops, but no target is given (without one, every "
+            "compression that shrinks the file is written): give target="
+            f"{targets.DEFAULT!r} (or another profile or a Target), or drop decode."
+        )
+    if profile is not None and ram_bytes is not None and profile.kernels == "cmsis-nn":
+        raise ValueError(
+            f"ram_bytes with the CMSIS-NN target {profile.name!r} is not supported "
+            "yet: the budget is checked against the host wheel's arena, which runs "
+            "TFLM's reference kernels, and CMSIS-NN kernels request other scratch "
+            "buffers. Give max_decode_bytes (a decode-buffer limit, the same on "
+            "any kernel set), a reference-kernel target ('cortex-m4-ref'), or no "
+            "target."
+        )
+
+
+@dataclasses.dataclass
+class _Declined:
+    """A compressed file not written: its bytes and its `DeviceReport`."""
+
+    model_bytes: bytes
+    report: object
+
+
+def _loses(target, model_bytes, int8_bytes):
+    """A `_Declined` if the file's DECODE ops save no firmware flash on
+    `target` against the int8 file `int8_bytes` (a tie too: the int8 file
+    spends no decode instructions), else None."""
+    report = device_lib.report(target, model_bytes, int8_bytes)
+    if report.decoded and not report.wins:
+        return _Declined(model_bytes, report)
+    return None
+
+
+def _int8_build(plain, kernels, notes, settings, route, target, declined):
+    """`(built, keep)`: `route`'s model with every LUT kernel kept int8.
+
+    Args:
+        plain, kernels, notes, settings: As for `_assemble`.
+        route: A `_Built` of the unsplit model (its conversion is reused).
+        target: The `Target`.
+        declined: The `_Declined` compressed file.
+    """
+    reason = (
+        f"kept int8: on {target.name} the code compression links "
+        f"({device_lib.format_code(declined.report.code_added)}) outweighs the "
+        "file bytes it saves"
+    )
+    keep = {p.match.kernel.layer: reason for p in route.plans}
+    built = _assemble(plain, kernels, notes, settings, share=False, keep=keep,
+                      previous=route)
+    return built, keep
+
+
+def _ram_int8(ram, built):
+    """`ram` (a `RamReport`) for the int8 file written instead of its choice."""
+    why = "written int8: compression saved no firmware flash on the target (see the notes)"
+    return dataclasses.replace(
+        ram,
+        arena_bytes=built.arena_bytes,
+        decode_buffer_bytes=0,
+        twin_arena_bytes=built.baseline_arena,
+        size_bytes=len(built.compressed),
+        choices=[
+            RamChoice(c.layer, c.op, c.decoded_bytes, "int8", 0, 0, why)
+            for c in ram.choices
+        ],
+        concat_ops={},
+        latency_us=None,
+        unsplit_latency_us=None,
+    )
+
+
+def _device_report(target, built, int8_bytes, declined):
+    """The `DeviceReport` of the file written (`built.compressed`).
+
+    Args:
+        target: The `Target`.
+        built: The `_Built` written.
+        int8_bytes: The int8 route's file.
+        declined: A `_Declined` compressed file, or None. Then `built` is
+            the int8 file, which both reports are made against.
+    """
+    if declined is not None:
+        int8_bytes = built.compressed
+    report = device_lib.report(
+        target, built.compressed, int8_bytes,
+        *device_lib.arena(target, built.compressed, built.arena_bytes),
+    )
+    if declined is not None:
+        report.declined = device_lib.report(target, declined.model_bytes, int8_bytes)
+    return report
+
+
+def _declined_note(report):
+    """The note on the compressed file `report.declined` (not written)."""
+    declined = report.declined
+    text = (
+        f"written int8 for {report.target.name}: compressing "
+        f"{len(declined.decoded)} tensor(s) would change the file by "
+        f"{declined.file_change:+,} B but link "
+        f"{device_lib.format_code(declined.code_added)}, firmware "
+        f"{declined.flash_change:+,} B."
+    )
+    if device_lib.DECODE_OP in declined.code_added:
+        text += (
+            f" It pays on this target only if DECODE's code is under "
+            f"{declined.break_even_decode_bytes:,} B (the break-even) or the "
+            "firmware links DECODE anyway (Target.decode_linked=True)."
+        )
+    return text + (
+        " decode='always' (CLI --decode always) writes the compressed file anyway."
+    )
 
 
 def _classes(model):

@@ -4,6 +4,12 @@ import dataclasses
 
 from lutq_tf.text import grid
 
+# The report's device line without a target.
+HOST_ONLY = (
+    "  device: not judged; size and arena are host figures (file bytes; the "
+    "arena of TFLM's reference kernels on the 64-bit host wheel)"
+)
+
 
 @dataclasses.dataclass
 class TensorReport:
@@ -173,6 +179,10 @@ class ExportResult:
             take it out of the main arena).
         ram: A `RamReport` for an export under `max_decode_bytes` or
             `ram_bytes`, else None.
+        device: A `device.DeviceReport` of the file on the export's
+            `target` against the int8 route of the same model (firmware
+            flash, arena for the target's kernels, decode instructions,
+            verdict), or None without a target.
     """
 
     path: str
@@ -192,6 +202,7 @@ class ExportResult:
     notes: list = dataclasses.field(default_factory=list)
     decode_buffer_bytes: int = 0
     ram: object = None
+    device: object = None
 
     @property
     def compressed_tensors(self):
@@ -245,6 +256,16 @@ class ExportResult:
         ]
         if self.ram is not None:
             lines += self.ram.lines()
+        if self.device is not None:
+            lines += self.device.lines()
+        elif self.quantize == "int8":
+            lines.append(
+                HOST_ONLY + ": target='cortex-m4-cmsis-nn' (another profile or a "
+                "Target; CLI --target) adds firmware flash, device arena and decode "
+                "cost, and writes DECODE only where it saves flash."
+            )
+        else:
+            lines.append(HOST_ONLY + "; device profiles judge int8 exports.")
         if self.c_array:
             lines.append(f"  C array: {self.c_array[0]}, {self.c_array[1]}")
         lines.append("")

@@ -14,6 +14,7 @@ and pass a profile of your own where it differs.
 """
 
 import dataclasses
+import json
 import math
 
 # Where the shipped figures come from. They were measured on firmware, not
@@ -306,5 +307,36 @@ def get(target):
         )
     raise TypeError(
         f"target must be a profile name ({sorted(PROFILES)}) or a "
-        f"tflite_export.Target, got {type(target).__name__}."
+        f"tflite_export.Target (Target.from_dict reads a dict, "
+        f"tflite_export.target.load a JSON file), got {type(target).__name__}."
     )
+
+
+def load(path):
+    """A `Target` from a JSON file holding `Target.to_dict()`'s data.
+
+    Write one with `json.dump(target.to_dict(), f)`, e.g. a shipped profile
+    with your firmware's own figures.
+
+    Args:
+        path: The JSON file.
+
+    Raises:
+        ValueError: The file cannot be read, is not JSON, or a field is
+            missing, unknown or invalid (the message names the file and
+            the field).
+        TypeError: A field has the wrong type (named likewise).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as error:
+        raise ValueError(
+            f"{path}: cannot read the target profile ({error.strerror or error})."
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} is not a JSON target profile ({error}); write one with "
+            "json.dump(target.to_dict(), f)."
+        ) from None
+    return Target.from_dict(data, source=str(path))
