@@ -18,6 +18,7 @@ from tflite_export import flatbuffer
 from tflite_export import lut_tensors
 from tflite_export import mapping
 from tflite_export import ram_budget
+from tflite_export import resolver
 from tflite_export import shared_tables
 from tflite_export import slim as slim_lib
 from tflite_export import target as targets
@@ -254,7 +255,7 @@ def export(
     outputs = [path]
     if c_array is not None:
         c_array = _check_writable(c_array, "c_array")
-        outputs += [c_array, c_array_lib.header_path(c_array)]
+        outputs += [c_array, c_array_lib.header_path(c_array), resolver.path(c_array)]
     if len(set(outputs)) != len(outputs):
         raise ValueError("path and c_array (and its .h) must be different files.")
     tflm.require()  # fail before the slow steps
@@ -376,6 +377,9 @@ def export(
         source_text, header_text = c_array_lib.render(compressed, c_array)
         files[c_array] = source_text.encode()
         files[c_array_lib.header_path(c_array)] = header_text.encode()
+        files[resolver.path(c_array)] = resolver.render_for_export(
+            compressed, c_array, built.arena_bytes, device_report
+        ).encode()
     writer.write_files(files, last=path)
 
     return ExportResult(
@@ -393,6 +397,7 @@ def export(
         arena_bytes=built.arena_bytes,
         baseline_arena_bytes=built.baseline_arena,
         c_array=(c_array, c_array_lib.header_path(c_array)) if c_array else None,
+        op_resolver=resolver.path(c_array) if c_array else None,
         notes=notes,
         decode_buffer_bytes=built.decode_buffer_bytes,
         ram=ram,

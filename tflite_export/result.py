@@ -203,6 +203,7 @@ class ExportResult:
     decode_buffer_bytes: int = 0
     ram: object = None
     device: object = None
+    op_resolver: object = None  # the `<stem>_ops.h` written with c_array, or None
 
     @property
     def compressed_tensors(self):
@@ -268,6 +269,8 @@ class ExportResult:
             lines.append(HOST_ONLY + "; device profiles judge int8 exports.")
         if self.c_array:
             lines.append(f"  C array: {self.c_array[0]}, {self.c_array[1]}")
+        if self.op_resolver:
+            lines.append(f"  op resolver and arena size: {self.op_resolver}")
         lines.append("")
         if self.tensors:
             header = ("layer", "tensor", "op", "K", "codes", "bits", "table",
