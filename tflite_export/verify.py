@@ -109,17 +109,22 @@ class Verification:
             f"Verified on {self.samples} {self.inputs.replace('_', ' ')} inputs: "
             "compressed == uncompressed on TFLM: bit-exact; vs Keras: "
         )
-        if self.outputs:
-            text += "per output:\n" + "\n".join(
-                f"  {o.name}: {o._agreement_text()}" for o in self.outputs
-            )
-        else:
-            text += self._agreement_text()
+        text += self.agreement()
         if self.note:
             text += f"\nNote: {self.note}"
         return text
 
-    def _agreement_text(self):
+    def agreement(self):
+        """Agreement with Keras (and plain int8's, for requantised models), as
+        text: one line, or a line per output after the first for several."""
+        if self.outputs:
+            return "per output:\n" + "\n".join(
+                f"  {o.name}: {o.output_agreement()}" for o in self.outputs
+            )
+        return self.output_agreement()
+
+    def output_agreement(self):
+        """`agreement` of one output."""
         text = ""
         diff = f"max |diff| {self.max_abs_diff:.4g}"
         if self.output_step:
