@@ -15,6 +15,7 @@ from tflite_export import compress
 from tflite_export import convert
 from tflite_export import device as device_lib
 from tflite_export import flatbuffer
+from tflite_export import int4 as int4_lib
 from tflite_export import lut_tensors
 from tflite_export import mapping
 from tflite_export import ram_budget
@@ -64,6 +65,7 @@ def export(
     ram_bytes=None,
     target=None,
     decode=None,
+    int4=None,
 ):
     """Exports a LUT-Q model as a .tflite file with LUT-compressed weights.
 
@@ -175,6 +177,17 @@ def export(
             the file those choose. `"always"`: write every compression
             that shrinks the file, as without a target, whatever the
             device verdict.
+        int4: Native int4 weights instead of a LUT (int8 only), for LUT
+            kernels whose every table is int4-exact (values s*k, one step
+            s > 0, integers k in [-8, 7]; per output channel for CONV_2D and
+            DEPTHWISE_CONV_2D per-channel tensors, per tensor otherwise;
+            FULLY_CONNECTED per tensor only). `"never"` (default): none.
+            `"auto"`: where exact and no larger than the LUT (or int8).
+            `"always"`: every LUT kernel; one that cannot be int4 is an
+            ExportError naming it. The file is verified bit-exact against
+            an int8 twin holding the same codes (requantised scales and
+            biases, `tflite_export.int4`). Refused with quantize='float32',
+            max_decode_bytes, ram_bytes or target (not supported yet).
 
     Returns:
         An `ExportResult`; `print(result)` shows the report.
@@ -237,12 +250,16 @@ def export(
     target = targets.get(target)
     if decode is not None and decode not in DECODE_CHOICES:
         raise ValueError(f"decode must be one of {DECODE_CHOICES}, got {decode!r}.")
+    if int4 is not None and int4 not in int4_lib.CHOICES:
+        raise ValueError(f"int4 must be one of {int4_lib.CHOICES}, got {int4!r}.")
     check_combinations(
         quantize=quantize, verify=verify, weight_quantization=weight_quantization,
         shared_tables=shared_tables, min_agreement=min_agreement,
         max_verify_samples=max_verify_samples, max_decode_bytes=max_decode_bytes,
-        ram_bytes=ram_bytes, target=target, decode=decode,
+        ram_bytes=ram_bytes, target=target, decode=decode, int4=int4,
     )
+    if int4 is None:
+        int4 = int4_lib.DEFAULT
     if decode is None:
         decode = DEFAULT_DECODE
     if weight_quantization is None:
@@ -290,7 +307,7 @@ def export(
         weight_quantization=weight_quantization, shared_tables=shared_tables,
         slim=slim, verify=verify, inputs=inputs if verify else None,
         source=source if verify else None, min_agreement=min_agreement,
-        reference=plain,
+        reference=plain, int4=int4,
     )
     # Builds of the unsplit model (`fit` makes one first): their conversion
     # is the int8 route's.
@@ -392,7 +409,7 @@ def export(
         quantize=quantize,
         io_dtype=io_dtype,
         weight_quantization=built.chosen,
-        tensors=[_report(p) for p in plans],
+        tensors=[_report(p, built.int4) for p in plans],
         verification=verification,
         arena_bytes=built.arena_bytes,
         baseline_arena_bytes=built.baseline_arena,
@@ -416,7 +433,7 @@ _NO_CLASSES = (
 def check_combinations(quantize="int8", verify=True, weight_quantization=None,
                        shared_tables=None, min_agreement=None,
                        max_verify_samples=None, max_decode_bytes=None,
-                       ram_bytes=None, target=None, decode=None):
+                       ram_bytes=None, target=None, decode=None, int4=None):
     """Refuses options that `export` would ignore in this combination.
 
     An option counts as given when it is not None, whatever its value (an
@@ -425,8 +442,8 @@ def check_combinations(quantize="int8", verify=True, weight_quantization=None,
 
     Args:
         quantize, verify, weight_quantization, shared_tables, min_agreement,
-            max_verify_samples, max_decode_bytes, ram_bytes, target, decode:
-            As `export` takes them.
+            max_verify_samples, max_decode_bytes, ram_bytes, target, decode,
+            int4: As `export` takes them.
 
     Raises:
         ValueError: The message names the options and says what to do (an
@@ -489,6 +506,8 @@ def check_combinations(quantize="int8", verify=True, weight_quantization=None,
             "compression that shrinks the file is written): give target="
             f"{targets.DEFAULT!r} (or another profile or a Target), or drop decode."
         )
+    int4_lib.check_combinations(int4, quantize=quantize, max_decode_bytes=max_decode_bytes,
+                                ram_bytes=ram_bytes, target=profile)
     if profile is not None and ram_bytes is not None and profile.kernels == "cmsis-nn":
         raise ValueError(
             f"ram_bytes with the CMSIS-NN target {profile.name!r} is not supported "
@@ -634,6 +653,7 @@ class _Settings:
     source: str
     min_agreement: object
     reference: object
+    int4: str = int4_lib.DEFAULT
 
 
 @dataclasses.dataclass
@@ -666,6 +686,7 @@ class _Built:
     baseline_arena: int
     shared: bool
     num_inputs: int
+    int4: dict = dataclasses.field(default_factory=dict)  # index -> Int4Tensor
 
     @property
     def decode_buffer_bytes(self):
@@ -718,12 +739,14 @@ def _assemble(model, kernels, notes, settings, share=True, keep=None,
         if reason and plan.compress:
             plan.compress = False
             plan.note = "; ".join(filter(None, [plan.note, reason]))
+    int4_tensors = int4_lib.choose(plans, settings.int4, scales_kept=not settings.slim)
     wanted_steps = slim_lib.STEPS if settings.slim else ()
     twin, compressed, steps = build_file(
-        baseline, plans, wanted_steps, notes, settings.data
+        baseline, plans, wanted_steps, notes, settings.data, int4=int4_tensors
     )
     slim_baseline = slim_lib.slim(baseline, steps) if steps else baseline
-    if len(compressed) >= len(slim_baseline) and any(p.compress for p in plans):
+    if (len(compressed) >= len(slim_baseline) and any(p.compress for p in plans)
+            and not int4_tensors):
         # The per-tensor size estimate was beaten by file overhead: keep
         # the smaller, uncompressed model.
         for plan in plans:
@@ -740,7 +763,7 @@ def _assemble(model, kernels, notes, settings, share=True, keep=None,
         slim_baseline=slim_baseline, arena_bytes=arena_bytes,
         baseline_arena=baseline_arena,
         shared=any(p.mode == "shared" and p.compress for p in plans),
-        num_inputs=num_inputs,
+        num_inputs=num_inputs, int4=int4_tensors,
     )
 
 
@@ -782,7 +805,7 @@ def _assemble_verified(model, kernels, notes, settings, keep=None, built=None):
         notes.append(
             "shared value tables dropped: the requantised model agreed less "
             "with Keras than the converter's int8 model ("
-            + verification.describe().split("vs Keras: ")[1]
+            + verification.agreement()
             + ")"
         )
         built = _assemble(
@@ -790,7 +813,7 @@ def _assemble_verified(model, kernels, notes, settings, keep=None, built=None):
         )
 
 
-def build_file(baseline, plans, steps, notes, data=None):
+def build_file(baseline, plans, steps, notes, data=None, int4=None):
     """`(twin, compressed, steps)`: the requantised twin and the written file.
 
     The twin is the int8 model with the shared tables' scales and biases,
@@ -804,8 +827,10 @@ def build_file(baseline, plans, steps, notes, data=None):
         for p in plans
         if p.compress and p.mode == "shared"
     }
+    int4 = int4 or {}  # `int4.Int4Tensor`s by weight index: the twin holds their codes
+    rewrites.update(int4_lib.twin_rewrites(int4))
     twin = shared_tables.requantize(baseline, rewrites)
-    full = compress.compress_model(twin, plans)
+    full = int4_lib.write(compress.compress_model(twin, plans), int4)
     if not steps:
         return twin, full, ()
     probe = verify_lib.probe_outputs(full, data=data)
@@ -899,9 +924,11 @@ def convert_and_plan(model, kernels, quantize, data, io_dtype, weight_quantizati
     return baseline, info, plans, unmatched, chosen
 
 
-def _report(plan):
+def _report(plan, int4=None):
     weight = plan.match.weight
     kernel = plan.match.kernel
+    if int4 and weight.index in int4:
+        return int4_lib.report(plan, int4[weight.index])
     return TensorReport(
         layer=kernel.layer,
         tensor=kernel.tensor,
