@@ -43,6 +43,8 @@ def test_profile_round_trips_through_json():
     ("decode_linked", "yes", "decode_linked"),
     ("mac_instructions", {"CONV_2D": 2.0}, "missing"),
     ("op_code_bytes", {"CONCATENATION": -5}, "CONCATENATION"),
+    ("int4_mac_factor", {"CONV_2D": 2.0}, "missing"),
+    ("int4_unpack_instructions", -1.0, "int4_unpack_instructions"),
 ])
 def test_bad_profile_field_is_named(field, value, message):
     profile = targets.get("cortex-m4-ref")

@@ -280,3 +280,14 @@ def test_cli_target_by_name_and_by_json_file(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "verdict: compression saves" in proc.stdout and "device (my-board" in proc.stdout
     assert os.path.getsize(tmp_path / "b.tflite") < os.path.getsize(tmp_path / "a.tflite")
+
+
+def test_cli_int4_flag_reaches_the_export_checks(tmp_path):
+    """--int4 is export's `int4`: refused with --quantize float32 before the
+    model is read, like the other combinations."""
+    (tmp_path / "model.keras").write_bytes(b"not read")
+    proc = run_cli("model.keras", "--out", "m.tflite", "--int4", "auto",
+                   "--quantize", "float32", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "int4='auto'" in proc.stderr and "float32" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["model.keras"]

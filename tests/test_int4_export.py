@@ -51,9 +51,8 @@ def test_int4_is_refused_where_it_would_not_apply():
         exporter.check_combinations(quantize="float32", int4="auto")
     with pytest.raises(ValueError, match="ram_bytes"):
         exporter.check_combinations(int4="always", ram_bytes=100_000)
-    with pytest.raises(ValueError, match="target"):
-        exporter.check_combinations(int4="auto", target="cortex-m4-ref")
     exporter.check_combinations(int4="never", ram_bytes=100_000)
+    exporter.check_combinations(int4="auto", target="cortex-m4-ref")
 
 
 # -- Models -------------------------------------------------------------------
@@ -262,3 +261,26 @@ def test_packing_matches_the_converters_private_low_bit_route():
     codes = np.transpose(k, (3, 0, 1, 2))
     assert bytes(model.buffers[tensor.buffer].data) == int4_lib.pack(codes)
     np.testing.assert_allclose(tensor.quantization.scale, s, rtol=1e-6)
+
+
+@pytest.mark.parametrize("profile", ["cortex-m4-cmsis-nn", "cortex-m4-ref"])
+def test_int4_on_a_target_adds_no_code_and_reports_its_instructions(tmp_path, profile):
+    """int4 links no DECODE: the firmware shrinks by the file change. CMSIS-NN
+    runs s4 kernels at a per-MAC factor; reference kernels unpack per weight."""
+    from tflite_export import target as targets
+
+    model, k, _, data = _model("conv2d", np.random.default_rng(3))
+    result = tflite_export.export(model, str(tmp_path / "m.tflite"), data, int4="always",
+                                  target=profile)
+    device = result.device
+    t = targets.get(profile)
+    assert device.code_added == {} and not device.decoded
+    assert device.flash_change == device.file_change < 0
+    (int4,) = device.int4
+    macs = 4 * 4 * 8 * 3 * 3 * 4  # 6x6x4 -> 4x4x8 with 3x3 filters
+    assert (int4.op, int4.elements, int4.macs) == ("CONV_2D", k.size, macs)
+    expected = (t.int4_mac_factor["CONV_2D"] - 1) * t.mac_instructions["CONV_2D"] * macs
+    expected += t.int4_unpack_instructions * k.size
+    assert int4.instructions == pytest.approx(expected) and int4.instructions > 0
+    assert int4.saved_bytes == k.size // 2
+    assert "int4 weights in 1 op(s)" in str(result)

@@ -5,6 +5,7 @@
         [--noslim] [--shared_tables auto|true|false]
         [--max_decode_bytes N | --ram_bytes N]
         [--target cortex-m4-cmsis-nn|profile.json [--decode auto|always]]
+        [--int4 auto|always]
 
 Flags that the export would ignore in the combination given (e.g.
 --weight_quantization with --quantize float32, --min_agreement with
@@ -91,6 +92,12 @@ _DECODE = flags.DEFINE_enum(
     "firmware flash, else the int8 file; always writes every compression "
     "that shrinks the file.",
 )
+_INT4 = flags.DEFINE_enum(
+    "int4", None, ["never", "auto", "always"],
+    "Native int4 weights (no DECODE) for int4-exact LUT kernels: auto where "
+    "no larger than the LUT, always for every LUT kernel (an error names one "
+    "that cannot be). Default never.",
+)
 _MIN_AGREEMENT = flags.DEFINE_float(
     "min_agreement", None,
     "Fail if top-1 agreement with Keras is lower (needs --verify).",
@@ -129,6 +136,7 @@ def main(argv):
         ram_bytes=_RAM_BYTES.value,
         target=target,
         decode=_DECODE.value,
+        int4=_INT4.value,
     )
     try:
         # export's own check, before the model is loaded.

@@ -155,6 +155,22 @@ def decoded_tensors(target, model_bytes):
     return found
 
 
+def _op_macs(subgraph, op, name):
+    """MACs of one CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED or
+    TRANSPOSE_CONV op, from its tensors' shapes."""
+    shape = [int(s) for s in subgraph.tensors[int(op.inputs[1])].shape]
+    if name == "TRANSPOSE_CONV":
+        # Every input value meets every filter tap of every output channel.
+        data = subgraph.tensors[int(op.inputs[2])].shape
+        return int(np.prod(data)) * int(np.prod(shape[:3]))
+    out = int(np.prod(subgraph.tensors[int(op.outputs[0])].shape))
+    if name == "CONV_2D":
+        return out * int(np.prod(shape[1:]))  # [out, kh, kw, in]
+    if name == "DEPTHWISE_CONV_2D":
+        return out * int(np.prod(shape[1:3]))  # [1, kh, kw, out]
+    return out * shape[-1]  # [units, in]
+
+
 def macs(model_bytes):
     """`{op: MACs}` of a file's CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED
     and TRANSPOSE_CONV ops, from their tensors' shapes."""
@@ -162,24 +178,52 @@ def macs(model_bytes):
     counts = {}
     for op in subgraph.operators:
         name = flatbuffer.op_name(model, op)
+        if name in targets.MAC_OPS:
+            counts[name] = counts.get(name, 0) + _op_macs(subgraph, op, name)
+    return counts
+
+
+@dataclasses.dataclass
+class Int4Weights:
+    """An op whose filter is native int4, and what that costs per inference.
+
+    Attributes:
+        op: The op's name, e.g. `"CONV_2D"`.
+        elements: Weights of its filter.
+        macs: Its MACs.
+        instructions: Instructions it adds over its int8 kernel: the int4
+            kernel's extra per MAC, plus an unpack per weight on kernel sets
+            that unpack.
+        saved_bytes: File bytes int4 saves over int8 (half the weights).
+    """
+
+    op: str
+    elements: int
+    macs: int
+    instructions: float
+    saved_bytes: int
+
+
+def int4_weights(target, model_bytes):
+    """The `Int4Weights` of a file's ops whose filter tensor is INT4."""
+    model, subgraph = _ops(model_bytes)
+    found = []
+    for op in subgraph.operators:
+        name = flatbuffer.op_name(model, op)
         if name not in targets.MAC_OPS:
             continue
-        shape = [int(s) for s in subgraph.tensors[int(op.inputs[1])].shape]
-        if name == "TRANSPOSE_CONV":
-            # Every input value meets every filter tap of every output channel.
-            data = subgraph.tensors[int(op.inputs[2])].shape
-            count = int(np.prod(data)) * int(np.prod(shape[:3]))
-        else:
-            out = int(np.prod(subgraph.tensors[int(op.outputs[0])].shape))
-            if name == "CONV_2D":
-                per_output = int(np.prod(shape[1:]))  # [out, kh, kw, in]
-            elif name == "DEPTHWISE_CONV_2D":
-                per_output = int(np.prod(shape[1:3]))  # [1, kh, kw, out]
-            else:
-                per_output = shape[-1]  # [units, in]
-            count = out * per_output
-        counts[name] = counts.get(name, 0) + count
-    return counts
+        weights = subgraph.tensors[int(op.inputs[1])]
+        if weights.type != schema.TensorType.INT4:
+            continue
+        elements = int(np.prod(weights.shape))
+        count = _op_macs(subgraph, op, name)
+        extra = (target.int4_mac_factor[name] - 1) * target.mac_instructions[name] * count
+        found.append(Int4Weights(
+            op=name, elements=elements, macs=count,
+            instructions=extra + target.int4_unpack_instructions * elements,
+            saved_bytes=elements - -(-elements // 2),
+        ))
+    return found
 
 
 def op_names(model_bytes):
@@ -207,6 +251,7 @@ class DeviceReport:
             saved no firmware flash on the target, the `DeviceReport` of
             the compressed file it declined (against the int8 file
             written); else None.
+        int4: An `Int4Weights` per op with a native int4 filter.
     """
 
     target: object
@@ -217,6 +262,7 @@ class DeviceReport:
     arena_bytes: object = None
     arena_note: str = ""
     declined: object = None
+    int4: list = dataclasses.field(default_factory=list)
 
     @property
     def flash_change(self):
@@ -233,10 +279,15 @@ class DeviceReport:
         return self.decode_instructions / self.int8_instructions if self.int8_instructions else 0.0
 
     @property
+    def int4_instructions(self):
+        return sum(w.instructions for w in self.int4)
+
+    @property
     def break_even_decode_bytes(self):
-        """The DECODE code size at which this export's firmware matches the
-        int8 route's (0 when no DECODE size would)."""
-        other = self.file_change + sum(
+        """The DECODE code size at which this export's DECODE ops pay for
+        themselves: what the file saves beyond its int4 weights and the
+        other code it links (0 when no DECODE size would)."""
+        other = self.file_change + sum(w.saved_bytes for w in self.int4) + sum(
             size for op, size in self.code_added.items() if op != DECODE_OP
         )
         return max(-other, 0)
@@ -244,6 +295,13 @@ class DeviceReport:
     @property
     def wins(self):
         return self.flash_change < 0
+
+    @property
+    def decode_pays(self):
+        """Whether the file's DECODE ops save firmware flash: the same file
+        with those tensors int8 (int4 ones kept) would be larger."""
+        cost = self.code_added.get(DECODE_OP, 0)
+        return self.break_even_decode_bytes > cost
 
     def verdict(self):
         """One line: does compression pay in firmware flash on this target?"""
@@ -301,6 +359,15 @@ class DeviceReport:
                     f"      {name}: {d.path}, {d.bits}-bit, {d.elements} weights "
                     f"in {d.channels} channel(s): {d.instructions:,.0f}"
                 )
+        if self.int4:
+            lines.append(
+                f"    int4 weights in {len(self.int4)} op(s): "
+                f"{sum(w.saved_bytes for w in self.int4):,} B saved, "
+                f"+{self.int4_instructions:,.0f} instructions per inference "
+                f"({100 * self.int4_instructions / max(self.int8_instructions, 1):.1f} % of "
+                "the int8 model's MAC instructions; no code added: the generic "
+                "registrations link int4 kernels)"
+            )
         lines.append(f"    verdict: {self.verdict()}")
         return lines
 
@@ -396,4 +463,5 @@ def report(target, model_bytes, int8_bytes, arena_bytes=None, arena_note=""):
         int8_instructions=sum(target.mac_instructions[op] * n for op, n in counts.items()),
         arena_bytes=arena_bytes,
         arena_note=arena_note,
+        int4=int4_weights(target, model_bytes),
     )

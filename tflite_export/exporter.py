@@ -507,7 +507,7 @@ def check_combinations(quantize="int8", verify=True, weight_quantization=None,
             f"{targets.DEFAULT!r} (or another profile or a Target), or drop decode."
         )
     int4_lib.check_combinations(int4, quantize=quantize, max_decode_bytes=max_decode_bytes,
-                                ram_bytes=ram_bytes, target=profile)
+                                ram_bytes=ram_bytes)
     if profile is not None and ram_bytes is not None and profile.kernels == "cmsis-nn":
         raise ValueError(
             f"ram_bytes with the CMSIS-NN target {profile.name!r} is not supported "
@@ -532,7 +532,7 @@ def _loses(target, model_bytes, int8_bytes):
     `target` against the int8 file `int8_bytes` (a tie too: the int8 file
     spends no decode instructions), else None."""
     report = device_lib.report(target, model_bytes, int8_bytes)
-    if report.decoded and not report.wins:
+    if report.decoded and not report.decode_pays:
         return _Declined(model_bytes, report)
     return None
 

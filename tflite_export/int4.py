@@ -296,8 +296,7 @@ def report(plan, tensor):
     )
 
 
-def check_combinations(int4, quantize="int8", max_decode_bytes=None, ram_bytes=None,
-                       target=None):
+def check_combinations(int4, quantize="int8", max_decode_bytes=None, ram_bytes=None):
     """Refuses `int4` (when given) where `export` would not apply it."""
     if int4 is None:
         return
@@ -313,11 +312,6 @@ def check_combinations(int4, quantize="int8", max_decode_bytes=None, ram_bytes=N
         raise ValueError(
             f"int4={int4!r} with {budget[0]} is not supported yet (the RAM "
             "planner does not count int4 kernels' unpack buffers): drop one."
-        )
-    if target is not None and int4 != "never":
-        raise ValueError(
-            f"int4={int4!r} with target={target.name!r} is not supported yet (the "
-            "device profiles have no int4 kernel costs): drop target, or int4."
         )
 
 

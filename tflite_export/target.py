@@ -90,6 +90,11 @@ class Target:
             does not use it already (e.g. `"CONCATENATION"` for splits).
         decode_state_bytes: Arena bytes each DECODE op keeps (node, eval
             tensors, decode state).
+        int4_mac_factor: `{op: factor}` for every name in `MAC_OPS`: the
+            instructions per MAC of the op's int4-filter kernel over its int8
+            kernel's (1 where the kernel set unpacks int4 to int8 first).
+        int4_unpack_instructions: Instructions per int4 weight per inference
+            to unpack it to int8 (reference kernels; 0 for packed kernels).
         provenance: Where the figures come from.
     """
 
@@ -102,6 +107,8 @@ class Target:
     mac_instructions: dict
     op_code_bytes: dict
     decode_state_bytes: int
+    int4_mac_factor: dict
+    int4_unpack_instructions: float
     provenance: str = ""
 
     def __post_init__(self):
@@ -128,6 +135,10 @@ class Target:
         _check_keys("Target.mac_instructions", self.mac_instructions, MAC_OPS)
         for op, cost in self.mac_instructions.items():
             _check_cost(f"Target.mac_instructions[{op!r}]", cost)
+        _check_keys("Target.int4_mac_factor", self.int4_mac_factor, MAC_OPS)
+        for op, factor in self.int4_mac_factor.items():
+            _check_cost(f"Target.int4_mac_factor[{op!r}]", factor)
+        _check_cost("Target.int4_unpack_instructions", self.int4_unpack_instructions)
         if not isinstance(self.op_code_bytes, dict):
             raise TypeError("Target.op_code_bytes must be a dict {op name: bytes}.")
         for op, size in self.op_code_bytes.items():
@@ -240,9 +251,12 @@ _CONCATENATION_CODE_BYTES = 4_200
 
 
 def _cortex_m4(name, kernels, mac_instructions, decode_code_bytes, note=""):
+    cmsis_nn = kernels == "cmsis-nn"
     return Target(
         name=name,
         kernels=kernels,
+        int4_mac_factor=dict(_CMSIS_NN_INT4 if cmsis_nn else _UNPACKED_INT4),
+        int4_unpack_instructions=0 if cmsis_nn else _INT4_UNPACK_INSTRUCTIONS,
         decode_code_bytes=decode_code_bytes,
         decode_linked=False,
         decode_tensor_instructions=100,
@@ -269,6 +283,21 @@ _REFERENCE_MACS = {
     "FULLY_CONNECTED": 6.45,
     "TRANSPOSE_CONV": 10.1,
 }
+
+# int4 filters. CMSIS-NN runs s4 kernels packed, at 1.7-2.4x the s8
+# instructions per MAC; per op, what whole models measured (issue 23): FC
+# 2.3x (AD, +130 %), conv 1.75x (ResNet-8, +73.8 %), depthwise the range's
+# low end (not measured alone). Reference kernels unpack each int4 filter
+# into an int8 scratch buffer at every Eval (~4.5 instructions per weight),
+# then run the int8 kernel.
+_CMSIS_NN_INT4 = {
+    "CONV_2D": 1.75,
+    "DEPTHWISE_CONV_2D": 1.7,
+    "FULLY_CONNECTED": 2.3,
+    "TRANSPOSE_CONV": 1.75,
+}
+_UNPACKED_INT4 = {op: 1.0 for op in MAC_OPS}
+_INT4_UNPACK_INSTRUCTIONS = 4.5
 
 PROFILES = {
     "cortex-m4-ref": _cortex_m4("cortex-m4-ref", "reference", _REFERENCE_MACS, _DECODE_CODE_BYTES),
