@@ -238,8 +238,33 @@ def ram_budget():
     return lines
 
 
-BLOCKS = {"mlperf_flash": mlperf_flash, "budgets": budgets, "ram_budget": ram_budget,
-          "dictionary_modes": dictionary_modes, "recipe": recipe, "batchnorm": batchnorm,
+def device():
+    record = _json("device.json")
+    rows = record["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    command = re.sub(r"--models_dir=\S+", "--models_dir=PATH", record["command"])
+
+    def row(model, variant):
+        return next(r for r in rows if r["model"] == model and r["variant"] == variant)
+
+    lines = [f"`{command}` ({record['seconds'] / 60:.0f} min, {record['date']}; "
+             f"profile `{record['target']}`):", "",
+             "| model | bits | int8 file | LUT file | LUT firmware vs int8 | LUT arena "
+             "(int8) | LUT decode share | default export writes | default firmware |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for m in models:
+        int8, lut, default = row(m, "int8"), row(m, "LUT (forced)"), row(m, "default")
+        lines.append(
+            f"| {m} | {lut['bits']} | {int8['file_bytes']:,} | {lut['file_bytes']:,} "
+            f"| {lut['flash_change']:+,} | {lut['arena_bytes']:,} ({int8['arena_bytes']:,}) "
+            f"| {100 * lut['decode_share']:.1f} % "
+            f"| {'LUT' if default['decode_ops'] else 'int8'} | {default['flash_change']:+,} |")
+    return lines
+
+
+BLOCKS = {"device": device, "mlperf_flash": mlperf_flash, "budgets": budgets,
+          "ram_budget": ram_budget, "dictionary_modes": dictionary_modes, "recipe": recipe,
+          "batchnorm": batchnorm,
           "quickstart": quickstart, "train_speed": train_speed}
 
 
