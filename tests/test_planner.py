@@ -1,5 +1,6 @@
 """The flash-budget planner: knapsack, byte estimate, plans, budgets, bad input."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -12,11 +13,14 @@ from experiments import datasets
 from experiments import models
 import lutq_tf
 import tflite_export
+from tflite_export import device
 from tflite_export import knapsack
 from tflite_export import plan as plan_cli
 from tflite_export import plan_costs
 from tflite_export import planner
 from tflite_export import sensitivity
+from tflite_export import target as targets
+from tflite_export.exporter import check_combinations
 
 # -- knapsack ----------------------------------------------------------------
 
@@ -162,7 +166,7 @@ _DELETE = object()
     (("layers", 1, "extra"), 1, ["layers[1]", "unknown ['extra']"]),
     (("estimate_byte",), 1, ["estimate_byte:", "not a plan field"]),
     (("budget_bytes",), 10_000, ["budget_bytes", "exceeds the budget"]),
-    (("schema",), 3, ["schema", "1 to 2"]),
+    (("schema",), 4, ["schema", "1 to 3"]),
     (("fisher",), "hessian", ["fisher"]),
     (("quantize_options", "overrides", "fc2", "bits"), 1, ["quantize_options"]),
     (("export_options", "shared_tables"), False, ["export_options"]),
@@ -199,7 +203,7 @@ def test_truncated_or_binary_plan_files_name_the_file(tmp_path):
 def test_plan_files_without_a_schema_load_as_before(tmp_path):
     """Files written before `schema` (1) have the same layer rows."""
     plan = _hand_plan()
-    data = plan.to_dict()
+    data = _old_schema(plan.to_dict())
     del data["schema"]
     del data["quantize_options"]["expected_weights"]
     source = tmp_path / "old.json"
@@ -207,6 +211,31 @@ def test_plan_files_without_a_schema_load_as_before(tmp_path):
     loaded = planner.Plan.load(source)
     assert loaded == plan
     assert loaded.quantize_options()["expected_weights"]["fc1"] == 18432
+
+
+def _old_schema(data):
+    """A schema 3 plan's data as schema 2 wrote it: no target fields, no
+    decode path or instructions per layer."""
+    for key in ("target", "target_profile", "decode_code_bytes", "flash_change"):
+        del data[key]
+    for row in data["layers"]:
+        del row["decode_path"], row["decode_instructions"]
+    data["schema"] = 2
+    return data
+
+
+def test_schema_2_plan_files_load_as_plans_without_a_target(tmp_path):
+    plan = _hand_plan()
+    source = tmp_path / "old.json"
+    source.write_text(json.dumps(_old_schema(plan.to_dict())))
+    loaded = planner.Plan.load(source)
+    assert loaded == plan and loaded.target is None
+    # Target fields are schema 3's: a schema 2 file holding one is refused.
+    data = _old_schema(plan.to_dict())
+    data["target"] = "cortex-m4-cmsis-nn"
+    source.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="target: a schema 2 plan has no target fields"):
+        planner.Plan.load(source)
 
 
 def test_saving_an_inconsistent_plan_writes_nothing(tmp_path):
@@ -560,3 +589,322 @@ def test_cli_writes_the_plan_and_the_lutq_model(digits, tmp_path, capsys):
     assert code == 1
     assert "below the smallest file" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+# -- plans for a device target (issue 22, section 3) ----------------------------
+
+_M4 = "cortex-m4-cmsis-nn"
+_DECODE_CODE = targets.PROFILES[_M4].decode_code_bytes  # 21,408 B
+_LINKED = dataclasses.replace(targets.PROFILES[_M4], name="board-with-decode",
+                              decode_linked=True)
+
+
+def _facts(layer, size, channels, alternate_axis=False):
+    return plan_costs.TensorFacts(layer, "kernel", size=size, channels=channels,
+                                  shareable=True, negated=False, dead=False,
+                                  alternate_axis=alternate_axis)
+
+
+def _choices(layers, int8_bytes, lut_sensitivity=2.0, bits=(1, 2), step=0.1):
+    """Hand-made `Choices`: each `(name, size, channels)` layer offers int8
+    (sensitivity 1) and per-tensor `bits` at `lut_sensitivity` less `step`
+    per bit above 1 (below 1: compression looks more accurate than int8, so
+    only the target keeps a budget above the int8 file from being spent on
+    it)."""
+    tensors = {name: [_facts(name, size, channels)] for name, size, channels in layers}
+    byte_model = plan_costs.ByteModel(int8_bytes=int8_bytes, tensors=tensors)
+    offers = {}
+    for name, size, _ in layers:
+        offers[name] = [(None, "int8", size, 1.0)] + [
+            (b, "tensor", byte_model.layer_bytes(name, b, "tensor"),
+             lut_sensitivity - step * (b - 1)) for b in bits]
+    return planner.Choices(byte_model=byte_model, offers=offers,
+                           layer_types={name: "Dense" for name, _, _ in layers},
+                           bits=list(bits), modes=["tensor"], fisher="labels")
+
+
+def test_a_target_keeps_int8_when_the_saving_is_below_decodes_code():
+    """Compressing 16,000 weights saves ~12 KB of file, less than DECODE's
+    21,408 B: on the M4 the plan is all int8 and says why; with DECODE
+    linked anyway (no code added) it compresses as without a target."""
+    found = _choices([("fc", 16_000, 16)], int8_bytes=20_000, lut_sensitivity=0.5)
+    plain = found.plan(30_000)
+    assert plain.compressed and plain.target is None
+    plan = found.plan(30_000, target=_M4)
+    assert not plan.compressed
+    assert plan.estimate_bytes == plan.int8_bytes == 20_000
+    assert plan.flash_change == 0 and plan.decode_code_bytes == _DECODE_CODE
+    saving = 20_000 - found.min_bytes
+    assert 0 < saving < _DECODE_CODE
+    text = plan.table()
+    assert f"compressing would save at most {saving:,} B of file" in text
+    assert "21,408 B of code DECODE adds" in text
+    assert plan.export_options() == dict(plan_costs.EXPORT_OPTIONS, target=_M4)
+    linked = found.plan(30_000, target=_LINKED)
+    assert [r.bits for r in linked.layers] == [r.bits for r in plain.layers]
+    assert linked.flash_change == linked.file_change < 0
+    assert linked.decode_code_bytes == 0 and not linked.target_profile
+    # A custom Target is left out of the export options: the user passes it.
+    assert "target" not in linked.export_options()
+
+
+def test_a_target_compresses_when_the_saving_pays_for_decode():
+    found = _choices([("fc", 64_000, 64)], int8_bytes=66_000, lut_sensitivity=0.5)
+    plan = found.plan(70_000, target=_M4)
+    assert plan.compressed
+    assert plan.flash_change == plan.file_change + _DECODE_CODE < 0
+    assert plan.notes() == [] and "decode" not in plan.export_options()
+    # Without the (artificial) gain in accuracy, all int8 is the most
+    # accurate plan, and the note says from which file compressing pays.
+    found = _choices([("fc", 64_000, 64)], int8_bytes=66_000)
+    plan = found.plan(70_000, target=_M4)
+    assert not plan.compressed
+    assert f"file below {66_000 - _DECODE_CODE:,} B" in plan.table()
+
+
+def test_a_budget_below_int8_forces_compression_and_names_the_growth():
+    found = _choices([("fc", 16_000, 16)], int8_bytes=20_000)
+    plain = found.plan(10_000)
+    plan = found.plan(10_000, target=_M4)
+    assert [r.bits for r in plan.layers] == [r.bits for r in plain.layers]
+    assert plan.estimate_bytes == plain.estimate_bytes <= 10_000
+    assert plan.flash_change - plan.file_change == _DECODE_CODE
+    assert plan.forced_growth and plan.flash_change > 0
+    text = plan.table()
+    assert f"the firmware grows by {plan.flash_change:,} B" in text
+    assert "file budget 10,000 B is below the int8 file (20,000 B)" in text
+    options = plan.export_options()
+    assert options["target"] == _M4 and options["decode"] == "always"
+    check_combinations(**options)  # export takes this combination
+    assert planner.Plan.from_dict(plan.to_dict()) == plan
+    # DECODE linked: the same compression, no growth, nothing forced.
+    linked = found.plan(10_000, target=_LINKED)
+    assert [r.bits for r in linked.layers] == [r.bits for r in plain.layers]
+    assert linked.flash_change == linked.file_change and not linked.forced_growth
+
+
+def test_equal_sensitivities_go_to_the_faster_decode_path():
+    """1-bit tables take DECODE's per-weight loop; at equal sensitivity a
+    target's plan takes 2 bits' block path where the budget allows."""
+    found = _choices([("fc", 16_000, 16)], int8_bytes=20_000, step=0)
+    plain = found.plan(10_000)
+    assert plain.layers[0].bits == 1  # the first of equals, without a target
+    plan = found.plan(10_000, target=_M4)
+    row = plan.layers[0]
+    assert row.bits == 2 and row.decode_path == "width2_16"
+    one_bit = found.byte_model.decode_cost(targets.PROFILES[_M4], "fc", 1)
+    assert one_bit[0] == "width_any" and one_bit[1] > 5 * row.decode_instructions
+    assert "width2_16" in plan.table() and "decode instr." in plan.table()
+    # A budget that only 1 bit fits: the slow path, and a note about it.
+    tight = found.plan(found.byte_model.estimate({"fc": (1, "tensor")}), target=_M4)
+    assert tight.layers[0].decode_path == "width_any"
+    assert "fc: DECODE's per-weight path" in tight.table()
+
+
+def test_knapsack_breaks_ties_by_the_second_cost():
+    groups = [[(0, 1.0, 0.0), (5, 1.0, 3.0), (9, 1.0, 1.0)], [(0, 2.0), (4, 2.0)]]
+    assert knapsack.solve(groups, 20, grid=1) == [0, 0]
+    groups[0][0] = (0, 1.0, 7.0)
+    assert knapsack.solve(groups, 20, grid=1) == [2, 0]
+    assert knapsack.solve(groups, 8, grid=1) == [1, 0]
+    # The first cost comes first.
+    groups[0][2] = (9, 1.5, 0.0)
+    assert knapsack.solve(groups, 20, grid=1) == [1, 0]
+
+
+def _target_plan():
+    """`_hand_plan` planned for the M4: its budget (12,000 B) is below the int8
+    file (26,864 B), so it compresses although the firmware grows by
+    -16,116 + 21,408 = 5,292 B."""
+    plan = _hand_plan()
+    paths = {"conv2": ("width3_32", 1_000.0), "fc1": ("width2_16", 6_000.5),
+             "fc2": ("width4_16", 300.0)}
+    for row in plan.layers:
+        row.decode_path, row.decode_instructions = paths.get(row.layer, (None, None))
+    return dataclasses.replace(plan, target=_M4, target_profile=True,
+                               decode_code_bytes=_DECODE_CODE, flash_change=5_292)
+
+
+def test_plan_json_round_trip_with_a_target(tmp_path):
+    plan = _target_plan()
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    data = json.loads(path.read_text())
+    assert data["schema"] == 3 and data["target"] == _M4
+    assert data["flash_change"] == 5_292 and data["decode_code_bytes"] == _DECODE_CODE
+    assert data["layers"][2]["decode_path"] == "width2_16"
+    assert data["export_options"]["decode"] == "always"
+    loaded = planner.Plan.load(path)
+    assert loaded == plan and loaded.decode_instructions == 7_300.5
+    assert "grows by 5,292 B" in loaded.table()
+
+
+@pytest.mark.parametrize("path, value, words", [
+    (("target",), "", ["target:", "target name or null"]),
+    (("target_profile",), "yes", ["target_profile", "true or false"]),
+    (("target",), "my-board", ["target_profile", "not a shipped profile"]),
+    (("decode_code_bytes",), 6_144, ["decode_code_bytes", "counts 21,408 B"]),
+    (("decode_code_bytes",), -1, ["decode_code_bytes", "whole number >= 0"]),
+    (("flash_change",), 5_000, ["flash_change", "give +5,292 B"]),
+    (("flash_change",), None, ["flash_change", "give +5,292 B"]),
+    (("layers", 2, "decode_path"), "width4_16", ["layers[2] ('fc1').decode_path",
+                                                "2-bit tables"]),
+    (("layers", 2, "decode_instructions"), -3, ["layers[2] ('fc1').decode_instructions"]),
+    (("layers", 2, "decode_instructions"), None, ["layers[2] ('fc1').decode_path",
+                                                 "together"]),
+    (("layers", 0), {"layer": "conv1", "layer_type": "Conv2D", "weights": 144,
+                     "bits": None, "mode": "int8", "bytes": 144, "sensitivity": 0.0,
+                     "decode_path": "width_any", "decode_instructions": 10.0},
+     ["layers[0] ('conv1').decode_path", "int8 layer"]),
+    (("layers", 2, "decode_instructions"), _DELETE, ["layers[2]", "missing"]),
+    # An edited budget above the int8 file: the plan would compress at a loss.
+    (("budget_bytes",), 30_000, ["flash_change", "compresses only when"]),
+])
+def test_plan_files_with_bad_target_fields_are_refused(tmp_path, path, value, words):
+    source = tmp_path / "plan.json"
+    _target_plan().save(source)
+    data = _edit(json.loads(source.read_text()), path, value)
+    data.pop("export_options")  # derived from the fields edited here
+    source.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as info:
+        planner.Plan.load(source)
+    message = str(info.value)
+    assert message.startswith(f"{source}: ")
+    for word in words:
+        assert word in message
+
+
+def test_target_fields_without_a_target_are_refused():
+    data = _hand_plan().to_dict()
+    data["decode_code_bytes"] = 0
+    with pytest.raises(ValueError, match="decode_code_bytes: 0 without a target"):
+        planner.Plan.from_dict(data)
+    data = _target_plan().to_dict()
+    data["target"] = None
+    for key in ("target_profile", "decode_code_bytes", "flash_change"):
+        data[key] = None
+    with pytest.raises(ValueError, match="layers .* have a decode path"):
+        planner.Plan.from_dict(data)
+
+
+def test_an_unknown_target_is_refused_before_any_conversion():
+    x = np.zeros((4, 8, 8, 1), np.float32)
+    with pytest.raises(ValueError, match="target='m7' is not a known profile"):
+        planner.plan_budget(_digits_model(), 10_000, x, target="m7")
+
+
+@pytest.mark.parametrize("value, words", [
+    ("m7", ["--target 'm7' is neither a profile"]),
+    ("missing.json", ["--target ", "missing.json: no such file"]),
+    ("bad.json", ["--target", "bad.json", "is not a JSON target profile"]),
+])
+def test_cli_names_a_bad_target_before_loading_anything(tmp_path, capsys, value, words):
+    (tmp_path / "bad.json").write_text("{")
+    out = tmp_path / "plan.json"
+    code = plan_cli.main([str(tmp_path / "m.keras"), "--budget", "8KiB", "--data",
+                          str(tmp_path / "x.npy"), "--target", str(tmp_path / value)
+                          if value.endswith(".json") else value, "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+    assert not out.exists()
+
+
+def _depthwise_cnn():
+    """DepthwiseConv2D (8 channels on the kernel's last axis) -> 1x1 Conv2D
+    -> fc1 Dense(32) -> fc2 Dense(10) on 8x8x2."""
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=4, name="dw")(inputs)
+    x = keras.layers.Conv2D(8, 1, name="pw")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(32, activation="relu", name="fc1")(x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="fc2")(x))
+
+
+@pytest.fixture(scope="module")
+def depthwise():
+    """The model, its inputs and its choices (one reference conversion)."""
+    keras.utils.set_random_seed(0)
+    model = _depthwise_cnn()
+    x = np.random.default_rng(0).standard_normal((16, 8, 8, 2)).astype(np.float32)
+    return model, x, planner.choices(model, x, max_batches=1, kmeans_iterations=2)
+
+
+@pytest.mark.slow
+def test_a_small_model_planned_for_the_m4(depthwise):
+    found = depthwise[2]
+    facts = found.byte_model.tensors
+    # Per-channel depthwise kernels have their channels on the last axis.
+    assert facts["dw"][0].alternate_axis and not facts["fc1"][0].alternate_axis
+    int8_file, minimum = found.byte_model.int8_bytes, found.min_bytes
+    assert int8_file - minimum < _DECODE_CODE
+    # A budget above the int8 file: all int8, and the note says why.
+    plan = found.plan(int8_file + 1_000, target=_M4)
+    assert not plan.compressed and plan.flash_change == 0
+    text = plan.table()
+    assert f"save at most {int8_file - minimum:,} B of file" in text
+    assert f"{_DECODE_CODE:,} B of code DECODE adds" in text
+    # Below it: compressed, the firmware change is the file change plus
+    # DECODE's code, each layer's path and instructions are reported.
+    plan = found.plan((int8_file + minimum) // 2, target=_M4)
+    assert plan.compressed and plan.estimate_bytes <= plan.budget_bytes
+    assert plan.flash_change == plan.file_change + _DECODE_CODE
+    for row in plan.layers:
+        if row.mode == "int8":
+            assert row.decode_path is None
+            continue
+        path, count = device.decode_instructions(
+            targets.PROFILES[_M4], row.weights, row.bits,
+            facts[row.layer][0].channels, facts[row.layer][0].alternate_axis)
+        assert (row.decode_path, row.decode_instructions) == (path, count)
+        assert row.decode_path in plan.table()
+    assert planner.Plan.from_dict(plan.to_dict()) == plan
+    # The depthwise kernel decodes on the per-weight path at any width.
+    assert found.byte_model.decode_cost(targets.PROFILES[_M4], "dw", 2)[0] == "width_any"
+
+
+@pytest.mark.slow
+def test_a_forced_plan_exports_compressed_on_its_target(depthwise, tmp_path):
+    """export(**plan.export_options()) writes the compressed file that the
+    budget needs although the firmware grows (decode='always'); 'auto'
+    would write the int8 file, over the budget."""
+    model, x, found = depthwise
+    plan = found.plan((found.byte_model.int8_bytes + found.min_bytes) // 2, target=_M4)
+    assert plan.forced_growth
+    q = lutq_tf.quantize_model(model, **plan)
+    path = str(tmp_path / "forced.tflite")
+    result = tflite_export.export(q, path, representative_data=x, verify=False,
+                                  **plan.export_options())
+    assert os.path.getsize(path) <= plan.estimate_bytes <= plan.budget_bytes
+    assert result.device.target.name == _M4
+    assert result.device.flash_change > 0 and result.device.declined is None
+
+
+@pytest.mark.slow
+def test_cli_plans_for_a_target_by_name_and_by_json(cli_files, tmp_path, capsys):
+    out = str(tmp_path / "plan.json")
+    np.save(cli_files["x.npy"],
+            np.random.default_rng(0).standard_normal((16, 8, 8, 1)).astype(np.float32))
+    code = plan_cli.main([cli_files["m.keras"], "--budget", "64KiB", "--data",
+                          cli_files["x.npy"], "--target", _M4, "--out", out])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"on {_M4}: firmware flash +0 B" in printed
+    assert f"--target {_M4}" in printed and "--decode" not in printed
+    plan = planner.Plan.load(out)
+    assert plan.target == _M4 and plan.target_profile and not plan.compressed
+    # A JSON profile with DECODE linked, and a budget below the int8 file.
+    profile = str(tmp_path / "board.json")
+    with open(profile, "w") as f:
+        json.dump(_LINKED.to_dict(), f)
+    budget = str(plan.int8_bytes - 1_000)
+    code = plan_cli.main([cli_files["m.keras"], "--budget", budget, "--data",
+                          cli_files["x.npy"], "--target", profile, "--out", out])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "on board-with-decode: firmware flash -" in printed
+    assert f"--target {profile}" in printed
+    plan = planner.Plan.load(out)
+    assert plan.target == "board-with-decode" and not plan.target_profile
+    assert plan.compressed and plan.flash_change == plan.file_change < 0

@@ -2,7 +2,9 @@
 
 Exact dynamic programming on a byte grid. Each option's bytes are rounded
 up to the grid, so a solution found on the grid also fits in real bytes;
-with `grid=1` the result is the exact optimum.
+with `grid=1` the result is the exact optimum. Options may carry a second
+cost that breaks ties of the first (e.g. decode instructions between
+choices of equal sensitivity).
 """
 
 import math
@@ -15,7 +17,9 @@ def solve(groups, capacity, grid=None, max_cells=50_000):
 
     Args:
         groups: A list of groups, each a non-empty list of `(bytes, cost)`
-            options (bytes an int >= 0, cost a float).
+            or `(bytes, cost, tie)` options (bytes an int >= 0, cost and
+            tie floats): among solutions of equal total cost (to a relative
+            1e-9), the least total `tie` (0 where not given).
         capacity: Total bytes allowed (an int).
         grid: Bytes per DP cell; default the smallest that keeps the table
             at most `max_cells` wide (1, exact, for small problems).
@@ -31,7 +35,7 @@ def solve(groups, capacity, grid=None, max_cells=50_000):
         raise ValueError("every group needs at least one option")
     # Work above each group's smallest option: the grid then spans only the
     # bytes the choices can trade.
-    floors = [min(b for b, _ in g) for g in groups]
+    floors = [min(option[0] for option in g) for g in groups]
     spare = int(capacity) - sum(floors)
     if spare < 0:
         return None
@@ -40,20 +44,31 @@ def solve(groups, capacity, grid=None, max_cells=50_000):
     cells = spare // grid + 1
     inf = np.inf
     best = np.zeros(cells)  # least cost with extra units <= w (no group yet)
+    ties = np.zeros(cells)  # its tie-breaking cost
     picks = []
     for group, floor in zip(groups, floors):
         new = np.full(cells, inf)
+        new_ties = np.full(cells, inf)
         pick = np.full(cells, -1, np.int32)
-        for index, (size, cost) in enumerate(group):
+        for index, option in enumerate(group):
+            size, cost = option[0], option[1]
+            tie = float(option[2]) if len(option) > 2 else 0.0
             units = -(-(int(size) - floor) // grid)  # rounded up: stays feasible
             if units >= cells:
                 continue
             candidate = np.full(cells, inf)
             candidate[units:] = best[: cells - units] + float(cost)
-            better = candidate < new
+            candidate_ties = np.full(cells, inf)
+            candidate_ties[units:] = ties[: cells - units] + tie
+            with np.errstate(invalid="ignore"):  # inf - inf where neither fits
+                close = np.abs(candidate - new) <= 1e-9 * np.maximum(
+                    1.0, np.minimum(np.abs(candidate), np.abs(new)))
+            better = np.isfinite(candidate) & (
+                (candidate < new) & ~close | close & (candidate_ties < new_ties))
             new[better] = candidate[better]
+            new_ties[better] = candidate_ties[better]
             pick[better] = index
-        best = new
+        best, ties = new, new_ties
         picks.append(pick)
     if not np.isfinite(best[-1]):
         return None

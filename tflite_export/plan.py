@@ -3,6 +3,7 @@
     python -m tflite_export.plan MODEL --budget 64KiB --data x.npy
         [--labels y.npy --loss sparse_categorical_crossentropy]
         [--bits 1,2,3,4] [--modes tensor,channel]
+        [--target cortex-m4-cmsis-nn|profile.json]
         [--out plan.json] [--quantized lutq.keras]
 
 MODEL is a float `.keras` or `.h5` file; with `--labels` and no
@@ -11,6 +12,14 @@ writes the plan as JSON (`tflite_export.planner.Plan.load`), `--quantized`
 the LUT-Q model `quantize_model(model, **plan)` ready for fine-tuning.
 Export it with `python -m tflite_export ... --weight_quantization
 per_channel --shared_tables true` (the plan's `export_options`).
+
+`--target` names a device profile (`tflite_export.target.PROFILES`) or a
+JSON file of one (`json.dump(target.to_dict(), f)`): the budget stays the
+file's, and the plan also counts and reports the firmware flash change
+against the all-int8 route (DECODE's code once) and each layer's decode
+path and instructions (`plan_budget(..., target=...)`). The printed export
+command passes the same `--target` (and `--decode always` when a budget
+below the int8 file forces a compression that grows the firmware).
 
 Budgets: a number of bytes, or with a unit: `B`, `K`/`KB`/`KiB` (1,024 B,
 as in linker scripts), `M`/`MB`/`MiB` (1,048,576 B).
@@ -88,6 +97,33 @@ def load_array(path, flag):
     return array
 
 
+def read_target(value):
+    """`--target`: None, a profile name, or a JSON profile file (a `Target`).
+
+    Raises:
+        ValueError, TypeError: An unknown name, or a file that cannot be
+            read or holds no valid profile (the message names `--target`,
+            the file and the field).
+    """
+    from tflite_export import target as targets  # no TensorFlow
+
+    if value is None:
+        return None
+    if value in targets.PROFILES:
+        return targets.PROFILES[value]
+    if value.endswith(".json") or os.path.isfile(value):
+        if not os.path.isfile(value):
+            raise ValueError(f"--target {value}: no such file.")
+        try:
+            return targets.load(value)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"--target {e}") from None
+    raise ValueError(
+        f"--target {value!r} is neither a profile ({', '.join(sorted(targets.PROFILES))}) "
+        "nor a JSON profile file (json.dump(target.to_dict(), f))."
+    )
+
+
 def _load_model(path, loss_flag, labels_given):
     """The model in `path`, compiled from the file when its loss is needed."""
     import lutq_tf
@@ -128,6 +164,9 @@ def _parser():
                         help="index bits to offer, comma separated (1..7)")
     parser.add_argument("--modes", default="tensor,channel",
                         help="dictionary modes to offer: tensor, scaled, channel")
+    parser.add_argument("--target",
+                        help="device profile name (e.g. cortex-m4-cmsis-nn) or a JSON "
+                             "profile file: report firmware flash and decode costs")
     parser.add_argument("--out", help="write the plan as JSON here")
     parser.add_argument("--quantized", help="write the LUT-Q model (.keras) here")
     return parser
@@ -147,6 +186,7 @@ def main(argv=None):
         budget = parse_budget(args.budget)
         bits = parse_bits(args.bits)
         modes = parse_modes(args.modes)
+        target = read_target(args.target)
         for path, flag in ((args.model, "MODEL"), (args.data, "--data"),
                            (args.labels, "--labels")):
             if path is not None and not os.path.isfile(path):
@@ -157,7 +197,7 @@ def main(argv=None):
             _writable(args.quantized, "--quantized")
             if not args.quantized.endswith(".keras"):
                 raise ValueError(f"--quantized={args.quantized!r} must end in .keras.")
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -173,7 +213,8 @@ def main(argv=None):
         return 2
     try:
         plan = planner.plan_budget(model, budget, data, labels=labels,
-                                   loss=args.loss, bits=bits, modes=modes)
+                                   loss=args.loss, bits=bits, modes=modes,
+                                   target=target)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -184,7 +225,14 @@ def main(argv=None):
     if args.quantized:
         lutq_tf.quantize_model(model, **plan).save(args.quantized)
         print(f"LUT-Q model written to {args.quantized}")
-    options = " ".join(f"--{k} {str(v).lower()}" for k, v in plan.export_options().items())
+    options = plan.export_options()
+    if target is not None and not plan.target_profile:
+        # A JSON profile: the export CLI reads the same file.
+        options["target"] = args.target
+        if plan.forced_growth:
+            options["decode"] = "always"
+    options = " ".join(
+        f"--{k} {v if k == 'target' else str(v).lower()}" for k, v in options.items())
     print(f"export with: python -m tflite_export MODEL {options}")
     return 0
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from tflite_export import compress
 from tflite_export import convert
+from tflite_export import device
 from tflite_export import exporter
 from tflite_export import lut_tensors
 from tflite_export import shared_tables
@@ -76,6 +77,9 @@ class TensorFacts:
         negated: Whether some channel's codes are negated (folded negative
             batch-norm factor): a shared table then holds up to 2K codes.
         dead: Whether some channel is all zero (adds the code 0).
+        alternate_axis: Whether its channels are on its last axis (a
+            per-channel depthwise kernel): TFLM's DECODE then takes the
+            per-weight loop at any width (`device.decode_path`).
     """
 
     layer: str
@@ -85,6 +89,7 @@ class TensorFacts:
     shareable: bool
     negated: bool
     dead: bool
+    alternate_axis: bool = False
 
     def lut_bytes(self, bits, mode):
         """Bytes of the compressed tensor (data + overhead) at `bits`, `mode`."""
@@ -138,6 +143,29 @@ class ByteModel:
 
     def int8_layer_bytes(self, layer):
         return sum(f.size for f in self.tensors[layer])
+
+    def decode_cost(self, target, layer, bits):
+        """`(path, instructions)` of decoding a layer's tensors at `bits` once.
+
+        Per tensor `device.decode_instructions` with its weights, the
+        channels of its int8 per-channel quantisation (DECODE walks them
+        whatever the table layout) and whether they are on its last axis;
+        the instructions are summed, the paths joined with `"+"` where a
+        layer's tensors take different ones.
+
+        Args:
+            target: A `target.Target`.
+            layer: A layer of `tensors`.
+            bits: Index bits.
+        """
+        paths, total = [], 0.0
+        for facts in self.tensors[layer]:
+            path, count = device.decode_instructions(
+                target, facts.size, bits, facts.channels, facts.alternate_axis)
+            if path not in paths:
+                paths.append(path)
+            total += count
+        return "+".join(paths), total
 
     def estimate(self, choices):
         """Estimated file bytes of `{layer: (bits, mode)}` (others int8)."""
@@ -230,6 +258,9 @@ def measure(model, representative_data, layers=None):
             shareable=shared is not None,
             negated=bool(shared is not None and shared.negated),
             dead=_dead_channels(match),
+            # As `device.decoded_tensors` reads it from a written file.
+            alternate_axis=(axis is not None and weight.array.shape[axis] > 1
+                            and axis == weight.array.ndim - 1),
         ))
     # A layer with an unmatched kernel (e.g. a SeparableConv whose pointwise
     # kernel the converter fused) cannot be planned tensor by tensor.

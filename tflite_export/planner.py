@@ -15,6 +15,15 @@ knapsack (`knapsack`) picks the least total sensitivity whose estimated
 file fits the budget. The estimate is never below the written file (the
 byte model counts every table entry and the exporter's per-tensor
 overhead), so the export fits when called with `plan.export_options()`.
+
+With `target=` (a `tflite_export.target` profile name or `Target`) the
+budget is still the file's; the plan also counts the code it adds to a
+firmware (DECODE once when any layer is compressed, 0 when the firmware
+links it anyway) and reports the firmware flash change against the
+all-int8 route and each layer's DECODE path and instructions per
+inference. When the budget holds the int8 file, it compresses only where
+that saves firmware flash; a budget below the int8 file forces
+compression, and the plan's notes then say how much the firmware grows.
 """
 
 import dataclasses
@@ -24,9 +33,11 @@ import numbers
 import numpy as np
 
 from lutq_tf.text import grid
+from tflite_export import device
 from tflite_export import knapsack
 from tflite_export import plan_costs
 from tflite_export import sensitivity as sensitivity_lib
+from tflite_export import target as targets
 from tflite_export.plan_costs import INT8
 from tflite_export.plan_costs import MAX_BITS
 from tflite_export.plan_costs import MODES
@@ -53,6 +64,12 @@ class LayerPlan:
         bytes: Estimated file bytes of the layer's weight tensors.
         sensitivity: Expected loss increase of the choice (see
             `sensitivity`), comparable across layers of one plan.
+        decode_path: With a target, TFLM's DECODE path for the layer's
+            tensors (`target.DECODE_PATHS`, joined with "+" where they
+            differ); None for int8 or without a target.
+        decode_instructions: With a target, estimated instructions to
+            decode the layer once per inference (`device.decode_instructions`);
+            None for int8 or without a target.
     """
 
     layer: str
@@ -62,6 +79,8 @@ class LayerPlan:
     mode: str
     bytes: int
     sensitivity: float
+    decode_path: object = None
+    decode_instructions: object = None
 
     @property
     def num_values(self):
@@ -93,13 +112,23 @@ class Plan:
     planned one's is refused rather than exported above the estimate.
 
     Attributes:
-        budget_bytes: The flash budget.
+        budget_bytes: The flash budget for the file.
         estimate_bytes: The estimated file (never below the written one).
         int8_bytes: The slim file with every layer int8.
         min_bytes: The smallest file the offered choices allow.
         layers: `LayerPlan`s in model order.
         fisher: How the sensitivities were weighted (`"labels"`,
             `"outputs"`, or `"none"`: plain squared error).
+        target: The name of the `target.Target` planned for, or None.
+        target_profile: Whether `target` names a shipped profile
+            (`target.PROFILES`) with its figures: only then does
+            `export_options` pass it to `export`.
+        decode_code_bytes: With a target, the code DECODE adds to a
+            firmware that uses it (`Target.decode_code_cost`: 0 when the
+            firmware links it anyway); else None.
+        flash_change: With a target, the estimated firmware flash change
+            against the all-int8 route: the file change plus
+            `decode_code_bytes` when any layer is compressed; else None.
     """
 
     budget_bytes: int
@@ -108,6 +137,10 @@ class Plan:
     min_bytes: int
     layers: list
     fisher: str = "labels"
+    target: object = None
+    target_profile: bool = False
+    decode_code_bytes: object = None
+    flash_change: object = None
 
     def quantize_options(self):
         """`{"layer_names", "overrides", "expected_weights"}` for `quantize_model`.
@@ -123,8 +156,22 @@ class Plan:
         }
 
     def export_options(self):
-        """Keyword arguments of `tflite_export.export` the estimate assumes."""
-        return dict(plan_costs.EXPORT_OPTIONS)
+        """Keyword arguments of `tflite_export.export` the estimate assumes.
+
+        With a shipped profile as target (`target_profile`), also
+        `target=<its name>`, so that the export reports on the same device;
+        and `decode="always"` when the plan compresses although the firmware
+        grows (a budget below the int8 file forces it): `"auto"` would write
+        the int8 file, which exceeds the budget. A plan for a custom
+        `Target` leaves both out: pass your `Target` to `export` yourself
+        (with `decode="always"` when `plan.forced_growth`).
+        """
+        options = dict(plan_costs.EXPORT_OPTIONS)
+        if self.target is not None and self.target_profile:
+            options["target"] = self.target
+            if self.forced_growth:
+                options["decode"] = "always"
+        return options
 
     # A mapping of `quantize_options`, so that `quantize_model(m, **plan)`.
     def keys(self):
@@ -137,21 +184,101 @@ class Plan:
     def sensitivity(self):
         return float(sum(row.sensitivity for row in self.layers))
 
+    @property
+    def compressed(self):
+        """Whether any layer is LUT-compressed (the file has DECODE ops)."""
+        return any(row.mode != INT8 for row in self.layers)
+
+    @property
+    def file_change(self):
+        """The estimated file minus the all-int8 file, in bytes."""
+        return self.estimate_bytes - self.int8_bytes
+
+    @property
+    def forced_growth(self):
+        """With a target: compressed although the firmware does not shrink
+        (only a budget below the int8 file makes the planner do that)."""
+        return (self.target is not None and self.compressed
+                and self.flash_change >= 0)
+
+    @property
+    def decode_instructions(self):
+        """With a target, the estimated decode instructions per inference."""
+        if self.target is None:
+            return None
+        return float(sum(r.decode_instructions or 0.0 for r in self.layers))
+
+    def notes(self):
+        """What the plan means on its target, as lines (none without one)."""
+        if self.target is None:
+            return []
+        code = self.decode_code_bytes
+        notes = []
+        if not self.compressed:
+            saving = self.int8_bytes - self.min_bytes
+            if saving <= code:
+                notes.append(
+                    f"all int8 on {self.target}: compressing would save at most "
+                    f"{saving:,} B of file, not more than the {code:,} B of code "
+                    f"DECODE adds, so every compressed plan grows the firmware.")
+            else:
+                notes.append(
+                    f"all int8 on {self.target}: the most accurate plan within the "
+                    f"budget. Compressing saves firmware only with a file below "
+                    f"{self.int8_bytes - code:,} B (the int8 file less the {code:,} B "
+                    f"of code DECODE adds), at most {saving - code:,} B of flash: "
+                    f"give such a budget to trade accuracy for it.")
+        elif self.forced_growth:
+            notes.append(
+                f"the firmware grows by {self.flash_change:,} B against the all-int8 "
+                f"route on {self.target}: the file shrinks by {-self.file_change:,} B "
+                f"but DECODE adds {code:,} B of code. Compressed anyway because the "
+                f"file budget {self.budget_bytes:,} B is below the int8 file "
+                f"({self.int8_bytes:,} B). Export with decode='always'"
+                + (" (in export_options)" if self.target_profile else
+                   " and your target")
+                + ": decode='auto' would write the int8 file, over the budget.")
+        slow = [r.layer for r in self.layers
+                if r.decode_path is not None and "width_any" in r.decode_path]
+        if slow:
+            notes.append(
+                f"{', '.join(slow)}: DECODE's per-weight path (~24 instructions per "
+                "weight against ~3.4 on the 2-4-bit block paths), which 1-bit "
+                "tables and per-channel depthwise kernels always take.")
+        return notes
+
     def table(self):
-        """The plan as a text table (layer, K, mode, bytes, sensitivity)."""
+        """The plan as a text table (layer, K, mode, bytes, sensitivity; with
+        a target, each layer's decode path and instructions)."""
         head = ("layer", "type", "weights", "K", "bits", "mode", "bytes",
                 "sensitivity")
         rows = [(r.layer, r.layer_type, f"{r.weights:,}",
                  "-" if r.bits is None else str(r.num_values),
                  "8" if r.bits is None else str(r.bits), r.mode,
                  f"{r.bytes:,}", f"{r.sensitivity:.3g}") for r in self.layers]
-        out = [grid(head, rows, right={2, 3, 4, 6, 7})]
+        right = {2, 3, 4, 6, 7}
+        if self.target is not None:
+            head += ("decode path", "decode instr.")
+            rows = [row + ("-" if r.decode_path is None else r.decode_path,
+                           "-" if r.decode_instructions is None
+                           else f"{r.decode_instructions:,.0f}")
+                    for row, r in zip(rows, self.layers)]
+            right |= {9}
+        out = [grid(head, rows, right=right)]
         out.append(
             f"estimated file {self.estimate_bytes:,} B of budget "
             f"{self.budget_bytes:,} B ({self.estimate_bytes / self.budget_bytes:.1%}); "
             f"all int8 {self.int8_bytes:,} B; smallest possible {self.min_bytes:,} B; "
             f"total sensitivity {self.sensitivity:.3g} (Fisher from {self.fisher})"
         )
+        if self.target is not None:
+            code = self.decode_code_bytes if self.compressed else 0
+            out.append(
+                f"on {self.target}: firmware flash {self.flash_change:+,} B against the "
+                f"all-int8 route (file {self.file_change:+,} B, DECODE code {code:+,} B); "
+                f"decode {self.decode_instructions:,.0f} instructions per inference"
+            )
+            out.extend(f"note: {line}" for line in self.notes())
         return "\n".join(out)
 
     def __str__(self):
@@ -166,6 +293,10 @@ class Plan:
             "int8_bytes": self.int8_bytes,
             "min_bytes": self.min_bytes,
             "fisher": self.fisher,
+            "target": self.target,
+            "target_profile": self.target_profile,
+            "decode_code_bytes": self.decode_code_bytes,
+            "flash_change": self.flash_change,
             "layers": [dataclasses.asdict(r) for r in self.layers],
             "quantize_options": self.quantize_options(),
             "export_options": self.export_options(),
@@ -223,11 +354,17 @@ class Plan:
 
 
 # Plan files: 2 adds `schema` and `quantize_options["expected_weights"]`;
-# files without `schema` (1) hold the same layer fields and load alike.
-SCHEMA = 2
+# files without `schema` (1) hold the same layer fields and load alike. 3
+# adds the target fields (`_TARGET_FIELDS`) and the layers' decode path and
+# instructions; 1 and 2 load as plans without a target.
+SCHEMA = 3
 _PLAN_FIELDS = ("budget_bytes", "estimate_bytes", "int8_bytes", "min_bytes", "layers")
-_OPTIONAL_FIELDS = ("schema", "fisher", "quantize_options", "export_options")
+_TARGET_FIELDS = ("target", "target_profile", "decode_code_bytes", "flash_change")
+_OPTIONAL_FIELDS = ("schema", "fisher", "quantize_options",
+                    "export_options") + _TARGET_FIELDS
 _LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerPlan))
+# The layer fields of schemas 1 and 2.
+_OLD_LAYER_FIELDS = _LAYER_FIELDS[:7]
 _FISHER_SOURCES = ("labels", "outputs", "none")
 _REPLAN = ("Plans are measured, not edited: plan again (plan_budget with other "
            "bits=/modes=, or a budget) or pass quantize_model your own overrides.")
@@ -252,9 +389,15 @@ def _plan_from_dict(cls, data, source):
             f"{list(_PLAN_FIELDS)}, got {type(data).__name__}."
         )
     schema = data.get("schema", 1)
-    if schema not in (1, SCHEMA) or isinstance(schema, bool):
+    if schema not in range(1, SCHEMA + 1) or isinstance(schema, bool):
         raise fail("schema", f"{schema!r} is not a plan format this version reads "
                              f"(1 to {SCHEMA}); plan again with this version.")
+    if schema < 3:
+        newer = [k for k in _TARGET_FIELDS if k in data]
+        if newer:
+            raise fail(newer[0], f"a schema {schema} plan has no target fields; "
+                                 "they came with schema 3.")
+    layer_fields = _LAYER_FIELDS if schema >= 3 else _OLD_LAYER_FIELDS
     missing = [k for k in _PLAN_FIELDS if k not in data]
     if missing:
         raise fail(missing[0], f"missing (a plan holds {list(_PLAN_FIELDS)}). {_REPLAN}")
@@ -274,11 +417,11 @@ def _plan_from_dict(cls, data, source):
     for i, row in enumerate(data["layers"]):
         where = f"layers[{i}]"
         if not isinstance(row, dict):
-            raise fail(where, f"must be an object with {list(_LAYER_FIELDS)}, got {row!r}.")
-        missing = [k for k in _LAYER_FIELDS if k not in row]
-        unknown = sorted(set(row) - set(_LAYER_FIELDS))
+            raise fail(where, f"must be an object with {list(layer_fields)}, got {row!r}.")
+        missing = [k for k in layer_fields if k not in row]
+        unknown = sorted(set(row) - set(layer_fields))
         if missing or unknown:
-            raise fail(where, f"must have exactly the fields {list(_LAYER_FIELDS)}; "
+            raise fail(where, f"must have exactly the fields {list(layer_fields)}; "
                               f"missing {missing}, unknown {unknown}.")
         name = row["layer"]
         if not isinstance(name, str) or not name:
@@ -318,9 +461,18 @@ def _plan_from_dict(cls, data, source):
         if (isinstance(sens, bool) or not isinstance(sens, numbers.Real)
                 or not np.isfinite(sens) or sens < 0):
             raise fail(f"{where}.sensitivity", f"must be a finite number >= 0, got {sens!r}.")
+        path, instructions = row.get("decode_path"), row.get("decode_instructions")
+        if (path is None) != (instructions is None):
+            raise fail(f"{where}.decode_path", (
+                "decode_path and decode_instructions are given together or not at "
+                f"all, got {path!r} and {instructions!r}."))
+        if path is not None:
+            instructions = _check_decode(fail, where, path, instructions, int(bits)
+                                         if mode != INT8 else None)
         rows.append(LayerPlan(layer=name, layer_type=row["layer_type"],
                               weights=weights, bits=None if bits is None else int(bits),
-                              mode=mode, bytes=size, sensitivity=float(sens)))
+                              mode=mode, bytes=size, sensitivity=float(sens),
+                              decode_path=path, decode_instructions=instructions))
 
     # The numbers against each other: the estimate is what the layers' bytes
     # give on top of the all-int8 file (`plan_costs.ByteModel.estimate`).
@@ -345,8 +497,9 @@ def _plan_from_dict(cls, data, source):
         raise fail("budget_bytes", (
             f"the estimate {estimate:,} B exceeds the budget {budget:,} B. {_REPLAN}"))
 
+    device_fields = _check_target(fail, data, rows, budget, estimate, int8_bytes)
     plan = cls(budget_bytes=budget, estimate_bytes=estimate, int8_bytes=int8_bytes,
-               min_bytes=minimum, layers=rows, fisher=fisher)
+               min_bytes=minimum, layers=rows, fisher=fisher, **device_fields)
     # Written for readers; loading derives them from the layers, so an
     # edited copy would be ignored: refuse it instead.
     written = data.get("quantize_options")
@@ -363,6 +516,84 @@ def _plan_from_dict(cls, data, source):
             f"{written!r}: the estimate assumes {plan.export_options()!r}, "
             "the export's own options."))
     return plan
+
+
+def _check_decode(fail, where, path, instructions, bits):
+    """A compressed row's decode path and instructions; returns the latter."""
+    if bits is None:
+        raise fail(f"{where}.decode_path", f"must be null for an int8 layer (no "
+                                           f"DECODE), got {path!r}.")
+    fast = device.decode_path(bits)
+    allowed = sorted({fast, "width_any"})
+    parts = path.split("+") if isinstance(path, str) else [None]
+    if not all(p in allowed for p in parts) or len(set(parts)) != len(parts):
+        raise fail(f"{where}.decode_path", (
+            f"{path!r} is not a DECODE path of {bits}-bit tables: {allowed} (joined "
+            "with '+' where the layer's tensors differ). " + _REPLAN))
+    if (isinstance(instructions, bool) or not isinstance(instructions, numbers.Real)
+            or not np.isfinite(instructions) or instructions <= 0):
+        raise fail(f"{where}.decode_instructions",
+                   f"must be a finite number > 0, got {instructions!r}.")
+    return float(instructions)
+
+
+def _check_target(fail, data, rows, budget, estimate, int8_bytes):
+    """The target fields of a plan's data, checked against its numbers.
+
+    Returns:
+        The `Plan` keyword arguments of the target fields.
+    """
+    name = data.get("target")
+    compressed = any(r.mode != INT8 for r in rows)
+    if name is None:
+        given = [k for k in _TARGET_FIELDS[1:] if data.get(k) is not None
+                 and not (k == "target_profile" and data[k] is False)]
+        if given:
+            raise fail(given[0], f"{data[given[0]]!r} without a target: a plan "
+                                 "without one has null here. " + _REPLAN)
+        decoded = [r.layer for r in rows if r.decode_path is not None]
+        if decoded:
+            raise fail("target", f"null, but layers {decoded} have a decode path: "
+                                 "a plan without a target has none. " + _REPLAN)
+        return {}
+    if not isinstance(name, str) or not name:
+        raise fail("target", f"must be a target name or null, got {name!r}.")
+    profile = data.get("target_profile", False)
+    if not isinstance(profile, bool):
+        raise fail("target_profile", f"must be true or false, got {profile!r}.")
+    code = data.get("decode_code_bytes")
+    if isinstance(code, bool) or not isinstance(code, numbers.Integral) or code < 0:
+        raise fail("decode_code_bytes", f"must be the bytes of DECODE's code on "
+                                        f"{name!r} (a whole number >= 0), got {code!r}.")
+    if profile:
+        shipped = targets.PROFILES.get(name)
+        if shipped is None:
+            raise fail("target_profile", (
+                f"true, but {name!r} is not a shipped profile "
+                f"({sorted(targets.PROFILES)}): a custom target has false here."))
+        if code != shipped.decode_code_cost:
+            raise fail("decode_code_bytes", (
+                f"{code:,} B, but profile {name!r} counts {shipped.decode_code_cost:,} B "
+                f"of DECODE code. {_REPLAN}"))
+    missing = [r.layer for r in rows if r.mode != INT8 and r.decode_path is None]
+    if missing:
+        raise fail("target", f"{name!r}, but compressed layers {missing} have no "
+                             f"decode path. {_REPLAN}")
+    change = data.get("flash_change")
+    expected = estimate - int8_bytes + (int(code) if compressed else 0)
+    if (isinstance(change, bool) or not isinstance(change, numbers.Integral)
+            or change != expected):
+        raise fail("flash_change", (
+            f"{change!r}, but the file change {estimate - int8_bytes:+,} B"
+            + (f" and DECODE's {int(code):,} B of code" if compressed else "")
+            + f" give {expected:+,} B. {_REPLAN}"))
+    if compressed and change >= 0 and budget >= int8_bytes:
+        raise fail("flash_change", (
+            f"{change:+,} B: a plan for a target compresses only when that saves "
+            f"firmware, or when the budget ({budget:,} B) is below the int8 file "
+            f"({int8_bytes:,} B). {_REPLAN}"))
+    return {"target": name, "target_profile": profile, "decode_code_bytes": int(code),
+            "flash_change": int(change)}
 
 
 def check_budget(budget_bytes, argument="budget_bytes"):
@@ -541,6 +772,7 @@ def plan_budget(
     batch_size=16,
     max_batches=8,
     kmeans_iterations=8,
+    target=None,
 ):
     """Chooses index bits, dictionary mode or int8 per layer for a flash budget.
 
@@ -569,6 +801,15 @@ def plan_budget(
         kmeans_iterations: Lloyd steps of each choice's trial fit (LUT-Q's
             own initialisation; `quantize_model` runs 20, but the ranking of
             choices is settled after a few).
+        target: Optional device (`tflite_export.target`): a profile name
+            such as `"cortex-m4-cmsis-nn"`, or a `Target`. `budget_bytes`
+            stays the file's budget; with a target the plan also counts the
+            code it adds (DECODE once if any layer is compressed, 0 when
+            `decode_linked`), never compresses when that does not save
+            firmware flash unless the budget is below the int8 file (then
+            the notes say by how much the firmware grows, and why), breaks
+            ties of sensitivity towards faster decode paths, and reports
+            each layer's decode path and instructions (see `Choices.plan`).
 
     Returns:
         A `Plan`: `print(plan)` shows the table; `quantize_model(model,
@@ -576,14 +817,17 @@ def plan_budget(
         `**plan.export_options()`.
 
     Raises:
-        TypeError: `budget_bytes` is not an int (e.g. a float or a string).
-        ValueError: A bad argument (named), or a budget below the smallest
-            file the choices allow (the message gives that minimum).
+        TypeError: `budget_bytes` is not an int (e.g. a float or a string),
+            or `target` is neither a profile name nor a `Target`.
+        ValueError: A bad argument (named, an unknown target name too), or
+            a budget below the smallest file the choices allow (the message
+            gives that minimum).
     """
     budget = check_budget(budget_bytes)
+    targets.get(target)  # an unknown name is refused before any conversion
     return choices(model, calibration_data, labels=labels, loss=loss, bits=bits,
                    modes=modes, batch_size=batch_size, max_batches=max_batches,
-                   kmeans_iterations=kmeans_iterations).plan(budget)
+                   kmeans_iterations=kmeans_iterations).plan(budget, target=target)
 
 
 @dataclasses.dataclass
@@ -626,13 +870,30 @@ class Choices:
         # then smaller.
         return min(compressed, self.byte_model.int8_bytes)
 
-    def plan(self, budget_bytes):
+    def plan(self, budget_bytes, target=None):
         """The least-sensitivity `Plan` whose estimated file fits the budget.
+
+        With a `target` (a profile name or a `target.Target`):
+
+        - when the budget holds the all-int8 file, a compressed plan is
+          chosen only if it saves firmware flash (file saving above the
+          code DECODE adds, `Target.decode_code_cost`; a tie counts as a
+          loss, as with `export(decode="auto")`) and is more accurate than
+          all int8; otherwise the plan is all int8 and its notes say why;
+        - a budget below the int8 file can only be met by compressing: the
+          plan is the one without a target, and its notes give the firmware
+          growth against int8 when DECODE's code outweighs the saving;
+        - among choices of equal sensitivity, the one with fewer decode
+          instructions (e.g. 2 bits' block path over 1 bit's per-weight
+          loop), where the budget allows;
+        - each compressed layer's decode path and instructions per
+          inference (`device.decode_instructions`) are in the plan.
 
         Raises:
             TypeError, ValueError: as `plan_budget`.
         """
         budget = check_budget(budget_bytes)
+        profile = targets.get(target)
         minimum = self.min_bytes
         if budget < minimum:
             hint = ""
@@ -645,27 +906,66 @@ class Choices:
                 f"{minimum:,} bytes (all int8: {self.byte_model.int8_bytes:,} "
                 f"bytes).{hint}"
             )
-        groups = [[(c[2], c[3]) for c in opts] for opts in self.offers.values()]
-        # Any compressed layer adds the DECODE operator code once. Never
-        # None but when only all-int8 fits: the smallest options fit
-        # (checked above) and the grid rounds bytes above each layer's
-        # smallest option only.
-        picks = knapsack.solve(
-            groups, budget - self.fixed_bytes - plan_costs.DECODE_OPERATOR_BYTES)
-        if picks is None:
-            picks = [0] * len(groups)  # each layer's first offer is int8
+        int8_file = self.byte_model.int8_bytes
+        decode = {}  # (layer, bits) -> (path, instructions)
+        if profile is not None:
+            for name, opts in self.offers.items():
+                for b, mode, _, _ in opts:
+                    if mode != INT8 and (name, b) not in decode:
+                        decode[(name, b)] = self.byte_model.decode_cost(profile, name, b)
+
+        def tie(name, b, mode):
+            return 0.0 if mode == INT8 or profile is None else decode[(name, b)][1]
+
+        groups = [[(c[2], c[3], tie(name, c[0], c[1])) for c in opts]
+                  for name, opts in self.offers.items()]
+        all_int8 = [0] * len(groups)  # each layer's first offer is int8
+
+        def solve(limit):
+            # Any compressed layer adds the DECODE operator code once. None
+            # when no compressed plan fits `limit`: then all int8 is taken,
+            # which fits where this is called (the smallest options fit the
+            # budget, checked above, and the grid rounds bytes above each
+            # layer's smallest option only; all int8 is the smallest file
+            # when no compressed one fits).
+            picks = knapsack.solve(
+                groups, limit - self.fixed_bytes - plan_costs.DECODE_OPERATOR_BYTES)
+            return all_int8 if picks is None else picks
+
+        def sensitivity(picks):
+            return sum(opts[p][3] for opts, p in zip(self.offers.values(), picks))
+
+        if profile is None or budget < int8_file:
+            picks = solve(budget)
+        else:
+            # Compressed plans that save firmware against all int8, which fits.
+            picks = solve(min(budget, int8_file - profile.decode_code_cost - 1))
+            if sensitivity(picks) >= sensitivity(all_int8):
+                picks = all_int8
         rows = []
         for (name, opts), pick in zip(self.offers.items(), picks):
             b, mode, cost, sens = opts[pick]
+            path, instructions = (None, None) if mode == INT8 or profile is None \
+                else decode[(name, b)]
             rows.append(LayerPlan(
                 layer=name, layer_type=self.layer_types[name],
                 weights=self.byte_model.int8_layer_bytes(name), bits=b,
-                mode=mode, bytes=int(cost), sensitivity=float(sens)))
-        estimate = self.byte_model.estimate(
-            {r.layer: (r.bits, r.mode) for r in rows if r.mode != INT8})
-        return Plan(budget_bytes=budget, estimate_bytes=int(estimate),
-                    int8_bytes=self.byte_model.int8_bytes,
-                    min_bytes=int(minimum), layers=rows, fisher=self.fisher)
+                mode=mode, bytes=int(cost), sensitivity=float(sens),
+                decode_path=path, decode_instructions=instructions))
+        compressed = {r.layer: (r.bits, r.mode) for r in rows if r.mode != INT8}
+        estimate = int(self.byte_model.estimate(compressed))
+        device_fields = {}
+        if profile is not None:
+            code = profile.decode_code_cost
+            device_fields = {
+                "target": profile.name,
+                "target_profile": targets.PROFILES.get(profile.name) == profile,
+                "decode_code_bytes": code,
+                "flash_change": estimate - int8_file + (code if compressed else 0),
+            }
+        return Plan(budget_bytes=budget, estimate_bytes=estimate,
+                    int8_bytes=int8_file, min_bytes=int(minimum), layers=rows,
+                    fisher=self.fisher, **device_fields)
 
 
 def choices(
