@@ -184,7 +184,7 @@ class PruningRamp(keras.callbacks.Callback):
         return [[layer.quantizer.num_pruned(
                     state.pruning_table_size,
                     layer.quantizer.prune_rate * fraction)
-                 for state in layer._states]
+                 for state in layer.tensor_states]
                 for layer in self._lutq_layers]
 
     def _apply(self, counts):
@@ -193,7 +193,7 @@ class PruningRamp(keras.callbacks.Callback):
         for layer, layer_counts, old in zip(self._lutq_layers, counts,
                                             self._current):
             if layer_counts != old:
-                for state, count in zip(layer._states, layer_counts):
+                for state, count in zip(layer.tensor_states, layer_counts):
                     state.num_pruned.assign(count)
                 changed.append(layer)
         self._current = counts
@@ -201,7 +201,7 @@ class PruningRamp(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._current = [[int(state.num_pruned.numpy())
-                          for state in layer._states]
+                          for state in layer.tensor_states]
                          for layer in self._lutq_layers]
         step = _iterations(self.model)
         for layer in self._apply(self._counts(self._due(step))):
@@ -251,18 +251,10 @@ class QuantizationFigures(keras.callbacks.Callback):
                 "lutq_tf.LUTQModelMixin to the model class.")
         _layers(model, "QuantizationFigures")
         super().set_model(model)
-        _set_figures(model, self.every)
+        model.quantization_figures_every = self.every
 
     def on_train_end(self, logs=None):
-        _set_figures(self.model, 0)
-
-
-def _set_figures(model, every):
-    """Turns the train step's figures on (`every` > 0) or off."""
-    if getattr(model, "_lutq_figures_every", 0) != every:
-        model._lutq_figures_every = every
-        # The figures are traced into the train function: rebuild it.
-        model.train_function = None
+        self.model.quantization_figures_every = 0
 
 
 class DictionaryTensorBoard(keras.callbacks.Callback):
@@ -324,7 +316,7 @@ class DictionaryTensorBoard(keras.callbacks.Callback):
             self._writer = tf.summary.create_file_writer(self.log_dir)
         with self._writer.as_default():
             for layer in self._lutq_layers:
-                for state in layer._states:
+                for state in layer.tensor_states:
                     tag = f"{layer.name}/{state.spec.attribute}"
                     dictionary = state.dictionary.numpy()
                     tf.summary.histogram(f"{tag}/weights",

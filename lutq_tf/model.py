@@ -1,18 +1,19 @@
 """Models that run the LUT-Q k-means step after each optimizer step."""
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
+from lutq_tf.quantizer import check_int
+from lutq_tf.registry import all_layers
 from lutq_tf.wrapper import LUTQWrapper
 
 
-def lutq_layers(model):
+def lutq_layers(model: keras.Model) -> list[LUTQWrapper]:
     """All `LUTQWrapper`s in `model`, nested models included, in order."""
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, LUTQWrapper)
-    ]
+    return [layer for layer in all_layers(model)
+            if isinstance(layer, LUTQWrapper)]
 
 
 # The train step's log entry that carries the non-finite check to the host.
@@ -58,13 +59,10 @@ class LUTQModelMixin:
         # While Keras' step traces the forward pass, the wrappers know that
         # this model runs their k-means step (they would otherwise run it
         # themselves in `call`).
-        for layer in layers:
-            layer._kmeans_driven += 1
-        try:
-            logs = super().train_step(data)
-        finally:
+        with contextlib.ExitStack() as driven:
             for layer in layers:
-                layer._kmeans_driven -= 1
+                driven.enter_context(layer.kmeans_driven_by_model())
+            logs = super().train_step(data)
         nonfinite = self.lutq_step()
         if isinstance(logs, dict):
             # Read back by the wrapped train function, then removed: a
@@ -73,9 +71,29 @@ class LUTQModelMixin:
             # replicas, which bool tensors do not support.
             logs = dict(logs)
             logs[_NONFINITE_LOG] = tf.cast(nonfinite, tf.int32)
-            if getattr(self, "_lutq_figures_every", 0):
+            if self.quantization_figures_every:
                 logs.update(self._figure_logs(layers))
         return self._reducible_logs(logs)
+
+    @property
+    def quantization_figures_every(self):
+        """0 (off), or N: the train step measures the LUT-Q figures at
+        every N-th k-means step of a layer and logs them at every step.
+
+        `lutq_tf.callbacks.QuantizationFigures` sets it for its `fit`;
+        the logs are `ERROR_LOG` (mean |W - d[A]| over every LUT-Q weight)
+        and `CHANGED_LOG` (the share of assignments the step changed).
+        Setting a new value makes Keras retrace the train function.
+        """
+        return getattr(self, "_lutq_figures_every", 0)
+
+    @quantization_figures_every.setter
+    def quantization_figures_every(self, every):
+        every = check_int("quantization_figures_every", every, 0)
+        if every != self.quantization_figures_every:
+            self._lutq_figures_every = every
+            # The figures are traced into the train function: rebuild it.
+            self.train_function = None
 
     def _figure_logs(self, layers):
         """The last measured figures over all LUT-Q weights.
@@ -84,11 +102,11 @@ class LUTQModelMixin:
         across replicas keeps the values.
         """
         size = float(sum(state.size for layer in layers
-                         for state in layer._states))
+                         for state in layer.tensor_states))
         if not size:
             return {}
-        error = tf.add_n([layer._schedule.error.value for layer in layers])
-        changed = tf.add_n([layer._schedule.changed.value
+        error = tf.add_n([layer.last_figures[0].value for layer in layers])
+        changed = tf.add_n([layer.last_figures[1].value
                             for layer in layers])
         return {ERROR_LOG: error / size, CHANGED_LOG: changed / size}
 
@@ -147,15 +165,14 @@ class LUTQModelMixin:
         layers = lutq_layers(self)
         self._check_strategy(layers)
         pauses = [layer.kmeans_pauses for layer in layers]
-        figures = getattr(self, "_lutq_figures_every", 0)
+        figures = self.quantization_figures_every
         try:
             history = super().fit(*args, **kwargs)
         finally:
             for layer, kept in zip(layers, pauses):
                 layer.clear_kmeans_pauses(keep=kept)
-            if getattr(self, "_lutq_figures_every", 0) != figures:
-                self._lutq_figures_every = figures
-                self.train_function = None  # traced with the figures
+            # Retraces if a callback left the figures switched.
+            self.quantization_figures_every = figures
         # With kmeans_every > 1 the per-step check skips the steps between
         # k-means steps; one pass over W here keeps a NaN from outliving fit.
         for layer in layers:
@@ -175,7 +192,7 @@ class LUTQModelMixin:
             A bool scalar tensor: True if some layer's flag is raised.
         """
         iterations = self.optimizer.iterations
-        figures_every = getattr(self, "_lutq_figures_every", 0)
+        figures_every = self.quantization_figures_every
         any_nonfinite = tf.constant(False)
         for layer in lutq_layers(self):
             every = layer.quantizer.kmeans_every
@@ -185,7 +202,7 @@ class LUTQModelMixin:
                 # Its (iterations // every)-th due step: 1, 1 + N, ...
                 measure = tf.logical_and(due, tf.equal(
                     (iterations // every - 1) % figures_every, 0))
-            finite = layer._scheduled_step(due, measure)
+            finite = layer.scheduled_kmeans_step(due, measure)
             flag = tf.logical_or(layer.nonfinite_flag.value,
                                  tf.logical_not(finite))
             layer.nonfinite_flag.assign(flag)

@@ -1,6 +1,10 @@
 """`quantize_model` and `strip_model`: rebuilding Keras models with LUT-Q."""
 
 import collections.abc
+from collections.abc import Iterable
+from collections.abc import Mapping
+from typing import Optional
+from typing import Union
 import warnings
 
 import keras
@@ -8,6 +12,7 @@ from keras.src.models.functional import Functional  # no public alias
 import numpy as np
 
 from lutq_tf import registry
+from lutq_tf.constraints import Constraint
 from lutq_tf.model import LUTQModel
 from lutq_tf.model import LUTQSequential
 from lutq_tf.model import lutq_layers
@@ -22,24 +27,29 @@ _SUBCLASSED_HINT = (
 )
 
 
+# What `overrides` maps a layer name to.
+LayerOptions = Union[Mapping[str, object], LUTQuantizer, None]
+
+
 def quantize_model(
-    model,
-    bits=None,
-    num_values=None,
-    constraint="none",
-    prune_rate=0.0,
-    per_channel=False,
-    channel_scales=False,
-    layer_types=None,
-    layer_names=None,
-    skip=(),
-    min_weights=0,
-    overrides=None,
-    kmeans_every=1,
-    init_iterations=20,
-    dictionary_rate=1.0,
-    expected_weights=None,
-):
+    model: keras.Model,
+    bits: Optional[int] = None,
+    num_values: Optional[int] = None,
+    constraint: Union[str, Constraint] = "none",
+    prune_rate: float = 0.0,
+    per_channel: Optional[bool] = None,
+    channel_scales: Optional[bool] = None,
+    layer_types: Union[type, Iterable[type], None] = None,
+    layer_names: Optional[Iterable[str]] = None,
+    skip: Optional[Iterable[str]] = (),
+    min_weights: int = 0,
+    overrides: Optional[Mapping[str, LayerOptions]] = None,
+    kmeans_every: int = 1,
+    init_iterations: int = 20,
+    dictionary_rate: float = 1.0,
+    expected_weights: Optional[Mapping[str, int]] = None,
+    granularity: Optional[str] = None,
+) -> Union[LUTQModel, LUTQSequential]:
     """Returns a LUT-Q version of a Sequential or Functional model.
 
     The new model has the same inputs, outputs, layer names and current
@@ -49,41 +59,28 @@ def quantize_model(
     If `model` was compiled, the result is compiled with the same settings
     (a fresh optimizer).
 
+    The quantizer options (`bits`, `num_values`, `constraint`,
+    `prune_rate`, `granularity` and its aliases `per_channel` and
+    `channel_scales`, `kmeans_every`, `init_iterations`,
+    `dictionary_rate`) are `lutq_tf.LUTQuantizer`'s and are described
+    there; they make the quantizer of every selected layer. `bits`
+    defaults to 4 when neither `bits` nor `num_values` is given.
+
     Args:
         model: a Sequential or Functional Keras model (nested ones
             included).
-        bits: index bits per weight; K = 2**bits. Defaults to 4 when
-            neither `bits` nor `num_values` is given.
-        num_values: K, any integer >= 2 (instead of `bits`).
-        constraint: "none", "pow2", "uniform" or a
-            `lutq_tf.constraints.Constraint`.
-        prune_rate: fraction in [0, 1) of weights per table set to exactly 0.
-        per_channel: one dictionary per output channel. A layer whose
-            output channels hold fewer than K weights each (a 3x3
-            DepthwiseConv2D has 9) gets one dictionary per tensor instead,
-            whatever the constraint; one warning lists such layers and
-            `summary` marks them ("tensor (channels < K)").
-        channel_scales: one dictionary per tensor over the weights divided
-            by their output channel's RMS (s_c); Q = s_c * d[A].
-            Excludes `per_channel`.
         layer_types: quantise only layers of these types (a Keras layer
             class, or a tuple or list of them).
         layer_names: quantise only the layers with these names (a list).
         skip: names of layers to keep in float (a list; None for none).
         min_weights: an integer >= 0; layers whose quantisable kernels hold
             fewer weights stay float.
-        overrides: `{layer_name: options}` where options is a dict of the
-            arguments above (`bits`, `num_values`, `constraint`,
-            `prune_rate`, `per_channel`, `channel_scales`, `kmeans_every`,
-            `dictionary_rate`),
-            a `LUTQuantizer`, or None to keep that layer in float.
-        kmeans_every: run the k-means step every this many optimizer steps.
-        init_iterations: Lloyd iterations of the initial k-means.
-        dictionary_rate: float in [0, 1]: each training k-means step moves
-            d this share of the way to the cluster means,
-            d <- d + rate * (means - d), before the constraint's
-            projection. 1 refits d at every step; 0 keeps the initial
-            fit (only A follows W). The initial k-means always fits fully.
+        overrides: `{layer_name: options}` where options is a dict of
+            `LUTQuantizer` options replacing the defaults given here for
+            that layer (e.g. `{"bits": 2, "granularity": "per_tensor"}`; a
+            `granularity` replaces the default's layout, the aliases alone
+            update it), a `LUTQuantizer`, or None to keep that layer in
+            float.
         expected_weights: `{layer_name: count}`: the quantisable weights
             (biases excluded) each named layer must hold, e.g. those a
             flash-budget plan was measured on (`tflite_export.plan_budget`
@@ -112,6 +109,7 @@ def quantize_model(
         prune_rate=prune_rate, per_channel=per_channel,
         channel_scales=channel_scales, kmeans_every=kmeans_every,
         init_iterations=init_iterations, dictionary_rate=dictionary_rate,
+        granularity=granularity,
     )
     _check_expected_weights(model, expected_weights)
     plan = _plan(model, default, layer_types, layer_names, skip, min_weights,
@@ -133,7 +131,7 @@ def quantize_model(
     return quantized
 
 
-def strip_model(model):
+def strip_model(model: keras.Model) -> keras.Model:
     """A plain Keras model whose quantised kernels hold exactly d[A].
 
     It has no lutq_tf classes, the same layer names, and predicts what the
@@ -260,18 +258,10 @@ def _compile_like(quantized, model):
         )
 
 
-def _all_layers(model):
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if not isinstance(layer, keras.Model)
-    ]
-
-
 def _plan(model, default, layer_types, layer_names, skip, min_weights,
           overrides):
     """`{layer name: LUTQuantizer}` for the layers to quantise."""
-    layers = {layer.name: layer for layer in _all_layers(model)}
+    layers = {layer.name: layer for layer in registry.all_layers(model, include_models=False)}
     if overrides is None:
         overrides = {}
     if not isinstance(overrides, collections.abc.Mapping):
@@ -357,7 +347,7 @@ def _fall_back_to_per_tensor(model, plan):
     would not fit either. Updates `plan` in place and warns once, listing
     the layers.
     """
-    layers = {layer.name: layer for layer in _all_layers(model)}
+    layers = {layer.name: layer for layer in registry.all_layers(model, include_models=False)}
     fallen = []
     for name, quantizer in plan.items():
         if not quantizer.per_channel:
@@ -368,13 +358,14 @@ def _fall_back_to_per_tensor(model, plan):
         fits_per_tensor = min(size for _, size, _ in sizes) >= (
             quantizer.num_values)
         if smallest[0] < quantizer.num_values and fits_per_tensor:
-            plan[name] = quantizer.with_options(per_channel=False,
+            plan[name] = quantizer.with_options(granularity="per_tensor",
                                                 per_channel_fallback=True)
             fallen.append(f"'{name}' (`{smallest[1]}`: {smallest[0]} weights "
                           f"per channel, K={quantizer.num_values})")
     if fallen:
         warnings.warn(
-            f"quantize_model: per_channel=True, but the output channels of "
+            f"quantize_model: granularity='per_channel' (per_channel="
+            f"True), but the output channels of "
             f"{len(fallen)} layer(s) of model '{model.name}' hold fewer "
             "weights than a dictionary's K entries, so each of their tensors "
             f"gets one dictionary per tensor instead: {', '.join(fallen)}. "
@@ -404,7 +395,7 @@ def _check_expected_weights(model, expected_weights):
     if not isinstance(expected_weights, collections.abc.Mapping):
         raise TypeError("`expected_weights` takes a dict {layer_name: count}, "
                         f"got {expected_weights!r}.")
-    layers = {layer.name: layer for layer in _all_layers(model)}
+    layers = {layer.name: layer for layer in registry.all_layers(model, include_models=False)}
     _check_names("expected_weights", expected_weights)
     wrong = [f"no layer '{name}'" if name not in layers else
              f"layer '{name}' has {_quantizable_size(layers[name]):,} weights, "
@@ -459,8 +450,8 @@ def _rebuild(model, clone, functional_class, sequential_class):
     # clone_model compiles its clones of compiled models from their compile
     # configs, which fails for a local custom loss; the clone is discarded
     # and the caller compiles the result, so clone the models as uncompiled.
-    models = [model] + [layer for layer in model._flatten_layers(
-        include_self=False, recursive=True) if isinstance(layer, keras.Model)]
+    models = [model] + [layer for layer in registry.all_layers(model)
+                        if isinstance(layer, keras.Model)]
     compiled = [m.compiled for m in models]
     try:
         for m in models:

@@ -15,40 +15,73 @@ def index_bits(num_values):
     at least 1 (the one home of this fact; the exporter packs with it)."""
     return max(1, (int(num_values) - 1).bit_length())
 
+
+# The values of `granularity`, and the internal mode each one names.
+GRANULARITIES = ("per_tensor", "per_channel", "per_channel_scaled")
+_MODES = {"per_tensor": "tensor", "per_channel": "channel",
+          "per_channel_scaled": "scaled"}
+# The boolean options that are aliases of one granularity each.
+_ALIASES = (("per_channel", "per_channel"),
+            ("channel_scales", "per_channel_scaled"))
+
 @keras.saving.register_keras_serializable(package="lutq_tf")
 class LUTQuantizer:
     """The LUT-Q specification of one weight tensor: Q = d[A].
+
+    These are also the options `lutq_tf.quantize_model` takes for its
+    default quantizer and in its `overrides` dicts (this docstring is their
+    one description).
 
     Args:
         num_values: K, the number of dictionary entries (>= 2). Give this or
             `bits`.
         bits: index bits; K = 2**bits.
-        constraint: "none", "pow2", "uniform" or a
+        constraint: "none", "pow2", "uniform", "int4" or a
             `lutq_tf.constraints.Constraint`.
         prune_rate: fraction in [0, 1) of each table's weights (smallest
             |W|) assigned to an entry fixed at exactly 0. 0 disables pruning.
-        per_channel: one dictionary per output channel instead of one per
-            tensor.
+        per_channel: True is an alias of `granularity="per_channel"`
+            (None or False: not that granularity).
         kmeans_every: run the k-means step after every this many optimizer
             steps.
         init_iterations: Lloyd iterations of the initial k-means.
-        channel_scales: one dictionary per tensor over the weights divided
-            by their output channel's scale `s_c = RMS(W[:, c])` (refreshed
-            at each k-means step); Q[m, c] = s_c * d[A[m, c]]. An all-zero
-            channel has s_c = 0, so its Q stays exactly 0. Per-channel
-            ranges at one table's cost (an exporter folds s_c into the int8
-            per-channel scale). Pruning takes the tensor's smallest
-            |W[m, c] / s_c|. Excludes `per_channel`.
+        channel_scales: True is an alias of
+            `granularity="per_channel_scaled"` (None or False: not that
+            granularity).
         dictionary_rate: float in [0, 1]: how far each training k-means step
             moves d towards the cluster means, d <- d + rate * (means - d),
             before the constraint's projection. 1 refits d at every step;
             0 keeps d at its initial fit (only A follows W). The initial
             k-means (`initialize`) always fits fully.
-        per_channel_fallback: True when `per_channel` was asked for a layer
-            whose output channels hold fewer than K weights each, so this
-            quantizer has one dictionary per tensor instead (set by
-            `quantize_model`; `summary` reports it). Only with
-            `per_channel=False` and `channel_scales=False`.
+        per_channel_fallback: True when per-channel dictionaries were asked
+            for a layer whose output channels hold fewer than K weights
+            each, so this quantizer has one dictionary per tensor instead
+            (set by `quantize_model`; `summary` reports it). Only with
+            granularity "per_tensor".
+        granularity: what one dictionary serves (default "per_tensor", or
+            what the aliases `per_channel` / `channel_scales` say):
+
+            - "per_tensor": one dictionary per weight tensor.
+            - "per_channel": one dictionary per output channel.
+              `quantize_model` gives a layer whose output channels hold
+              fewer than K weights each (a 3x3 DepthwiseConv2D has 9) one
+              dictionary per tensor instead, whatever the constraint; one
+              warning lists such layers and `summary` marks them
+              ("tensor (channels < K)").
+            - "per_channel_scaled": one dictionary per tensor over the
+              weights divided by their output channel's scale
+              `s_c = RMS(W[:, c])` (refreshed at each k-means step);
+              Q[m, c] = s_c * d[A[m, c]]. An all-zero channel has s_c = 0,
+              so its Q stays exactly 0. Per-channel ranges at one table's
+              cost (an exporter folds s_c into the int8 per-channel scale).
+              Pruning takes the tensor's smallest |W[m, c] / s_c|. With
+              "pow2", Q = s_c * 2^e is multiplierless only up to s_c.
+
+            An alias that contradicts `granularity` (`per_channel=True`
+            with another granularity, or `per_channel=False` with
+            "per_channel"; likewise `channel_scales`) is a ValueError.
+            Configs store the aliases (`per_channel`, `channel_scales`), so
+            saved models keep their layout.
     """
 
     def __init__(
@@ -57,24 +90,22 @@ class LUTQuantizer:
         bits=None,
         constraint="none",
         prune_rate=0.0,
-        per_channel=False,
+        per_channel=None,
         kmeans_every=1,
         init_iterations=20,
-        channel_scales=False,
+        channel_scales=None,
         dictionary_rate=1.0,
         per_channel_fallback=False,
+        granularity=None,
     ):
         self.num_values = _resolve_num_values(num_values, bits)
         self.constraint = constraints_lib.get(constraint)
+        self.constraint.check_num_values(self.num_values)
         self.prune_rate = check_fraction("prune_rate", prune_rate)
-        self.per_channel = check_bool("per_channel", per_channel)
-        self.channel_scales = check_bool("channel_scales", channel_scales)
-        if self.per_channel and self.channel_scales:
-            raise ValueError(
-                "per_channel=True and channel_scales=True exclude each other: "
-                "choose per-channel dictionaries (per_channel) or one "
-                "dictionary over channel-scaled weights (channel_scales)."
-            )
+        granularity = resolve_granularity(granularity, per_channel,
+                                          channel_scales)
+        self.per_channel = granularity == "per_channel"
+        self.channel_scales = granularity == "per_channel_scaled"
         self.kmeans_every = check_int("kmeans_every", kmeans_every, 1)
         self.init_iterations = check_int("init_iterations", init_iterations,
                                          1)
@@ -84,8 +115,8 @@ class LUTQuantizer:
         if self.per_channel_fallback and self.mode != "tensor":
             raise ValueError(
                 "per_channel_fallback=True marks a per-tensor dictionary that "
-                "replaced a per-channel one; it needs per_channel=False and "
-                "channel_scales=False."
+                "replaced a per-channel one; it needs granularity="
+                "'per_tensor' (per_channel=False and channel_scales=False)."
             )
 
     @property
@@ -103,10 +134,17 @@ class LUTQuantizer:
 
     @property
     def mode(self):
-        """"tensor", "channel" or "scaled": what one dictionary serves."""
+        """"tensor", "channel" or "scaled": what one dictionary serves
+        (`granularity`'s short name, as `summary` shows it)."""
         if self.per_channel:
             return "channel"
         return "scaled" if self.channel_scales else "tensor"
+
+    @property
+    def granularity(self):
+        """"per_tensor", "per_channel" or "per_channel_scaled" (see the
+        class docstring)."""
+        return {mode: name for name, mode in _MODES.items()}[self.mode]
 
     def num_pruned(self, table_size, rate=None):
         """Weights of a table of `table_size` fixed to the zero entry.
@@ -202,10 +240,17 @@ class LUTQuantizer:
             rate)
 
     def with_options(self, **options):
-        """A copy with some options replaced (for per-layer overrides)."""
+        """A copy with some options replaced (for per-layer overrides).
+
+        A `granularity` replaces this quantizer's layout (its `per_channel`
+        and `channel_scales`); the aliases alone update it as before.
+        """
         config = self.get_config()
         if "bits" in options or "num_values" in options:
             config.pop("num_values")
+        if "granularity" in options:
+            config.pop("per_channel")
+            config.pop("channel_scales")
         # The fallback was `quantize_model`'s decision for one layer's
         # shapes: a derived quantizer starts without it.
         config["per_channel_fallback"] = False
@@ -248,6 +293,65 @@ class LUTQuantizer:
                else "")
             + ")"
         )
+
+
+def resolve_granularity(granularity, per_channel=None, channel_scales=None):
+    """The granularity that `granularity` and its aliases say together.
+
+    Args:
+        granularity: one of `GRANULARITIES`, or None to take it from the
+            aliases.
+        per_channel: None (not given), or a bool: True is
+            `granularity="per_channel"`.
+        channel_scales: None (not given), or a bool: True is
+            `granularity="per_channel_scaled"`.
+
+    Returns:
+        One of `GRANULARITIES` ("per_tensor" when nothing is given).
+
+    Raises:
+        TypeError: an alias is not a bool, or `granularity` not a string.
+        ValueError: `granularity` is not one of `GRANULARITIES`, or the
+            options contradict each other.
+    """
+    aliases = {
+        name: None if value is None else check_bool(name, value)
+        for name, value in (("per_channel", per_channel),
+                            ("channel_scales", channel_scales))
+    }
+    if granularity is None:
+        if aliases["per_channel"] and aliases["channel_scales"]:
+            raise ValueError(
+                "per_channel=True and channel_scales=True exclude each other: "
+                "choose per-channel dictionaries (per_channel) or one "
+                "dictionary over channel-scaled weights (channel_scales); "
+                "better, say which with granularity='per_channel' or "
+                "'per_channel_scaled'."
+            )
+        for name, implied in _ALIASES:
+            if aliases[name]:
+                return implied
+        return "per_tensor"
+    if not isinstance(granularity, str):
+        raise TypeError(
+            f"granularity must be one of {list(GRANULARITIES)}, got "
+            f"{_describe(granularity)}.")
+    if granularity not in GRANULARITIES:
+        short = {mode: name for name, mode in _MODES.items()}
+        hint = (f" (write {short[granularity]!r})" if granularity in short
+                else "")
+        raise ValueError(
+            f"granularity must be one of {list(GRANULARITIES)}, got "
+            f"{granularity!r}{hint}.")
+    for name, implied in _ALIASES:
+        value = aliases[name]
+        if value is not None and value != (granularity == implied):
+            raise ValueError(
+                f"granularity={granularity!r} and {name}={value} contradict "
+                f"each other ({name}=True is the older spelling of "
+                f"granularity={implied!r}). Give granularity alone."
+            )
+    return granularity
 
 
 def _resolve_num_values(num_values, bits):

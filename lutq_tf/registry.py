@@ -107,6 +107,32 @@ def channel_matrix(array, axes):
     return np.transpose(array, channel_order(array.ndim, axes)).reshape(-1, channels)
 
 
+def all_layers(model, include_models=True):
+    """Every layer inside `model`, nested models' layers included.
+
+    The one walk over a model's layers in lutq_tf and the exporter: depth
+    first, in Keras' order, each layer once, `model` itself excluded.
+
+    Args:
+        model: a Keras model (or any object with `layers`; only those are
+            listed then).
+        include_models: False leaves out the nested models themselves
+            (their layers stay listed).
+
+    Returns:
+        A list of layers.
+    """
+    if hasattr(model, "_flatten_layers"):
+        # Keras' own walk (private, no public equivalent; see setup.cfg).
+        layers = list(model._flatten_layers(include_self=False,
+                                            recursive=True))
+    else:
+        layers = list(model.layers)
+    if include_models:
+        return layers
+    return [layer for layer in layers if not isinstance(layer, keras.Model)]
+
+
 def is_supported(layer):
     """True if LUT-Q quantises some weight of `layer` (see its errors)."""
     return bool(quantizable_tensors(layer))

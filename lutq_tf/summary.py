@@ -1,5 +1,6 @@
 """`summary`: what LUT-Q did to each quantised tensor of a model."""
 
+from collections.abc import Callable
 import dataclasses
 from typing import Optional
 
@@ -29,7 +30,9 @@ class TensorSummary:
         constraint: the dictionary constraint's description.
         mode: what one dictionary serves: "tensor", "channel" (one per
             output channel) or "scaled" (one per tensor over the weights
-            divided by their channel's scale).
+            divided by their channel's scale): the quantizer's
+            `granularity` "per_tensor", "per_channel" or
+            "per_channel_scaled" (`granularity` gives that name).
         channel_scales: in "scaled" mode, s as a float32 numpy array `[C]`
             (columns of the tensor state's `to_matrix`: the layer's output
             channels), with Q[m, c] = s[c] * d[A[m, c]]; else None.
@@ -62,8 +65,17 @@ class TensorSummary:
             object.__setattr__(
                 self, "mode", "channel" if self.per_channel else "tensor")
 
+    @property
+    def granularity(self) -> str:
+        """`mode` as the quantizer's `granularity`: "per_tensor",
+        "per_channel" or "per_channel_scaled"."""
+        return {"tensor": "per_tensor", "channel": "per_channel",
+                "scaled": "per_channel_scaled"}[self.mode]
 
-def summary(model, print_fn=print):
+
+def summary(model: keras.Model,
+            print_fn: Optional[Callable[[str], object]] = print,
+            ) -> list[TensorSummary]:
     """Per quantised tensor: K, what one dictionary serves (per tensor,
     channel, or scaled; per-channel fallbacks marked), entries in use,
     pruning, index bits, size.
@@ -73,11 +85,39 @@ def summary(model, print_fn=print):
         print_fn: called with the table as one string; None prints nothing.
 
     Returns:
-        A list of `TensorSummary` (empty if `model` has no LUT-Q layers).
+        A list of `TensorSummary` (empty if `model` has no LUT-Q layers):
+        `summary_rows(model)`.
     """
+    rows = _rows(model, "lutq_tf.summary")
+    if print_fn is not None:
+        print_fn(format_table(rows))
+    return rows
+
+
+def summary_rows(model: keras.Model) -> list[TensorSummary]:
+    """One `TensorSummary` per quantised tensor of `model`, in layer order.
+
+    The data of `summary` without its table: what the exporter reads to
+    know which kernels are look-up tables, their K, their layout and
+    channel scales.
+
+    Args:
+        model: a Keras model containing `LUTQWrapper` layers.
+
+    Returns:
+        A list of `TensorSummary` (empty if `model` has no LUT-Q layers).
+
+    Raises:
+        TypeError: `model` is not a Keras model.
+    """
+    return _rows(model, "lutq_tf.summary_rows")
+
+
+def _rows(model, who):
+    """`summary_rows`; `who` names the function in the error."""
     if not isinstance(model, keras.Model):
         raise TypeError(
-            "lutq_tf.summary takes a Keras model with LUTQWrapper layers "
+            f"{who} takes a Keras model with LUTQWrapper layers "
             f"(from lutq_tf.quantize_model), got {type(model).__name__}."
         )
     rows = []
@@ -113,12 +153,10 @@ def summary(model, print_fn=print):
                 zeros=float(np.mean(quantized == 0)),
                 per_channel_fallback=quantizer.per_channel_fallback,
             ))
-    if print_fn is not None:
-        print_fn(format_table(rows))
     return rows
 
 
-def format_table(rows):
+def format_table(rows: list[TensorSummary]) -> str:
     """Renders `TensorSummary` rows as a fixed-width text table."""
     header = ("layer", "tensor", "K", "tables", "in use", "pruned", "zeros",
               "bits", "weights", "constraint")

@@ -1,6 +1,7 @@
 """`LUTQWrapper`: a layer whose kernels are LUT-Q look-up tables."""
 
 import collections.abc
+import contextlib
 
 import keras
 
@@ -28,8 +29,15 @@ def _straight_through(weights, quantized):
     return tf.identity(quantized), grad
 
 
-class _TensorState:
-    """The LUT-Q state of one quantised weight of the wrapped layer."""
+class TensorState:
+    """The LUT-Q state of one quantised weight of the wrapped layer.
+
+    Read through `LUTQWrapper.tensor_states`. Attributes: `spec` (the
+    `registry.QuantizableTensor`), `variable` (W), `dictionary`,
+    `assignment`, `quantized` and `channel_scales` (variables; see the
+    comments in `__init__`), `num_pruned` (a variable a pruning schedule
+    assigns, or None) and `pruning_table_size`.
+    """
 
     def __init__(self, spec, variable, dictionary, assignment, quantized,
                  permutation, channels, channel_scales=None, num_pruned=None,
@@ -206,7 +214,7 @@ class LUTQWrapper(keras.layers.Wrapper):
         # > 0 while a LUTQModelMixin's train_step traces this layer's
         # forward pass: that model runs the k-means step after the
         # optimizer's update, so `call` must not.
-        self._kmeans_driven = 0
+        self._kmeans_driven = 0  # see `kmeans_driven_by_model`
         # Made here so that pauses set before the build hold (`build`
         # makes its variables).
         self._schedule = _Schedule(self.name)
@@ -307,7 +315,7 @@ class LUTQWrapper(keras.layers.Wrapper):
                     self.quantizer.num_pruned(pruned_table)),
                 shape=(), dtype="int32", trainable=False,
                 name=f"{prefix}_num_pruned")
-        return _TensorState(spec, variable, dictionary, assignment, quantized,
+        return TensorState(spec, variable, dictionary, assignment, quantized,
                             permutation, channels, scales, num_pruned,
                             pruned_table)
 
@@ -414,6 +422,33 @@ class LUTQWrapper(keras.layers.Wrapper):
         """The reasons pausing training's k-means steps now (a frozenset)."""
         return self._schedule.reasons
 
+    @contextlib.contextmanager
+    def kmeans_driven_by_model(self):
+        """A context in which a model, not `call`, runs the k-means step.
+
+        A train step (`LUTQModelMixin.train_step`) enters it while tracing
+        its forward pass, then runs `scheduled_kmeans_step` after the
+        optimizer's update; inside it, a training `call` does not run its
+        own (self-driven) step. Contexts nest.
+        """
+        self._kmeans_driven += 1
+        try:
+            yield self
+        finally:
+            self._kmeans_driven -= 1
+
+    @property
+    def last_figures(self):
+        """`(error, changed)` of the last measured k-means step.
+
+        float32 scalar variables (zero until measured; not saved): the sum
+        of |W - Q| over the layer's quantised weights, and the number of
+        assignments that step changed (0 if it did not run). A step
+        measures them when `scheduled_kmeans_step` gets `measure`
+        (`lutq_tf.callbacks.QuantizationFigures` turns that on).
+        """
+        return self._schedule.error, self._schedule.changed
+
     def _kmeans_step(self, measure):
         """`kmeans_step`; also counts the assignments it changes if `measure`.
 
@@ -454,15 +489,18 @@ class LUTQWrapper(keras.layers.Wrapper):
             all_finite = tf.logical_and(all_finite, finite)
         return all_finite, changed
 
-    def _scheduled_step(self, due, measure=False):
+    def scheduled_kmeans_step(self, due, measure=False):
         """The k-means step of a training step: runs if due and not paused.
+
+        Called by `LUTQModelMixin.lutq_step` after each optimizer step, and
+        by a self-driven `call`. Unlike `kmeans_step`, it honours the
+        pauses (`pause_kmeans`).
 
         Args:
             due: Python bool or bool scalar tensor: `kmeans_every` divides
                 the step.
             measure: Python bool or bool scalar tensor: record the figures
-                (`_schedule.error`, `_schedule.changed`; the latter 0 if
-                the step did not run).
+                (`last_figures`; `changed` 0 if the step did not run).
 
         Returns:
             A bool scalar tensor: False if some W held NaN or Inf.
@@ -560,7 +598,7 @@ class LUTQWrapper(keras.layers.Wrapper):
         calls = self._training_calls.value
         every = self.quantizer.kmeans_every
         due = tf.logical_and(calls > 0, tf.equal(calls % every, 0))
-        finite = self._scheduled_step(due)
+        finite = self.scheduled_kmeans_step(due)
         self._training_calls.assign(calls + 1)
         self.nonfinite_flag.assign(tf.logical_or(
             self.nonfinite_flag.value, tf.logical_not(finite)))
@@ -648,7 +686,7 @@ class LUTQWrapper(keras.layers.Wrapper):
 
     @property
     def tensor_states(self):
-        """The `_TensorState` of each quantised weight, in registry order.
+        """The `TensorState` of each quantised weight, in registry order.
 
         Each has `dictionary`, `assignment`, `quantized` and
         `channel_scales` (None unless the quantizer has `channel_scales`)

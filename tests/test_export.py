@@ -480,7 +480,7 @@ class _Row(types.SimpleNamespace):
 
 def _fake_lutq(monkeypatch, plain, rows):
     monkeypatch.setattr(lut_tensors.lutq_tf, "is_quantized", lambda model: True)
-    monkeypatch.setattr(lut_tensors.lutq_tf, "summary", lambda model, print_fn=None: rows)
+    monkeypatch.setattr(lut_tensors.lutq_tf, "summary_rows", lambda model: rows)
     monkeypatch.setattr(lut_tensors.lutq_tf, "strip_model", lambda model: plain)
 
 

@@ -1,7 +1,7 @@
 """Finds the look-up-table kernels of a model: the interface with `lutq_tf`.
 
 A LUT-Q model says itself which kernels are look-up tables
-(`lutq_tf.summary`) and hands over a plain Keras twin (`lutq_tf.strip_model`)
+(`lutq_tf.summary_rows`) and hands over a plain Keras twin (`lutq_tf.strip_model`)
 whose kernels hold exactly `d[A]`. Any other Keras model is scanned: a kernel
 whose tables (the whole tensor, else each output channel) hold at most 128
 distinct values, fewer than their element count, is taken as a LUT kernel.
@@ -13,6 +13,7 @@ import numpy as np
 
 import lutq_tf
 from lutq_tf import registry
+from lutq_tf.registry import all_layers  # as lut_tensors.all_layers too
 
 # TFLM's LUT compression stores indices of 1 to 7 bits.
 MAX_TABLE_VALUES = 128
@@ -49,23 +50,11 @@ class LutKernel:
     channel_scales: np.ndarray = None
 
 
-def _layers(model):
-    """All layers of the model, nested models included."""
-    if hasattr(model, "_flatten_layers"):
-        return list(model._flatten_layers(include_self=False, recursive=True))
-    return list(model.layers)
-
-
-def all_layers(model):
-    """All layers of the model, nested models included."""
-    return _layers(model)
-
-
 def weight_layers(model):
     """Layers of the model that have a kernel TFLM could decode from a LUT."""
     return [
         layer
-        for layer in _layers(model)
+        for layer in all_layers(model)
         if any(_kernel(layer, a) is not None for a in KERNEL_ATTRIBUTES)
     ]
 
@@ -128,9 +117,9 @@ def find_lut_kernels(model):
     notes = []
     kernels = []
     if lutq_tf.is_quantized(model):
-        rows = lutq_tf.summary(model, print_fn=lambda *args, **kwargs: None)
+        rows = lutq_tf.summary_rows(model)
         plain = lutq_tf.strip_model(model)
-        by_name = {layer.name: layer for layer in _layers(plain)}
+        by_name = {layer.name: layer for layer in all_layers(plain)}
         for row in rows:
             if row.tensor not in KERNEL_ATTRIBUTES:
                 notes.append(
@@ -170,7 +159,7 @@ def find_lut_kernels(model):
             )
         return plain, kernels, notes
 
-    for layer in _layers(model):
+    for layer in all_layers(model):
         for attribute in KERNEL_ATTRIBUTES:
             array = _kernel(layer, attribute)
             if array is None:
