@@ -150,10 +150,10 @@ def lutq_run(h5, train, test, k, seed, options):
         before = pipeline.keras_accuracy(q, *test)
         if options.get("dictionary") == "fixed":
             dictionaries = [s.dictionary.numpy() for l in q.layers
-                            for s in getattr(l, "_states", ())]
+                            for s in getattr(l, "tensor_states", ())]
         bns = [l for l in q.layers if isinstance(l, keras.layers.BatchNormalization)]
         means = [l.moving_mean.numpy() for l in bns]
-        states = [s for l in q.layers for s in getattr(l, "_states", ())]
+        states = [s for l in q.layers for s in getattr(l, "tensor_states", ())]
         initial = [s.dictionary.numpy()[:, 0].tolist() for s in states]
         pipeline.compile_classifier(q, _RATE)
         order = np.random.default_rng(seed).permutation(len(train[0]))
@@ -163,7 +163,7 @@ def lutq_run(h5, train, test, k, seed, options):
         seconds = time.time() - start
         if options.get("dictionary") == "fixed":  # d stayed where the fit put it
             assert all(np.array_equal(s.dictionary.numpy(), d) for s, d in zip(
-                [s for l in q.layers for s in getattr(l, "_states", ())], dictionaries))
+                [s for l in q.layers for s in getattr(l, "tensor_states", ())], dictionaries))
         accuracy = pipeline.keras_accuracy(q, *test)
         stripped = lutq_tf.strip_model(q)
     return {"accuracy": accuracy, "before": before,

@@ -8,6 +8,7 @@ import warnings
 import keras
 import numpy as np
 
+from lutq_tf import registry
 from lutq_tf.model import lutq_layers
 
 
@@ -44,7 +45,7 @@ def reestimate_batchnorm(model, x, batch_size=64):
             f"batch_size={batch_size}; give more data or a smaller batch_size."
         )
     layers = [
-        layer for layer in model._flatten_layers(include_self=False, recursive=True)
+        layer for layer in registry.all_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
     momenta = [layer.momentum for layer in layers]

@@ -26,6 +26,7 @@ from keras.src.legacy.saving import saving_options
 from keras.src.legacy.saving import saving_utils
 from keras.src.saving import serialization_lib
 
+from lutq_tf import registry
 from lutq_tf.model import LUTQModel
 from lutq_tf.model import LUTQSequential
 
@@ -232,7 +233,7 @@ def _load_hdf5_with_config(path, config, compile):
 def _check_depthwise_groups(model, dropped, path):
     """Checks that depthwise `groups` were 1 or the channel count."""
     groups = {name: v for name, cls, key, v in dropped if key == "groups"}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in registry.all_layers(model):
         if layer.name not in groups or type(layer).__name__ not in _DEPTHWISE:
             continue
         channels, value = layer.kernel.shape[-2], groups[layer.name]

@@ -47,7 +47,7 @@ def erk_prune_overrides(model, prune_rate):
                          "or call it on a batch first.")
     prune_rate = check_fraction("erk_prune_overrides: prune_rate", prune_rate)
     names, sizes, scores = [], [], []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in registry.all_layers(model):
         kernels = [tuple(getattr(layer, spec.attribute).shape)
                    for spec in registry.quantizable_tensors(layer)]
         if kernels:

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from lutq_tf.registry import all_layers
 from tflite_export import io_order
 from tflite_export import tempfiles
 from tflite_export.errors import ExportError
@@ -165,12 +166,7 @@ def check_weights(model):
     Raises:
         ValueError: A weight holds NaN or infinite values.
     """
-    import keras
-
-    layers = [
-        layer for layer in model._flatten_layers(include_self=False, recursive=True)
-        if not isinstance(layer, keras.Model)
-    ]
+    layers = all_layers(model, include_models=False)
     for layer in layers:
         for variable in layer.weights:
             values = np.asarray(variable.numpy())

@@ -32,6 +32,7 @@ import numbers
 
 import numpy as np
 
+from lutq_tf.registry import all_layers
 from lutq_tf.text import grid
 from tflite_export import device
 from tflite_export import knapsack
@@ -995,8 +996,7 @@ def choices(
     x, y, loss = _check_data(model, calibration_data, labels, loss)
 
     byte_model = plan_costs.measure(model, x[:_CALIBRATION_SAMPLES])
-    layers = {layer.name: layer for layer in model._flatten_layers(
-        include_self=False, recursive=True)}
+    layers = {layer.name: layer for layer in all_layers(model)}
     kernels = {}
     specs = {}
     for name in byte_model.tensors:
