@@ -5,6 +5,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Test files spread over 2 processes, each file kept in one (its module
+# fixtures built once); `make test JOBS=` runs them in this process.
+JOBS ?= -n 2 --dist loadfile
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +22,11 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/ruff check .
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q $(JOBS)
 
 # -m "" replaces setup.cfg's -m "not extended": no test is deselected.
 test-all: venv
 	$(VENV)/bin/ruff check .
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -m ""
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q $(JOBS) -m ""
 
 .PHONY: venv demo test test-all

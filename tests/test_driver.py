@@ -44,43 +44,73 @@ def _fit(model, x, y):
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
 
 
-def _copy_state(source, target):
-    """Target's W, d, A, Q := source's, layer by layer."""
-    for src, dst in zip(lutq_tf.lutq_layers(source),
-                        lutq_tf.lutq_layers(target)):
-        dst.layer.set_weights(src.layer.get_weights())
-        for a, b in zip(src.tensor_states, dst.tensor_states):
-            for name in ("dictionary", "assignment", "quantized"):
-                getattr(b, name).assign(getattr(a, name))
+def _snapshot(model):
+    """Per LUT-Q layer: its layer's weights and each tensor's (d, A, Q)."""
+    return [(wrapper.layer.get_weights(),
+             [tuple(getattr(s, name).numpy()
+                    for name in ("dictionary", "assignment", "quantized"))
+              for s in wrapper.tensor_states])
+            for wrapper in lutq_tf.lutq_layers(model)]
 
 
-def _assert_same_training(reference, model, x, y):
-    """`model` trained its own way matches the reference trained by fit."""
+def _load_snapshot(snapshot, model):
+    """`model`'s W, d, A, Q := the snapshot's, layer by layer."""
+    wrappers = lutq_tf.lutq_layers(model)
+    assert len(wrappers) == len(snapshot)
+    for (weights, tensors), wrapper in zip(snapshot, wrappers):
+        wrapper.layer.set_weights(weights)
+        for values, state in zip(tensors, wrapper.tensor_states):
+            for name, value in zip(("dictionary", "assignment", "quantized"),
+                                   values):
+                getattr(state, name).assign(value)
+
+
+@pytest.fixture(scope="module")
+def references():
+    """`references(kmeans_every)`: the reference's state before and after
+    `_fit` (snapshots), trained once per module and value: every test
+    starts its model from the same state and compares it with the same
+    trajectory."""
+    done = {}
+
+    def get(kmeans_every=1):
+        if kmeans_every not in done:
+            x, y = _data()
+            model = _reference(kmeans_every)
+            before = _snapshot(model)
+            _fit(model, x, y)
+            done[kmeans_every] = before, _snapshot(model)
+        return done[kmeans_every]
+
+    return get
+
+
+def _assert_same_training(trained, model):
+    """`model` trained its own way matches the reference trained by fit
+    (`trained`: its snapshot after `_fit`)."""
     initial = [l.quantized_tensors["kernel"][0].copy()
                for l in lutq_tf.lutq_layers(model)]
-    _fit(reference, x, y)
     # The self-driven step folds the last update in at the next training
     # call; kmeans_step() does it now.
     for layer in lutq_tf.lutq_layers(model):
         layer.kmeans_step()
-    for ref, got, d0 in zip(lutq_tf.lutq_layers(reference),
-                            lutq_tf.lutq_layers(model), initial):
-        d_ref, a_ref, _ = ref.quantized_tensors["kernel"]
+    for (ref_weights, ref_tensors), got, d0 in zip(
+            trained, lutq_tf.lutq_layers(model), initial):
+        d_ref, a_ref, _ = ref_tensors[0]  # the kernel, a Dense's only one
         d, a, q = got.quantized_tensors["kernel"]
         assert not np.array_equal(d, d0)  # the k-means step ran
         np.testing.assert_array_equal(q, d.ravel()[a])
-        np.testing.assert_allclose(got.layer.kernel.numpy(),
-                                   ref.layer.kernel.numpy(), rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(got.layer.kernel.numpy(), ref_weights[0],
+                                   rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-6)
         assert np.mean(a == a_ref) >= 0.999
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kmeans_every", [1, 2])
-def test_wrapper_in_plain_sequential(kmeans_every):
+def test_wrapper_in_plain_sequential(references, kmeans_every):
     x, y = _data()
-    reference = _reference(kmeans_every)
+    initial, trained = references(kmeans_every)
     model = keras.Sequential(
         [keras.Input((12,))]
         + [lutq_tf.LUTQWrapper(L.Dense(16, activation="relu", name="a"),
@@ -88,19 +118,19 @@ def test_wrapper_in_plain_sequential(kmeans_every):
                                    bits=2, kmeans_every=kmeans_every)),
            lutq_tf.LUTQWrapper(L.Dense(3, name="b"), lutq_tf.LUTQuantizer(
                bits=2, kmeans_every=kmeans_every))])
-    _copy_state(reference, model)
+    _load_snapshot(initial, model)
     _fit(model, x, y)
-    _assert_same_training(reference, model, x, y)
+    _assert_same_training(trained, model)
 
 
-def test_clone_model_of_lutq_sequential():
+def test_clone_model_of_lutq_sequential(references):
     x, y = _data()
-    reference = _reference()
-    clone = keras.models.clone_model(reference)
+    initial, trained = references()
+    clone = keras.models.clone_model(_reference())
     assert not isinstance(clone, lutq_tf.LUTQModelMixin)  # Keras' choice
-    _copy_state(reference, clone)
+    _load_snapshot(initial, clone)
     _fit(clone, x, y)
-    _assert_same_training(reference, clone, x, y)
+    _assert_same_training(trained, clone)
 
 
 class SubclassedNet(keras.Model):
@@ -117,23 +147,23 @@ class SubclassedNet(keras.Model):
         return self.b(self.a(x))
 
 
-def test_subclassed_model_without_mixin():
+def test_subclassed_model_without_mixin(references):
     x, y = _data()
-    reference = _reference()
+    initial, trained = references()
     model = SubclassedNet()
     model(x[:1])
-    _copy_state(reference, model)
+    _load_snapshot(initial, model)
     _fit(model, x, y)
-    _assert_same_training(reference, model, x, y)
+    _assert_same_training(trained, model)
 
 
 @pytest.mark.parametrize("graph", [
     False, pytest.param(True, marks=pytest.mark.slow)])
-def test_gradient_tape_loop(graph):
+def test_gradient_tape_loop(references, graph):
     x, y = _data()
-    reference = _reference()
+    initial, trained = references()
     model = _reference()  # a LUT-Q model, but trained by hand
-    _copy_state(reference, model)
+    _load_snapshot(initial, model)
     optimizer = keras.optimizers.SGD(0.3)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -147,7 +177,7 @@ def test_gradient_tape_loop(graph):
         step = tf.function(step)
     for i in range(0, len(x), 16):
         step(x[i:i + 16], y[i:i + 16])
-    _assert_same_training(reference, model, x, y)
+    _assert_same_training(trained, model)
 
 
 def test_inference_calls_do_not_step():
