@@ -2,8 +2,10 @@
 
 Each seed draws an architecture and LUT-Q settings (`benchmarks.fuzz_models`)
 and runs quantize, fit, save/load, strip and an int8 export verified on
-TFLM (`benchmarks.fuzz.run_case`). A fixed set of seeds runs in CI; the
-script `python -m benchmarks.fuzz --seeds=N` runs many more.
+TFLM (`benchmarks.fuzz.run_case`), then, for some seeds, the stages of the
+newer features (decode limits, callback schedules, the planner). A fixed
+set of seeds runs in CI; the script `python -m benchmarks.fuzz --seeds=N`
+runs many more.
 """
 
 import re
@@ -45,19 +47,55 @@ EXPECTED = {
     59: ("refused", r"K=8 dictionary entries exceed the 4 weights"),
     35: ("tflm_unsupported", r"CONCATENATION has 11 inputs.*at most 10"),
 }
+# The stages after the pipeline that CI runs, by seed (the others run the
+# pipeline only), and what each must find (`fuzz.STAGES`); each adds a few
+# seconds to a seed's pipeline:
+#   11  decode: max_decode_bytes=65 refused, naming 80 B (one output channel
+#       of the head), which exports with both LUT kernels kept int8 (a split
+#       into one-channel groups would not pay);
+#       plan: 2, 5 and 6 bits, per tensor, scaled or per channel, a budget
+#       between the smallest file and the int8 one: two layers compressed;
+#   341 callbacks: a user pause, KMeansWarmup(1), FreezeDictionaries(1) and
+#       PruningRamp(2, frequency=3) over 2 epochs, a callback raising at
+#       the beginning of batch 2 of epoch 0.
+CI_STAGES = {11: ("decode", "plan"), 341: ("callbacks",)}
+STAGE_EXPECTED = {
+    (11, "decode"): {"outcome": "refused", "max_decode_bytes": 65,
+                     "least_max_decode_bytes": 80, "choices": {"int8": 2}},
+    (11, "plan"): {"outcome": "ok", "bits": [2, 5, 6],
+                   "modes": ["tensor", "scaled", "channel"]},
+    (341, "callbacks"): {"outcome": "ok", "schedule": [
+        "user pause", "KMeansWarmup(1)", "FreezeDictionaries(1)",
+        "PruningRamp(2, frequency=3)", "raise at epoch 0 batch 2 begin",
+        "epochs=2"]},
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", CI_SEEDS)
 def test_pipeline_on_random_model(tmp_path, seed):
-    record = fuzz.run_case(seed, str(tmp_path))
+    stages = CI_STAGES.get(seed, ())
+    record = fuzz.run_case(seed, str(tmp_path), stages=stages)
     outcome, message = EXPECTED.get(seed, ("ok", ""))
-    assert record["outcome"] == outcome, (
+    assert record["pipeline_outcome"] == outcome, (
         f"{record.get('case')}\nat {record['stage']}: {record['message']}\n"
         f"{record.get('traceback', '')}")
-    # A clear refusal names what is wrong (and "ok" has no message).
-    assert re.search(message, record["message"]) if message else (
-        record["message"] == "")
+    if outcome != "ok":
+        # A clear refusal names what is wrong.
+        assert re.search(message, record["message"])
+        return
+    assert set(record["stages"]) == set(stages)
+    for name, entry in record["stages"].items():
+        expected = STAGE_EXPECTED.get((seed, name), {"outcome": "ok"})
+        assert {key: entry.get(key) for key in expected} == expected, (
+            f"{name}: {entry}")
+        if name == "plan":  # a budget below the int8 file: something compressed
+            assert entry["budget_bytes"] < entry["int8_bytes"], entry
+            assert entry["compressed_layers"] > 0, entry
+    # The case's outcome is its stages' (the pipeline's was "ok").
+    assert record["outcome"] == next(
+        (e["outcome"] for e in record["stages"].values()
+         if e["outcome"] not in ("ok", "skipped")), "ok")
 
 
 def test_ci_seeds_cover_every_layer_constraint_and_mode():
@@ -126,3 +164,48 @@ def test_counts_cover_every_outcome():
     records = [{"outcome": "ok"}, {"outcome": "ok"}, {"outcome": "error"}]
     assert fuzz.counts(records) == {
         "ok": 2, "tflm_unsupported": 0, "refused": 0, "error": 1}
+
+
+def test_stage_counts_cover_every_stage_outcome():
+    records = [
+        {"outcome": "ok", "stages": {"plan": {"outcome": "ok"},
+                                     "decode": {"outcome": "skipped"}}},
+        {"outcome": "error", "stages": {"plan": {"outcome": "error"}}},
+        {"outcome": "refused"},  # refused before the stages
+    ]
+    zero = dict.fromkeys(fuzz.STAGE_OUTCOMES, 0)
+    assert fuzz.stage_counts(records) == {
+        "decode": {**zero, "skipped": 1}, "plan": {**zero, "ok": 1, "error": 1}}
+
+
+def test_unknown_stage_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown stages.*'planner'"):
+        fuzz.run_case(0, str(tmp_path), stages=("planner",))
+
+
+def test_ci_schedules_cover_every_callback_and_a_raise():
+    """What the comment above CI_STAGES claims of the callbacks stage."""
+    words = []
+    for seed, stages in CI_STAGES.items():
+        if "callbacks" in stages:
+            prunes = fuzz_models.draw(seed).options["prune_rate"] > 0
+            rng = np.random.default_rng([seed, fuzz.STAGES.index("callbacks")])
+            words += fuzz.describe_schedule(fuzz.draw_schedule(rng, prunes))
+    kinds = {word.split("(")[0].split(" at ")[0] for word in words}
+    assert kinds >= {"user pause", "KMeansWarmup", "FreezeDictionaries",
+                     "PruningRamp", "raise", "epochs=2"}, words
+
+
+@pytest.mark.parametrize("prunes", [False, True])
+def test_schedule_draws_are_valid(prunes):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        draw = fuzz.draw_schedule(rng, prunes)
+        assert draw["epochs"] in (1, 2)
+        assert draw["freeze"] <= draw["epochs"]
+        assert (draw["ramp"] is not None) <= prunes
+        if draw["raise_at"]:
+            epoch, batch, when = draw["raise_at"]
+            # Within the fit, so that the raise happens.
+            assert epoch < draw["epochs"] and batch < fuzz.FIT_STEPS
+            assert when in ("begin", "end")
