@@ -168,7 +168,7 @@ def test_int4_too_many_values_fail_when_the_quantizer_is_made():
                              constraint=constraints.Int4(symmetric=True))
     lutq_tf.LUTQuantizer(num_values=15,
                          constraint=constraints.Int4(symmetric=True))
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="dense")])
     with pytest.raises(ValueError, match="K=32"):
         lutq_tf.quantize_model(model, bits=5, constraint="int4")
     with pytest.raises(ValueError, match="overrides\\['dense'\\]: .*K=32"):

@@ -8,6 +8,7 @@ file) for each compressed tensor, on top of the slim int8 file that
 
     estimate = int8_bytes + sum over compressed tensors of
                (lut_bytes + overhead_bytes - int8 tensor bytes)
+               (lut_bytes with its two buffers padded to 16 bytes)
                + DECODE_OPERATOR_BYTES if any tensor is compressed
 
 What a choice costs also depends on facts that only the converted model
@@ -62,6 +63,30 @@ MAX_BITS = 7
 # padded to 16 bytes: one compressed tensor of the digits CNN cost 144 to
 # 184 B beyond its data (128 counted), two cost 272 (256 counted).
 DECODE_OPERATOR_BYTES = 64
+# TFLM's flatbuffer aligner starts every buffer's data on 16 bytes, so a
+# buffer of n bytes takes ceil(n / 16) * 16 bytes plus a fixed part (its
+# Buffer table and length prefix, in `overhead_bytes`). A compressed tensor
+# adds two buffers, the packed indices and the ancillary DCM + tables, each
+# padded by up to 15 B. The int8 buffer it replaces is counted unpadded (its
+# padding, 0-15 B, is not credited), so the estimate stays on the safe side.
+BUFFER_ALIGNMENT = 16
+
+
+def _aligned(n):
+    return -(-int(n) // BUFFER_ALIGNMENT) * BUFFER_ALIGNMENT
+
+
+def padded_lut_bytes(size, tables, entries):
+    """`compress.lut_bytes` with each of its two buffers padded to 16 bytes.
+
+    Args:
+        size: Elements of the weight tensor.
+        tables: Number of value tables (1 for a shared or per-tensor table).
+        entries: Entries per table.
+    """
+    packed = -(-int(size) * compress.index_bits(entries) // 8)
+    ancillary = compress.lut_bytes(size, tables, entries) - packed
+    return _aligned(packed) + _aligned(ancillary)
 
 
 @dataclasses.dataclass
@@ -94,7 +119,7 @@ class TensorFacts:
     def lut_bytes(self, bits, mode):
         """Bytes of the compressed tensor (data + overhead) at `bits`, `mode`."""
         k = 2**bits
-        per_channel = compress.lut_bytes(self.size, self.channels, k)
+        per_channel = padded_lut_bytes(self.size, self.channels, k)
         best = per_channel
         if mode != "channel" and self.shareable:
             # A scaled dictionary's shared codes are round(127 s_c d / (s_c
@@ -103,7 +128,7 @@ class TensorFacts:
             doubled = self.negated or mode == "scaled"
             entries = (2 * k if doubled else k) + int(self.dead)
             if entries <= MAX_TABLE_VALUES:
-                best = min(best, compress.lut_bytes(self.size, 1, entries))
+                best = min(best, padded_lut_bytes(self.size, 1, entries))
         return best + compress.overhead_bytes()
 
     def bytes(self, bits, mode):
