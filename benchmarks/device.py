@@ -23,7 +23,6 @@ Writes `benchmarks/results/device.json` and `.md`.
 """
 
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -34,6 +33,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
+
+from benchmarks.record import save_record  # noqa: E402
+from benchmarks.record import write_text  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 # name -> (.h5 file or None for the bundled digits CNN, input kind, bits)
@@ -180,11 +182,8 @@ def _write(out, rows, command, seconds, target):
     record = {"command": command, "date": time.strftime("%Y-%m-%d"),
               "seconds": round(seconds), "target": target,
               "rows": [dataclasses.asdict(r) for r in rows]}
-    for path, text in ((out + ".json", json.dumps(record, indent=1)),
-                       (out + ".md", markdown(rows, command, seconds, target))):
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+    save_record(record, out + ".json")
+    write_text(markdown(rows, command, seconds, target), out + ".md")
 
 
 def main(argv):

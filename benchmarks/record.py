@@ -19,7 +19,11 @@ def load_record(path):
 
 def save_record(record, path):
     """Writes `record` to `path` atomically (a killed run leaves the old file)."""
-    text = json.dumps(record, indent=1)
+    write_text(json.dumps(record, indent=1), path)
+
+
+def write_text(text, path):
+    """Writes `text` to `path` atomically (a killed run leaves the old file)."""
     temp = path + ".tmp"
     with open(temp, "w") as f:
         f.write(text)

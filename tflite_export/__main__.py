@@ -122,7 +122,7 @@ def main(argv):
     from tflite_export import exporter
 
     try:
-        target = read_target(_TARGET.value)
+        target = targets.from_flag(_TARGET.value)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -182,34 +182,6 @@ def main(argv):
         return 1
     print(result.table())
     return 0
-
-
-def read_target(value):
-    """`--target`: None, a profile name, or a JSON profile file.
-
-    Args:
-        value: The flag's value.
-
-    Returns:
-        None, or a `tflite_export.Target`.
-
-    Raises:
-        ValueError, TypeError: An unknown name, or a file that cannot be
-            read or holds no valid profile (the message names the file and
-            the field).
-    """
-    if value is None:
-        return None
-    if value in targets.PROFILES:
-        return targets.PROFILES[value]
-    if value.endswith(".json") or os.path.isfile(value):
-        if not os.path.isfile(value):
-            raise ValueError(f"--target {value}: no such file.")
-        return targets.load(value)
-    raise ValueError(
-        f"--target {value!r} is neither a profile ({', '.join(sorted(targets.PROFILES))}) "
-        "nor a JSON profile file (json.dump(target.to_dict(), f))."
-    )
 
 
 def load_representative(path, model):

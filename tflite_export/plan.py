@@ -107,21 +107,11 @@ def read_target(value):
     """
     from tflite_export import target as targets  # no TensorFlow
 
-    if value is None:
-        return None
-    if value in targets.PROFILES:
-        return targets.PROFILES[value]
-    if value.endswith(".json") or os.path.isfile(value):
-        if not os.path.isfile(value):
-            raise ValueError(f"--target {value}: no such file.")
-        try:
-            return targets.load(value)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"--target {e}") from None
-    raise ValueError(
-        f"--target {value!r} is neither a profile ({', '.join(sorted(targets.PROFILES))}) "
-        "nor a JSON profile file (json.dump(target.to_dict(), f))."
-    )
+    try:
+        return targets.from_flag(value)
+    except (ValueError, TypeError) as e:
+        text = str(e)
+        raise type(e)(text if text.startswith("--target") else f"--target {text}") from None
 
 
 def _load_model(path, loss_flag, labels_given):

@@ -16,6 +16,7 @@ and pass a profile of your own where it differs.
 import dataclasses
 import json
 import math
+import os
 
 # Where the shipped figures come from. They were measured on firmware, not
 # here: nothing in this project builds TFLM.
@@ -338,6 +339,31 @@ def get(target):
         f"target must be a profile name ({sorted(PROFILES)}) or a "
         f"tflite_export.Target (Target.from_dict reads a dict, "
         f"tflite_export.target.load a JSON file), got {type(target).__name__}."
+    )
+
+
+def from_flag(value):
+    """A `--target` flag's value: None, a profile name, or a JSON profile file.
+
+    Returns:
+        None, or a `Target`.
+
+    Raises:
+        ValueError, TypeError: An unknown name, or a file that cannot be
+            read or holds no valid profile (the message names the file and
+            the field).
+    """
+    if value is None:
+        return None
+    if value in PROFILES:
+        return PROFILES[value]
+    if value.endswith(".json") or os.path.isfile(value):
+        if not os.path.isfile(value):
+            raise ValueError(f"--target {value}: no such file.")
+        return load(value)
+    raise ValueError(
+        f"--target {value!r} is neither a profile ({', '.join(sorted(PROFILES))}) "
+        "nor a JSON profile file (json.dump(target.to_dict(), f))."
     )
 
 
