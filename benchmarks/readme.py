@@ -1,12 +1,18 @@
-"""The README's measured tables, rendered from the committed results files.
+"""The measured tables of the project's markdown files, rendered from the
+committed results files.
 
-    python -m benchmarks.readme    # rewrites the README's generated blocks
+    python -m benchmarks.readme    # rewrites the generated blocks of every file in DOCS
 
-Each block sits between `<!-- generated: NAME -->` and `<!-- end -->`;
-`tests/test_readme.py` checks that the README holds what this renders, so
-no README figure can drift from its results file.
+Each block sits between `<!-- generated: NAME -->` and `<!-- end -->`, in
+README.md (the headline), `benchmarks/RESULTS.md` (every other measured
+table) or a page of `docs/`; `tests/test_readme.py` checks that each file
+holds what this renders, so no figure can drift from its results file.
+Blocks write links from the repository root (`benchmarks/results/...`);
+`render` makes them relative to the file that holds the block, and shows
+the data paths of this machine's commands (`../shared/...`) as `PATH`.
 """
 
+import glob
 import json
 import os
 import re
@@ -14,7 +20,8 @@ import re
 import numpy as np
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
 _BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- end -->)", re.S)
 
 
@@ -114,7 +121,8 @@ def recipe():
     lines += ["", f"Chosen on the validation split: Adam, batch 64, {schedule}, "
               f"`dictionary_rate={record['dictionary_rate']:g}`, {callbacks}and each variant's "
               f"peak rate below. Test accuracy after {record['epochs']} epochs on all training "
-              "images, mean +- SE over seeds, against the issue's target gap to float:", ""]
+              "images, mean +- SE over seeds, against each variant's target gap to float "
+              "(`benchmarks.recipe.TARGETS`):", ""]
     lines += _recipe_table(recipe_lib, record, "resnet8")
     lines += recipe_lib.tfmot_pairs(record)
     if os.path.exists(os.path.join(RESULTS, "recipe_lenet.json")):
@@ -268,26 +276,53 @@ BLOCKS = {"device": device, "mlperf_flash": mlperf_flash, "budgets": budgets,
           "quickstart": quickstart, "train_speed": train_speed}
 
 
-def render(text):
-    """`text` (the README) with every generated block re-rendered."""
+def docs():
+    """The markdown files that may hold generated blocks: README.md,
+    `benchmarks/RESULTS.md` and `docs/*.md`."""
+    pages = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    return [README, os.path.join(ROOT, "benchmarks", "RESULTS.md"), *pages]
+
+
+_SHARED = re.compile(r"(?:\.\./|/work/)shared/[^\s`,;)]+")
+
+
+def render(text, path=README):
+    """`text` (the file at `path`) with every generated block re-rendered."""
+    results = os.path.relpath(RESULTS, os.path.dirname(os.path.abspath(path)))
+    results = results.replace(os.sep, "/")
+
     def block(match):
         name = match.group(2)
         if name not in BLOCKS:
-            raise ValueError(f"README: unknown generated block {name!r}; known {list(BLOCKS)}")
-        return match.group(1) + "\n".join(BLOCKS[name]()) + "\n" + match.group(4)
+            raise ValueError(f"{os.path.relpath(path, ROOT)}: unknown generated block "
+                             f"{name!r}; known {list(BLOCKS)}")
+        body = "\n".join(BLOCKS[name]())
+        body = body.replace("](benchmarks/results/", f"]({results}/")
+        body = _SHARED.sub("PATH", body)
+        return match.group(1) + body + "\n" + match.group(4)
 
     return _BLOCK.sub(block, text)
 
 
+def blocks(text):
+    """The names of the generated blocks in `text`, in order."""
+    return [m.group(2) for m in _BLOCK.finditer(text)]
+
+
 def main():
-    with open(README) as f:
-        text = f.read()
-    new = render(text)
-    if new != text:
-        with open(README + ".tmp", "w") as f:
-            f.write(new)
-        os.replace(README + ".tmp", README)
-    print("README blocks:", ", ".join(m.group(2) for m in _BLOCK.finditer(new)))
+    for path in docs():
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            text = f.read()
+        new = render(text, path)
+        if new != text:
+            with open(path + ".tmp", "w") as f:
+                f.write(new)
+            os.replace(path + ".tmp", path)
+        names = blocks(new)
+        if names:
+            print(f"{os.path.relpath(path, ROOT)}:", ", ".join(names))
 
 
 if __name__ == "__main__":

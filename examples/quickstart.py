@@ -11,7 +11,7 @@ set. The final table compares accuracy (Keras and TFLM) and bytes.
 
 The compressed model's TFLM outputs are bit-identical to its uncompressed
 twin's. The table of a run on this machine is `benchmarks/results/quickstart.md`
-(the README shows it).
+(`benchmarks/RESULTS.md` shows it).
 
 Outputs in `--out_dir`: `float32.tflite`, `int8.tflite`, `lutq.tflite`,
 `lutq_model_data.cc/.h` and `results.md`.

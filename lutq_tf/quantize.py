@@ -112,14 +112,14 @@ def quantize_model(
         granularity=granularity,
     )
     _check_expected_weights(model, expected_weights)
-    plan = _plan(model, default, layer_types, layer_names, skip, min_weights,
-                 overrides)
-    _fall_back_to_per_tensor(model, plan)
+    quantizers = _choose_quantizers(model, default, layer_types, layer_names,
+                                    skip, min_weights, overrides)
+    _fall_back_to_per_tensor(model, quantizers)
 
     def clone(layer):
         fresh = _fresh_copy(layer)
-        if layer.name in plan:
-            return LUTQWrapper(fresh, plan[layer.name])
+        if layer.name in quantizers:
+            return LUTQWrapper(fresh, quantizers[layer.name])
         return fresh
 
     quantized = _rebuild(model, clone, LUTQModel, LUTQSequential)
@@ -258,8 +258,8 @@ def _compile_like(quantized, model):
         )
 
 
-def _plan(model, default, layer_types, layer_names, skip, min_weights,
-          overrides):
+def _choose_quantizers(model, default, layer_types, layer_names, skip,
+                       min_weights, overrides):
     """`{layer name: LUTQuantizer}` for the layers to quantise."""
     layers = {layer.name: layer for layer in registry.all_layers(model, include_models=False)}
     if overrides is None:
@@ -302,17 +302,17 @@ def _plan(model, default, layer_types, layer_names, skip, min_weights,
                 f"{[c.__name__ for c in registry.SUPPORTED_LAYERS]}."
             )
 
-    plan = {}
+    quantizers = {}
     for name, layer in layers.items():
         if name in overrides:
             options = overrides[name]
             if options is None:
                 continue
             if isinstance(options, LUTQuantizer):
-                plan[name] = options
+                quantizers[name] = options
             elif isinstance(options, dict):
                 try:
-                    plan[name] = default.with_options(**options)
+                    quantizers[name] = default.with_options(**options)
                 except (TypeError, ValueError) as error:
                     raise ValueError(
                         f"overrides['{name}']: {error}"
@@ -331,11 +331,11 @@ def _plan(model, default, layer_types, layer_names, skip, min_weights,
             continue
         if _quantizable_size(layer) < min_weights:
             continue
-        plan[name] = default
-    return plan
+        quantizers[name] = default
+    return quantizers
 
 
-def _fall_back_to_per_tensor(model, plan):
+def _fall_back_to_per_tensor(model, quantizers):
     """Per-tensor dictionaries where per-channel ones would exceed a channel.
 
     A per-channel dictionary of K entries needs at least K weights per
@@ -344,12 +344,12 @@ def _fall_back_to_per_tensor(model, plan):
     the asked bits and exports as one table (a dictionary holding a channel
     exactly would not compress it, and pow2 cannot hold one). A layer with
     a tensor smaller than K is left to the wrapper's refusal: per tensor
-    would not fit either. Updates `plan` in place and warns once, listing
-    the layers.
+    would not fit either. Updates `quantizers` in place and warns once,
+    listing the layers.
     """
     layers = {layer.name: layer for layer in registry.all_layers(model, include_models=False)}
     fallen = []
-    for name, quantizer in plan.items():
+    for name, quantizer in quantizers.items():
         if not quantizer.per_channel:
             continue
         sizes = _weights_per_channel(layers[name])
@@ -358,8 +358,8 @@ def _fall_back_to_per_tensor(model, plan):
         fits_per_tensor = min(size for _, size, _ in sizes) >= (
             quantizer.num_values)
         if smallest[0] < quantizer.num_values and fits_per_tensor:
-            plan[name] = quantizer.with_options(granularity="per_tensor",
-                                                per_channel_fallback=True)
+            quantizers[name] = quantizer.with_options(
+                granularity="per_tensor", per_channel_fallback=True)
             fallen.append(f"'{name}' (`{smallest[1]}`: {smallest[0]} weights "
                           f"per channel, K={quantizer.num_values})")
     if fallen:

@@ -1,22 +1,76 @@
-"""The README's measured tables are what their results files say."""
+"""The measured tables of README.md, benchmarks/RESULTS.md and docs/ are
+what their results files say."""
+
+import os
+
+import pytest
 
 from benchmarks import readme
 
 
-def test_readme_tables_match_their_results_files():
-    with open(readme.README) as f:
-        text = f.read()
-    names = [m.group(2) for m in readme._BLOCK.finditer(text)]
-    assert {"mlperf_flash", "dictionary_modes", "quickstart", "train_speed"} <= set(names)
-    assert readme.render(text) == text, "run `python -m benchmarks.readme`"
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("path", readme.docs(), ids=lambda p: os.path.relpath(p, readme.ROOT))
+def test_generated_blocks_match_their_results_files(path):
+    if not os.path.exists(path):
+        pytest.skip("no such file")
+    text = _read(path)
+    assert readme.render(text, path) == text, "run `python -m benchmarks.readme`"
+
+
+def test_every_block_is_rendered_somewhere_and_only_once():
+    found = [name for path in readme.docs() if os.path.exists(path)
+             for name in readme.blocks(_read(path))]
+    assert sorted(found) == sorted(readme.BLOCKS)
+    # The headline stays at the front door.
+    assert readme.blocks(_read(readme.README)) == ["device"]
 
 
 def test_an_edited_figure_is_caught():
-    with open(readme.README) as f:
-        text = f.read()
+    path = os.path.join(readme.ROOT, "benchmarks", "RESULTS.md")
+    text = _read(path)
     edited = text.replace("| DS-CNN | 53,936 |", "| DS-CNN | 53,937 |", 1)
     assert edited != text
-    assert readme.render(edited) == text
+    assert readme.render(edited, path) == text
+
+
+def test_links_and_data_paths_are_rendered_for_the_file_that_holds_them(monkeypatch):
+    monkeypatch.setitem(readme.BLOCKS, "fake", lambda: [
+        "`python -m x --cifar10=../shared/data/c.tgz --models_dir=/work/shared/models`",
+        "[`r.md`](benchmarks/results/r.md)"])
+    text = "<!-- generated: fake -->\n<!-- end -->"
+    at_root = readme.render(text, readme.README)
+    assert "--cifar10=PATH --models_dir=PATH`" in at_root
+    assert "](benchmarks/results/r.md)" in at_root
+    in_benchmarks = readme.render(text, os.path.join(readme.ROOT, "benchmarks", "RESULTS.md"))
+    assert "](results/r.md)" in in_benchmarks
+    in_docs = readme.render(text, os.path.join(readme.ROOT, "docs", "x.md"))
+    assert "](../benchmarks/results/r.md)" in in_docs
+
+
+def test_links_between_the_markdown_files_resolve():
+    """Every relative link of the rendered files names an existing file, and
+    every `#anchor` into README.md or RESULTS.md names a heading there."""
+    import re
+
+    def anchors(path):
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.*)$", _read(path), re.M)}
+
+    for path in readme.docs():
+        if not os.path.exists(path):
+            continue
+        for target in re.findall(r"\]\(([^)\s]+)\)", _read(path)):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+            assert os.path.exists(linked), f"{path}: broken link {target}"
+            if anchor and linked.endswith(".md"):
+                assert anchor in anchors(linked), f"{path}: no heading for {target}"
 
 
 def test_recipe_block_gives_each_row_its_options_rate_and_target(monkeypatch):

@@ -72,7 +72,7 @@ def read(model_bytes, plans=()):
 
     Args:
         model_bytes: The .tflite flatbuffer.
-        plans: The exporter's `compress.TablePlan`s; the limit counts each
+        plans: The exporter's `compress.TableLayout`s; the limit counts each
             compressed tensor's indices at its exact bit width and its
             table entries without padding.
 

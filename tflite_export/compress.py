@@ -1,4 +1,4 @@
-"""Plans the LUT tables of each weight tensor and compresses the model.
+"""Lays out the LUT tables of each weight tensor and compresses the model.
 
 For each weight tensor that holds a LUT kernel: the table mode follows the
 tensor's quantisation (TFLM decodes per channel only along the
@@ -47,7 +47,7 @@ _DCM_VERSION = 1
 
 
 @dataclasses.dataclass
-class TablePlan:
+class TableLayout:
     """How one weight tensor is (or is not) compressed.
 
     Attributes:
@@ -138,7 +138,7 @@ def overhead_bytes(name_length=0, scales=0, scales_kept=False):
     return _OVERHEAD_BYTES + 2 * int(name_length) + _BYTES_PER_QUANTIZATION * int(scales)
 
 
-def plan_table(match, share=True):
+def table_layout(match, share=True):
     """Counts the codes of one matched weight tensor and sizes its tables.
 
     A per-channel tensor whose channels share a dictionary gets the smaller
@@ -146,10 +146,10 @@ def plan_table(match, share=True):
 
     Args:
         match: A `mapping.Match`.
-        share: Whether a shared table may be planned.
+        share: Whether a shared table may be chosen.
 
     Returns:
-        A `TablePlan` with `compress` still False.
+        A `TableLayout` with `compress` still False.
     """
     weight = match.weight
     axis = weight.quantized_dimension
@@ -158,7 +158,7 @@ def plan_table(match, share=True):
     most = int(codes.max())
     itemsize = weight.array.dtype.itemsize
     size = weight.array.size
-    plan = TablePlan(
+    layout = TableLayout(
         match=match,
         mode="per-tensor" if axis is None else "per-channel",
         axis=axis,
@@ -171,16 +171,16 @@ def plan_table(match, share=True):
         bytes_after=lut_bytes(size, len(codes), most, itemsize),
     )
     if axis is None or not share:
-        return plan
+        return layout
     shared, reason = shared_tables.shared_codes(match)
     if shared is None:
-        plan.note = f"per-channel tables: {reason}"
-        return plan
+        layout.note = f"per-channel tables: {reason}"
+        return layout
     entries = len(shared.table)
     shared_after = lut_bytes(size, 1, entries, itemsize)
-    if shared_after < plan.bytes_after:
-        plan = dataclasses.replace(
-            plan,
+    if shared_after < layout.bytes_after:
+        layout = dataclasses.replace(
+            layout,
             mode="shared",
             tables=1,
             codes=entries,
@@ -192,30 +192,30 @@ def plan_table(match, share=True):
             shared=shared,
         )
         if shared.negated:
-            plan.note = f"{shared.negated} channels negated"
+            layout.note = f"{shared.negated} channels negated"
     else:
         # Negated channels of an asymmetric dictionary, or all-zero channels
         # (a 0 code the dictionary lacks), cost the shared table an index bit.
-        plan.note = (
+        layout.note = (
             f"per-channel tables: smaller than one shared table of {entries} "
             f"codes ({shared.negated} channels negated)"
         )
-    return plan
+    return layout
 
 
-def decide(plan, scales_kept=True):
-    """Sets `plan.compress` and `plan.note`; raises if a table cannot be stored.
+def decide(layout, scales_kept=True):
+    """Sets `layout.compress` and `layout.note`; raises if a table cannot be stored.
 
     Args:
-        plan: A `TablePlan`.
+        layout: A `TableLayout`.
         scales_kept: Whether the encoded tensor keeps a copy of the scales
             (an unslimmed file).
     """
-    kernel = plan.match.kernel
-    where = f"layer '{kernel.layer}' ({kernel.tensor}, {plan.match.weight.op})"
-    if plan.codes > MAX_TABLE_VALUES:
+    kernel = layout.match.kernel
+    where = f"layer '{kernel.layer}' ({kernel.tensor}, {layout.match.weight.op})"
+    if layout.codes > MAX_TABLE_VALUES:
         raise ExportError(
-            f"{where}: a value table would need {plan.codes} entries, more "
+            f"{where}: a value table would need {layout.codes} entries, more "
             f"than the {MAX_TABLE_VALUES} TFLM's LUT compression holds (K="
             f"{kernel.num_values}). TFLM decodes a float32 tensor with one "
             "table, so per-channel dictionaries or a batch norm folded into "
@@ -223,29 +223,30 @@ def decide(plan, scales_kept=True):
             "quantize='int8' (per-channel tables), or use per-tensor "
             "dictionaries without a batch norm after this layer."
         )
-    notes = [plan.note] if plan.note else []
-    if plan.merged:
+    notes = [layout.note] if layout.note else []
+    if layout.merged:
         notes.append(
-            f"int8 rounding merged {plan.merged} of the Keras values"
+            f"int8 rounding merged {layout.merged} of the Keras values"
         )
-    if plan.spread:
+    if layout.spread:
         notes.append(
-            f"{plan.codes} codes > K={kernel.num_values}"
-            + (" (batch norm folded)" if plan.match.folded else "")
+            f"{layout.codes} codes > K={kernel.num_values}"
+            + (" (batch norm folded)" if layout.match.folded else "")
         )
-    weight = plan.match.weight
+    weight = layout.match.weight
     # Unslimmed, the encoded tensor keeps a copy of the scales and zero
     # points, and the added tensors carry names.
     overhead = overhead_bytes(
         len(weight.name), 0 if weight.scales is None else len(weight.scales),
         scales_kept)
-    plan.compress = plan.bytes_after + overhead < plan.bytes_before
-    if not plan.compress:
+    layout.compress = layout.bytes_after + overhead < layout.bytes_before
+    if not layout.compress:
         notes.append(
-            f"kept uncompressed: would add ~{plan.bytes_after + overhead - plan.bytes_before} bytes"
+            "kept uncompressed: would add "
+            f"~{layout.bytes_after + overhead - layout.bytes_before} bytes"
         )
-    plan.note = "; ".join(notes)
-    return plan
+    layout.note = "; ".join(notes)
+    return layout
 
 
 def pack_indices(indices, bits):
@@ -266,49 +267,51 @@ def _metadata(bits, axis, stride):
     return bytes(dcm)
 
 
-def encode(plan, array):
+def encode(layout, array):
     """`(packed indices, ancillary data)` of one tensor, in TFLM's LUT format.
 
     Args:
-        plan: The tensor's `TablePlan`.
+        layout: The tensor's `TableLayout`.
         array: The tensor's values as stored in the (requantised) model.
     """
-    if plan.mode == "shared":
-        table = plan.shared.table
+    if layout.mode == "shared":
+        table = layout.shared.table
         indices = np.searchsorted(table, array)
         # Stride 0: every channel's table pointer stays on the one table.
-        ancillary = _metadata(plan.index_bits, ONE_TABLE_AXIS, 0) + table.tobytes()
-        return pack_indices(indices, plan.index_bits), ancillary
-    if plan.mode == "per-tensor":
+        ancillary = (_metadata(layout.index_bits, ONE_TABLE_AXIS, 0)
+                     + table.tobytes())
+        return pack_indices(indices, layout.index_bits), ancillary
+    if layout.mode == "per-tensor":
         table, indices = np.unique(array, return_inverse=True)
-        ancillary = _metadata(plan.index_bits, ONE_TABLE_AXIS, len(table))
-        return pack_indices(indices, plan.index_bits), ancillary + table.tobytes()
-    moved = np.moveaxis(array, plan.axis, 0)
-    stride = plan.codes
+        ancillary = _metadata(layout.index_bits, ONE_TABLE_AXIS, len(table))
+        return (pack_indices(indices, layout.index_bits),
+                ancillary + table.tobytes())
+    moved = np.moveaxis(array, layout.axis, 0)
+    stride = layout.codes
     tables = np.zeros((moved.shape[0], stride), array.dtype)
     indices = np.empty(moved.shape, np.int64)
     for c, channel in enumerate(moved):
         values, inverse = np.unique(channel, return_inverse=True)
         tables[c, : len(values)] = values
         indices[c] = inverse.reshape(channel.shape)
-    indices = np.moveaxis(indices, 0, plan.axis)
-    ancillary = _metadata(plan.index_bits, plan.axis, stride) + tables.tobytes()
-    return pack_indices(indices, plan.index_bits), ancillary
+    indices = np.moveaxis(indices, 0, layout.axis)
+    ancillary = _metadata(layout.index_bits, layout.axis, stride) + tables.tobytes()
+    return pack_indices(indices, layout.index_bits), ancillary
 
 
-def compress_model(model_bytes, plans):
-    """Writes the compressed model for the plans marked `compress`.
+def compress_model(model_bytes, layouts):
+    """Writes the compressed model for the layouts marked `compress`.
 
     Args:
         model_bytes: The uncompressed .tflite flatbuffer (requantised for
             the shared tables).
-        plans: `TablePlan`s.
+        layouts: `TableLayout`s.
 
     Returns:
         The compressed flatbuffer (bytes), or `model_bytes` itself when no
-        plan is marked `compress`.
+        layout is marked `compress`.
     """
-    chosen = [p for p in plans if p.compress]
+    chosen = [t for t in layouts if t.compress]
     if not chosen:
         return bytes(model_bytes)
     tflm.require()
@@ -320,9 +323,9 @@ def compress_model(model_bytes, plans):
         model = model_editor.read(bytes(model_bytes))
         tensors = model.subgraphs[0].tensors
         results = {}
-        for plan in chosen:
-            index = plan.match.weight.index
-            encoded, ancillary = encode(plan, tensors[index].array)
+        for layout in chosen:
+            index = layout.match.weight.index
+            encoded, ancillary = encode(layout, tensors[index].array)
             results[(0, index)] = compressor.CompressionResult(
                 encoded_data=encoded, ancillary_data=ancillary
             )

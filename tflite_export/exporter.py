@@ -1,4 +1,10 @@
-"""`export`: a LUT-Q Keras model to a LUT-compressed .tflite file for TFLM."""
+"""`export`: a LUT-Q Keras model to a LUT-compressed .tflite file for TFLM.
+
+The face of the export: argument checks, the device verdict, the report
+and the files written. The pipeline underneath (convert, lay out tables,
+compress, slim, measure, verify) is `build`; `ram_budget` builds under a
+decode limit or an arena budget with it.
+"""
 
 import dataclasses
 import numbers
@@ -9,26 +15,18 @@ import keras
 import numpy as np
 
 from tflite_export import anatomy
-from tflite_export import arena
+from tflite_export import build
 from tflite_export import c_array as c_array_lib
-from tflite_export import compress
 from tflite_export import convert
 from tflite_export import device as device_lib
-from tflite_export import flatbuffer
 from tflite_export import int4 as int4_lib
 from tflite_export import lut_tensors
-from tflite_export import mapping
 from tflite_export import ram_budget
 from tflite_export import resolver
-from tflite_export import shared_tables
-from tflite_export import slim as slim_lib
 from tflite_export import target as targets
 from tflite_export import tempfiles
 from tflite_export import tflm
-from tflite_export import tflm_limits
-from tflite_export import verify as verify_lib
 from tflite_export import writer
-from tflite_export.errors import ExportError
 from tflite_export.result import ExportResult
 from tflite_export.result import RamChoice
 from tflite_export.result import TensorReport
@@ -187,7 +185,8 @@ def export(
             ExportError naming it. The file is verified bit-exact against
             an int8 twin holding the same codes (requantised scales and
             biases, `tflite_export.int4`). Refused with quantize='float32',
-            max_decode_bytes, ram_bytes or target (not supported yet).
+            max_decode_bytes or ram_bytes (not supported yet); with a
+            target, the device report counts int4 ops' instructions.
 
     Returns:
         An `ExportResult`; `print(result)` shows the report.
@@ -245,8 +244,8 @@ def export(
             raise ValueError(
                 f"max_verify_samples must be >= 1, got {max_verify_samples}."
             )
-    max_decode_bytes = ram_budget.check_budget(max_decode_bytes, "max_decode_bytes")
-    ram_bytes = ram_budget.check_budget(ram_bytes, "ram_bytes")
+    max_decode_bytes = ram_budget.check_byte_limit(max_decode_bytes, "max_decode_bytes")
+    ram_bytes = ram_budget.check_byte_limit(ram_bytes, "ram_bytes")
     target = targets.get(target)
     if decode is not None and decode not in DECODE_CHOICES:
         raise ValueError(f"decode must be one of {DECODE_CHOICES}, got {decode!r}.")
@@ -302,48 +301,41 @@ def export(
                 for i in range(len(specs))
             ]
             source = "random"
-    settings = _Settings(
+    settings = build.Settings(
         quantize=quantize, data=data, io_dtype=io_dtype,
         weight_quantization=weight_quantization, shared_tables=shared_tables,
         slim=slim, verify=verify, inputs=inputs if verify else None,
         source=source if verify else None, min_agreement=min_agreement,
         reference=plain, int4=int4,
     )
-    # Builds of the unsplit model (`fit` makes one first): their conversion
-    # is the int8 route's.
-    unsplit = []
-
-    def assemble(model, *args, **kwargs):
-        built = _assemble(model, *args, **kwargs)
-        if model is plain:
-            unsplit.append(built)
-        return built
-
     judge = target is not None and decode == "auto"
     declined = None  # a `_Declined`: the compressed file not written
     first_note = len(notes)
     if max_decode_bytes is None and ram_bytes is None:
         candidate_notes = []
-        built = assemble(plain, kernels, candidate_notes, settings,
-                         share=settings.shared_tables is not False)
+        built = build.assemble(plain, kernels, candidate_notes, settings,
+                               share=settings.shared_tables is not False)
+        # The first build of the unsplit model: its conversion is the int8
+        # route's.
+        route = built
         keep = None
         if judge:  # decided before verifying a file that would not be written
             declined = _loses(target, built.compressed, built.slim_baseline)
         if declined is None:
             notes.extend(candidate_notes)
         else:
-            built, keep = _int8_build(plain, kernels, notes, settings, unsplit[0],
+            built, keep = _int8_build(plain, kernels, notes, settings, route,
                                       target, declined)
-        built, verification = _assemble_verified(plain, kernels, notes, settings,
-                                                 keep=keep, built=built)
+        built, verification = build.assemble_verified(
+            plain, kernels, notes, settings, keep=keep, built=built)
         ram = None
     else:
-        built, verification, ram = ram_budget.fit(
+        fitted = ram_budget.fit(
             plain, kernels, notes, settings,
             max_decode_bytes=max_decode_bytes, ram_bytes=ram_bytes,
-            assemble=assemble, assemble_verified=_assemble_verified,
         )
-    route = unsplit[0]
+        built, verification, ram = fitted.built, fitted.verification, fitted.report
+        route = fitted.unsplit
     # The int8 route: the converter's file of the same unsplit model,
     # slimmed like the written file when that is of the unsplit model too.
     int8_bytes = (
@@ -357,8 +349,8 @@ def export(
             del notes[first_note:]  # they describe the file not written
             built, keep = _int8_build(plain, kernels, notes, settings, route, target,
                                       declined)
-            built, verification = _assemble_verified(plain, kernels, notes, settings,
-                                                     keep=keep, built=built)
+            built, verification = build.assemble_verified(
+                plain, kernels, notes, settings, keep=keep, built=built)
             if ram is not None:
                 ram = _ram_int8(ram, built)
     device_report = None
@@ -372,7 +364,7 @@ def export(
         and verification.top1_agreement is None
     ):  # a subclassed model's output shapes are known only now
         raise ValueError(_NO_CLASSES.format(min_agreement=min_agreement))
-    baseline, compressed, plans = built.baseline, built.compressed, built.plans
+    baseline, compressed, layouts = built.baseline, built.compressed, built.layouts
     if not kernels:
         notes.append("No LUT-Q layers found: exported without compression.")
     for kernel in built.unmatched:
@@ -380,11 +372,11 @@ def export(
             f"layer '{kernel.layer}' ({kernel.tensor}): no weight tensor of "
             "the converted model holds this LUT kernel; not compressed."
         )
-    merged = [p for p in plans if p.merged]
+    merged = [t for t in layouts if t.merged]
     if merged:
         warnings.warn(
             "int8 weight quantisation merged distinct LUT values in "
-            + ", ".join(f"'{p.match.kernel.layer}'" for p in merged)
+            + ", ".join(f"'{t.match.kernel.layer}'" for t in merged)
             + "; the report lists how many.",
             stacklevel=2,
         )
@@ -405,11 +397,11 @@ def export(
         baseline_bytes=len(baseline),
         slim_baseline_bytes=len(built.slim_baseline),
         slim_steps=list(built.steps),
-        anatomy=anatomy.read(compressed, plans),
+        anatomy=anatomy.read(compressed, layouts),
         quantize=quantize,
         io_dtype=io_dtype,
         weight_quantization=built.chosen,
-        tensors=[_report(p, built.int4) for p in plans],
+        tensors=[_report(t, built.int4) for t in layouts],
         verification=verification,
         arena_bytes=built.arena_bytes,
         baseline_arena_bytes=built.baseline_arena,
@@ -541,8 +533,9 @@ def _int8_build(plain, kernels, notes, settings, route, target, declined):
     """`(built, keep)`: `route`'s model with every LUT kernel kept int8.
 
     Args:
-        plain, kernels, notes, settings: As for `_assemble`.
-        route: A `_Built` of the unsplit model (its conversion is reused).
+        plain, kernels, notes, settings: As for `build.assemble`.
+        route: A `build.Built` of the unsplit model (its conversion is
+            reused).
         target: The `Target`.
         declined: The `_Declined` compressed file.
     """
@@ -551,9 +544,9 @@ def _int8_build(plain, kernels, notes, settings, route, target, declined):
         f"({device_lib.format_code(declined.report.code_added)}) outweighs the "
         "file bytes it saves"
     )
-    keep = {p.match.kernel.layer: reason for p in route.plans}
-    built = _assemble(plain, kernels, notes, settings, share=False, keep=keep,
-                      previous=route)
+    keep = {t.match.kernel.layer: reason for t in route.layouts}
+    built = build.assemble(plain, kernels, notes, settings, share=False,
+                           keep=keep, previous=route)
     return built, keep
 
 
@@ -581,7 +574,7 @@ def _device_report(target, built, int8_bytes, declined):
 
     Args:
         target: The `Target`.
-        built: The `_Built` written.
+        built: The `build.Built` written.
         int8_bytes: The int8 route's file.
         declined: A `_Declined` compressed file, or None. Then `built` is
             the int8 file, which both reports are made against.
@@ -634,317 +627,29 @@ def _classes(model):
     return any(len(shape) >= 2 and shape[-1] > 1 for shape in shapes)
 
 
-@dataclasses.dataclass
-class _Settings:
-    """The export's arguments that every build of a candidate model shares.
-
-    `reference` is the Keras model TFLM's outputs are compared with (the
-    model as given, also for a split model, which computes the same).
-    """
-
-    quantize: str
-    data: object
-    io_dtype: str
-    weight_quantization: str
-    shared_tables: object
-    slim: bool
-    verify: bool
-    inputs: object
-    source: str
-    min_agreement: object
-    reference: object
-    int4: str = int4_lib.DEFAULT
-
-
-@dataclasses.dataclass
-class _Built:
-    """One model converted, planned, compressed and measured (not verified).
-
-    Attributes:
-        baseline: The converter's file (uncompressed, unslimmed).
-        twin: The requantised uncompressed twin of `compressed`.
-        compressed: The file to write.
-        plans: `compress.TablePlan`s.
-        unmatched: LUT kernels no weight tensor holds.
-        chosen: The weight quantisation used.
-        steps: Slimming steps applied.
-        slim_baseline: `baseline` slimmed like `compressed`.
-        arena_bytes: Smallest arena of `compressed`.
-        baseline_arena: Smallest arena of `baseline`.
-        shared: Whether a shared table was compressed.
-    """
-
-    baseline: bytes
-    twin: bytes
-    compressed: bytes
-    plans: list
-    unmatched: list
-    chosen: str
-    steps: tuple
-    slim_baseline: bytes
-    arena_bytes: int
-    baseline_arena: int
-    shared: bool
-    num_inputs: int
-    int4: dict = dataclasses.field(default_factory=dict)  # index -> Int4Tensor
-
-    @property
-    def decode_buffer_bytes(self):
-        """Bytes of the largest decoded kernel (DECODE's output), 0 if none."""
-        return max(
-            (p.match.weight.nbytes for p in self.plans if p.compress), default=0
-        )
-
-
-def _assemble(model, kernels, notes, settings, share=True, keep=None,
-              previous=None):
-    """Converts, plans, compresses and measures one model; no verification.
-
-    Args:
-        model: The plain Keras model to convert (maybe split).
-        kernels: Its `LutKernel`s.
-        notes: List the build appends report notes to.
-        settings: `_Settings`.
-        share: Whether shared tables may be planned.
-        keep: `{layer name: reason}`: LUT kernels to keep uncompressed
-            (int8), e.g. whose decoded size exceeds a RAM limit.
-        previous: A `_Built` of the same model whose conversion is reused
-            (only the tables are planned again).
-
-    Returns:
-        A `_Built`.
-    """
-    if previous is None:
-        baseline, info, plans, unmatched, chosen = convert_and_plan(
-            model, kernels, settings.quantize, settings.data, settings.io_dtype,
-            settings.weight_quantization, share=share,
-        )
-        num_inputs = info.num_inputs
-        tflm_limits.check(baseline, model)
-        try:
-            baseline_arena = arena.find_arena_size(
-                baseline, num_inputs, "uncompressed model"
-            )
-        except ExportError as e:
-            raise _explained(e, model) from e
-    else:
-        baseline, unmatched, chosen = (
-            previous.baseline, previous.unmatched, previous.chosen
-        )
-        num_inputs, baseline_arena = previous.num_inputs, previous.baseline_arena
-        plans = [compress.plan_table(p.match, share=share) for p in previous.plans]
-    for plan in plans:
-        compress.decide(plan, scales_kept=not settings.slim)
-        reason = (keep or {}).get(plan.match.kernel.layer)
-        if reason and plan.compress:
-            plan.compress = False
-            plan.note = "; ".join(filter(None, [plan.note, reason]))
-    int4_tensors = int4_lib.choose(plans, settings.int4, scales_kept=not settings.slim)
-    wanted_steps = slim_lib.STEPS if settings.slim else ()
-    twin, compressed, steps = build_file(
-        baseline, plans, wanted_steps, notes, settings.data, int4=int4_tensors
-    )
-    slim_baseline = slim_lib.slim(baseline, steps) if steps else baseline
-    if (len(compressed) >= len(slim_baseline) and any(p.compress for p in plans)
-            and not int4_tensors):
-        # The per-tensor size estimate was beaten by file overhead: keep
-        # the smaller, uncompressed model.
-        for plan in plans:
-            if plan.compress:
-                plan.compress = False
-                plan.note = "; ".join(
-                    filter(None, [plan.note, "kept uncompressed: the file would grow"])
-                )
-        twin, compressed = baseline, slim_baseline
-    arena_bytes = arena.find_arena_size(compressed, num_inputs, "compressed model")
-    return _Built(
-        baseline=baseline, twin=twin, compressed=compressed, plans=plans,
-        unmatched=unmatched, chosen=chosen, steps=steps,
-        slim_baseline=slim_baseline, arena_bytes=arena_bytes,
-        baseline_arena=baseline_arena,
-        shared=any(p.mode == "shared" and p.compress for p in plans),
-        num_inputs=num_inputs, int4=int4_tensors,
-    )
-
-
-def _assemble_verified(model, kernels, notes, settings, keep=None, built=None):
-    """`_assemble` (unless `built` is given), then verification if asked.
-
-    Returns `(built, verification)`. With `shared_tables="auto"`, a model
-    whose shared tables agree less with Keras than the converter's int8
-    model is planned again with one table per channel.
-    """
-    if built is None:
-        built = _assemble(
-            model, kernels, notes, settings,
-            share=settings.shared_tables is not False, keep=keep,
-        )
-    while True:
-        verification = None
-        if settings.verify:
-            verification = verify_lib.verify(
-                built.compressed,
-                built.twin,
-                settings.reference,
-                settings.inputs,
-                built.arena_bytes,
-                built.baseline_arena,
-                input_source=settings.source,
-                min_agreement=settings.min_agreement,
-                plain_int8=built.baseline if built.twin != built.baseline else None,
-            )
-        if not (
-            settings.shared_tables == "auto"
-            and built.shared
-            and verification is not None
-            and verification.worse_than_int8
-        ):
-            return built, verification
-        # The shared tables' coarser scales cost agreement with Keras: fall
-        # back to one table per channel, with the converter's own scales.
-        notes.append(
-            "shared value tables dropped: the requantised model agreed less "
-            "with Keras than the converter's int8 model ("
-            + verification.agreement()
-            + ")"
-        )
-        built = _assemble(
-            model, kernels, notes, settings, share=False, keep=keep, previous=built
-        )
-
-
-def build_file(baseline, plans, steps, notes, data=None, int4=None):
-    """`(twin, compressed, steps)`: the requantised twin and the written file.
-
-    The twin is the int8 model with the shared tables' scales and biases,
-    uncompressed and unslimmed; the compressed file must run bit-exact
-    with it. A slimming step that makes TFLM's outputs differ (or fail) on
-    a probe input is dropped with a note. `data` (per-input arrays) gives
-    the probe valid values for integer index inputs.
-    """
-    rewrites = {
-        p.match.weight.index: (p.shared, p.match.weight.bias_index)
-        for p in plans
-        if p.compress and p.mode == "shared"
-    }
-    int4 = int4 or {}  # `int4.Int4Tensor`s by weight index: the twin holds their codes
-    rewrites.update(int4_lib.twin_rewrites(int4))
-    twin = shared_tables.requantize(baseline, rewrites)
-    full = int4_lib.write(compress.compress_model(twin, plans), int4)
-    if not steps:
-        return twin, full, ()
-    probe = verify_lib.probe_outputs(full, data=data)
-
-    def harmless(chosen):
-        try:
-            candidate = slim_lib.slim(full, chosen)
-            return (
-                candidate
-                if verify_lib.probe_outputs(candidate, data=data) == probe
-                else None
-            )
-        except Exception:  # TFLM or the flatbuffer tools refused it
-            return None
-
-    candidate = harmless(steps)
-    if candidate is None:
-        kept = [step for step in steps if harmless([step]) is not None]
-        for step in steps:
-            if step not in kept:
-                notes.append(f"slimming step '{step}' dropped: it changed TFLM's outputs")
-        steps = tuple(kept)
-        candidate = harmless(steps) if steps else None
-        if candidate is None:
-            notes.append("slimming dropped: the steps together changed TFLM's outputs")
-            return twin, full, ()
-    return twin, candidate, tuple(steps)
-
-
-def _candidate_plans(model, kernels, quantize, weight_quantization):
-    """Weight quantisations to try, the smallest tables first."""
-    if quantize == "float32":
-        return ["float"]
-    if weight_quantization != "auto":
-        return [weight_quantization]
-    # Scaled dictionaries differ per channel by a scale: not one table of a
-    # per-tensor int8 tensor.
-    per_tensor = {
-        k.layer for k in kernels if not k.per_channel and k.channel_scales is None
-    }
-    layers = lut_tensors.weight_layers(model)
-    plans = []
-    # Per-tensor weights give one small table instead of one per channel,
-    # but would cost accuracy in layers that are not LUT-Q: only when every
-    # weight layer (resp. every Dense) has a per-tensor dictionary.
-    if per_tensor and all(layer.name in per_tensor for layer in layers):
-        plans.append("per_tensor")
-    dense = [layer for layer in layers if isinstance(layer, keras.layers.Dense)]
-    if dense and all(layer.name in per_tensor for layer in dense):
-        plans.append("dense_per_tensor")
-    plans.append("per_channel")
-    return plans
-
-
-def convert_and_plan(model, kernels, quantize, data, io_dtype, weight_quantization,
-                      share=True):
-    """Converts with each candidate weight quantisation until one keeps the LUTs.
-
-    A quantisation keeps the LUTs when no table holds more codes than its
-    dictionary has values (a per-tensor table of a kernel with a folded
-    batch norm does) and no two dictionary values round to one code.
-    """
-    candidates = _candidate_plans(model, kernels, quantize, weight_quantization)
-    for chosen in candidates:
-        baseline = convert.convert(
-            model,
-            quantize,
-            data,
-            io_dtype=io_dtype,
-            weight_quantization=chosen if chosen != "float" else "per_channel",
-        )
-        info = flatbuffer.read(baseline)
-        matches, unmatched = mapping.match(info.weights, kernels)
-        plans = [compress.plan_table(m, share=share) for m in matches]
-        if not any(p.spread or p.merged for p in plans):
-            break
-    if quantize == "int8":
-        spread = [p for p in plans if p.spread]
-        if spread:
-            raise ExportError(
-                "int8 weight quantisation '" + chosen + "' gives tables with more "
-                "codes than the LUT-Q dictionary has values: "
-                + "; ".join(
-                    f"layer '{p.match.kernel.layer}' ({p.match.weight.op}): "
-                    f"{p.codes} codes, K={p.match.kernel.num_values}"
-                    for p in spread
-                )
-                + ". A batch norm folded into a kernel needs per-channel "
-                "tables: use weight_quantization='per_channel' (or 'auto')."
-            )
-    return baseline, info, plans, unmatched, chosen
-
-
-def _report(plan, int4=None):
-    weight = plan.match.weight
-    kernel = plan.match.kernel
+def _report(layout, int4=None):
+    """The `TensorReport` of one weight tensor's `compress.TableLayout`."""
+    weight = layout.match.weight
+    kernel = layout.match.kernel
     if int4 and weight.index in int4:
-        return int4_lib.report(plan, int4[weight.index])
+        return int4_lib.report(layout, int4[weight.index])
     return TensorReport(
         layer=kernel.layer,
         tensor=kernel.tensor,
         op=weight.op,
         tflite_name=weight.name,
         num_values=kernel.num_values,
-        codes=plan.codes,
-        index_bits=plan.index_bits,
+        codes=layout.codes,
+        index_bits=layout.index_bits,
         table_mode=(
-            "per-tensor" if plan.mode == "per-tensor" else f"{plan.mode}(axis={plan.axis})"
+            "per-tensor" if layout.mode == "per-tensor"
+            else f"{layout.mode}(axis={layout.axis})"
         ),
-        tables=plan.tables,
-        bytes_before=plan.bytes_before,
-        bytes_after=plan.bytes_after if plan.compress else plan.bytes_before,
-        compressed=plan.compress,
-        note=plan.note,
+        tables=layout.tables,
+        bytes_before=layout.bytes_before,
+        bytes_after=layout.bytes_after if layout.compress else layout.bytes_before,
+        compressed=layout.compress,
+        note=layout.note,
     )
 
 
@@ -981,20 +686,3 @@ def _check_min_agreement(value):
         )
     if not 0.0 <= value <= 1.0:  # also refuses NaN
         raise ValueError(f"min_agreement must be in [0, 1], got {value}.")
-
-
-def _explained(error, model):
-    """Adds what to do when TFLM lacks a kernel Keras' Embedding needs."""
-    embedding = [
-        layer.name for layer in lut_tensors.all_layers(model)
-        if isinstance(layer, keras.layers.Embedding)
-    ]
-    if not embedding or "SELECT" not in str(error):
-        return error
-    return type(error)(
-        f"{error}\nKeras' Embedding ({', '.join(embedding)}) wraps negative "
-        "ids with LESS/ADD/SELECT, and TFLM has no SELECT kernel. TFLM runs "
-        "GATHER with int32 ids: replace the Embedding with a layer whose "
-        "call is `tf.gather(self.embeddings, ids)` (same weights), which "
-        "exports and runs on TFLM."
-    )

@@ -214,7 +214,7 @@ def choose(plans, mode, scales_kept=False):
     """Picks the tensors to store as int4 and takes them off the LUT plans.
 
     Args:
-        plans: `compress.TablePlan`s (after `compress.decide`).
+        plans: `compress.TableLayout`s (after `compress.decide`).
         mode: `"never"`, `"auto"` (int4 where exact and no larger than the
             LUT or int8 choice) or `"always"` (every LUT kernel; one that is
             not int4-exact raises).

@@ -37,10 +37,10 @@ import dataclasses
 
 import numpy as np
 
+from tflite_export import build
 from tflite_export import compress
 from tflite_export import convert
 from tflite_export import device
-from tflite_export import exporter
 from tflite_export import lut_tensors
 from tflite_export import shared_tables
 from tflite_export import slim
@@ -56,8 +56,9 @@ INT8 = "int8"
 # baseline), and shared tables whatever the agreement on the verification
 # inputs (else `"auto"` may fall back to larger per-channel tables).
 EXPORT_OPTIONS = {"weight_quantization": "per_channel", "shared_tables": True}
-# TFLM's LUT decoding stores indices of 1 to 7 bits.
-MAX_BITS = 7
+# TFLM's LUT decoding stores indices of 1 to 7 bits: the bits of
+# `lut_tensors.MAX_TABLE_VALUES` (128) entries, its one home.
+MAX_BITS = MAX_TABLE_VALUES.bit_length() - 1
 # Beyond the exporter's per-tensor overhead, a file with any DECODE op
 # holds its operator code (the custom op's name) once, and files are
 # padded to 16 bytes: one compressed tensor of the digits CNN cost 144 to
@@ -264,14 +265,14 @@ def measure(model, representative_data, layers=None):
     plain, kernels, _ = lut_tensors.find_lut_kernels(reference)
     specs = convert.input_specs(plain, representative_data)
     data = convert.check_representative_data(plain, representative_data, "int8", specs)
-    baseline, _, plans, _, _ = exporter.convert_and_plan(
+    baseline, _, layouts, _, _ = build.convert_and_choose_tables(
         plain, kernels, "int8", data, "int8", "per_channel", share=True)
     # The slim file as `export` writes it when nothing is compressed: the
     # same slimming steps, each checked on TFLM.
-    _, slim_bytes, _ = exporter.build_file(baseline, [], slim.STEPS, [], data)
+    _, slim_bytes, _ = build.build_file(baseline, [], slim.STEPS, [], data)
     tensors = {}
-    for plan in plans:
-        match = plan.match
+    for layout in layouts:
+        match = layout.match
         weight = match.weight
         shared, _ = shared_tables.shared_codes(match)
         axis = weight.quantized_dimension

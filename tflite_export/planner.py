@@ -597,8 +597,8 @@ def _check_target(fail, data, rows, budget, estimate, int8_bytes):
             "flash_change": int(change)}
 
 
-def check_budget(budget_bytes, argument="budget_bytes"):
-    """A budget in bytes: a positive int, else a TypeError/ValueError."""
+def check_flash_budget(budget_bytes, argument="budget_bytes"):
+    """`plan_budget`'s flash budget in bytes: a positive int, else a TypeError/ValueError."""
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral):
         hint = ""
         if isinstance(budget_bytes, str):
@@ -824,7 +824,7 @@ def plan_budget(
             a budget below the smallest file the choices allow (the message
             gives that minimum).
     """
-    budget = check_budget(budget_bytes)
+    budget = check_flash_budget(budget_bytes)
     targets.get(target)  # an unknown name is refused before any conversion
     return choices(model, calibration_data, labels=labels, loss=loss, bits=bits,
                    modes=modes, batch_size=batch_size, max_batches=max_batches,
@@ -893,7 +893,7 @@ class Choices:
         Raises:
             TypeError, ValueError: as `plan_budget`.
         """
-        budget = check_budget(budget_bytes)
+        budget = check_flash_budget(budget_bytes)
         profile = targets.get(target)
         minimum = self.min_bytes
         if budget < minimum:

@@ -34,6 +34,7 @@ import numbers
 
 import keras
 
+from tflite_export import build
 from tflite_export import compress
 from tflite_export import latency
 from tflite_export import split as split_lib
@@ -63,8 +64,11 @@ GROUP_FILE_BYTES = 256
 _MAX_TRIES = 6
 
 
-def check_budget(value, argument):
-    """A byte count: None or an int >= 1; names the argument and the unit."""
+def check_byte_limit(value, argument):
+    """`max_decode_bytes` or `ram_bytes`: None or an int >= 1.
+
+    The error names the argument and the unit.
+    """
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -119,29 +123,30 @@ def _output_bytes(layer, itemsize):
 
 
 def _tensors(plain, built):
+    """The `_Tensor`s of `built`'s compressed kernels (`plain` unsplit)."""
     top = {layer.name: layer for layer in plain.layers}
     tensors = []
-    for plan in built.plans:
-        if not plan.compress:
+    for layout in built.layouts:
+        if not layout.compress:
             continue
-        weight = plan.match.weight
+        weight = layout.match.weight
         channels = int(weight.array.shape[weight.output_axis])
-        layer = top.get(plan.match.kernel.layer)
+        layer = top.get(layout.match.kernel.layer)
         if layer is None:
             why = "inside a nested model, not split"
-        elif plan.match.kernel.tensor != "kernel":
-            why = f"its {plan.match.kernel.tensor} is not split"
+        elif layout.match.kernel.tensor != "kernel":
+            why = f"its {layout.match.kernel.tensor} is not split"
         else:
             ok, why = split_lib.splittable(layer, _functional(plain))
         if weight.uses != 1:
             why = "read by several ops, not split"
         tensors.append(_Tensor(
-            layer=plan.match.kernel.layer, op=weight.op, decoded=weight.nbytes,
+            layer=layout.match.kernel.layer, op=weight.op, decoded=weight.nbytes,
             channels=channels, channel_bytes=-(-weight.nbytes // channels),
-            why_not=why, before=plan.bytes_before,
-            after=plan.bytes_after + compress.overhead_bytes(),
+            why_not=why, before=layout.bytes_before,
+            after=layout.bytes_after + compress.overhead_bytes(),
             output_bytes=_output_bytes(layer, weight.array.dtype.itemsize),
-            elements=int(weight.array.size), tables=plan.tables, codes=plan.codes,
+            elements=int(weight.array.size), tables=layout.tables, codes=layout.codes,
             itemsize=weight.array.dtype.itemsize,
         ))
     return tensors
@@ -325,12 +330,12 @@ _CELL = 32
 _MAX_CELLS = 1024
 
 
-def _plan(tensors, limit, room):
+def _choose_options(tensors, limit, room):
     """Per tensor the `_Option` that minimises flash within `room` state bytes.
 
     A 0/1 choice per tensor (int8, or its compress/split option), solved
     exactly by dynamic programming over the state bytes in cells of at
-    least `_CELL` bytes (rounded up, so the plan never needs more).
+    least `_CELL` bytes (rounded up, so the choice never needs more).
     Returns the options, or None when `room` < 0. (A split's group outputs
     are counted as state too: a sum over splits, where TFLM's planner needs
     only the largest at a time; an overestimate on the safe side.)
@@ -400,11 +405,11 @@ def _unpaid_splits(built, info):
         names = set(entry["groups"])
         count = len(names)
         compressed = [
-            p for p in built.plans if p.match.kernel.layer in names and p.compress
+            t for t in built.layouts if t.match.kernel.layer in names and t.compress
         ]
         gross = sum(
-            p.bytes_before - p.bytes_after - compress.overhead_bytes()
-            for p in compressed
+            t.bytes_before - t.bytes_after - compress.overhead_bytes()
+            for t in compressed
         )
         cost = GROUP_FILE_BYTES * (count - 1)
         if not compressed:
@@ -422,8 +427,8 @@ def _unpaid_splits(built, info):
     return unpaid
 
 
-def _build(plain, kernels, settings, plan, unsplit, tensors, assemble, limit,
-           label):
+def _build_candidate(plain, kernels, settings, decision, unsplit, tensors, limit,
+                     label):
     """Builds a candidate, undoing splits the built file shows do not pay.
 
     A split layer whose groups are all uncompressed, or save less than the
@@ -432,30 +437,29 @@ def _build(plain, kernels, settings, plan, unsplit, tensors, assemble, limit,
 
     Args:
         plain, kernels, settings: As for `fit`.
-        plan: `(sizes, keep, choices)` (`_decide`, `_realise`); updated in
-            place for the splits undone.
+        decision: `(sizes, keep, choices)` (`_decide`, `_realise`); updated
+            in place for the splits undone.
         unsplit: The unsplit build (its conversion is reused when nothing
             is split).
         tensors: The `_Tensor`s.
-        assemble: The exporter's `_assemble`.
         limit: The decode limit, and `label` its name for the report
             (`"max_decode_bytes="` or `"the decode limit "`).
 
     Returns:
         `(built, model, kernels, info, notes)` of the model built.
     """
-    sizes, keep, choices = plan
+    sizes, keep, choices = decision
     share = settings.shared_tables is not False
     by_layer = {t.layer: t for t in tensors}
     while True:
         model, split_kernels, info = _candidate(plain, kernels, sizes)
         built_notes = []
         if info:
-            built = assemble(model, split_kernels, built_notes, settings,
-                             share=share, keep=keep)
+            built = build.assemble(model, split_kernels, built_notes, settings,
+                                   share=share, keep=keep)
         else:
-            built = assemble(plain, kernels, built_notes, settings, share=share,
-                             keep=keep, previous=unsplit)
+            built = build.assemble(plain, kernels, built_notes, settings,
+                                   share=share, keep=keep, previous=unsplit)
         unpaid = _unpaid_splits(built, info)
         if not unpaid:
             return built, model, split_kernels, info, built_notes
@@ -471,8 +475,8 @@ def _build(plain, kernels, settings, plan, unsplit, tensors, assemble, limit,
                     )
 
 
-def _unsplit_if_larger(plain, kernels, settings, built, plan, info, unsplit,
-                       tensors, assemble, limit, label):
+def _unsplit_if_larger(plain, kernels, settings, built, decision, info, unsplit,
+                       tensors, limit, label):
     """The build with every split layer int8 instead, if its file is no larger.
 
     The last, measured check that a split pays (the extra ops' file bytes
@@ -482,11 +486,11 @@ def _unsplit_if_larger(plain, kernels, settings, built, plan, info, unsplit,
         `(built, info, notes)`: `built` and `info` as given and notes None
         when the split file is the smaller; else the build with the split
         layers int8 (the conversion of `unsplit` reused), `{}` and its
-        notes, and `plan` updated.
+        notes, and `decision` updated.
     """
     if not info:
         return built, info, None
-    sizes, keep, choices = plan
+    sizes, keep, choices = decision
     by_layer = {t.layer: t for t in tensors}
     why = {
         layer: (
@@ -502,9 +506,9 @@ def _unsplit_if_larger(plain, kernels, settings, built, plan, info, unsplit,
             f"{why[layer]}"
         )
     alt_notes = []
-    alt = assemble(plain, kernels, alt_notes, settings,
-                   share=settings.shared_tables is not False, keep=alt_keep,
-                   previous=unsplit)
+    alt = build.assemble(plain, kernels, alt_notes, settings,
+                         share=settings.shared_tables is not False, keep=alt_keep,
+                         previous=unsplit)
     if len(alt.compressed) > len(built.compressed):
         return built, info, None
     for layer in info:
@@ -520,23 +524,38 @@ def _unsplit_if_larger(plain, kernels, settings, built, plan, info, unsplit,
     return alt, {}, alt_notes
 
 
-def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes,
-        assemble, assemble_verified):
+@dataclasses.dataclass
+class Fitted:
+    """What `fit` built.
+
+    Attributes:
+        built: The `build.Built` to write (verified).
+        verification: Its `verify.Verification`, None without verification.
+        report: The `RamReport`.
+        unsplit: The first build of the unsplit model, no limit applied:
+            its conversion is the int8 route's.
+    """
+
+    built: object
+    verification: object
+    report: RamReport
+    unsplit: object
+
+
+def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes):
     """Builds the export under a decode limit or a RAM budget.
 
     Args:
         plain: The plain Keras model.
         kernels: Its `LutKernel`s.
         notes: The report's notes (appended to).
-        settings: The exporter's `_Settings`.
+        settings: The export's `build.Settings`.
         max_decode_bytes: Largest decoded kernel allowed, or None.
         ram_bytes: Arena budget, or None. Exactly one of the two is given
             (`exporter.check_combinations` refuses both).
-        assemble: The exporter's `_assemble` (build without verification).
-        assemble_verified: The exporter's `_assemble_verified`.
 
     Returns:
-        `(built, verification, RamReport)`.
+        A `Fitted`.
 
     Raises:
         ValueError: The limit is below one output channel of a layer that
@@ -545,7 +564,7 @@ def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes,
     """
     share = settings.shared_tables is not False
     unsplit_notes = []
-    unsplit = assemble(plain, kernels, unsplit_notes, settings, share=share)
+    unsplit = build.assemble(plain, kernels, unsplit_notes, settings, share=share)
     tensors = _tensors(plain, unsplit)
     if max_decode_bytes is not None:
         limit, argument = max_decode_bytes, "max_decode_bytes"
@@ -564,27 +583,26 @@ def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes,
                 "(it counts bytes: 32 KiB is 32768), or ram_bytes to let the "
                 "exporter keep such layers int8. Nothing was written."
             )
-        plan = _decide(tensors, limit, argument)
-        sizes, keep, choices = plan
+        decision = _decide(tensors, limit, argument)
+        sizes, keep, choices = decision
         if sizes or keep:
             label = "max_decode_bytes="
-            built, model, split_kernels, info, built_notes = _build(
-                plain, kernels, settings, plan, unsplit, tensors, assemble,
-                limit, label,
+            built, model, split_kernels, info, built_notes = _build_candidate(
+                plain, kernels, settings, decision, unsplit, tensors, limit, label,
             )
             built, info, alt_notes = _unsplit_if_larger(
-                plain, kernels, settings, built, plan, info, unsplit, tensors,
-                assemble, limit, label,
+                plain, kernels, settings, built, decision, info, unsplit, tensors,
+                limit, label,
             )
             if alt_notes is not None:
                 model, split_kernels, built_notes = plain, kernels, alt_notes
             notes.extend(built_notes)
-            built, verification = assemble_verified(
+            built, verification = build.assemble_verified(
                 model, split_kernels, notes, settings, keep=keep, built=built
             )
         else:  # every decoded kernel fits already
             notes.extend(unsplit_notes)
-            built, verification = assemble_verified(
+            built, verification = build.assemble_verified(
                 plain, kernels, notes, settings, built=unsplit
             )
     else:
@@ -599,7 +617,7 @@ def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes,
             )
         built, verification, limit, choices, info = _search(
             plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
-            unsplit_notes, assemble, assemble_verified,
+            unsplit_notes,
         )
     report = RamReport(
         argument=argument,
@@ -621,18 +639,34 @@ def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes,
             [built.compressed, unsplit.compressed],
             [built.arena_bytes, unsplit.arena_bytes],
         )
-    return built, verification, report
+    return Fitted(built, verification, report, unsplit)
+
+
+@dataclasses.dataclass
+class _Best:
+    """The smallest candidate file `_search` built that fits the budget."""
+
+    bytes: int  # its file's bytes
+    estimate: int  # its estimated file bytes
+    limit: int  # the decode limit
+    built: object  # the `build.Built`
+    choices: list  # `RamChoice`s
+    keep: dict  # `{layer: reason}` kept int8
+    model: object  # the Keras model built (maybe split)
+    kernels: list  # its `LutKernel`s
+    info: dict  # `split.split_model`'s info
+    notes: list  # notes of its build
 
 
 def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
-            unsplit_notes, assemble, assemble_verified):
+            unsplit_notes):
     """The decode limit that fits `ram_bytes` with the smallest file.
 
     Candidates are the limits at which a choice changes. The one with the
     smallest estimated file among those whose estimated arena fits is
     built and its arena measured; the measurement corrects the estimate
     (up or down), and the next candidate that could give a smaller file is
-    tried. When the estimate admits none, the plans whose decode buffer
+    tried. When the estimate admits none, the choices whose decode buffer
     alone fits are tried too (the estimate is pessimistic about group ops).
     At most `_MAX_TRIES` builds; the smallest file that fits wins.
 
@@ -644,7 +678,7 @@ def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
         for choice in choices:
             choice.reason += f"; arena {unsplit.arena_bytes} B fits"
         notes.extend(unsplit_notes)
-        built, verification = assemble_verified(
+        built, verification = build.assemble_verified(
             plain, kernels, notes, settings, built=unsplit
         )
         return built, verification, limit, choices, {}
@@ -661,67 +695,67 @@ def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
     tried = set()
     best = None
 
-    def plans(room):
-        """Untried plans, by limit, that beat the best file's estimate."""
+    def untried(room):
+        """Untried choices, by limit, that beat the best file's estimate."""
         found = {}
         for limit in limits:
-            options = _plan(tensors, limit, room(limit))
+            options = _choose_options(tensors, limit, room(limit))
             if options is None or all(o.choice == "int8" for o in options):
                 continue
             key = tuple((o.choice, o.groups) for o in options)
             flash = sum(o.flash for o in options)
-            if key not in tried and (best is None or flash < best["estimate"]):
+            if key not in tried and (best is None or flash < best.estimate):
                 found.setdefault(key, (flash, -limit, limit, options))
         return found
 
     for _ in range(_MAX_TRIES):
-        candidates = plans(lambda limit: ram_bytes - bias - base - limit)
+        candidates = untried(lambda limit: ram_bytes - bias - base - limit)
         if not candidates:
             # The estimate counts every group op and split output, though
             # TFLM's planner may put some in slack: then also try, smallest
-            # file first, the plans that need only their decode buffer to fit
+            # file first, the choices that need only their decode buffer to fit
             # (the AD autoencoder at int8 + 18 KB: 153,040 B, not 157,312 B).
             # (Room for every option's state twice over: the knapsack rounds
             # states up to its cells.)
-            candidates = plans(lambda limit: -1 if base + limit > ram_bytes else 2 * sum(
+            candidates = untried(lambda limit: -1 if base + limit > ram_bytes else 2 * sum(
                 max(o.state for o in _options(t, limit)) for t in tensors))
         if not candidates:
             break
         key, (flash, _, limit, options) = min(candidates.items(), key=lambda x: x[1][:2])
         tried.add(key)
-        plan = _realise(tensors, options, limit, ram_bytes)
-        _, keep, choices = plan
-        built, model, split_kernels, info, candidate_notes = _build(
-            plain, kernels, settings, plan, unsplit, tensors, assemble, limit,
+        decision = _realise(tensors, options, limit, ram_bytes)
+        _, keep, choices = decision
+        built, model, split_kernels, info, candidate_notes = _build_candidate(
+            plain, kernels, settings, decision, unsplit, tensors, limit,
             "the decode limit ",
         )
         bias = built.arena_bytes - _estimate(options, base)
         if built.arena_bytes <= ram_bytes and (
-            best is None or len(built.compressed) < best["bytes"]
+            best is None or len(built.compressed) < best.bytes
         ):
-            best = dict(bytes=len(built.compressed), estimate=flash, limit=limit,
-                        built=built, choices=choices, keep=keep, model=model,
-                        kernels=split_kernels, info=info, notes=candidate_notes)
+            best = _Best(bytes=len(built.compressed), estimate=flash, limit=limit,
+                         built=built, choices=choices, keep=keep, model=model,
+                         kernels=split_kernels, info=info, notes=candidate_notes)
     int8_reason = "no decode limit kept the arena within ram_bytes"
-    if best is not None and best["bytes"] >= len(unsplit.slim_baseline):
+    if best is not None and best.bytes >= len(unsplit.slim_baseline):
         # Splits whose extra ops outweigh what their groups save.
         int8_reason = (
-            f"the smallest file that fit ({best['bytes']} B) was not smaller "
+            f"the smallest file that fit ({best.bytes} B) was not smaller "
             f"than with every kernel int8 ({len(unsplit.slim_baseline)} B)"
         )
         best = None
     if best is not None:
-        notes.extend(best["notes"])
-        for choice in best["choices"]:
+        notes.extend(best.notes)
+        for choice in best.choices:
             choice.reason += (
-                f"; arena {best['built'].arena_bytes} B <= ram_bytes={ram_bytes}, "
+                f"; arena {best.built.arena_bytes} B <= ram_bytes={ram_bytes}, "
                 f"the smallest file of {len(tried)} tried"
             )
-        built, verification = assemble_verified(
-            best["model"], best["kernels"], notes, settings, keep=best["keep"],
-            built=best["built"],
+        built, verification = build.assemble_verified(
+            best.model, best.kernels, notes, settings, keep=best.keep,
+            built=best.built,
         )
-        return built, verification, best["limit"], best["choices"], best["info"]
+        return built, verification, best.limit, best.choices, best.info
     # Nothing compressed needs no decode buffer: the int8 arena, which fits.
     limit = 0
     keep = {t.layer: f"kept int8: {int8_reason} (ram_bytes={ram_bytes})"
@@ -731,11 +765,11 @@ def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
         for t in tensors
     ]
     int8_notes = []
-    built = assemble(plain, kernels, int8_notes, settings,
-                     share=settings.shared_tables is not False, keep=keep,
-                     previous=unsplit)
+    built = build.assemble(plain, kernels, int8_notes, settings,
+                           share=settings.shared_tables is not False, keep=keep,
+                           previous=unsplit)
     notes.extend(int8_notes)
-    built, verification = assemble_verified(
+    built, verification = build.assemble_verified(
         plain, kernels, notes, settings, keep=keep, built=built
     )
     return built, verification, limit, choices, {}
