@@ -12,8 +12,10 @@ exported three ways with a device profile (`tflite_export.target`):
 
 Figures are estimates from the profile's measured costs, not a device run:
 firmware flash change against the int8 route (file change plus the code the
-file links), arena for the profile's kernel set, decode instructions per
-inference and their share of the int8 model's MAC instructions.
+file links), arena for the profile's kernel set (an upper bound for a
+32-bit Cortex-M build: `device.arena`) beside the host wheel's, decode
+instructions per inference and their share of the int8 model's MAC
+instructions.
 
     python -m benchmarks.device --models_dir=PATH
 
@@ -69,6 +71,7 @@ class Row:
     code_added: dict
     arena_bytes: int
     int8_arena_bytes: int
+    host_arena_bytes: int
     decode_ops: int
     decode_instructions: float
     decode_share: float
@@ -110,6 +113,7 @@ def _row(name, variant, bits, result, int8):
                         else result.arena_bytes),
         int8_arena_bytes=int(int8.device.arena_bytes if int8.device.arena_bytes is not None
                              else int8.arena_bytes),
+        host_arena_bytes=int(result.arena_bytes),
         decode_ops=len(report.decoded),
         decode_instructions=report.decode_instructions,
         decode_share=report.decode_share,
@@ -157,20 +161,25 @@ def markdown(rows, command, seconds, target):
         "Dictionaries fitted to the weights by k-means, one per tensor; "
         f"calibration on {_SAMPLES} random inputs. *flash*: firmware flash "
         "change against the slim int8 file (file change plus the code the file "
-        "links: DECODE once). *arena*: for the profile's kernel set. *decode*: "
+        "links: DECODE once). *arena*: an upper bound for a 32-bit Cortex-M build "
+        "with the profile's kernel set (the wheel's activations and scratch, its "
+        "persistent data recomputed for 32-bit pointers, plus CMSIS-NN's largest "
+        "scratch buffer; `device.arena`); *host arena*: the smallest arena on the "
+        "x86-64 tflite-micro wheel (reference kernels). *decode*: "
         "instructions per inference decoding the weights, and their share of the "
         "int8 model's MAC instructions. *default* is what `export(..., "
         f"target=\"{profile.name}\")` writes; *LUT (forced)* is `decode=\"always\"`.",
         "",
-        "| model | variant | bits | file | flash vs int8 | arena | decode ops "
+        "| model | variant | bits | file | flash vs int8 | arena | host arena | decode ops "
         "| decode instr. | share | paths | bit-exact |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for r in rows:
         paths = ", ".join(f"{p} x{n}" for p, n in sorted(r.paths.items())) or "-"
         lines.append(
             f"| {r.model} | {r.variant} | {r.bits} | {r.file_bytes:,} | {r.flash_change:+,} "
-            f"| {r.arena_bytes:,} | {r.decode_ops} | {r.decode_instructions:,.0f} "
+            f"| {r.arena_bytes:,} | {r.host_arena_bytes:,} | {r.decode_ops} "
+            f"| {r.decode_instructions:,.0f} "
             f"| {100 * r.decode_share:.1f} % | {paths} | {'yes' if r.bit_exact else 'NO'} |"
         )
     lines += ["", "Verdicts of the default exports:", ""]

@@ -84,8 +84,10 @@ def test_firmware_that_links_decode_keeps_compression(tmp_path):
     assert report.wins and report.code_added == {}
     assert report.flash_change == result.size_bytes - result.slim_baseline_bytes
     assert report.verdict().startswith("compression saves")
-    # Reference kernels: the wheel's measured arena itself.
-    assert report.arena_bytes == result.arena_bytes
+    # Reference kernels: the wheel's arena with its persistent data
+    # recomputed for 32-bit pointers, so below the wheel's own.
+    assert report.arena_bytes < result.arena_bytes
+    assert "32-bit Cortex-M build" in report.arena_note
     assert "device (my-board, reference kernels" in str(result)
 
 

@@ -11,6 +11,7 @@ from tensorflow.lite.python import schema_py_generated as schema
 from test_export import make_model
 
 import tflite_export
+from tflite_export import device
 from tflite_export import flatbuffer
 from tflite_export import resolver
 from tflite_export.errors import UnsupportedModelError
@@ -57,7 +58,11 @@ def test_export_writes_the_resolver_for_exactly_the_files_ops(exported):
     assert f"op resolver and arena size: {result.op_resolver}" in str(result)
     with open(result.op_resolver, encoding="utf-8") as f:
         header = f.read()
-    assert header == resolver.render(data, "model_data", result.arena_bytes)
+    estimates = device.arenas(data, result.arena_bytes)
+    assert header == resolver.render(
+        data, "model_data", result.arena_bytes,
+        cmsis_nn_arena_bytes=estimates["cmsis-nn"][0],
+        reference_arena_bytes=estimates["reference"][0])
     names = _op_names(data)
     assert {"CONV_2D", "FULLY_CONNECTED", "TFLM_DECODE"} <= names
     calls = _calls(header)
@@ -70,7 +75,11 @@ def test_export_writes_the_resolver_for_exactly_the_files_ops(exported):
     assert "resolver.AddFullyConnected(tflite::Register_FULLY_CONNECTED_INT8())" in header
     assert "resolver.AddDecode()" in header
     assert f"constexpr size_t model_data_kArenaBytes = {result.arena_bytes};" in header
-    assert "kArenaBytesCmsisNn" not in header  # no target
+    # Without a target too: the 32-bit estimate per kernel set.
+    reference = estimates["reference"][0]
+    assert reference < min(result.arena_bytes, estimates["cmsis-nn"][0])
+    assert f"constexpr size_t model_data_kArenaBytesReference = {reference};" in header
+    assert "kArenaBytesCmsisNn = " in header and "32-bit Cortex-M build" in header
     assert "USE_TFLM_COMPRESSION" in header and "30 KB" in header
 
 
@@ -84,15 +93,16 @@ def test_no_decode_no_add_decode(exported):
     assert "kArenaBytes" not in header
 
 
-def test_cmsis_nn_target_adds_its_arena_estimate(exported):
+def test_the_targets_arena_estimate_is_the_one_written_for_its_kernels(exported):
     result, data = exported
     report = types.SimpleNamespace(target=types.SimpleNamespace(kernels="cmsis-nn"),
                                    arena_bytes=12345)
-    header = resolver.render_for_export(data, "x/model_data.cc", 999, report)
-    assert "constexpr size_t model_data_kArenaBytes = 999;" in header
+    header = resolver.render_for_export(data, "x/model_data.cc", result.arena_bytes, report)
+    assert f"constexpr size_t model_data_kArenaBytes = {result.arena_bytes};" in header
     assert "constexpr size_t model_data_kArenaBytesCmsisNn = 12345;" in header
     report.target.kernels = "reference"
-    assert "CmsisNn" not in resolver.render_for_export(data, "model_data.cc", 999, report)
+    header = resolver.render_for_export(data, "model_data.cc", result.arena_bytes, report)
+    assert "constexpr size_t model_data_kArenaBytesReference = 12345;" in header
 
 
 def test_mixed_or_unlisted_types_use_the_generic_kernel(exported, monkeypatch):
@@ -141,6 +151,8 @@ def test_header_compiles_against_a_stub_of_the_tflm_api(exported, tmp_path):
         f'#include "{result.op_resolver}"  // include guard\n'
         "int main() {\n"
         "  static_assert(model_data_kArenaBytes > 0, \"arena\");\n"
+        "  static_assert(model_data_kArenaBytesReference > 0, \"arena\");\n"
+        "  static_assert(model_data_kArenaBytesCmsisNn > 0, \"arena\");\n"
         "  tflite::MicroMutableOpResolver<model_data_kOpCount> resolver;\n"
         "  return model_data_RegisterOps(resolver) == kTfLiteOk ? 0 : 1;\n}\n"
     )

@@ -11,9 +11,10 @@ same model), so it judges any .tflite the same way:
   after the last full one take the per-weight loop);
 - the int8 model's instructions, from its MACs and the target's per-MAC
   costs, to put decoding in proportion;
-- the arena for the target's kernel set (`arena`): the host wheel's
-  measured arena for reference kernels, plus the largest CMSIS-NN scratch
-  request (`kernel_scratch`) for CMSIS-NN.
+- the arena for the target's kernel set (`arena`): an upper bound of a
+  32-bit Cortex-M build's, from the wheel's recorded split (activations
+  kept, persistent data recomputed for 32-bit pointers: `arena.device_arena`),
+  plus the largest CMSIS-NN scratch request (`kernel_scratch`) for CMSIS-NN.
 """
 
 import dataclasses
@@ -21,6 +22,7 @@ import dataclasses
 import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
 
+from tflite_export import arena as arena_lib
 from tflite_export import flatbuffer
 from tflite_export import kernel_scratch
 from tflite_export import target as targets
@@ -382,17 +384,70 @@ def format_code(code_added):
     return ", ".join(f"{op} {size:,} B" for op, size in code_added.items()) or "none"
 
 
-def arena(target, model_bytes, wheel_arena_bytes, compiler="gcc"):
+def _arena_ops(model_bytes):
+    """`(op names, outputs of each DECODE op, number of inputs)` of a file."""
+    model, subgraph = _ops(model_bytes)
+    names = [flatbuffer.op_name(model, op) for op in subgraph.operators]
+    decodes = [len(op.outputs) for op, name in zip(subgraph.operators, names)
+               if name == DECODE_OP]
+    return names, decodes, len(subgraph.inputs)
+
+
+def _host_arena(target, model_bytes, wheel_arena_bytes, compiler, why):
+    """The fallback without the wheel's split: the 64-bit host arena (an
+    upper bound of a 32-bit reference build's) plus, for CMSIS-NN, its
+    largest scratch request."""
+    note = (
+        f"the host wheel's arena (64-bit pointers, reference kernels): an upper bound "
+        f"for a 32-bit build's ({why})"
+    )
+    if target.kernels == "reference":
+        return wheel_arena_bytes, note
+    extra, where, _, unmodelled = _cmsis_nn_scratch(model_bytes, compiler)
+    return wheel_arena_bytes + extra, (
+        f"{note} + the largest CMSIS-NN scratch request {extra:,} B{where}{unmodelled}"
+    )
+
+
+def _cmsis_nn_scratch(model_bytes, compiler):
+    """`(largest aligned request, where, request count, note)` of the
+    CMSIS-NN scratch buffers of a file (`kernel_scratch`)."""
+    rows = kernel_scratch.op_scratch(model_bytes, compiler=compiler, aligned=True)
+    largest = max(
+        (r for r in rows if r.cmsis_nn is not None), key=lambda r: r.cmsis_nn, default=None
+    )
+    extra = largest.cmsis_nn if largest is not None else 0
+    where = f", {largest.op} op {largest.index}" if largest is not None and extra else ""
+    count = sum(len(c) for _, _, _, c in kernel_scratch.op_requests(model_bytes, compiler)
+                if c is not None)
+    unmodelled = sorted({
+        r.op for r in rows if r.cmsis_nn is None and r.op in kernel_scratch.CMSIS_NN_OPS
+    })
+    note = ""
+    if unmodelled:
+        note = (
+            f"; CMSIS-NN scratch of {', '.join(unmodelled)} not modelled, so "
+            "not counted: the arena may be larger"
+        )
+    return extra, where, count, note
+
+
+def arena(target, model_bytes, wheel_arena_bytes, compiler="gcc", recording=None):
     """The arena a file needs on the target's kernel set, and what it is.
 
-    The tflite-micro wheel runs TFLM's reference kernels with 64-bit
-    pointers, so its measured arena bounds a 32-bit Cortex-M reference
-    build's from above (pointers and handles are smaller there). CMSIS-NN
-    kernels request other scratch buffers (`kernel_scratch`); a scratch
-    buffer lives only while its op runs, so the largest CMSIS-NN request
-    (aligned to `kernel_scratch.ALIGNMENT`) is added to the wheel's arena
-    as an estimate of the CMSIS-NN arena; the reference kernels' own
-    scratch, already in the wheel's arena, is not subtracted.
+    An upper bound of a 32-bit Cortex-M build's arena (TFLM 90b983c2), from
+    the mechanism (`arena.device_arena`): the wheel's head (activations and
+    scratch buffers, as planned; independent of pointer size) plus its
+    persistent tail recomputed for 32-bit pointers from the recorded counts
+    (eval tensors, nodes, input/output tensors) and struct sizes (the
+    allocator's objects, the kernels' OpData and DECODE state), with the
+    device's worst-case alignment padding; or, where the wheel's smallest
+    arena is a peak while preparing the ops, a bound of that peak. For
+    CMSIS-NN the largest CMSIS-NN scratch request (`kernel_scratch`,
+    aligned to 16 B) is added, and a 4-byte handle per request; the
+    reference kernels' own scratch, already in the wheel's head, is not
+    subtracted (a scratch buffer lives only while its op runs, so the
+    largest one bounds what CMSIS-NN adds to the plan).
 
     Args:
         target: A profile name or `target.Target`.
@@ -402,37 +457,71 @@ def arena(target, model_bytes, wheel_arena_bytes, compiler="gcc"):
         compiler: The firmware's compiler, `"gcc"` or `"armclang"`
             (CMSIS-NN's 1x1 convolution takes a buffer only with Arm
             Compiler 6).
+        recording: The wheel's `arena.Recording` of the file, if already
+            taken; None runs the wheel once to take it.
 
     Returns:
         `(arena_bytes, note)`.
     """
     target = targets.get(target)
-    if target.kernels == "reference":
-        return wheel_arena_bytes, (
-            "measured on the host tflite-micro wheel, which runs TFLM's reference "
-            "kernels with 64-bit pointers: an upper bound for the 32-bit device's"
-        )
-    rows = kernel_scratch.op_scratch(model_bytes, compiler=compiler, aligned=True)
-    largest = max(
-        (r for r in rows if r.cmsis_nn is not None), key=lambda r: r.cmsis_nn, default=None
+    names, decodes, num_inputs = _arena_ops(model_bytes)
+    if recording is None:
+        recording = arena_lib.record(
+            model_bytes, wheel_arena_bytes + arena_lib.MARGIN, num_inputs)
+    if recording is None:
+        return _host_arena(target, model_bytes, wheel_arena_bytes, compiler,
+                           "the wheel reported no split of its arena")
+    estimate = arena_lib.device_arena(
+        recording, names, decodes, target.kernels, wheel_arena_bytes)
+    basis = (
+        f"estimated for a 32-bit Cortex-M build of TFLM {kernel_scratch.TFLM_COMMIT[:8]} "
+        f"with {target.kernels} kernels, an upper bound: the wheel's activations and "
+        f"scratch {estimate.head:,} B + persistent data recomputed for 32-bit pointers "
+        f"{estimate.tail_bytes:,} B (the wheel's {estimate.wheel_tail:,} B)"
     )
-    extra = largest.cmsis_nn if largest is not None else 0
-    where = f", {largest.op} op {largest.index}" if largest is not None and extra else ""
-    note = (
-        f"estimated: the host wheel's reference-kernel arena {wheel_arena_bytes:,} B + "
-        f"the largest CMSIS-NN scratch request {extra:,} B{where} (read from TFLM "
-        f"{kernel_scratch.TFLM_COMMIT[:8]} and CMSIS-NN {kernel_scratch.CMSIS_NN_COMMIT[:8]} "
-        f"source, {compiler} build; reference scratch not subtracted)"
-    )
-    unmodelled = sorted({
-        r.op for r in rows if r.cmsis_nn is None and r.op in kernel_scratch.CMSIS_NN_OPS
-    })
-    if unmodelled:
-        note += (
-            f"; CMSIS-NN scratch of {', '.join(unmodelled)} not modelled, so "
-            "not counted: the arena may be larger"
+    total = estimate.after_allocation
+    peak = estimate.prepare_peak
+    if target.kernels == "cmsis-nn":
+        extra, where, count, unmodelled = _cmsis_nn_scratch(model_bytes, compiler)
+        handles = count * arena_lib.SCRATCH_HANDLE[1]
+        total += extra + handles
+        # Each request also holds a ScratchBufferRequest in the head while
+        # the ops are prepared.
+        peak += count * arena_lib.SCRATCH_REQUEST[1] if peak else 0
+        basis += (
+            f" + the largest CMSIS-NN scratch request {extra:,} B{where} (read from "
+            f"CMSIS-NN {kernel_scratch.CMSIS_NN_COMMIT[:8]}, {compiler} build; reference "
+            f"scratch not subtracted) + {handles} B of scratch handles"
         )
-    return wheel_arena_bytes + extra, note
+        data = sorted(set(names) & arena_lib.CMSIS_NN_UNMODELLED_DATA)
+        if data:
+            unmodelled += (
+                f"; CMSIS-NN persistent data of {', '.join(data)} taken as the "
+                "reference kernels'"
+            )
+        basis += unmodelled
+    if peak > total:
+        basis += (
+            f"; the peak while preparing the ops bounds it: the wheel's smallest "
+            f"arena {wheel_arena_bytes:,} B less the device's smaller tensor and node "
+            f"arrays ({total:,} B after allocation)"
+        )
+        total = peak
+    return total, basis
+
+
+def arenas(model_bytes, wheel_arena_bytes, compiler="gcc"):
+    """`{kernel set: (arena_bytes, note)}` of a file on the Cortex-M4
+    profiles' kernel sets (`"reference"`, `"cmsis-nn"`), from one recording
+    of the wheel's arena (`arena`)."""
+    _, _, num_inputs = _arena_ops(model_bytes)
+    recording = arena_lib.record(
+        model_bytes, wheel_arena_bytes + arena_lib.MARGIN, num_inputs)
+    profiles = {"reference": "cortex-m4-ref", "cmsis-nn": "cortex-m4-cmsis-nn"}
+    return {
+        kernels: arena(name, model_bytes, wheel_arena_bytes, compiler, recording)
+        for kernels, name in profiles.items()
+    }
 
 
 def report(target, model_bytes, int8_bytes, arena_bytes=None, arena_note=""):

@@ -33,10 +33,10 @@ the shared `CalculateOpDataFullyConnected`). CMSIS-NN's FULLY_CONNECTED
 keeps kernel sums in a persistent buffer only when its scratch size is
 non-zero, which `arm_fully_connected_s8_get_buffer_size` makes true on MVE
 only. So there is no `persistent_bytes`: what still differs is the size of
-each kernel's `OpData` struct (allocated in `Init`; a few bytes, and
-pointer sizes differ between x86 and Cortex-M anyway), one handle per
-scratch request, and float CONV_2D/DEPTHWISE_CONV_2D, for which CMSIS-NN
-skips the per-channel arrays the reference kernels allocate.
+each kernel's `OpData` struct (allocated in `Init`; `arena.OP_DATA` models
+it with the 64- to 32-bit change), one handle per scratch request, and
+float CONV_2D/DEPTHWISE_CONV_2D, for which CMSIS-NN skips the per-channel
+arrays the reference kernels allocate.
 
 Not modelled: int16 activations (CMSIS-NN's s16 paths), the in-kernel
 decompression scratch of builds with `USE_TFLM_COMPRESSION` (the CMSIS-NN
@@ -371,6 +371,38 @@ def _op_params(subgraph, op, name):
     )
 
 
+def op_requests(model_bytes, compiler="gcc"):
+    """Per-op scratch requests of a .tflite file's subgraph 0, both kernel sets.
+
+    Args:
+        model_bytes: The flatbuffer.
+        compiler: As `params["compiler"]` of `scratch_bytes`.
+
+    Returns:
+        A list of `(index, op, reference, cmsis_nn)` in execution order,
+        where `reference` and `cmsis_nn` are lists of request sizes (raw
+        bytes, one per `RequestScratchBufferInArena` call), or None where
+        the op or its types are not modelled.
+    """
+    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+    subgraph = model.subgraphs[0]
+    rows = []
+    for index, op in enumerate(subgraph.operators or []):
+        name = flatbuffer.op_name(model, op)
+        args = _op_params(subgraph, op, name) if name in MODELLED_OPS else None
+        if args is None:
+            rows.append((index, name, None, None))
+            continue
+        input_shape, filter_shape, output_shape, params = args
+        params["compiler"] = compiler
+        ref, cmsis = (
+            scratch_requests(k, name, input_shape, filter_shape, output_shape, params)
+            for k in KERNEL_SETS
+        )
+        rows.append((index, name, ref, cmsis))
+    return rows
+
+
 def op_scratch(model_bytes, compiler="gcc", aligned=False):
     """Per-op scratch requests of a .tflite file's subgraph 0, both kernel sets.
 
@@ -386,21 +418,14 @@ def op_scratch(model_bytes, compiler="gcc", aligned=False):
         (raw unless `aligned`), None where the op or its types are not
         modelled.
     """
-    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
-    subgraph = model.subgraphs[0]
-    rows = []
-    for index, op in enumerate(subgraph.operators or []):
-        name = flatbuffer.op_name(model, op)
-        args = _op_params(subgraph, op, name) if name in MODELLED_OPS else None
-        if args is None:
-            rows.append(OpScratch(index, name, None, None))
-            continue
-        input_shape, filter_shape, output_shape, params = args
-        params["compiler"] = compiler
-        ref, cmsis = (
-            scratch_bytes(k, name, input_shape, filter_shape, output_shape, params,
-                          aligned=aligned)
-            for k in KERNEL_SETS
-        )
-        rows.append(OpScratch(index, name, ref, cmsis))
-    return rows
+    def total(requests):
+        if requests is None:
+            return None
+        if aligned:
+            requests = [r + (-r % ALIGNMENT) for r in requests]
+        return sum(requests)
+
+    return [
+        OpScratch(index, name, total(ref), total(cmsis))
+        for index, name, ref, cmsis in op_requests(model_bytes, compiler)
+    ]

@@ -2,7 +2,8 @@
 
 `export(..., c_array="model_data.cc")` writes `model_data_ops.h` beside the
 C array: the number of distinct ops, a function registering each of them on
-a `tflite::MicroMutableOpResolver`, and the measured arena size.
+a `tflite::MicroMutableOpResolver`, the arena estimated per kernel set for
+a 32-bit build (`device.arenas`), and the arena measured on the host.
 
 The tables below were written by hand from TFLM at commit 90b983c2
 (`micro_mutable_op_resolver.h` and the kernel headers that declare the
@@ -16,7 +17,9 @@ import re
 from tensorflow.lite.python import schema_py_generated as schema
 
 from tflite_export import c_array as c_array_lib
+from tflite_export import device as device_lib
 from tflite_export import flatbuffer
+from tflite_export import kernel_scratch
 from tflite_export.errors import UnsupportedModelError
 
 # Builtin op (schema name) -> MicroMutableOpResolver method. Each takes an
@@ -224,7 +227,8 @@ def ops(model_bytes):
     return rows
 
 
-def render(model_bytes, name, arena_bytes=None, cmsis_nn_arena_bytes=None):
+def render(model_bytes, name, arena_bytes=None, cmsis_nn_arena_bytes=None,
+           reference_arena_bytes=None):
     """Renders the op resolver header of a .tflite file.
 
     Args:
@@ -233,9 +237,11 @@ def render(model_bytes, name, arena_bytes=None, cmsis_nn_arena_bytes=None):
         arena_bytes: The smallest arena measured on the host wheel
             (`ExportResult.arena_bytes`), written as `NAME_kArenaBytes`;
             None writes no arena constant.
-        cmsis_nn_arena_bytes: The target's CMSIS-NN arena estimate
-            (`ExportResult.device.arena_bytes`), written as
+        cmsis_nn_arena_bytes: The arena estimate for a 32-bit build with
+            CMSIS-NN kernels (`device.arena`), written as
             `NAME_kArenaBytesCmsisNn`; None writes none.
+        reference_arena_bytes: The same for reference kernels, written as
+            `NAME_kArenaBytesReference`; None writes none.
 
     Returns:
         The header text: `NAME_kOpCount`, the arena constants and
@@ -263,22 +269,30 @@ def render(model_bytes, name, arena_bytes=None, cmsis_nn_arena_bytes=None):
         f"// The distinct operators of the model ({', '.join(op for op, _, _ in rows)}).",
         f"constexpr int {name}_kOpCount = {len(rows)};",
     ]
+    if reference_arena_bytes is not None or cmsis_nn_arena_bytes is not None:
+        lines += [
+            "",
+            "// Tensor arena per kernel set for a 32-bit Cortex-M build of TFLM "
+            f"{kernel_scratch.TFLM_COMMIT[:8]}:",
+            "// upper bounds estimated from the host wheel's arena, its activations kept",
+            "// and its persistent data recomputed for 32-bit pointers from struct sizes,",
+            "// with worst-case alignment (tflite_export.device.arena); CMSIS-NN adds its",
+            "// largest scratch buffer. No margin beyond that: another TFLM version can",
+            "// need more.",
+        ]
+        if reference_arena_bytes is not None:
+            lines.append(
+                f"constexpr size_t {name}_kArenaBytesReference = {int(reference_arena_bytes)};")
+        if cmsis_nn_arena_bytes is not None:
+            lines.append(
+                f"constexpr size_t {name}_kArenaBytesCmsisNn = {int(cmsis_nn_arena_bytes)};")
     if arena_bytes is not None:
         lines += [
             "",
             "// Smallest tensor arena, measured with TFLM's reference kernels on the",
             "// host tflite-micro wheel (64-bit pointers): an upper bound for a 32-bit",
-            "// Cortex-M build with reference kernels. Builds with optimized kernels",
-            "// (CMSIS-NN) need other scratch buffers: export with a target to get",
-            "// an estimate for them.",
+            "// build with reference kernels.",
             f"constexpr size_t {name}_kArenaBytes = {int(arena_bytes)};",
-        ]
-    if cmsis_nn_arena_bytes is not None:
-        lines += [
-            "",
-            "// Estimated arena for a CMSIS-NN build (the export's target): the",
-            "// reference-kernel arena plus the largest CMSIS-NN scratch buffer.",
-            f"constexpr size_t {name}_kArenaBytesCmsisNn = {int(cmsis_nn_arena_bytes)};",
         ]
     lines += [
         "",
@@ -315,18 +329,19 @@ def render_for_export(model_bytes, c_array_path, arena_bytes, device_report=None
     Args:
         model_bytes: The written .tflite.
         c_array_path: The `.cc` path (names the symbols, like the C array's).
-        arena_bytes: `ExportResult.arena_bytes`.
-        device_report: `ExportResult.device`, or None; a CMSIS-NN target's
-            arena estimate becomes `NAME_kArenaBytesCmsisNn`.
+        arena_bytes: `ExportResult.arena_bytes`; with it, the 32-bit arena
+            estimates of both kernel sets (`device.arenas`) are written too.
+        device_report: `ExportResult.device`, or None; its arena estimate
+            is the one written for its target's kernel set.
 
     Returns:
         The header text.
     """
-    cmsis = None
-    if (
-        device_report is not None
-        and device_report.target.kernels == "cmsis-nn"
-        and device_report.arena_bytes is not None
-    ):
-        cmsis = device_report.arena_bytes
-    return render(model_bytes, c_array_lib.symbol_name(c_array_path), arena_bytes, cmsis)
+    estimates = {}
+    if arena_bytes is not None:
+        estimates = {k: v[0] for k, v in device_lib.arenas(model_bytes, arena_bytes).items()}
+    if device_report is not None and device_report.arena_bytes is not None:
+        estimates[device_report.target.kernels] = device_report.arena_bytes
+    return render(model_bytes, c_array_lib.symbol_name(c_array_path), arena_bytes,
+                  cmsis_nn_arena_bytes=estimates.get("cmsis-nn"),
+                  reference_arena_bytes=estimates.get("reference"))
