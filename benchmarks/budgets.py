@@ -94,7 +94,7 @@ def run_mlperf(results, out, models_dir, work):
         h5, reference, kind = mlperf_flash.MODELS[name]
         model = lutq_tf.load_model(os.path.join(models_dir, h5))
         mlperf = os.path.getsize(os.path.join(models_dir, "reference_int8", reference))
-        data = mlperf_flash._inputs(model, kind, np.random.default_rng(0))
+        data = mlperf_flash.inputs(model, kind, np.random.default_rng(0))
         start = time.time()
         choices = planner.choices(model, data)
         measure_seconds = time.time() - start

@@ -59,7 +59,15 @@ def define_flags():
                         "Output path without extension (.json and .md).")
 
 
-def _inputs(model, kind, rng):
+def inputs(model, kind, rng):
+    """`_SAMPLES` random inputs of `model`'s input shape, as float32.
+
+    Args:
+        model: A Keras model with one input.
+        kind: The input range `MODELS` gives: `"0..255"` (uniform pixels),
+            else standard normal.
+        rng: A NumPy `Generator`.
+    """
     import numpy as np
 
     shape = (_SAMPLES,) + tuple(model.inputs[0].shape[1:])
@@ -167,7 +175,7 @@ def run_model(name, models_dir, bits_list, modes, work):
     h5, reference, kind = MODELS[name]
     model = lutq_tf.load_model(os.path.join(models_dir, h5))
     mlperf = os.path.getsize(os.path.join(models_dir, "reference_int8", reference))
-    data = _inputs(model, kind, np.random.default_rng(0))
+    data = inputs(model, kind, np.random.default_rng(0))
     rows = []
     # The converter's int8 file and its slim twin: no LUT kernels.
     plain = tflite_export.export(model, os.path.join(work, "int8.tflite"),

@@ -12,7 +12,7 @@ from lutq_tf import registry
 from lutq_tf.model import lutq_layers
 
 
-def reestimate_batchnorm(model, x, batch_size=64):
+def reestimate_batchnorm(model: keras.Model, x, batch_size: int = 64) -> list[str]:
     """Re-estimates every BatchNormalization layer's moving mean and variance.
 
     Quantising the weights (`quantize_model`) shifts the activations that
@@ -70,7 +70,7 @@ _FOLDABLE = (keras.layers.Dense, keras.layers.Conv2D,
              keras.layers.DepthwiseConv2D)
 
 
-def fold_batchnorm(model):
+def fold_batchnorm(model: keras.Model) -> keras.Model:
     """A copy of `model` with batch norms folded into the layer before them.
 
     Each Dense, Conv2D or DepthwiseConv2D followed by a BatchNormalization

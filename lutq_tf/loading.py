@@ -99,7 +99,7 @@ def _register_hdf5_names():
 _register_hdf5_names()
 
 
-def load_model(path, compile=False):
+def load_model(path: str | os.PathLike, compile: bool = False) -> keras.Model:
     """Loads a Keras 3 `.keras` file or a (tf.keras 2.x) HDF5 model file.
 
     Custom layers must be registered (`register_keras_serializable`) or in

@@ -7,7 +7,8 @@ from lutq_tf import registry
 from lutq_tf.quantizer import check_fraction
 
 
-def erk_prune_overrides(model, prune_rate):
+def erk_prune_overrides(model: keras.Model,
+                        prune_rate: float) -> dict[str, dict[str, float]]:
     """Per-layer prune rates that zero `prune_rate` of all quantised weights.
 
     The Erdos-Renyi-kernel allocation (Evci et al., "Rigging the Lottery",

@@ -107,7 +107,7 @@ def channel_matrix(array, axes):
     return np.transpose(array, channel_order(array.ndim, axes)).reshape(-1, channels)
 
 
-def all_layers(model, include_models=True):
+def all_layers(model: keras.Model, include_models: bool = True) -> list[keras.layers.Layer]:
     """Every layer inside `model`, nested models' layers included.
 
     The one walk over a model's layers in lutq_tf and the exporter: depth

@@ -16,6 +16,11 @@ def _float_model():
                              L.Dense(3, name="b")])
 
 
+def _variable(layer, name):
+    """The wrapper's variable `name` (read without a use: no fit)."""
+    return next(v for v in layer.weights if v.name == name)
+
+
 def _x():
     return np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
 
@@ -53,8 +58,8 @@ def test_building_a_wrapper_fits_nothing(fits):
     wrapper = lutq_tf.LUTQWrapper(L.Dense(3), lutq_tf.LUTQuantizer(bits=2))
     wrapper.build((None, 6))
     assert fits == []
-    # `_states`, not `tensor_states`: reading those is a use, which fits.
-    assert not np.any(wrapper._states[0].dictionary.numpy())
+    # The variable, not `tensor_states`: reading those is a use, which fits.
+    assert not np.any(_variable(wrapper, "kernel_dictionary").numpy())
     assert np.any(wrapper.tensor_states[0].dictionary.numpy())
     assert fits == [wrapper.name]
 
@@ -105,13 +110,13 @@ def test_state_set_before_first_use_is_kept(fits):
     model = keras.Sequential([keras.Input((6,)), lutq_tf.LUTQWrapper(
         L.Dense(3, name="b"), lutq_tf.LUTQuantizer(bits=2))])
     layer = model.layers[0]
-    states = layer._states  # not `tensor_states`: that would fit
+    # The variables, not `tensor_states`: reading those would fit.
     dictionary = np.array([[-1.0], [-0.5], [0.5], [1.0]], "float32")
-    assignment = np.zeros(states[0].assignment.shape, "uint8")
+    assignment = np.zeros(_variable(layer, "kernel_assignment").shape, "uint8")
     assignment[0] = 3
-    states[0].dictionary.assign(dictionary)
-    states[0].assignment.assign(assignment)
-    states[0].quantized.assign(dictionary.ravel()[assignment])
+    _variable(layer, "kernel_dictionary").assign(dictionary)
+    _variable(layer, "kernel_assignment").assign(assignment)
+    _variable(layer, "kernel_quantized").assign(dictionary.ravel()[assignment])
     model(_x())
     assert fits == []
     d, a, _ = layer.quantized_tensors["kernel"]

@@ -1,6 +1,7 @@
 """The measured tables of README.md, benchmarks/RESULTS.md and docs/ are
 what their results files say."""
 
+import json
 import os
 
 import pytest
@@ -73,7 +74,7 @@ def test_links_between_the_markdown_files_resolve():
                 assert anchor in anchors(linked), f"{path}: no heading for {target}"
 
 
-def test_recipe_block_gives_each_row_its_options_rate_and_target(monkeypatch):
+def test_recipe_block_gives_each_row_its_options_rate_and_target(monkeypatch, tmp_path):
     runs = [{"key": f"test/{v}/e5/seed{s}", "accuracy": a + 0.001 * s}
             for v, a in (("float", 0.85), ("lutq4", 0.848), ("lutq2", 0.80),
                          ("lutq4-pruned50-erk", 0.847)) for s in range(3)]
@@ -87,7 +88,9 @@ def test_recipe_block_gives_each_row_its_options_rate_and_target(monkeypatch):
         "learning_rates": {"float": 3e-5, "lutq2": 1e-4, "lutq4": 1e-4},
         "callbacks": {"lutq2": ["pruning-ramp"]}}
     lenet["runs"][1]["key"] = "test/lutq2+pruning-ramp/e5/seed0"
-    monkeypatch.setattr(readme, "_json", {"recipe.json": record, "recipe_lenet.json": lenet}.get)
+    for name, content in (("recipe.json", record), ("recipe_lenet.json", lenet)):
+        (tmp_path / name).write_text(json.dumps(content))
+    monkeypatch.setattr(readme, "RESULTS", str(tmp_path))
     lines = readme.recipe()
     assert any("cosine decay to 0" in line and "`dictionary_rate=1`" in line for line in lines)
     split = lines.index(next(line for line in lines if line.startswith("MNIST LeNet-5")))

@@ -90,8 +90,8 @@ def test_split_model_same_outputs_batch_norm_moves_into_groups():
         splitted.predict(x, verbose=0), model.predict(x, verbose=0),
         rtol=1e-5, atol=1e-6,
     )
-    assert info["fc"]["absorbed"] == ["bn", "relu"]
-    assert info["fc"]["groups"] == ["fc_part0", "fc_part1", "fc_part2"]
+    assert info["fc"].absorbed == ("bn", "relu")
+    assert info["fc"].groups == ("fc_part0", "fc_part1", "fc_part2")
     names = [layer.name for layer in splitted.layers]
     # The batch norm runs per group (so the converter folds it into each
     # group's kernel); softmax, not elementwise, runs after the join.
@@ -119,7 +119,7 @@ def test_split_model_same_outputs_for_convolutions_and_sequence_dense(kind):
         splitted.predict(x.astype(np.float32), verbose=0),
         model.predict(x.astype(np.float32), verbose=0), rtol=1e-5, atol=1e-6,
     )
-    assert len(info["lut"]["groups"]) == 3
+    assert len(info["lut"].groups) == 3
 
 
 def test_same_model_split_again_moves_batch_norm_again():
@@ -128,7 +128,7 @@ def test_same_model_split_again_moves_batch_norm_again():
     model = _dense_bn_model()
     split.split_model(model, {"fc": [10, 10]})
     again, info = split.split_model(model, {"fc": [5, 5, 5, 5]})
-    assert info["fc"]["absorbed"] == ["bn", "relu"]
+    assert info["fc"].absorbed == ("bn", "relu")
     x = np.random.default_rng(1).normal(size=(4, 24)).astype(np.float32)
     np.testing.assert_allclose(again.predict(x, verbose=0),
                                model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)

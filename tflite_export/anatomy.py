@@ -67,12 +67,12 @@ def _quant_bytes(quant):
     return count
 
 
-def read(model_bytes, plans=()):
+def read(model_bytes, layouts=()):
     """Breaks a flatbuffer down into its parts.
 
     Args:
         model_bytes: The .tflite flatbuffer.
-        plans: The exporter's `compress.TableLayout`s; the limit counts each
+        layouts: The exporter's `compress.TableLayout`s; the limit counts each
             compressed tensor's indices at its exact bit width and its
             table entries without padding.
 
@@ -122,10 +122,10 @@ def read(model_bytes, plans=()):
                 parts["biases"] += size(bias)
                 shape = [] if bias.shape is None else list(bias.shape)
                 limit_biases += 4 * int(shape[-1]) if shape else 0
-    compressed = [p for p in plans if p.compress]
+    compressed = [t for t in layouts if t.compress]
     if compressed:
-        exact_indices = sum(-(-p.match.weight.array.size * p.index_bits // 8) for p in compressed)
-        entries = sum(p.table_values * p.match.weight.array.dtype.itemsize for p in compressed)
+        exact_indices = sum(-(-t.match.weight.array.size * t.index_bits // 8) for t in compressed)
+        entries = sum(t.table_values * t.match.weight.array.dtype.itemsize for t in compressed)
     else:
         exact_indices, entries = parts["packed"], parts["tables"]
     known = sum(parts.values())

@@ -72,7 +72,8 @@ def _check_tflite(data, where):
         ) from None
 
 
-def tflm_predict(model, x, arena_bytes, batch=1000):
+def tflm_predict(model: str | os.PathLike | bytes, x, arena_bytes: int,
+                 batch: int = 1000) -> np.ndarray | list[np.ndarray]:
     """Outputs of a .tflite model run on TFLM.
 
     Args:
@@ -146,7 +147,8 @@ def _inputs(x):
     return result
 
 
-def tflm_accuracy(model, x, y, arena_bytes, output=0):
+def tflm_accuracy(model: str | os.PathLike | bytes, x, y, arena_bytes: int,
+                  output: int = 0) -> float:
     """Top-1 accuracy of a .tflite classifier on TFLM.
 
     Args:

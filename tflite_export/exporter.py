@@ -47,24 +47,24 @@ DEFAULT_DECODE = "auto"
 
 
 def export(
-    model,
-    path,
+    model: keras.Model,
+    path: str | os.PathLike,
     representative_data=None,
-    quantize="int8",
-    verify=True,
-    c_array=None,
-    io_dtype=None,
-    weight_quantization=None,
-    min_agreement=None,
-    max_verify_samples=None,
-    slim=True,
-    shared_tables=None,
-    max_decode_bytes=None,
-    ram_bytes=None,
-    target=None,
-    decode=None,
-    int4=None,
-):
+    quantize: str = "int8",
+    verify: bool = True,
+    c_array: str | os.PathLike | None = None,
+    io_dtype: str | None = None,
+    weight_quantization: str | None = None,
+    min_agreement: float | None = None,
+    max_verify_samples: int | None = None,
+    slim: bool = True,
+    shared_tables: str | bool | None = None,
+    max_decode_bytes: int | None = None,
+    ram_bytes: int | None = None,
+    target: str | targets.Target | None = None,
+    decode: str | None = None,
+    int4: str | None = None,
+) -> ExportResult:
     """Exports a LUT-Q model as a .tflite file with LUT-compressed weights.
 
     The model is converted with TF's TFLite converter, every weight tensor

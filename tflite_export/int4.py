@@ -201,27 +201,27 @@ def requantize(match):
     ), None
 
 
-def _choice_bytes(plan, scales_kept):
-    """File bytes of the tensor as the LUT plan stores it (LUT or int8)."""
-    if not plan.compress:
-        return plan.bytes_before
-    weight = plan.match.weight
+def _choice_bytes(layout, scales_kept):
+    """File bytes of the tensor as its table layout stores it (LUT or int8)."""
+    if not layout.compress:
+        return layout.bytes_before
+    weight = layout.match.weight
     scales = 0 if weight.scales is None else len(weight.scales)
-    return plan.bytes_after + compress.overhead_bytes(len(weight.name), scales, scales_kept)
+    return layout.bytes_after + compress.overhead_bytes(len(weight.name), scales, scales_kept)
 
 
-def choose(plans, mode, scales_kept=False):
-    """Picks the tensors to store as int4 and takes them off the LUT plans.
+def choose(layouts, mode, scales_kept=False):
+    """Picks the tensors to store as int4 and takes them off the LUT layouts.
 
     Args:
-        plans: `compress.TableLayout`s (after `compress.decide`).
+        layouts: `compress.TableLayout`s (after `compress.decide`).
         mode: `"never"`, `"auto"` (int4 where exact and no larger than the
             LUT or int8 choice) or `"always"` (every LUT kernel; one that is
             not int4-exact raises).
         scales_kept: Whether the file is unslimmed (`compress.decide`).
 
     Returns:
-        `{weight tensor index: Int4Tensor}`; int4 plans get `compress=False`
+        `{weight tensor index: Int4Tensor}`; int4 layouts get `compress=False`
         and a note.
 
     Raises:
@@ -231,19 +231,19 @@ def choose(plans, mode, scales_kept=False):
     chosen = {}
     if mode == "never":
         return chosen
-    for plan in plans:
-        tensor, reason = requantize(plan.match)
+    for layout in layouts:
+        tensor, reason = requantize(layout.match)
         if tensor is None:
             if mode == "always":
-                raise ExportError(_refusal(plan.match, reason))
+                raise ExportError(_refusal(layout.match, reason))
             continue
-        if mode == "auto" and tensor.nbytes > _choice_bytes(plan, scales_kept):
-            plan.note = "; ".join(
-                filter(None, [plan.note, f"int4-exact, but int4 ({tensor.nbytes} B) "
+        if mode == "auto" and tensor.nbytes > _choice_bytes(layout, scales_kept):
+            layout.note = "; ".join(
+                filter(None, [layout.note, f"int4-exact, but int4 ({tensor.nbytes} B) "
                               "is larger"])
             )
             continue
-        plan.compress = False
+        layout.compress = False
         chosen[tensor.index] = tensor
     return chosen
 
@@ -272,11 +272,11 @@ def twin_rewrites(tensors):
     return {index: (t.requantized, t.bias_index) for index, t in tensors.items()}
 
 
-def report(plan, tensor):
+def report(layout, tensor):
     """The `TensorReport` of a weight tensor stored as int4."""
     from tflite_export.result import TensorReport
 
-    weight, kernel = plan.match.weight, plan.match.kernel
+    weight, kernel = layout.match.weight, layout.match.kernel
     axis = weight.quantized_dimension
     return TensorReport(
         layer=kernel.layer,
@@ -288,10 +288,10 @@ def report(plan, tensor):
         index_bits=4,
         table_mode="int4(per-tensor)" if axis is None else f"int4(axis={axis})",
         tables=tensor.tables,
-        bytes_before=plan.bytes_before,
+        bytes_before=layout.bytes_before,
         bytes_after=tensor.nbytes,
         compressed=True,
-        # The plan's notes are about the LUT not written.
+        # The layout's notes are about the LUT not written.
         note="native int4 (no DECODE)",
     )
 

@@ -41,12 +41,8 @@ from tflite_export import split as split_lib
 from tflite_export.result import RamChoice
 from tflite_export.result import RamReport
 
-# TFLM's persistent arena state per DECODE op (node, two eval tensors, LUT
-# state; DEVELOPERS.md). The estimate counts none of it: it often lands in
-# slack of the arena's head (digits CNN, 7 DECODE ops: arena minus the split
-# twin's = the decode buffer - 16 B), and an estimate that is too high
-# hides the best candidates (it kept the digits CNN's fc1 int8: 22,752 B
-# where 13,504 B fit). Every candidate is measured anyway.
+# Arena bytes the estimate counts per DECODE op's state: none, as it mostly
+# fits in the arena head's slack; every candidate is measured anyway.
 DECODE_STATE_BYTES = 0
 # Arena bytes each extra group op (FULLY_CONNECTED or CONV_2D, and the
 # CONCATENATIONs) adds, for the estimate: TFLM's node and op data; the
@@ -402,7 +398,7 @@ def _unpaid_splits(built, info):
     """
     unpaid = {}
     for layer, entry in info.items():
-        names = set(entry["groups"])
+        names = set(entry.groups)
         count = len(names)
         compressed = [
             t for t in built.layouts if t.match.kernel.layer in names and t.compress
@@ -494,7 +490,7 @@ def _unsplit_if_larger(plain, kernels, settings, built, decision, info, unsplit,
     by_layer = {t.layer: t for t in tensors}
     why = {
         layer: (
-            f"split into {len(entry['groups'])} groups the file was "
+            f"split into {len(entry.groups)} groups the file was "
             f"{len(built.compressed)} B, not smaller than with it int8"
         )
         for layer, entry in info.items()
@@ -632,7 +628,7 @@ def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes):
         unsplit_size_bytes=len(unsplit.compressed),
         size_bytes=len(built.compressed),
         choices=choices,
-        concat_ops={layer: entry["concat_ops"] for layer, entry in info.items()},
+        concat_ops={layer: entry.concat_ops for layer, entry in info.items()},
     )
     if info:
         report.latency_us, report.unsplit_latency_us = latency.host_latency_us(
@@ -654,7 +650,7 @@ class _Best:
     keep: dict  # `{layer: reason}` kept int8
     model: object  # the Keras model built (maybe split)
     kernels: list  # its `LutKernel`s
-    info: dict  # `split.split_model`'s info
+    info: dict  # `split.split_model`'s info: `{layer: split.SplitLayer}`
     notes: list  # notes of its build
 
 

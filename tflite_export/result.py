@@ -3,6 +3,9 @@
 import dataclasses
 
 from lutq_tf.text import grid
+from tflite_export.anatomy import Anatomy
+from tflite_export.device import DeviceReport
+from tflite_export.verify import Verification
 
 # The report's device line without a target.
 HOST_ONLY = (
@@ -98,7 +101,7 @@ class RamReport:
 
     argument: str
     limit: int
-    ram_bytes: object
+    ram_bytes: int | None
     arena_bytes: int
     decode_buffer_bytes: int
     twin_arena_bytes: int
@@ -107,12 +110,12 @@ class RamReport:
     unsplit_decode_buffer_bytes: int
     unsplit_size_bytes: int
     size_bytes: int
-    choices: list
-    concat_ops: dict
-    latency_us: object = None
-    unsplit_latency_us: object = None
+    choices: list[RamChoice]
+    concat_ops: dict[str, int]
+    latency_us: float | None = None
+    unsplit_latency_us: float | None = None
 
-    def lines(self):
+    def lines(self) -> list[str]:
         """The report's RAM section, as lines of text."""
         budget = (
             f"ram_bytes={self.ram_bytes} (decode limit chosen: {self.limit} B)"
@@ -172,6 +175,8 @@ class ExportResult:
         arena_bytes: Smallest TFLM arena that runs the written model.
         baseline_arena_bytes: The same for the uncompressed baseline.
         c_array: `(source, header)` paths written, or None.
+        op_resolver: The op resolver and arena header (`<stem>_ops.h`)
+            written with `c_array`, or None.
         notes: Other remarks (e.g. nothing compressed, LUT kernels the
             converter dropped).
         decode_buffer_bytes: Bytes of the largest decoded kernel: what
@@ -189,27 +194,28 @@ class ExportResult:
     size_bytes: int
     baseline_bytes: int
     slim_baseline_bytes: int
-    slim_steps: list
-    anatomy: object
+    slim_steps: list[str]
+    anatomy: Anatomy
     quantize: str
     io_dtype: str
     weight_quantization: str
-    tensors: list
-    verification: object
+    tensors: list[TensorReport]
+    verification: Verification | None
     arena_bytes: int
     baseline_arena_bytes: int
-    c_array: object = None
-    notes: list = dataclasses.field(default_factory=list)
+    c_array: tuple[str, str] | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
     decode_buffer_bytes: int = 0
-    ram: object = None
-    device: object = None
-    op_resolver: object = None  # the `<stem>_ops.h` written with c_array, or None
+    ram: RamReport | None = None
+    device: DeviceReport | None = None
+    op_resolver: str | None = None
 
     @property
-    def compressed_tensors(self):
+    def compressed_tensors(self) -> list[TensorReport]:
+        """The `tensors` stored compressed."""
         return [t for t in self.tensors if t.compressed]
 
-    def alt_decompression_arena(self):
+    def alt_decompression_arena(self) -> tuple[int, int]:
         """The main arena when DECODE outputs go to an alternate region.
 
         TFLM can decode into a separate memory region
@@ -235,11 +241,11 @@ class ExportResult:
         return main, region
 
     @property
-    def ratio(self):
+    def ratio(self) -> float:
         """Baseline bytes over written bytes."""
         return self.baseline_bytes / self.size_bytes if self.size_bytes else 0.0
 
-    def table(self):
+    def table(self) -> str:
         """Renders the report as a plain-text table."""
         lines = [
             f"TFLM export: {self.path}",

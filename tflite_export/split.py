@@ -21,9 +21,12 @@ TFLM's CONCATENATION takes at most 10 inputs (`kMaxInputNum`); more groups
 are joined in stages (`concat_tree`).
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 
+from tflite_export import lut_tensors
 from tflite_export import tflm_limits
 
 # Activations that act on each value alone, so they can run per group.
@@ -210,6 +213,23 @@ def _follower_copy(follower, name, piece):
     return copy, weights
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitLayer:
+    """How `split_model` split one layer.
+
+    Attributes:
+        groups: The group layers' names, in channel order.
+        sizes: Output channels of each group (they sum to the layer's).
+        concat_ops: CONCATENATION ops joining the groups (`concat_tree`).
+        absorbed: Names of the layers after it moved into every group.
+    """
+
+    groups: tuple[str, ...]
+    sizes: tuple[int, ...]
+    concat_ops: int
+    absorbed: tuple[str, ...]
+
+
 def split_model(model, sizes):
     """A Functional model with the named layers split into channel groups.
 
@@ -221,9 +241,7 @@ def split_model(model, sizes):
 
     Returns:
         `(split, info)`: the new model, computing the same function, and
-        `{layer name: SplitInfo dict}` with keys `groups` (the group layer
-        names), `sizes`, `concat_ops` and `absorbed` (names of the layers
-        moved into the groups).
+        `{layer name: SplitLayer}` for each split layer.
 
     Raises:
         ValueError: A named layer is missing, not splittable, or inside a
@@ -237,8 +255,8 @@ def split_model(model, sizes):
             "Functional or Sequential model (lutq_tf.strip_model gives one)."
         )
     top = {layer.name: layer for layer in model.layers}
-    existing = {layer.name for layer in model._flatten_layers(include_self=False)}
-    plans = {}
+    existing = {layer.name for layer in lut_tensors.all_layers(model)}
+    splits = {}
     absorbed = {}
     for name, group in sizes.items():
         layer = top.get(name)
@@ -257,7 +275,7 @@ def split_model(model, sizes):
                 f"its {channels} output channels."
             )
         chain = _chain(model, layer)
-        plans[name] = (layer, list(group), chain)
+        splits[name] = (layer, list(group), chain)
         for follower in chain:
             absorbed[id(follower)] = name
     info = {}
@@ -265,9 +283,9 @@ def split_model(model, sizes):
     def call(layer, *args, **kwargs):
         if id(layer) in absorbed:
             return args[0]  # already applied inside the groups
-        if layer.name not in plans:
+        if layer.name not in splits:
             return layer(*args, **kwargs)
-        layer, group, chain = plans[layer.name]
+        layer, group, chain = splits[layer.name]
         (x,) = args
         activation = _activation_name(layer)
         per_group = activation in ELEMENTWISE_ACTIVATIONS
@@ -297,12 +315,12 @@ def split_model(model, sizes):
             y = keras.layers.Activation(
                 layer.activation, name=_unique(f"{layer.name}_activation", existing)
             )(y)
-        info[layer.name] = {
-            "groups": names,
-            "sizes": group,
-            "concat_ops": ops,
-            "absorbed": [f.name for f in chain],
-        }
+        info[layer.name] = SplitLayer(
+            groups=tuple(names),
+            sizes=tuple(group),
+            concat_ops=ops,
+            absorbed=tuple(f.name for f in chain),
+        )
         return y
 
     split = keras.models.clone_model(
@@ -327,22 +345,20 @@ def split_kernels(kernels, info):
 
     Args:
         kernels: `lut_tensors.LutKernel`s of the model before the split.
-        info: What `split_model` returned as `info`.
+        info: What `split_model` returned as `info` (`{layer: SplitLayer}`).
 
     Returns:
         A new list: kernels of unsplit layers as they were, and for each
         split layer one kernel per group (same dictionary size and mode,
         the group's channels of the array and of any channel scales).
     """
-    import dataclasses
-
     result = []
     for kernel in kernels:
         entry = info.get(kernel.layer)
         if entry is None or kernel.tensor != "kernel":
             result.append(kernel)
             continue
-        for name, piece in zip(entry["groups"], _slices(entry["sizes"])):
+        for name, piece in zip(entry.groups, _slices(entry.sizes)):
             scales = kernel.channel_scales
             result.append(
                 dataclasses.replace(

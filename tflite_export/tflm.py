@@ -1,8 +1,10 @@
-"""The one place that imports the optional `tflite-micro` package.
+"""The gate to the optional `tflite-micro` package.
 
 `tflite-micro` ships nightly builds only, so it is an install extra rather
-than a hard dependency; everything else in `tflite_export` asks this module
-for it and so gets the same message when it is missing.
+than a hard dependency. Every module that uses it (`compress`,
+`shared_tables`, `int4`, `verify`, `latency`) calls `require()` first, so
+a missing package gives this one message (`arena`'s child-process scripts
+import it themselves).
 """
 
 INSTALL_HINT = (

@@ -58,23 +58,23 @@ class Verification:
     samples: int
     inputs: str
     bit_exact: bool
-    top1_agreement: object
+    top1_agreement: float | None
     max_abs_diff: float
-    output_step: object = None
+    output_step: float | None = None
     task: str = "classification"
     relative_error: float = 0.0
     snr_db: float = float("inf")
-    int8_top1_agreement: object = None
-    int8_max_abs_diff: object = None
-    int8_snr_db: object = None
-    discordant: object = None
+    int8_top1_agreement: float | None = None
+    int8_max_abs_diff: float | None = None
+    int8_snr_db: float | None = None
+    discordant: tuple[int, int] | None = None
     name: str = ""
-    outputs: list = dataclasses.field(default_factory=list)
+    outputs: list["Verification"] = dataclasses.field(default_factory=list)
     checked_inputs: int = 0
     note: str = ""
 
     @property
-    def worse_than_int8(self):
+    def worse_than_int8(self) -> bool:
         """Whether the requantised model loses agreement with Keras that
         rounding noise does not explain, against the plain int8 model.
 
@@ -99,7 +99,7 @@ class Verification:
             return self.max_abs_diff > self.int8_max_abs_diff
         return self.snr_db < self.int8_snr_db - ROUNDING_NOISE_DB
 
-    def describe(self):
+    def describe(self) -> str:
         """Bit-exactness and agreement with Keras, fit to the task.
 
         One line for a one-output model; a line per output after the first
@@ -114,7 +114,7 @@ class Verification:
             text += f"\nNote: {self.note}"
         return text
 
-    def agreement(self):
+    def agreement(self) -> str:
         """Agreement with Keras (and plain int8's, for requantised models), as
         text: one line, or a line per output after the first for several."""
         if self.outputs:
@@ -123,7 +123,7 @@ class Verification:
             )
         return self.output_agreement()
 
-    def output_agreement(self):
+    def output_agreement(self) -> str:
         """`agreement` of one output."""
         text = ""
         diff = f"max |diff| {self.max_abs_diff:.4g}"
