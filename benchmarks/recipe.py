@@ -137,7 +137,7 @@ KNOWN = {**VARIANTS, **COMPARISON, **{name: d[0] for name, d in DIAGNOSES.items(
 # Peak rates: the first four are always tried, and the search climbs the
 # ladder while the largest rate tried is the best.
 RATES = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-_FIRST_RATES = 4
+FIRST_RATES = 4
 SCHEDULES = ("cosine", "constant", "warmup")
 SCHEDULE_VARIANTS = ("float", "lutq2")
 # How far each training k-means step moves d towards the cluster means
@@ -157,7 +157,7 @@ DICTIONARY_RATE_VARIANTS = {"dictionary_rate": ("lutq4", "lutq2"),
 # training images as fit begins (after the k-means fit of `quantize_model`).
 CALLBACKS = {"kmeans-warmup": 1, "pruning-ramp": 1, "freeze-last": 2, "bn-reestimate": 1}
 _BN_IMAGES = 2048
-_BATCH = 64
+BATCH = 64
 # LeNet's float pretraining: Adam at this peak rate, cosine decay, seed 0.
 _PRETRAIN_RATE = 1e-3
 
@@ -252,7 +252,7 @@ def _reestimate_batchnorm(x):
 
     callback = keras.callbacks.LambdaCallback()
     callback.on_train_begin = lambda logs=None: lutq_tf.reestimate_batchnorm(
-        callback.model, x, batch_size=_BATCH)
+        callback.model, x, batch_size=BATCH)
     return callback
 
 
@@ -290,7 +290,7 @@ def pretrained_lenet(train, epochs):
 
     from experiments import datasets
 
-    digest = hashlib.sha1(f"{epochs}/{_PRETRAIN_RATE:g}/{_BATCH}/seed0".encode())
+    digest = hashlib.sha1(f"{epochs}/{_PRETRAIN_RATE:g}/{BATCH}/seed0".encode())
     for array in train:
         digest.update(np.ascontiguousarray(array))
     path = os.path.join(datasets.cache_dir(), "recipe", f"lenet-{digest.hexdigest()[:16]}.npz")
@@ -303,8 +303,8 @@ def pretrained_lenet(train, epochs):
 
     keras.utils.set_random_seed(0)
     model = models.lenet()
-    steps = epochs * math.ceil(len(train[0]) / _BATCH)
-    pipeline.train_float(model, train, epochs, _BATCH,
+    steps = epochs * math.ceil(len(train[0]) / BATCH)
+    pipeline.train_float(model, train, epochs, BATCH,
                          learning_rate(_PRETRAIN_RATE, "cosine", steps), verbose=0, seed=0)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temp = path + ".tmp.npz"
@@ -334,13 +334,13 @@ def _keras_run(task, stage, options, peak, schedule, epochs, seed, dictionary_ra
     from experiments import pipeline
 
     model = _start_model(task, stage.start)
-    steps = epochs * math.ceil(len(stage.train[0]) / _BATCH)
+    steps = epochs * math.ceil(len(stage.train[0]) / BATCH)
     rate = learning_rate(peak, schedule, steps)
     if options is None:
-        pipeline.train_float(model, stage.train, epochs, _BATCH, rate, verbose=0, seed=seed)
+        pipeline.train_float(model, stage.train, epochs, BATCH, rate, verbose=0, seed=seed)
     else:
         model, _ = pipeline.lutq_finetune(
-            model, stage.train, epochs, _BATCH, rate, verbose=0, seed=seed,
+            model, stage.train, epochs, BATCH, rate, verbose=0, seed=seed,
             callbacks=make_callbacks(callbacks, epochs, steps, stage.train[0]),
             dictionary_rate=dictionary_rate, **options)
     return pipeline.keras_accuracy(model, *stage.evaluate)
@@ -361,7 +361,7 @@ def _tfmot_run(f, stage, options, peak, schedule, epochs, seed):
     if f.task == "resnet8":
         extra.append(f"--resnet8_h5={stage.start}")
     result = tfmot_runner.run_tfmot_baseline(
-        model=f.task, num_clusters=options["tfmot"], epochs=epochs, batch_size=_BATCH,
+        model=f.task, num_clusters=options["tfmot"], epochs=epochs, batch_size=BATCH,
         data=f.cifar10 if f.task == "resnet8" else f.mnist,
         weights_in=None if f.task == "resnet8" else stage.start,
         learning_rate=peak, seed=seed, extra_flags=extra)
@@ -374,7 +374,7 @@ def _tfmot_run(f, stage, options, peak, schedule, epochs, seed):
     return result["test_accuracy"]  # on the stage's evaluation images
 
 
-def _run(record, path, key, f, stage, variant, peak, schedule, epochs, seed,
+def run_variant(record, path, key, f, stage, variant, peak, schedule, epochs, seed,
          dictionary_rate=1.0, callbacks=()):
     """One fine-tuning run, skipped if `record` has it; returns its accuracy.
 
@@ -419,12 +419,12 @@ def search(record, path, f, stage):
 
     def run(variant, rate, schedule, dictionary_rate=1.0, epochs=1, callbacks=()):
         key = search_key(variant, schedule, rate, dictionary_rate, epochs, callbacks)
-        return _run(record, path, key, f, stage, variant, rate, schedule, epochs, 0,
+        return run_variant(record, path, key, f, stage, variant, rate, schedule, epochs, 0,
                     dictionary_rate, callbacks)
 
     def best_rate(variant, schedule):
-        scores = {rate: run(variant, rate, schedule) for rate in RATES[:_FIRST_RATES]}
-        for rate in RATES[_FIRST_RATES:]:
+        scores = {rate: run(variant, rate, schedule) for rate in RATES[:FIRST_RATES]}
+        for rate in RATES[FIRST_RATES:]:
             if max(scores, key=scores.get) != max(scores):
                 break
             scores[rate] = run(variant, rate, schedule)
@@ -675,9 +675,10 @@ def run(f, command):
     stage = Stage("test", (x, y), test, starts[1])
     for seed in range(f.seeds):
         for variant in f.variants:
-            _run(record, path, f"test/{row(record, variant)}/e{f.epochs}/seed{seed}", f, stage,
-                 variant, record["learning_rates"][variant], record["schedule"], f.epochs, seed,
-                 dictionary_rate(record, variant), record["callbacks"].get(variant, ()))
+            key = f"test/{row(record, variant)}/e{f.epochs}/seed{seed}"
+            run_variant(record, path, key, f, stage, variant,
+                        record["learning_rates"][variant], record["schedule"], f.epochs, seed,
+                        dictionary_rate(record, variant), record["callbacks"].get(variant, ()))
             write_markdown(record, out)
 
 

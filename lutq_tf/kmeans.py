@@ -77,89 +77,89 @@ def nearest_assignment(x, dictionary):
         return tf.reduce_sum(tf.cast(above, tf.int32), axis=2)
     if channels == 1:
         midpoints = materialize(midpoints[:, 0])
-        below = _midpoints_below_bins(midpoints)
+        below = midpoints_below_bins(midpoints)
         return tf.cond(
-            _bins_fit(below),
-            lambda: _bin_search(x, midpoints, below),
-            lambda: _binary_search(x, midpoints[None, :]),
+            bins_fit(below),
+            lambda: bin_search(x, midpoints, below),
+            lambda: binary_search(x, midpoints[None, :]),
         )
-    return _binary_search(x, tf.transpose(midpoints))
+    return binary_search(x, tf.transpose(midpoints))
 
 
 # The bucketed search: a uniform grid of bins over the midpoints' range,
 # and per bin the number of midpoints below it. A bin may hold up to
-# _BIN_CAPACITY midpoints, which each weight compares against. Small tables
+# BIN_CAPACITY midpoints, which each weight compares against. Small tables
 # matter: XLA's CPU gathers cost ~0.5 ns from an L1-resident table and ~5 ns
 # from a 192 KiB one (this one is 16 KiB), and each compare is a gather: 4
 # per weight instead of 2 cost 15 % more on a 784x512 kernel. A 256-entry
 # k-means dictionary fitted to the MLPerf Tiny ResNet-8's kernels, or to
 # Gaussian, Laplace or Student-t(3) weights, puts at most 1 midpoint in a
 # bin; denser ones fall back to the binary search.
-_NUM_BINS = 4096
-_BIN_CAPACITY = 2
+NUM_BINS = 4096
+BIN_CAPACITY = 2
 
 
-def _bin_index(values, low, high):
-    """Bin of each value on a uniform grid over [low, high]: 0 .. _NUM_BINS.
+def bin_index(values, low, high):
+    """Bin of each value on a uniform grid over [low, high]: 0 .. NUM_BINS.
 
     Monotone non-decreasing in `values`, also under float rounding, which is
     all that the bucketed search's exactness needs.
     """
-    scale = (_NUM_BINS - 1) / tf.maximum(high - low, 1e-30)
+    scale = (NUM_BINS - 1) / tf.maximum(high - low, 1e-30)
     bins = tf.floor(tf.clip_by_value((values - low) * scale, -1.0,
-                                     _NUM_BINS - 1.0))
+                                     NUM_BINS - 1.0))
     return tf.cast(bins, tf.int32) + 1
 
 
-def _midpoints_below_bins(midpoints):
-    """Midpoints (sorted, `[K-1]`) below each bin: int32 `[_NUM_BINS + 2]`.
+def midpoints_below_bins(midpoints):
+    """Midpoints (sorted, `[K-1]`) below each bin: int32 `[NUM_BINS + 2]`.
 
-    Entry b counts the midpoints in bins < b (b = 0 .. _NUM_BINS + 1).
+    Entry b counts the midpoints in bins < b (b = 0 .. NUM_BINS + 1).
     """
-    bins = _bin_index(midpoints, midpoints[0], midpoints[-1])
+    bins = bin_index(midpoints, midpoints[0], midpoints[-1])
     in_bin = tf.math.unsorted_segment_sum(tf.ones_like(bins), bins,
-                                          _NUM_BINS + 2)
+                                          NUM_BINS + 2)
     return materialize(tf.cumsum(in_bin, exclusive=True))
 
 
-def _bins_fit(below):
-    """True if no bin holds more than `_BIN_CAPACITY` midpoints.
+def bins_fit(below):
+    """True if no bin holds more than `BIN_CAPACITY` midpoints.
 
     Args:
-        below: `_midpoints_below_bins(midpoints)`.
+        below: `midpoints_below_bins(midpoints)`.
     """
-    return tf.reduce_max(below[1:] - below[:-1]) <= _BIN_CAPACITY
+    return tf.reduce_max(below[1:] - below[:-1]) <= BIN_CAPACITY
 
 
-def _bin_search(x, midpoints, below):
+def bin_search(x, midpoints, below):
     """Number of midpoints strictly below x, for one table (`x` `[M, 1]`).
 
     Per weight: one gather of the count of midpoints below its bin, then
-    `_BIN_CAPACITY` compares against the next midpoints (+inf past the
-    end). Exact when `_bins_fit(below)`: by the binning's monotonicity,
+    `BIN_CAPACITY` compares against the next midpoints (+inf past the
+    end). Exact when `bins_fit(below)`: by the binning's monotonicity,
     midpoints of lower bins are below x and those of higher bins are not, so
     only the bin's own midpoints need comparing.
 
     Args:
         x: float32 `[M, 1]`.
         midpoints: float32 `[K-1]`, sorted.
-        below: `_midpoints_below_bins(midpoints)`.
+        below: `midpoints_below_bins(midpoints)`.
     """
     low, high = midpoints[0], midpoints[-1]
     padded = tf.concat(
-        [midpoints, tf.fill([_BIN_CAPACITY], np.float32(np.inf))], axis=0)
+        [midpoints, tf.fill([BIN_CAPACITY], np.float32(np.inf))], axis=0)
     values = x[:, 0]
-    start = tf.gather(below, _bin_index(values, low, high))
+    start = tf.gather(below, bin_index(values, low, high))
     # Summed as a reduction so XLA computes it once, not inside each
     # consumer (sums, lookup, storage cast) as it would an elementwise op.
     terms = [start] + [
         tf.cast(values > tf.gather(padded, start + j), tf.int32)
-        for j in range(_BIN_CAPACITY)
+        for j in range(BIN_CAPACITY)
     ]
     return tf.reduce_sum(tf.stack(terms, axis=1), axis=1)[:, None]
 
 
-def _binary_search(x, midpoints):
+def binary_search(x, midpoints):
     """Number of midpoints strictly below x per column; midpoints `[C, K-1]`."""
     channels, count = midpoints.shape
     # Pad to 2**r - 1 midpoints with +inf so every round halves exactly.

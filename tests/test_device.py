@@ -205,7 +205,7 @@ def test_device_arena_recomputes_the_tail_for_32_bit_pointers(conv_export):
     result, _ = conv_export
     written = _written(result)
     rec = arena.record(written, result.arena_bytes + arena.MARGIN)
-    names, decodes, _ = device._arena_ops(written)
+    names, decodes, _ = device.arena_ops(written)
     est = arena.device_arena(rec, names, decodes, "reference", result.arena_bytes)
     assert est.head == rec.head and est.wheel_tail == rec.tail
     assert est.tail_bytes < rec.tail  # every pointer-bearing struct shrinks
@@ -217,8 +217,8 @@ def test_device_arena_recomputes_the_tail_for_32_bit_pointers(conv_export):
     # Kernel data: the wheel's, less what OpData and DECODE state save,
     # each rounded to the 16-byte alignment of a persistent buffer.
     ops = [n for n in names if n in arena.OP_DATA]
-    saved = sum(arena._round(arena.OP_DATA[n]["reference"][0])
-                - arena._round(arena.OP_DATA[n]["reference"][1]) for n in ops)
+    saved = sum(arena.round_up(arena.OP_DATA[n]["reference"][0])
+                - arena.round_up(arena.OP_DATA[n]["reference"][1]) for n in ops)
     saved += sum(n * (80 - 48) for n in decodes)  # DecodeStateLut: 72 -> 35 B
     assert t["kernel data"] == rec.used("Persistent buffer data") - saved
     assert t["alignment"] == 3 * 12 + 3

@@ -231,8 +231,8 @@ def test_invariants_hold_after_every_step(problem):
                 assert np.frexp(abs(s[0]))[0] == 0.5
 
 
-@pytest.mark.parametrize("crowded", [0, kmeans._BIN_CAPACITY,
-                                     kmeans._BIN_CAPACITY + 1])
+@pytest.mark.parametrize("crowded", [0, kmeans.BIN_CAPACITY,
+                                     kmeans.BIN_CAPACITY + 1])
 def test_bucketed_search_and_its_fallback_are_exact(crowded):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(4000, 1)).astype(np.float32)
@@ -243,12 +243,12 @@ def test_bucketed_search_and_its_fallback_are_exact(crowded):
     d[100:100 + crowded, 0] = d[99, 0] + 2e-6 * np.arange(1, crowded + 1)
     x[50:60, 0] = d[99, 0] + 1e-6 * (np.arange(10) + 0.5)  # among them
     midpoints = tf.constant((d[1:, 0] + d[:-1, 0]) / 2)
-    below = kmeans._midpoints_below_bins(midpoints)
-    assert bool(kmeans._bins_fit(below)) == (
-        crowded <= kmeans._BIN_CAPACITY)
+    below = kmeans.midpoints_below_bins(midpoints)
+    assert bool(kmeans.bins_fit(below)) == (
+        crowded <= kmeans.BIN_CAPACITY)
     # Weights on a midpoint go to the lower entry, as in the binary search;
     # elsewhere the answer is the numpy reference's.
-    want = kmeans._binary_search(tf.constant(x),
+    want = kmeans.binary_search(tf.constant(x),
                                  midpoints[None, :]).numpy()
     np.testing.assert_array_equal(want[50:], reference.assign(x, d, 0)[50:])
     for jit in (False, True):

@@ -99,7 +99,7 @@ def _fake_search(monkeypatch, warmup_gain, dictionary_gain=0.04, callback_gains=
         return (0.9 - 0.01 * abs(math.log10(peak / _BEST[variant])) + gain
                 + (dictionary_gain if dictionary_rate == 0.1 else 0.0) + 0.001 * epochs)
 
-    monkeypatch.setattr(recipe, "_run", fake_run)
+    monkeypatch.setattr(recipe, "run_variant", fake_run)
     return calls
 
 
@@ -189,7 +189,7 @@ def test_bn_reestimate_sets_the_moving_statistics_as_fit_begins():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
                               keras.layers.BatchNormalization(), keras.layers.Dense(2)])
     q = lutq_tf.quantize_model(model, bits=2)
-    x = np.random.default_rng(0).normal(3.0, 2.0, (recipe._BATCH * 2, 4)).astype("float32")
+    x = np.random.default_rng(0).normal(3.0, 2.0, (recipe.BATCH * 2, 4)).astype("float32")
     y = np.zeros(len(x), "int32")
     q.compile(optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy")
     (callback,) = recipe.make_callbacks(["bn-reestimate"], epochs=1, steps=2, x=x)
@@ -197,7 +197,7 @@ def test_bn_reestimate_sets_the_moving_statistics_as_fit_begins():
     seen = []
     probe = keras.callbacks.LambdaCallback(
         on_train_begin=lambda logs: seen.append(np.array(bn.moving_mean)))
-    q.fit(x, y, batch_size=recipe._BATCH, epochs=1, verbose=0, callbacks=[callback, probe])
+    q.fit(x, y, batch_size=recipe.BATCH, epochs=1, verbose=0, callbacks=[callback, probe])
     hidden = np.asarray(q.layers[0](x))  # the quantised first layer's outputs
     np.testing.assert_allclose(seen[0], hidden.mean(axis=0), rtol=1e-4, atol=1e-4)
 
@@ -270,7 +270,7 @@ def test_a_diagnostic_row_passes_its_centroids_to_tfmot(tmp_path, monkeypatch):
     stage = recipe.Stage("test", (None, np.zeros(3)), (None, np.zeros(2)), "start.h5")
     record = {"runs": []}
     for variant, centroids in (("tfmot16-frozen", "freeze"), ("tfmot16", "train")):
-        recipe._run(record, str(tmp_path / "r.json"), f"test/{variant}",
+        recipe.run_variant(record, str(tmp_path / "r.json"), f"test/{variant}",
                     _flags(variants=[variant]), stage, variant, 3e-4, "cosine", 1, 0)
         assert seen["num_clusters"] == 16
         assert f"--centroids={centroids}" in seen["extra_flags"]
@@ -360,7 +360,7 @@ def test_tf_keras_gets_the_same_schedules_and_validation_split():
 @pytest.fixture
 def one_rate_search(monkeypatch):
     monkeypatch.setattr(recipe, "RATES", (1e-3,))
-    monkeypatch.setattr(recipe, "_FIRST_RATES", 1)
+    monkeypatch.setattr(recipe, "FIRST_RATES", 1)
     monkeypatch.setattr(recipe, "SCHEDULES", ("cosine",))
     monkeypatch.setattr(recipe, "SCHEDULE_VARIANTS", ("float",))
     monkeypatch.setattr(recipe, "DICTIONARY_RATES", (1.0,))

@@ -344,7 +344,7 @@ _RECOMPUTED = frozenset({
 })
 
 
-def _round(n, to=ALIGNMENT):
+def round_up(n, to=ALIGNMENT):
     return n + (-n % to)
 
 
@@ -390,11 +390,11 @@ def _op_data_savings(op_names, decode_outputs, kernels):
         sizes = OP_DATA.get(name)
         if sizes is not None:
             wheel, device = sizes[kernels]
-            saved += _round(wheel) - _round(device)
+            saved += round_up(wheel) - round_up(device)
     for outputs in decode_outputs:
-        saved += _round(DECODE_STATE_POINTER[0] * outputs) - _round(
+        saved += round_up(DECODE_STATE_POINTER[0] * outputs) - round_up(
             DECODE_STATE_POINTER[1] * outputs)
-        saved += outputs * (_round(DECODE_STATE_LUT[0]) - _round(DECODE_STATE_LUT[1]))
+        saved += outputs * (round_up(DECODE_STATE_LUT[0]) - round_up(DECODE_STATE_LUT[1]))
     return saved
 
 

@@ -384,7 +384,7 @@ def format_code(code_added):
     return ", ".join(f"{op} {size:,} B" for op, size in code_added.items()) or "none"
 
 
-def _arena_ops(model_bytes):
+def arena_ops(model_bytes):
     """`(op names, outputs of each DECODE op, number of inputs)` of a file."""
     model, subgraph = _ops(model_bytes)
     names = [flatbuffer.op_name(model, op) for op in subgraph.operators]
@@ -464,7 +464,7 @@ def arena(target, model_bytes, wheel_arena_bytes, compiler="gcc", recording=None
         `(arena_bytes, note)`.
     """
     target = targets.get(target)
-    names, decodes, num_inputs = _arena_ops(model_bytes)
+    names, decodes, num_inputs = arena_ops(model_bytes)
     if recording is None:
         recording = arena_lib.record(
             model_bytes, wheel_arena_bytes + arena_lib.MARGIN, num_inputs)
@@ -514,7 +514,7 @@ def arenas(model_bytes, wheel_arena_bytes, compiler="gcc"):
     """`{kernel set: (arena_bytes, note)}` of a file on the Cortex-M4
     profiles' kernel sets (`"reference"`, `"cmsis-nn"`), from one recording
     of the wheel's arena (`arena`)."""
-    _, _, num_inputs = _arena_ops(model_bytes)
+    _, _, num_inputs = arena_ops(model_bytes)
     recording = arena_lib.record(
         model_bytes, wheel_arena_bytes + arena_lib.MARGIN, num_inputs)
     profiles = {"reference": "cortex-m4-ref", "cmsis-nn": "cortex-m4-cmsis-nn"}
