@@ -58,8 +58,6 @@ def test_export_arguments_name_the_expected_form(tmp_path, kwargs, error, messag
     (dict(decode="always"), r"decode='always' chooses by firmware flash on a target"),
     # The explicit default too: without a target it would change nothing.
     (dict(decode="auto"), "decode='auto' chooses .* but no target is given"),
-    (dict(target="cortex-m4-cmsis-nn", ram_bytes=65536),
-     "ram_bytes with the CMSIS-NN target 'cortex-m4-cmsis-nn' is not supported yet"),
 ])
 def test_options_the_export_would_ignore_are_refused(tmp_path, kwargs, message):
     model, data = _tiny()

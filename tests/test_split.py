@@ -162,7 +162,7 @@ def test_depthwise_is_left_alone_with_a_reason():
 # -- Split exports on TFLM ---------------------------------------------------
 
 
-def _lut_model(kind, seed=0):
+def lut_model(kind, seed=0):
     """A small model with one LUT layer 'lut' (K=4 per tensor).
 
     Its kernel decodes to 256 B (dense) or 288 B (conv2d) per output
@@ -191,7 +191,7 @@ def _lut_model(kind, seed=0):
     ("conv2d", 576, 12),
 ])
 def test_split_export_bit_exact_on_tflm(tmp_path, kind, limit, groups):
-    model, data = _lut_model(kind)
+    model, data = lut_model(kind)
     path = tmp_path / "m.tflite"
     result = tflite_export.export(
         model, path, representative_data=data, max_decode_bytes=limit,
@@ -332,7 +332,7 @@ def test_split_that_saves_nothing_is_not_made(tmp_path, monkeypatch, kind, limit
 
 @pytest.mark.slow
 def test_ram_bytes_fits_the_budget_with_a_small_file(tmp_path):
-    model, data = _lut_model("dense")
+    model, data = lut_model("dense")
     # A budget between the int8 arena and the unsplit compressed arena.
     unsplit = tflite_export.export(
         model, tmp_path / "u.tflite", representative_data=data,
@@ -365,7 +365,7 @@ def test_ram_bytes_fits_the_budget_with_a_small_file(tmp_path):
 def test_ram_bytes_tries_plans_a_pessimistic_estimate_rules_out(tmp_path, monkeypatch):
     from tflite_export import ram_budget
 
-    model, data = _lut_model("dense")
+    model, data = lut_model("dense")
     unsplit = tflite_export.export(
         model, tmp_path / "u.tflite", representative_data=data,
         weight_quantization="per_tensor",
@@ -393,7 +393,7 @@ def test_ram_bytes_tries_plans_a_pessimistic_estimate_rules_out(tmp_path, monkey
     ("ram_bytes", True, TypeError, r"ram_bytes must be an int"),
 ])
 def test_budget_of_wrong_type_or_unit(tmp_path, argument, value, error, match):
-    model, data = _lut_model("dense")
+    model, data = lut_model("dense")
     with pytest.raises(error, match=match):
         tflite_export.export(model, tmp_path / "m.tflite",
                              representative_data=data, **{argument: value})
@@ -401,7 +401,7 @@ def test_budget_of_wrong_type_or_unit(tmp_path, argument, value, error, match):
 
 
 def test_both_budgets_refused(tmp_path):
-    model, data = _lut_model("dense")
+    model, data = lut_model("dense")
     with pytest.raises(ValueError, match="max_decode_bytes or ram_bytes, not both"):
         tflite_export.export(model, tmp_path / "m.tflite", representative_data=data,
                              max_decode_bytes=1024, ram_bytes=65536)
@@ -410,7 +410,7 @@ def test_both_budgets_refused(tmp_path):
 
 @pytest.mark.slow
 def test_decode_limit_below_one_channel_names_layer_and_minimum(tmp_path):
-    model, data = _lut_model("dense")
+    model, data = lut_model("dense")
     with pytest.raises(ValueError, match=r"layer 'lut' \(FULLY_CONNECTED, 256 B\).*>= 256"):
         tflite_export.export(model, tmp_path / "m.tflite",
                              representative_data=data, max_decode_bytes=32)
@@ -419,7 +419,7 @@ def test_decode_limit_below_one_channel_names_layer_and_minimum(tmp_path):
 
 @pytest.mark.slow
 def test_ram_budget_below_int8_arena_names_the_minimum(tmp_path):
-    model, data = _lut_model("dense")
+    model, data = lut_model("dense")
     with pytest.raises(ValueError, match=r"ram_bytes=64 is below (\d+) B.*>= \1"):
         tflite_export.export(model, tmp_path / "m.tflite",
                              representative_data=data, ram_bytes=64)
@@ -432,7 +432,7 @@ def test_ram_budget_below_int8_arena_names_the_minimum(tmp_path):
 @pytest.mark.slow
 def test_cli_max_decode_bytes_and_bad_budget(tmp_path):
     # In this process: tests/test_export_cli.py runs the entry point itself.
-    model, data = _lut_model("dense")
+    model, data = lut_model("dense")
     model.save(tmp_path / "model.keras")
     np.save(tmp_path / "data.npy", data)
 

@@ -79,9 +79,8 @@ def export(
     `max_verify_samples` or `shared_tables="auto"` with `verify=False`,
     `min_agreement` for a model without an output of several classes,
     `max_decode_bytes` with `ram_bytes`, `target` with `quantize="float32"`,
-    and `decode` without `target`; `ram_bytes` with a CMSIS-NN target is not
-    supported yet. An option left unset (None) takes its default and is
-    never refused.
+    and `decode` without `target`. An option left unset (None) takes its
+    default and is never refused.
 
     Args:
         model: A LUT-Q model (with `lutq_tf` layers) or a plain Keras model
@@ -141,15 +140,17 @@ def export(
             unsplit one and is verified against its own uncompressed twin.
         ram_bytes: If set (an int, bytes), a budget for the TFLM arena:
             the exporter picks, per kernel, compress, split or keep int8 so
-            that the measured arena fits and the file is smallest (the
-            largest decode limit that fits). `result.ram` reports the
-            choices, arenas, and flash and host latency against the unsplit
-            file. Give at most one of the two. Under either, a layer is
-            split only if some of its groups are compressed and save more
-            file bytes than the extra ops cost; otherwise it stays int8,
-            unsplit, and the report says why. With a CMSIS-NN `target`,
-            `ram_bytes` is refused (not supported yet: the budget is
-            checked against the host wheel's reference-kernel arena).
+            that the arena fits and the file is smallest (the largest
+            decode limit that fits). Without a `target` the arena is the
+            one measured on the host wheel (reference kernels, 64-bit
+            pointers); with one, the target's estimate for its kernel set
+            (reference or CMSIS-NN; `result.device.arena_bytes`, an upper
+            bound for a 32-bit build). `result.ram` reports the choices,
+            arenas (and which arena they count), and flash and host
+            latency against the unsplit file. Give at most one of the two.
+            Under either, a layer is split only if some of its groups are
+            compressed and save more file bytes than the extra ops cost;
+            otherwise it stays int8, unsplit, and the report says why.
         target: The device the file is for, int8 only: a profile name
             (`tflite_export.target.PROFILES`, e.g. `"cortex-m4-cmsis-nn"`)
             or a `tflite_export.Target` with your firmware's own costs.
@@ -157,9 +158,10 @@ def export(
             model (the slim uncompressed file) in firmware flash (file
             bytes plus the code of DECODE, linked once, and of any
             CONCATENATION a split adds), arena for the target's kernel
-            set (reference: the wheel's measured arena, an upper bound;
-            CMSIS-NN: that plus the largest CMSIS-NN scratch request, an
-            estimate), and decode instructions: `result.device`, a
+            set (`device.arena`: an upper bound for a 32-bit build,
+            estimated from the wheel's recorded arena, plus the largest
+            CMSIS-NN scratch request for CMSIS-NN; `ram_bytes` budgets
+            it), and decode instructions: `result.device`, a
             `device.DeviceReport`, printed with the report. Unset, the
             report gives host figures only (file bytes and the wheel's
             reference-kernel arena).
@@ -195,7 +197,8 @@ def export(
         ValueError: Bad arguments or combinations of them (the message
             names the arguments), a `max_decode_bytes` below one output
             channel of a layer to split, a `ram_bytes` below the arena
-            with every kernel int8, or an unknown `target` name.
+            with every kernel int8 (on the target, with one), or an
+            unknown `target` name.
         TypeError: An argument of the wrong type (e.g. a `target` that is
             neither a profile name nor a `Target`).
         ImportError: tflite-micro is not installed.
@@ -309,6 +312,9 @@ def export(
         reference=plain, int4=int4,
     )
     judge = target is not None and decode == "auto"
+    # The target's arena estimates, one recording per file (cached): the
+    # basis of `ram_bytes` and the device report's arena.
+    basis = ram_budget.ArenaBasis(target) if target is not None else None
     declined = None  # a `_Declined`: the compressed file not written
     first_note = len(notes)
     if max_decode_bytes is None and ram_bytes is None:
@@ -332,7 +338,7 @@ def export(
     else:
         fitted = ram_budget.fit(
             plain, kernels, notes, settings,
-            max_decode_bytes=max_decode_bytes, ram_bytes=ram_bytes,
+            max_decode_bytes=max_decode_bytes, ram_bytes=ram_bytes, basis=basis,
         )
         built, verification, ram = fitted.built, fitted.verification, fitted.report
         route = fitted.unsplit
@@ -352,10 +358,10 @@ def export(
             built, verification = build.assemble_verified(
                 plain, kernels, notes, settings, keep=keep, built=built)
             if ram is not None:
-                ram = _ram_int8(ram, built)
+                ram = _ram_int8(ram, built, fitted.basis)
     device_report = None
     if target is not None:
-        device_report = _device_report(target, built, int8_bytes, declined)
+        device_report = _device_report(target, built, int8_bytes, declined, basis)
         if declined is not None:
             notes.append(_declined_note(device_report))
     if (
@@ -500,15 +506,6 @@ def check_combinations(quantize="int8", verify=True, weight_quantization=None,
         )
     int4_lib.check_combinations(int4, quantize=quantize, max_decode_bytes=max_decode_bytes,
                                 ram_bytes=ram_bytes)
-    if profile is not None and ram_bytes is not None and profile.kernels == "cmsis-nn":
-        raise ValueError(
-            f"ram_bytes with the CMSIS-NN target {profile.name!r} is not supported "
-            "yet: the budget is checked against the host wheel's arena, which runs "
-            "TFLM's reference kernels, and CMSIS-NN kernels request other scratch "
-            "buffers. Give max_decode_bytes (a decode-buffer limit, the same on "
-            "any kernel set), a reference-kernel target ('cortex-m4-ref'), or no "
-            "target."
-        )
 
 
 @dataclasses.dataclass
@@ -550,14 +547,23 @@ def _int8_build(plain, kernels, notes, settings, route, target, declined):
     return built, keep
 
 
-def _ram_int8(ram, built):
-    """`ram` (a `RamReport`) for the int8 file written instead of its choice."""
+def _ram_int8(ram, built, basis):
+    """`ram` (a `RamReport`) for the int8 file written instead of its choice,
+    its arenas on `basis` (the `ram_budget.ArenaBasis` of `ram`).
+
+    Raises:
+        ValueError: The int8 file's arena exceeds `ram.ram_bytes` (nothing
+            is written).
+    """
     why = "written int8: compression saved no firmware flash on the target (see the notes)"
+    arena_bytes = basis.file(built)
+    if ram.ram_bytes is not None and arena_bytes > ram.ram_bytes:
+        raise ram_budget.below_int8(ram.ram_bytes, arena_bytes, basis)
     return dataclasses.replace(
         ram,
-        arena_bytes=built.arena_bytes,
+        arena_bytes=arena_bytes,
         decode_buffer_bytes=0,
-        twin_arena_bytes=built.baseline_arena,
+        twin_arena_bytes=basis.int8(built),
         size_bytes=len(built.compressed),
         choices=[
             RamChoice(c.layer, c.op, c.decoded_bytes, "int8", 0, 0, why)
@@ -569,7 +575,7 @@ def _ram_int8(ram, built):
     )
 
 
-def _device_report(target, built, int8_bytes, declined):
+def _device_report(target, built, int8_bytes, declined, basis):
     """The `DeviceReport` of the file written (`built.compressed`).
 
     Args:
@@ -578,12 +584,14 @@ def _device_report(target, built, int8_bytes, declined):
         int8_bytes: The int8 route's file.
         declined: A `_Declined` compressed file, or None. Then `built` is
             the int8 file, which both reports are made against.
+        basis: The `ram_budget.ArenaBasis` of `target` (its estimates of
+            files `ram_bytes` already judged are reused).
     """
     if declined is not None:
         int8_bytes = built.compressed
     report = device_lib.report(
         target, built.compressed, int8_bytes,
-        *device_lib.arena(target, built.compressed, built.arena_bytes),
+        *basis.estimate(built.compressed, built.arena_bytes),
     )
     if declined is not None:
         report.declined = device_lib.report(target, declined.model_bytes, int8_bytes)

@@ -27,15 +27,24 @@ groups came out uncompressed, or that saves no bytes, is undone.
 The report (`RamReport`) gives the main arena, the decode buffer, the
 uncompressed twin's arena, and flash and host latency against the unsplit
 compressed file.
+
+Which arena `ram_bytes` counts (`ArenaBasis`): without a target, the
+smallest arena measured on the host wheel (reference kernels, 64-bit
+pointers); with one, the target's arena estimate for a 32-bit Cortex-M
+build with its kernel set (`device.arena`: an upper bound, from the
+wheel's recording of each file built, about a second each). Every
+comparison of the search, and the report's arenas, use that one basis.
 """
 
 import dataclasses
+import hashlib
 import numbers
 
 import keras
 
 from tflite_export import build
 from tflite_export import compress
+from tflite_export import device as device_lib
 from tflite_export import latency
 from tflite_export import split as split_lib
 from tflite_export.result import RamChoice
@@ -75,6 +84,72 @@ def check_byte_limit(value, argument):
     if value < 1:
         raise ValueError(f"{argument} must be >= 1 byte, got {value}.")
     return int(value)
+
+
+class ArenaBasis:
+    """The arena `ram_bytes` budgets: the wheel's, or a target's estimate.
+
+    Without a target, a file's arena is its smallest arena measured on the
+    host wheel (`build.Built.arena_bytes`, reference kernels, 64-bit
+    pointers). With one, it is `device.arena` of the file for the target's
+    kernel set (reference or CMSIS-NN), from the wheel's measured arena and
+    recording; estimates are cached by file, so a file is recorded once.
+
+    Args:
+        target: A `target.Target`, or None for the wheel.
+        compiler: The firmware's compiler, for CMSIS-NN's scratch requests.
+    """
+
+    def __init__(self, target=None, compiler="gcc"):
+        self.target = target
+        self.compiler = compiler
+        self._estimates = {}
+
+    @property
+    def label(self):
+        """Short name of the basis, for reasons and errors."""
+        if self.target is None:
+            return "wheel"
+        return f"{self.target.name} estimate, {self.kernels} kernels"
+
+    @property
+    def kernels(self):
+        """The kernel set, as the report names it."""
+        if self.target is None:
+            return "reference"
+        return "CMSIS-NN" if self.target.kernels == "cmsis-nn" else "reference"
+
+    def description(self):
+        """What the arenas of this basis count, for the report."""
+        if self.target is None:
+            return ("the host wheel's smallest arena (reference kernels, 64-bit "
+                    "pointers)")
+        return (
+            f"the {self.target.name} estimate for a 32-bit Cortex-M build with "
+            f"{self.kernels} kernels, an upper bound (device.arena)"
+        )
+
+    def estimate(self, model_bytes, wheel_arena_bytes):
+        """`(arena_bytes, note)` of a file on the target (`device.arena`)."""
+        key = (hashlib.sha256(bytes(model_bytes)).digest(), int(wheel_arena_bytes))
+        if key not in self._estimates:
+            self._estimates[key] = device_lib.arena(
+                self.target, model_bytes, wheel_arena_bytes, self.compiler)
+        return self._estimates[key]
+
+    def arena(self, model_bytes, wheel_arena_bytes):
+        """A file's arena on this basis, from its wheel arena."""
+        if self.target is None:
+            return int(wheel_arena_bytes)
+        return self.estimate(model_bytes, wheel_arena_bytes)[0]
+
+    def file(self, built):
+        """The arena of `built`'s file (`build.Built.compressed`)."""
+        return self.arena(built.compressed, built.arena_bytes)
+
+    def int8(self, built):
+        """The arena of `built`'s uncompressed model (`build.Built.baseline`)."""
+        return self.arena(built.baseline, built.baseline_arena)
 
 
 @dataclasses.dataclass
@@ -530,15 +605,28 @@ class Fitted:
         report: The `RamReport`.
         unsplit: The first build of the unsplit model, no limit applied:
             its conversion is the int8 route's.
+        basis: The `ArenaBasis` the report's arenas count.
     """
 
     built: object
     verification: object
     report: RamReport
     unsplit: object
+    basis: ArenaBasis = dataclasses.field(default_factory=ArenaBasis)
 
 
-def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes):
+def below_int8(ram_bytes, least, basis):
+    """The error for a `ram_bytes` below `least`, the least arena any
+    choice needs (the model with every kernel int8), on `basis`."""
+    return ValueError(
+        f"ram_bytes={ram_bytes} is below {least} B, the least arena any choice "
+        "needs: that of this model with every kernel int8 (no decode buffer), "
+        f"counted as {basis.description()}. Give ram_bytes >= {least} (it "
+        "counts bytes: 32 KiB is 32768). Nothing was written."
+    )
+
+
+def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes, basis=None):
     """Builds the export under a decode limit or a RAM budget.
 
     Args:
@@ -549,6 +637,8 @@ def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes):
         max_decode_bytes: Largest decoded kernel allowed, or None.
         ram_bytes: Arena budget, or None. Exactly one of the two is given
             (`exporter.check_combinations` refuses both).
+        basis: The `ArenaBasis` `ram_bytes` counts (a target's estimate);
+            None, or under `max_decode_bytes`, the wheel's arena.
 
     Returns:
         A `Fitted`.
@@ -558,6 +648,8 @@ def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes):
             could be split (max_decode_bytes), or the budget is below the
             arena of the model with every kernel int8 (ram_bytes).
     """
+    if basis is None or ram_bytes is None:
+        basis = ArenaBasis()
     share = settings.shared_tables is not False
     unsplit_notes = []
     unsplit = build.assemble(plain, kernels, unsplit_notes, settings, share=share)
@@ -603,39 +695,35 @@ def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes):
             )
     else:
         argument = "ram_bytes"
-        if unsplit.baseline_arena > ram_bytes:
-            raise ValueError(
-                f"ram_bytes={ram_bytes} is below {unsplit.baseline_arena} B, "
-                "the arena of this model with every kernel int8 (no decode "
-                "buffer), the least any choice needs: give ram_bytes >= "
-                f"{unsplit.baseline_arena} (it counts bytes: 32 KiB is 32768). "
-                "Nothing was written."
-            )
+        if basis.int8(unsplit) > ram_bytes:
+            raise below_int8(ram_bytes, basis.int8(unsplit), basis)
         built, verification, limit, choices, info = _search(
             plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
-            unsplit_notes,
+            unsplit_notes, basis,
         )
     report = RamReport(
         argument=argument,
         limit=limit,
         ram_bytes=ram_bytes,
-        arena_bytes=built.arena_bytes,
+        arena_bytes=basis.file(built),
         decode_buffer_bytes=built.decode_buffer_bytes,
-        twin_arena_bytes=built.baseline_arena,
-        int8_arena_bytes=unsplit.baseline_arena,
-        unsplit_arena_bytes=unsplit.arena_bytes,
+        twin_arena_bytes=basis.int8(built),
+        int8_arena_bytes=basis.int8(unsplit),
+        unsplit_arena_bytes=basis.file(unsplit),
         unsplit_decode_buffer_bytes=unsplit.decode_buffer_bytes,
         unsplit_size_bytes=len(unsplit.compressed),
         size_bytes=len(built.compressed),
         choices=choices,
         concat_ops={layer: entry.concat_ops for layer, entry in info.items()},
+        arena_basis=basis.label,
+        arena_note=basis.description(),
     )
     if info:
         report.latency_us, report.unsplit_latency_us = latency.host_latency_us(
             [built.compressed, unsplit.compressed],
             [built.arena_bytes, unsplit.arena_bytes],
         )
-    return Fitted(built, verification, report, unsplit)
+    return Fitted(built, verification, report, unsplit, basis)
 
 
 @dataclasses.dataclass
@@ -655,7 +743,7 @@ class _Best:
 
 
 def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
-            unsplit_notes):
+            unsplit_notes, basis):
     """The decode limit that fits `ram_bytes` with the smallest file.
 
     Candidates are the limits at which a choice changes. The one with the
@@ -664,21 +752,23 @@ def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
     (up or down), and the next candidate that could give a smaller file is
     tried. When the estimate admits none, the choices whose decode buffer
     alone fits are tried too (the estimate is pessimistic about group ops).
-    At most `_MAX_TRIES` builds; the smallest file that fits wins.
+    At most `_MAX_TRIES` builds; the smallest file that fits wins. Arenas
+    are on `basis` (an `ArenaBasis`): the int8 arena, the estimate's
+    corrections and the fit of each candidate.
 
     Returns `(built, verification, limit, choices, split info)`.
     """
-    if unsplit.arena_bytes <= ram_bytes:
+    if basis.file(unsplit) <= ram_bytes:
         limit = max((t.decoded for t in tensors), default=0)
         _, keep, choices = _decide(tensors, limit, "ram_bytes")
         for choice in choices:
-            choice.reason += f"; arena {unsplit.arena_bytes} B fits"
+            choice.reason += f"; arena {basis.file(unsplit)} B ({basis.label}) fits"
         notes.extend(unsplit_notes)
         built, verification = build.assemble_verified(
             plain, kernels, notes, settings, built=unsplit
         )
         return built, verification, limit, choices, {}
-    base = unsplit.baseline_arena
+    base = basis.int8(unsplit)
     # Up to the whole budget: TFLM's planner can put a decode buffer over
     # activations that are dead by then (LeNet-5: arena +24,464 B for a
     # 31,200 B buffer); the estimate, corrected by measurements, filters.
@@ -725,8 +815,9 @@ def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
             plain, kernels, settings, decision, unsplit, tensors, limit,
             "the decode limit ",
         )
-        bias = built.arena_bytes - _estimate(options, base)
-        if built.arena_bytes <= ram_bytes and (
+        arena_bytes = basis.file(built)
+        bias = arena_bytes - _estimate(options, base)
+        if arena_bytes <= ram_bytes and (
             best is None or len(built.compressed) < best.bytes
         ):
             best = _Best(bytes=len(built.compressed), estimate=flash, limit=limit,
@@ -744,8 +835,8 @@ def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
         notes.extend(best.notes)
         for choice in best.choices:
             choice.reason += (
-                f"; arena {best.built.arena_bytes} B <= ram_bytes={ram_bytes}, "
-                f"the smallest file of {len(tried)} tried"
+                f"; arena {basis.file(best.built)} B ({basis.label}) <= "
+                f"ram_bytes={ram_bytes}, the smallest file of {len(tried)} tried"
             )
         built, verification = build.assemble_verified(
             best.model, best.kernels, notes, settings, keep=best.keep,
@@ -764,6 +855,8 @@ def _search(plain, kernels, notes, settings, ram_bytes, tensors, unsplit,
     built = build.assemble(plain, kernels, int8_notes, settings,
                            share=settings.shared_tables is not False, keep=keep,
                            previous=unsplit)
+    if basis.file(built) > ram_bytes:  # the slim int8 file over its twin's arena
+        raise below_int8(ram_bytes, basis.file(built), basis)
     notes.extend(int8_notes)
     built, verification = build.assemble_verified(
         plain, kernels, notes, settings, keep=keep, built=built

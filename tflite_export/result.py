@@ -79,6 +79,9 @@ class RamChoice:
 class RamReport:
     """RAM figures of an export made under `max_decode_bytes` or `ram_bytes`.
 
+    The arenas are on one basis (`arena_basis`): the host wheel's measured
+    arena, or, for `ram_bytes` with a target, the target's estimate.
+
     Attributes:
         argument: `"max_decode_bytes"` or `"ram_bytes"`.
         limit: The decode limit applied (given, or chosen for `ram_bytes`).
@@ -97,6 +100,10 @@ class RamReport:
         latency_us: Host median microseconds per invoke of the written file
             (TFLM Python interpreter), when a layer was split; else None.
         unsplit_latency_us: The same for the unsplit compressed file.
+        arena_basis: Which arena the figures (and `ram_bytes`) count:
+            `"wheel"`, or e.g. `"cortex-m4-cmsis-nn estimate, CMSIS-NN
+            kernels"` (`ram_budget.ArenaBasis.label`).
+        arena_note: What that basis is, in a sentence.
     """
 
     argument: str
@@ -114,6 +121,8 @@ class RamReport:
     concat_ops: dict[str, int]
     latency_us: float | None = None
     unsplit_latency_us: float | None = None
+    arena_basis: str = "wheel"
+    arena_note: str = ""
 
     def lines(self) -> list[str]:
         """The report's RAM section, as lines of text."""
@@ -124,6 +133,7 @@ class RamReport:
         )
         lines = [
             f"  RAM under {budget}:",
+            f"    arenas counted: {self.arena_note or self.arena_basis}",
             f"    main arena {self.arena_bytes} B (int8 arena "
             f"{self.int8_arena_bytes} B + {self.arena_bytes - self.int8_arena_bytes}"
             f"), decode buffer {self.decode_buffer_bytes} B in it (alternate "
