@@ -79,7 +79,8 @@ _MAX_DECODE_BYTES = flags.DEFINE_integer(
 _RAM_BYTES = flags.DEFINE_integer(
     "ram_bytes", None,
     "TFLM arena budget in bytes (e.g. 65536): per kernel, compress, split or "
-    "keep int8 for the smallest file whose arena fits.",
+    "keep int8 for the smallest file whose arena fits; the wheel's arena, or "
+    "with --target that target's 32-bit estimate.",
 )
 _TARGET = flags.DEFINE_string(
     "target", None,
