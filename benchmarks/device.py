@@ -3,19 +3,26 @@
 For the quickstart digits CNN (2-bit) and the five MLPerf Tiny models (4-bit,
 one dictionary per tensor), with dictionaries fitted to the weights by
 k-means (no training: size and cost do not depend on it), each model is
-exported three ways with a device profile (`tflite_export.target`):
+exported four ways with a device profile (`tflite_export.target`):
 
 - `int8`: the slim int8 file, the route every figure is set against;
 - `LUT (forced)`: `decode="always"`: the LUT file whatever it costs;
 - `default`: `decode="auto"`: what `export(..., target=...)` writes, the LUT
-  file only where it shrinks the firmware.
+  file only where it shrinks the firmware;
+- `int4`: native int4 weights (`int4="always"`, or `"auto"` where a kernel
+  cannot be int4): batch norms folded into the layer before them
+  (`lutq_tf.fold_batchnorm`), 4-bit `constraint="int4"` dictionaries per
+  output channel, one per tensor for Dense (TFLM's FULLY_CONNECTED takes int4
+  per tensor only: `weight_quantization="dense_per_tensor"`).
 
 Figures are estimates from the profile's measured costs, not a device run:
 firmware flash change against the int8 route (file change plus the code the
 file links), arena for the profile's kernel set (an upper bound for a
 32-bit Cortex-M build: `device.arena`) beside the host wheel's, decode
 instructions per inference and their share of the int8 model's MAC
-instructions.
+instructions, the int4 kernels' extra instructions likewise, the weights
+left int8, and each file's agreement with the float Keras model on the
+random inputs (TFLM against Keras: top-1 for a classifier, SNR otherwise).
 
     python -m benchmarks.device --models_dir=PATH
 
@@ -78,6 +85,24 @@ class Row:
     paths: dict
     bit_exact: bool
     verdict: str
+    # Firmware flash against the int8 row's file (file change plus the code
+    # linked); `flash_change` is `result.device`'s, against the export's own
+    # int8 twin, which can differ (e.g. slimming steps kept for int4).
+    firmware_change: int = 0
+    int8_instructions: float = 0.0
+    int4_ops: int = 0
+    int4_weights: int = 0
+    int4_instructions: float = 0.0
+    int4_share: float = 0.0
+    int8_weights: int = 0
+    float_top1: object = None
+    float_snr_db: object = None
+    float_max_diff: float = 0.0
+    reference_scratch: int = 0
+    # The arena without the reference kernels' int4 unpack buffers: see
+    # `arena_without_unpack` (equal to `arena_bytes` for files without int4).
+    unpacked_arena_bytes: int = 0
+    notes: list = dataclasses.field(default_factory=list)
 
 
 def _model(name, models_dir):
@@ -100,17 +125,123 @@ def _inputs(model, kind, rng):
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def _row(name, variant, bits, result, int8):
+def weight_count(model_bytes):
+    """Weights of a file's CONV / DEPTHWISE / FC / TRANSPOSE_CONV filters."""
+    from tflite_export import flatbuffer
+
+    return sum(int(w.array.size) for w in flatbuffer.read(model_bytes).weights)
+
+
+def int8_weights(total, report):
+    """Weights left int8: `total` (the int8 file's `weight_count`) less those
+    a `DeviceReport` finds decoded by DECODE or stored as native int4."""
+    return total - sum(d.elements for d in report.decoded) - sum(
+        w.elements for w in report.int4)
+
+
+def agreement(expected, real):
+    """`(top-1 or None, SNR dB, max |diff|)` of `real` (TFLM) against
+    `expected` (float Keras): top-1 only for probability outputs."""
+    import numpy as np
+
+    expected = np.asarray(expected, np.float64)
+    real = np.asarray(real, np.float64).reshape(expected.shape)
+    top1 = None
+    if (expected.ndim >= 2 and expected.shape[-1] > 1 and np.all(expected >= 0)
+            and np.allclose(expected.sum(-1), 1.0, atol=1e-3)):
+        top1 = float(np.mean(np.argmax(real, -1) == np.argmax(expected, -1)))
+    noise = float(np.sum((real - expected) ** 2))
+    snr = 10 * np.log10(float(np.sum(expected ** 2)) / noise) if noise > 0 else None
+    return top1, (None if snr is None else float(snr)), float(np.max(np.abs(real - expected)))
+
+
+def reference_scratch(model_bytes):
+    """The largest scratch buffer the reference kernels request for a file's
+    ops (aligned): for int4 filters, the unpacked filter. The CMSIS-NN arena
+    estimate (`device.arena`) keeps it, as an upper bound."""
+    from tflite_export import kernel_scratch
+
+    rows = kernel_scratch.op_scratch(model_bytes, aligned=True)
+    return max((r.reference or 0 for r in rows), default=0)
+
+
+def int8_twin(model_bytes):
+    """The file with every INT4 tensor unpacked to INT8 (same codes, scales
+    and graph), or None when it holds no INT4 tensor."""
+    import numpy as np
+    from tflite_micro.tensorflow.lite.micro.compression import model_editor
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated
+
+    from tflite_export import int4
+    from tflite_export import tflm
+
+    model = model_editor.read(model_bytes)
+    found = False
+    for tensor in model.subgraphs[0].tensors:
+        if tensor.dtype == schema_py_generated.TensorType.INT4:
+            codes = int4.unpack(tensor.buffer.data, int(np.prod(tensor.shape)))
+            tensor.dtype = schema_py_generated.TensorType.INT8
+            tensor.buffer = model_editor.Buffer(data=codes.tobytes())
+            found = True
+    if not found:
+        return None
+    model_editor.prune_buffers(model)
+    return tflm.align(model.build())
+
+
+def _largest_cmsis_scratch(model_bytes):
+    from tflite_export import kernel_scratch
+
+    rows = kernel_scratch.op_scratch(model_bytes, aligned=True)
+    return max((r.cmsis_nn or 0 for r in rows), default=0)
+
+
+def arena_without_unpack(target, model_bytes, arena_bytes):
+    """The CMSIS-NN arena of a file with int4 filters, without the reference
+    kernels' unpack buffers that `device.arena` keeps (its bound runs the
+    wheel's reference kernels, which unpack each int4 filter into a scratch
+    buffer; CMSIS-NN's s4 kernels do not): the estimate of the file's int8
+    twin (same graph, no unpacking) with its largest CMSIS-NN scratch
+    buffer replaced by the int4 file's. `arena_bytes` for files without
+    int4 weights and for reference-kernel targets."""
+    from tflite_export import arena
+    from tflite_export import device as device_lib
+    from tflite_export import target as targets
+
+    twin = int8_twin(model_bytes)
+    if twin is None or targets.get(target).kernels != "cmsis-nn":
+        return arena_bytes
+    twin_arena, _ = device_lib.arena(target, twin, arena.find_arena_size(twin))
+    return (twin_arena - _largest_cmsis_scratch(twin)
+            + _largest_cmsis_scratch(model_bytes))
+
+
+def dense_layers(model):
+    """Names of a model's Dense layers (top level; they need per-tensor
+    dictionaries for int4)."""
+    import keras
+
+    return [layer.name for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+
+
+def _row(name, variant, bits, result, int8, total_weights, data, expected, path, notes=()):
+    import tflite_export
+
     report = result.device
     paths = {}
     for d in report.decoded:
         paths[d.path] = paths.get(d.path, 0) + 1
+    top1, snr, diff = agreement(
+        expected, tflite_export.tflm_predict(path, data, result.arena_bytes))
+    with open(path, "rb") as f:
+        written = f.read()
+    arena_bytes = int(report.arena_bytes if report.arena_bytes is not None
+                      else result.arena_bytes)
     return Row(
         model=name, variant=variant, bits=bits,
         file_bytes=result.size_bytes, int8_file_bytes=int8.size_bytes,
         flash_change=report.flash_change, code_added=dict(report.code_added),
-        arena_bytes=int(report.arena_bytes if report.arena_bytes is not None
-                        else result.arena_bytes),
+        arena_bytes=arena_bytes,
         int8_arena_bytes=int(int8.device.arena_bytes if int8.device.arena_bytes is not None
                              else int8.arena_bytes),
         host_arena_bytes=int(result.arena_bytes),
@@ -120,7 +251,49 @@ def _row(name, variant, bits, result, int8):
         paths=paths,
         bit_exact=bool(result.verification and result.verification.bit_exact),
         verdict=report.verdict(),
+        firmware_change=result.size_bytes - int8.size_bytes + sum(report.code_added.values()),
+        int8_instructions=report.int8_instructions,
+        int4_ops=len(report.int4),
+        int4_weights=sum(w.elements for w in report.int4),
+        int4_instructions=report.int4_instructions,
+        int4_share=(report.int4_instructions / report.int8_instructions
+                    if report.int8_instructions else 0.0),
+        int8_weights=int8_weights(total_weights, report),
+        float_top1=top1, float_snr_db=snr, float_max_diff=diff,
+        reference_scratch=reference_scratch(written),
+        unpacked_arena_bytes=int(arena_without_unpack(report.target, written, arena_bytes)),
+        notes=list(notes),
     )
+
+
+def _int4_export(model, data, target, path):
+    """The int4 row's export: `(result, notes)`."""
+    import warnings
+
+    import lutq_tf
+    import tflite_export
+    from tflite_export.errors import ExportError
+
+    notes = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folded, folds = lutq_tf.fold_batchnorm(model)
+        dense = dense_layers(folded)
+        q = lutq_tf.quantize_model(
+            folded, bits=4, constraint="int4", per_channel=True,
+            overrides={n: {"granularity": "per_tensor"} for n in dense})
+    if folds:
+        notes.append(f"{len(folds)} batch norm(s) folded")
+    fewer = [str(w.message) for w in caught if "fewer weights than" in str(w.message)]
+    if fewer:
+        notes.append("one dictionary per tensor where a channel holds fewer than 16 weights")
+    options = dict(representative_data=data, target=target,
+                   weight_quantization="dense_per_tensor" if dense else None)
+    try:
+        return tflite_export.export(q, path, int4="always", **options), notes
+    except ExportError as e:
+        notes.append(f"int4='always' refused ({str(e).splitlines()[0]}); int4='auto'")
+        return tflite_export.export(q, path, int4="auto", **options), notes
 
 
 def run_model(name, models_dir, target, work):
@@ -135,18 +308,36 @@ def run_model(name, models_dir, target, work):
         return []
     _, kind, bits = MODELS[name]
     data = _inputs(model, kind, np.random.default_rng(0))
-    int8 = tflite_export.export(model, os.path.join(work, "int8.tflite"),
-                                representative_data=data, target=target)
+    expected = model.predict(data, verbose=0)
+    int8_path = os.path.join(work, "int8.tflite")
+    int8 = tflite_export.export(model, int8_path, representative_data=data, target=target)
+    with open(int8_path, "rb") as f:
+        total = weight_count(f.read())
+
+    def row(variant, row_bits, result, path, notes=()):
+        r = _row(name, variant, row_bits, result, int8, total, data, expected, path, notes)
+        print(f"{name} {variant}: file {r.file_bytes:,} B, firmware {r.firmware_change:+,} B, "
+              f"arena {r.arena_bytes:,} B (int8 {r.int8_arena_bytes:,}), "
+              f"int8 weights {r.int8_weights:,}", flush=True)
+        return r
+
+    rows = [row("int8", 8, int8, int8_path)]
     q = lutq_tf.quantize_model(model, bits=bits)
-    rows = [_row(name, "int8", 8, int8, int8)]
     for variant, decode in (("LUT (forced)", "always"), ("default", "auto")):
-        result = tflite_export.export(q, os.path.join(work, f"{decode}.tflite"),
-                                      representative_data=data, target=target,
+        path = os.path.join(work, f"{decode}.tflite")
+        result = tflite_export.export(q, path, representative_data=data, target=target,
                                       decode=decode)
-        rows.append(_row(name, variant, bits, result, int8))
-        print(f"{name} {variant}: file {result.size_bytes:,} B, firmware "
-              f"{result.device.flash_change:+,} B", flush=True)
+        rows.append(row(variant, bits, result, path))
+    path = os.path.join(work, "int4.tflite")
+    result, notes = _int4_export(model, data, target, path)
+    rows.append(row("int4", 4, result, path, notes))
     return rows
+
+
+def _agreement_text(r):
+    if r.float_top1 is not None:
+        return f"top-1 {100 * r.float_top1:.1f} %"
+    return "exact" if r.float_snr_db is None else f"SNR {r.float_snr_db:.1f} dB"
 
 
 def markdown(rows, command, seconds, target):
@@ -158,32 +349,65 @@ def markdown(rows, command, seconds, target):
         "",
         f"`{command}` ({seconds / 60:.1f} min). Estimates from the profile "
         f"`{profile.name}` ({profile.kernels} kernels; {profile.provenance}). "
-        "Dictionaries fitted to the weights by k-means, one per tensor; "
-        f"calibration on {_SAMPLES} random inputs. *flash*: firmware flash "
-        "change against the slim int8 file (file change plus the code the file "
-        "links: DECODE once). *arena*: an upper bound for a 32-bit Cortex-M build "
+        "LUT rows: dictionaries fitted to the weights by k-means, one per tensor. "
+        "*int4*: batch norms folded (`lutq_tf.fold_batchnorm`), 4-bit "
+        "`constraint=\"int4\"` dictionaries fitted by k-means per output channel "
+        "(per tensor for Dense and where a channel holds fewer than 16 weights), "
+        "exported with `int4=\"always\"` and `weight_quantization=\"dense_per_tensor\"`. "
+        f"No fine-tuning; calibration on {_SAMPLES} random inputs. *firmware*: "
+        "firmware flash change against the int8 row's file (file change plus the "
+        "code the file links: DECODE once); *report*: `result.device.flash_change`, "
+        "against the export's own int8 twin (the same when both are slimmed alike). "
+        "*arena*: an upper bound for a 32-bit Cortex-M build "
         "with the profile's kernel set (the wheel's activations and scratch, its "
         "persistent data recomputed for 32-bit pointers, plus CMSIS-NN's largest "
-        "scratch buffer; `device.arena`); *host arena*: the smallest arena on the "
-        "x86-64 tflite-micro wheel (reference kernels). *decode*: "
-        "instructions per inference decoding the weights, and their share of the "
-        "int8 model's MAC instructions. *default* is what `export(..., "
+        "scratch buffer; `device.arena`; the wheel's scratch includes the reference "
+        "kernels' int4 unpack buffers, which CMSIS-NN does not allocate; *ref. scratch* is "
+        "the largest reference-kernel scratch buffer); *arena w/o unpack*: for int4 files, "
+        "the same estimate made on the file's int8 twin (same graph, no unpacking) with "
+        "its largest CMSIS-NN scratch buffer replaced by the int4 file's "
+        "(`arena_without_unpack`); *host arena*: "
+        "the smallest arena on the x86-64 tflite-micro wheel (reference kernels). "
+        "*decode*: instructions per inference decoding the weights; *int4 instr.*: "
+        "the int4 kernels' extra instructions over int8; shares are of the int8 "
+        "model's MAC instructions. *int8 weights*: filter weights left int8. "
+        "*vs float*: TFLM against the float Keras model on the random inputs "
+        "(top-1 for classifiers, SNR otherwise). *default* is what `export(..., "
         f"target=\"{profile.name}\")` writes; *LUT (forced)* is `decode=\"always\"`.",
         "",
-        "| model | variant | bits | file | flash vs int8 | arena | host arena | decode ops "
-        "| decode instr. | share | paths | bit-exact |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| model | variant | bits | file | firmware | report | arena | arena w/o unpack "
+        "| host arena | decode ops | decode instr. | share | int4 ops | int4 instr. | share "
+        "| int8 weights | ref. scratch | paths | bit-exact | vs float |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for r in rows:
         paths = ", ".join(f"{p} x{n}" for p, n in sorted(r.paths.items())) or "-"
         lines.append(
-            f"| {r.model} | {r.variant} | {r.bits} | {r.file_bytes:,} | {r.flash_change:+,} "
-            f"| {r.arena_bytes:,} | {r.host_arena_bytes:,} | {r.decode_ops} "
-            f"| {r.decode_instructions:,.0f} "
-            f"| {100 * r.decode_share:.1f} % | {paths} | {'yes' if r.bit_exact else 'NO'} |"
+            f"| {r.model} | {r.variant} | {r.bits} | {r.file_bytes:,} "
+            f"| {r.firmware_change:+,} | {r.flash_change:+,} "
+            f"| {r.arena_bytes:,} | {r.unpacked_arena_bytes:,} | {r.host_arena_bytes:,} "
+            f"| {r.decode_ops} "
+            f"| {r.decode_instructions:,.0f} | {100 * r.decode_share:.1f} % "
+            f"| {r.int4_ops} | {r.int4_instructions:,.0f} | {100 * r.int4_share:.1f} % "
+            f"| {r.int8_weights:,} | {r.reference_scratch:,} | {paths} "
+            f"| {'yes' if r.bit_exact else 'NO'} "
+            f"| {_agreement_text(r)} |"
         )
     lines += ["", "Verdicts of the default exports:", ""]
     lines += [f"- {r.model}: {r.verdict}" for r in rows if r.variant == "default"]
+    lines += ["", "The int4 exports:", ""]
+    lines += [
+        f"- {r.model}: {r.int4_weights:,} weights int4 in {r.int4_ops} op(s), "
+        f"{r.int8_weights:,} left int8; firmware {r.firmware_change:+,} B against the "
+        f"int8 row ({r.flash_change:+,} B against its own int8 twin); arena "
+        f"{r.unpacked_arena_bytes - r.int8_arena_bytes:+,} B against int8 without the "
+        f"reference kernels' unpack buffers ({r.arena_bytes - r.int8_arena_bytes:+,} B "
+        f"with them, `result.device`'s bound; largest {r.reference_scratch:,} B); "
+        f"{_agreement_text(r)} against float Keras."
+        + "".join(f" {n[0].upper()}{n[1:]}." for n in r.notes)
+        for r in rows if r.variant == "int4"
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -205,6 +205,15 @@ def train_speed():
     return lines[start:start + 1] + [""] + lines[table:end]
 
 
+def kmeans_profile():
+    """The header line and table of `kmeans_profile.md`."""
+    with open(os.path.join(RESULTS, "kmeans_profile.md")) as f:
+        lines = f.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("`"))
+    table = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    return lines[start:start + 1] + [""] + lines[table:]
+
+
 def budgets():
     record = _json("budgets.json")
     lines = ["; ".join(f"`{r['command']}`" for r in record["runs"]), "",
@@ -253,27 +262,37 @@ def device():
     command = re.sub(r"--models_dir=\S+", "--models_dir=PATH", record["command"])
 
     def row(model, variant):
-        return next(r for r in rows if r["model"] == model and r["variant"] == variant)
+        return next((r for r in rows if r["model"] == model and r["variant"] == variant), None)
+
+    def share(fraction):
+        return f"+{100 * fraction:.1f} %"
 
     lines = [f"`{command}` ({record['seconds'] / 60:.0f} min, {record['date']}; "
              f"profile `{record['target']}`):", "",
-             "| model | bits | int8 file | LUT file | LUT firmware vs int8 | LUT arena "
-             "(int8) | LUT decode share | default export writes | default firmware |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+             "| model | int8 file | int8 arena | LUT bits | LUT file | LUT firmware | LUT arena "
+             "| LUT instr. | int4 file | int4 firmware | int4 arena | int4 instr. "
+             "| default export writes |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| --- |"]
     for m in models:
         int8, lut, default = row(m, "int8"), row(m, "LUT (forced)"), row(m, "default")
+        int4 = row(m, "int4")
+        cells = ["-"] * 4 if int4 is None else [
+            f"{int4['file_bytes']:,}", f"{int4['firmware_change']:+,}",
+            f"{int4['unpacked_arena_bytes']:,}", share(int4["int4_share"])]
         lines.append(
-            f"| {m} | {lut['bits']} | {int8['file_bytes']:,} | {lut['file_bytes']:,} "
-            f"| {lut['flash_change']:+,} | {lut['arena_bytes']:,} ({int8['arena_bytes']:,}) "
-            f"| {100 * lut['decode_share']:.1f} % "
-            f"| {'LUT' if default['decode_ops'] else 'int8'} | {default['flash_change']:+,} |")
+            f"| {m} | {int8['file_bytes']:,} | {int8['arena_bytes']:,} | {lut['bits']} "
+            f"| {lut['file_bytes']:,} | {lut['firmware_change']:+,} | {lut['arena_bytes']:,} "
+            f"| {share(lut['decode_share'])} | " + " | ".join(cells)
+            + f" | {'LUT' if default['decode_ops'] else 'int8'} |")
     return lines
 
 
 BLOCKS = {"device": device, "mlperf_flash": mlperf_flash, "budgets": budgets,
           "ram_budget": ram_budget, "dictionary_modes": dictionary_modes, "recipe": recipe,
           "batchnorm": batchnorm,
-          "quickstart": quickstart, "train_speed": train_speed}
+          "quickstart": quickstart, "train_speed": train_speed,
+          "kmeans_profile": kmeans_profile}
 
 
 def docs():

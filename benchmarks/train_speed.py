@@ -9,6 +9,14 @@ whole measurement in that many fresh processes and reports the median ratio
 with its range. The k-means step runs after every optimizer step unless
 `kmeans_every` says otherwise.
 
+What a user's `fit` pays per step is the CPU ms/step; the report gives
+float's, LUT-Q's extra ms/step, and beside it the compiled k-means step
+timed alone (`LUTQWrapper.kmeans_step` on every layer, one call per step)
+and one XLA pass over the same weights (read W, write a copy): the floor of
+each of the k-means step's two passes (assignment and cluster sums, then
+Q = d[A] with the new dictionary, which needs every sum first). `GOALS`
+are the train-step ratios asked for; the report says which are met.
+
 Models: an MLP 784-512-512-10 (every weight used once per example: the
 LUT-Q step's O(N) work is as large as the matmuls) and a small CNN on 28x28
 inputs (every weight reused hundreds of times).
@@ -40,6 +48,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from benchmarks import record  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from experiments import models  # noqa: E402
 import lutq_tf  # noqa: E402
@@ -52,7 +61,7 @@ def define_flags():
     importing this module beside other benchmarks defines nothing)."""
     flags.DEFINE_bool("quick", False, "Fewer epochs and variants.")
     flags.DEFINE_integer("batch_size", 64, "Batch size.")
-    flags.DEFINE_integer("steps", 60, "Optimizer steps per epoch.")
+    flags.DEFINE_integer("steps", 128, "Optimizer steps per epoch.")
     flags.DEFINE_integer("epochs", 4,
                          "Timed epochs per variant (plus one warm-up).")
     flags.DEFINE_integer("repeats", 5,
@@ -93,6 +102,12 @@ MODELS = {
 # The same architectures in benchmarks/tfmot_baseline.py.
 TFMOT_MODELS = {"mlp": "mlp", "cnn": "speed_cnn"}
 TFMOT_K = (4, 16, 256)
+# Largest CPU ratio to float per (model, variant), issue 24 ("train-step
+# overhead"); the report marks each as met or not.
+GOALS = {("mlp", "LUT-Q K=16"): 1.3, ("mlp", "LUT-Q K=256"): 1.5,
+         ("cnn", "LUT-Q K=16"): 1.1, ("cnn", "LUT-Q K=256"): 1.1}
+# Calls per k-means-step and weight-pass timing (after 3 warm-up calls).
+_STEP_CALLS = 50
 
 
 def _variants(quick):
@@ -110,8 +125,40 @@ def _variants(quick):
     return variants
 
 
+def cpu_ms_per_call(function, calls=_STEP_CALLS):
+    """Process CPU ms per call of `function()` after 3 warm-up calls."""
+    for _ in range(3):
+        function()
+    start = time.process_time()
+    for _ in range(calls):
+        function()
+    return 1000 * (time.process_time() - start) / calls
+
+
+def kmeans_step_ms(model):
+    """CPU ms of one compiled k-means step on every LUT-Q layer of `model`."""
+    layers = lutq_tf.lutq_layers(model)
+    step = tf.function(lambda: [layer.kmeans_step() for layer in layers])
+    # Eager calls on CPU return once the function has run.
+    return cpu_ms_per_call(step)
+
+
+def weight_pass_ms(model):
+    """CPU ms of one XLA pass over the kernels of `model`'s Dense and Conv
+    layers: read each, write a scaled copy (a floor per pass over W)."""
+    kernels = [layer.kernel for layer in lutq_tf.all_layers(model)
+               if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))]
+    copy = tf.function(lambda: [1.5 * k for k in kernels], jit_compile=True)
+    return cpu_ms_per_call(copy)
+
+
 def measure(model_name, variants, epochs, steps, batch_size, jit_compile):
-    """Returns {variant: (median wall ms/step, median CPU ms/step)}."""
+    """Times each variant's `fit`, epochs interleaved.
+
+    Returns:
+        `{variant: (median wall ms/step, median CPU ms/step, CPU ms of the
+        k-means step alone or None for float, CPU ms of one weight pass)}`.
+    """
     build, input_shape = MODELS[model_name]
     rng = np.random.default_rng(0)
     x = rng.normal(size=(steps * batch_size, *input_shape)).astype("float32")
@@ -134,10 +181,13 @@ def measure(model_name, variants, epochs, steps, batch_size, jit_compile):
         for name, model, timer in runs:
             model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0,
                       shuffle=False, callbacks=[timer])
+    weight_pass = weight_pass_ms(base)
     return {
         name: (1000 * float(np.median(timer.seconds[1:])) / steps,
-               1000 * float(np.median(timer.cpu_seconds[1:])) / steps)
-        for name, _, timer in runs
+               1000 * float(np.median(timer.cpu_seconds[1:])) / steps,
+               kmeans_step_ms(model) if lutq_tf.lutq_layers(model) else None,
+               weight_pass)
+        for name, model, timer in runs
     }
 
 
@@ -146,7 +196,8 @@ def measure_repeated(model_name, variants, epochs, steps, batch_size,
     """`measure` in `repeats` fresh processes (in this one if 1).
 
     Returns:
-        `{variant: {"wall": [ms/step per repeat], "cpu": [...]}}`.
+        `{variant: {"wall": [ms/step per repeat], "cpu": [...],
+        "kmeans": [k-means step CPU ms or None, ...], "pass": [...]}}`.
     """
     args = (model_name, variants, epochs, steps, batch_size, jit_compile)
     if repeats == 1:
@@ -159,8 +210,9 @@ def measure_repeated(model_name, variants, epochs, steps, batch_size,
             with futures.ProcessPoolExecutor(
                     1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 runs.append(pool.submit(measure, *args).result())
-    return {name: {"wall": [run[name][0] for run in runs],
-                   "cpu": [run[name][1] for run in runs]}
+    keys = ("wall", "cpu", "kmeans", "pass")
+    return {name: {key: [run[name][i] for run in runs]
+                   for i, key in enumerate(keys)}
             for name, _ in variants}
 
 
@@ -175,7 +227,8 @@ def summarize(timings):
 
     Returns:
         `{variant: {"wall", "cpu", "ratio", "ratio_min", "ratio_max",
-        "cpu_ratio"}}`.
+        "cpu_ratio", "extra_cpu"}}` (+ `"kmeans"`, `"pass"`: median CPU
+        ms of the k-means step alone and of one weight pass, when timed).
     """
     wall0 = np.array(timings["float"]["wall"])
     cpu0 = np.array(timings["float"]["cpu"])
@@ -189,7 +242,12 @@ def summarize(timings):
             "ratio_min": float(ratios.min()),
             "ratio_max": float(ratios.max()),
             "cpu_ratio": float(np.median(np.array(t["cpu"]) / cpu0)),
+            "extra_cpu": float(np.median(np.array(t["cpu"]) - cpu0)),
         }
+        for key in ("kmeans", "pass"):
+            figures = [v for v in t.get(key, []) if v is not None]
+            if figures:
+                summary[name][key] = float(np.median(figures))
     return summary
 
 
@@ -221,8 +279,71 @@ def _command(config):
         if config.get(flag))
 
 
-def _markdown(results, config, tfmot=None):
-    """The report; `results` maps model -> `summarize` output."""
+def cpu_model():
+    """The CPU's model name (from /proc/cpuinfo), or the platform's."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _figure(t, key):
+    return f"{t[key]:.2f}" if key in t else ""
+
+
+def goal_lines(results):
+    """One line per `GOALS` entry timed in `results`: met or not, and why."""
+    lines = []
+    for (model_name, variant), goal in GOALS.items():
+        t = results.get(model_name, {}).get(variant)
+        if t is None:
+            continue
+        if t["cpu_ratio"] <= goal:
+            lines.append(f"- {model_name}, {variant}: {t['cpu_ratio']:.2f}x "
+                         f"CPU, goal <= {goal}x: met.")
+            continue
+        float_cpu = results[model_name]["float"]["cpu"]
+        line = (f"- {model_name}, {variant}: {t['cpu_ratio']:.2f}x CPU, goal "
+                f"<= {goal}x: **not met**. It allows "
+                f"{(goal - 1) * float_cpu:.2f} extra ms/step over float's "
+                f"{float_cpu:.2f}; LUT-Q adds {t['extra_cpu']:.2f}")
+        if "kmeans" in t:
+            line += f", and its k-means step alone costs {t['kmeans']:.2f} ms"
+        if "pass" in t:
+            line += (f". That step makes two passes over W (assignment and "
+                     f"cluster sums, then Q = d[A] with the new dictionary, "
+                     f"which needs every sum first); one XLA pass over these "
+                     f"weights (read W, write a copy) costs {t['pass']:.2f} "
+                     f"ms here, so two cost {2 * t['pass']:.2f} ms before "
+                     f"any search or sum")
+        lines.append(line + ".")
+    return lines
+
+
+def previous_tfmot(path):
+    """`(tfmot figures, their run record)` kept in the results file at
+    `path`, or `({}, None)`: a run without `--tfmot` keeps them."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return {}, None
+    tfmot = old.get("tfmot_ms_per_step") or {}
+    if not tfmot:
+        return {}, None
+    # JSON keys are strings: K back to int.
+    tfmot = {model: t if isinstance(t, str) else {int(k): v for k, v in t.items()}
+             for model, t in tfmot.items()}
+    return tfmot, old.get("tfmot_run") or old.get("run")
+
+
+def markdown(results, config, tfmot=None, tfmot_run=None):
+    """The report; `results` maps model -> `summarize` output; `tfmot_run`
+    is the run record of `tfmot` when an earlier run measured it."""
     repeats = config["repeats"]
     lines = [
         "# Train-step time: LUT-Q vs float",
@@ -234,15 +355,21 @@ def _markdown(results, config, tfmot=None):
         f"jit_compile={config['jit_compile']}. Ratio: median over the "
         "processes of each one's LUT-Q / float time.",
         "",
-        "| model | variant | wall ms/step | ratio | ratio range | CPU ratio |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| model | variant | wall ms/step | ratio | ratio range | CPU ratio "
+        "| CPU ms/step | extra CPU ms/step | k-means step alone, CPU ms |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for model_name, summary in results.items():
         for name, t in summary.items():
             lines.append(
                 f"| {model_name} | {name} | {t['wall']:.2f} | "
                 f"{t['ratio']:.2f}x | {t['ratio_min']:.2f}-"
-                f"{t['ratio_max']:.2f}x | {t['cpu_ratio']:.2f}x |")
+                f"{t['ratio_max']:.2f}x | {t['cpu_ratio']:.2f}x | "
+                f"{t['cpu']:.2f} | {t['extra_cpu']:.2f} | "
+                f"{_figure(t, 'kmeans')} |")
+    goals = goal_lines(results)
+    if goals:
+        lines += ["", "## Goals (CPU ratio)", "", *goals]
     if tfmot:
         lines += [
             "",
@@ -251,7 +378,9 @@ def _markdown(results, config, tfmot=None):
             "tfmot (tf_keras 2, its own process) against tf_keras float "
             "training in that process: same architecture, K, batch and "
             "Adam; synthetic 28x28 data, 32 steps/epoch, median of "
-            f"{config['tfmot_epochs'] - 1} epochs after the first.",
+            f"{config['tfmot_epochs'] - 1} epochs after the first"
+            + (f" (from `{tfmot_run['command']}` on {tfmot_run['date']})."
+               if tfmot_run else "."),
             "",
             "| model | K | LUT-Q / float | tfmot ms/step | tf_keras float "
             "ms/step | tfmot / float |",
@@ -283,7 +412,7 @@ def main(argv):
         "quick": FLAGS.quick, "batch_size": FLAGS.batch_size,
         "steps": FLAGS.steps, "epochs": epochs, "repeats": repeats,
         "jit_compile": FLAGS.jit_compile,
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+        "machine": f"{os.cpu_count()} cores of {cpu_model()}",
         "tf": tf.__version__, "keras": keras.__version__,
         "tfmot": FLAGS.tfmot, "tfmot_epochs": FLAGS.tfmot_epochs,
     }
@@ -297,7 +426,8 @@ def main(argv):
         for name, t in results[model_name].items():
             print(f"  {name:40s} {t['wall']:7.2f} ms/step {t['ratio']:5.2f}x "
                   f"({t['ratio_min']:.2f}-{t['ratio_max']:.2f}x)  CPU "
-                  f"{t['cpu_ratio']:5.2f}x", flush=True)
+                  f"{t['cpu_ratio']:5.2f}x, +{t['extra_cpu']:.2f} ms/step, "
+                  f"k-means step {_figure(t, 'kmeans')} ms", flush=True)
     tfmot = {}
     if FLAGS.tfmot:
         for model_name in FLAGS.models:
@@ -308,19 +438,21 @@ def main(argv):
             print(f"  {tfmot[model_name]}", flush=True)
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     suffix = "_xla" if FLAGS.jit_compile else ""
-    with open(os.path.join(FLAGS.out_dir, f"train_speed{suffix}.json"),
-              "w") as f:
-        json.dump({"config": config, "summary": results,
-                   "ms_per_step": timings, "tfmot_ms_per_step": tfmot,
-                   "run": report.run_record(_command(config),
-                                            time.perf_counter() - start,
-                                            FLAGS.quick)},
-                  f, indent=2)
-    markdown = _markdown(results, config, tfmot)
-    with open(os.path.join(FLAGS.out_dir, f"train_speed{suffix}.md"),
-              "w") as f:
-        f.write(markdown)
-    print(markdown)
+    path = os.path.join(FLAGS.out_dir, f"train_speed{suffix}.json")
+    run = report.run_record(_command(config), time.perf_counter() - start,
+                            FLAGS.quick)
+    tfmot_run = run
+    if not tfmot:
+        tfmot, tfmot_run = previous_tfmot(path)
+    record.write_text(
+        json.dumps({"config": config, "summary": results,
+                    "ms_per_step": timings, "tfmot_ms_per_step": tfmot,
+                    "tfmot_run": tfmot_run, "run": run}, indent=2), path)
+    text = markdown(results, config, tfmot,
+                    None if tfmot_run is run else tfmot_run)
+    record.write_text(text, os.path.join(FLAGS.out_dir,
+                                         f"train_speed{suffix}.md"))
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+"""The device benchmark's helpers and renderers (`benchmarks/device.py`,
+`benchmarks/readme.py`'s `device` block), without the MLPerf models."""
+
+import dataclasses
+import json
+import types
+
+import keras
+import numpy as np
+import pytest
+
+from benchmarks import device
+from benchmarks import readme
+
+
+def test_agreement_gives_top1_only_for_probability_outputs():
+    expected = np.array([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5 - 1e-9]])
+    real = np.array([[0.6, 0.4], [0.6, 0.4], [0.6, 0.4]])
+    top1, snr, diff = device.agreement(expected, real)
+    assert top1 == pytest.approx(2 / 3)
+    assert diff == pytest.approx(0.4)
+    noise = np.sum((real - expected) ** 2)
+    assert snr == pytest.approx(10 * np.log10(np.sum(expected**2) / noise))
+    # Not probabilities (a reconstruction): SNR only; identical: no SNR.
+    values = np.array([[1.0, -2.0, 3.0]])
+    top1, snr, diff = device.agreement(values, values + 0.1)
+    assert top1 is None and snr > 0 and diff == pytest.approx(0.1)
+    assert device.agreement(values, values.copy())[1:] == (None, 0.0)
+
+
+def test_int8_weights_are_the_total_less_decoded_and_int4_ones():
+    report = types.SimpleNamespace(
+        decoded=[types.SimpleNamespace(elements=100)],
+        int4=[types.SimpleNamespace(elements=30), types.SimpleNamespace(elements=20)],
+    )
+    assert device.int8_weights(1000, report) == 850
+    assert device.int8_weights(50, types.SimpleNamespace(decoded=[], int4=[])) == 50
+
+
+def test_weight_count_and_reference_scratch_read_the_file(monkeypatch):
+    from tflite_export import flatbuffer
+    from tflite_export import kernel_scratch
+
+    monkeypatch.setattr(flatbuffer, "read", lambda b: types.SimpleNamespace(
+        weights=[types.SimpleNamespace(array=np.zeros((4, 3))),
+                 types.SimpleNamespace(array=np.zeros(5))]))
+    assert device.weight_count(b"") == 17
+    rows = [types.SimpleNamespace(reference=None), types.SimpleNamespace(reference=4096),
+            types.SimpleNamespace(reference=0)]
+    monkeypatch.setattr(kernel_scratch, "op_scratch", lambda b, aligned: rows)
+    assert device.reference_scratch(b"") == 4096
+    monkeypatch.setattr(kernel_scratch, "op_scratch", lambda b, aligned: [])
+    assert device.reference_scratch(b"") == 0
+
+
+def test_dense_layers_are_the_top_level_dense_layers():
+    inp = keras.Input((4, 4, 1))
+    x = keras.layers.Conv2D(2, 3, name="conv")(inp)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(3, name="fc1")(x)
+    out = keras.layers.Dense(2, name="fc2")(x)
+    assert device.dense_layers(keras.Model(inp, out)) == ["fc1", "fc2"]
+
+
+def _rows():
+    base = dict(model="M", bits=4, int8_file_bytes=1000, code_added={}, int8_arena_bytes=500,
+                host_arena_bytes=600, decode_ops=0, decode_instructions=0.0,
+                decode_share=0.0, paths={}, bit_exact=True, verdict="ok",
+                int8_instructions=1e6, float_top1=1.0)
+    return [
+        device.Row(variant="int8", file_bytes=1000, flash_change=0, arena_bytes=500,
+                   firmware_change=0, int8_weights=900, **{**base, "bits": 8}),
+        device.Row(variant="LUT (forced)", file_bytes=700, flash_change=20_000,
+                   arena_bytes=1500, firmware_change=20_100, decode_ops=2,
+                   decode_instructions=2e4, decode_share=0.02, paths={"width4_16": 2},
+                   **{k: v for k, v in base.items()
+                      if k not in ("decode_ops", "decode_instructions", "decode_share",
+                                   "paths")}),
+        device.Row(variant="default", file_bytes=1000, flash_change=0, arena_bytes=500,
+                   **base),
+        device.Row(variant="int4", file_bytes=550, flash_change=-400, arena_bytes=900,
+                   firmware_change=-450, int4_ops=3, int4_weights=900,
+                   int4_instructions=8e5, int4_share=0.8, reference_scratch=400,
+                   unpacked_arena_bytes=520,
+                   notes=["two batch norm(s) folded"],
+                   **{**base, "float_top1": None, "float_snr_db": 30.0}),
+    ]
+
+
+def test_markdown_has_the_int4_row_and_its_summary():
+    text = device.markdown(_rows(), "python -m benchmarks.device", 60, "cortex-m4-cmsis-nn")
+    (row,) = [line for line in text.splitlines() if line.startswith("| M | int4 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:9] == ["550", "-450", "-400", "900", "520", "600"]
+    assert cells[12:15] == ["3", "800,000", "80.0 %"]
+    assert cells[-1] == "SNR 30.0 dB" and cells[-2] == "yes"
+    assert ("- M: 900 weights int4 in 3 op(s), 0 left int8; firmware -450 B against the "
+            "int8 row (-400 B against its own int8 twin); arena +20 B against int8 "
+            "without the reference kernels' unpack buffers (+400 B with them") in text
+    assert "Two batch norm(s) folded." in text
+
+
+def test_readme_block_shows_lut_and_int4_per_model(monkeypatch, tmp_path):
+    record = {"command": "python -m benchmarks.device --models_dir=/x/models",
+              "date": "2026-12-07", "seconds": 120, "target": "cortex-m4-cmsis-nn",
+              "rows": [dataclasses.asdict(r) for r in _rows()]}
+    def write():
+        (tmp_path / "device.json").write_text(json.dumps(record))
+
+    monkeypatch.setattr(readme, "RESULTS", str(tmp_path))
+    write()
+    lines = readme.device()
+    assert lines[0].startswith("`python -m benchmarks.device --models_dir=PATH` (2 min")
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    (row,) = [line for line in lines if line.startswith("| M |")]
+    cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
+    assert cells["LUT firmware"] == "+20,100" and cells["LUT instr."] == "+2.0 %"
+    assert cells["int4 firmware"] == "-450" and cells["int4 arena"] == "520"
+    assert cells["int4 instr."] == "+80.0 %" and cells["default export writes"] == "int8"
+    # A record without int4 rows still renders.
+    record["rows"] = record["rows"][:3]
+    write()
+    (row,) = [line for line in readme.device() if line.startswith("| M |")]
+    assert row.count("| - ") == 4
+
+
+def test_int8_twin_unpacks_int4_tensors_and_is_none_without_them():
+    from tflite_micro.tensorflow.lite.micro.compression import model_editor
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
+
+    from tflite_export import int4
+
+    codes = np.array([1, -2, 7, -8, 0], np.int8)
+    other = np.array([5, 6], np.int8)
+    packed = model_editor.Tensor(shape=(5,), dtype=schema.TensorType.INT4,
+                                 data=int4.pack(codes))
+    plain = model_editor.Tensor(shape=(2,), dtype=schema.TensorType.INT8, data=other.tobytes())
+    out = model_editor.Tensor(shape=(2,), dtype=schema.TensorType.INT8)
+    op = model_editor.Operator(opcode=schema.BuiltinOperator.ADD, inputs=[packed, plain],
+                               outputs=[out])
+    model = model_editor.Model(subgraphs=[model_editor.Subgraph(
+        tensors=[packed, plain, out], operators=[op], outputs=[out])])
+    twin = model_editor.read(device.int8_twin(model.build()))
+    first, second, _ = twin.subgraphs[0].tensors
+    assert first.dtype == second.dtype == schema.TensorType.INT8
+    assert bytes(first.buffer.data) == codes.tobytes()
+    assert bytes(second.buffer.data) == other.tobytes()
+    assert device.int8_twin(model_editor.read(device.int8_twin(model.build())).build()) is None
+
+
+def test_arena_without_unpack_swaps_the_twins_cmsis_nn_scratch(monkeypatch):
+    from tflite_export import arena
+    from tflite_export import device as device_lib
+    from tflite_export import kernel_scratch
+
+    monkeypatch.setattr(device, "int8_twin", lambda b: None if b == b"plain" else b"twin")
+    monkeypatch.setattr(arena, "find_arena_size", lambda b: 1000)
+    monkeypatch.setattr(device_lib, "arena", lambda target, b, wheel: (wheel + 300, "note"))
+    scratch = {b"twin": 100, b"int4": 250}
+    monkeypatch.setattr(kernel_scratch, "op_scratch", lambda b, aligned: [
+        types.SimpleNamespace(cmsis_nn=scratch[b], reference=None)])
+    assert device.arena_without_unpack("cortex-m4-cmsis-nn", b"int4", 99_999) == 1300 - 100 + 250
+    # The reference kernels do unpack; files without int4 keep their estimate.
+    assert device.arena_without_unpack("cortex-m4-ref", b"int4", 99_999) == 99_999
+    assert device.arena_without_unpack("cortex-m4-cmsis-nn", b"plain", 5) == 5
