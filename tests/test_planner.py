@@ -166,7 +166,7 @@ _DELETE = object()
     (("layers", 1, "extra"), 1, ["layers[1]", "unknown ['extra']"]),
     (("estimate_byte",), 1, ["estimate_byte:", "not a plan field"]),
     (("budget_bytes",), 10_000, ["budget_bytes", "exceeds the budget"]),
-    (("schema",), 4, ["schema", "1 to 3"]),
+    (("schema",), 5, ["schema", "1 to 4"]),
     (("fisher",), "hessian", ["fisher"]),
     (("quantize_options", "overrides", "fc2", "bits"), 1, ["quantize_options"]),
     (("export_options", "shared_tables"), False, ["export_options"]),
@@ -213,9 +213,25 @@ def test_plan_files_without_a_schema_load_as_before(tmp_path):
     assert loaded.quantize_options()["expected_weights"]["fc1"] == 18432
 
 
+def _schema_3(data):
+    """A schema 4 plan's data as schema 3 wrote it: no representation, int4
+    instructions or arena per layer, no weight quantisation, device totals
+    or caps."""
+    for key in ("weight_quantization", "dense_per_tensor_bytes", "int8_instructions",
+                "instructions_growth",
+                "arena_growth_bytes", "max_instructions_growth",
+                "max_arena_growth_bytes"):
+        del data[key]
+    for row in data["layers"]:
+        del row["representation"], row["int4_instructions"], row["arena_bytes"]
+    data["schema"] = 3
+    return data
+
+
 def _old_schema(data):
-    """A schema 3 plan's data as schema 2 wrote it: no target fields, no
+    """A schema 4 plan's data as schema 2 wrote it: no target fields, no
     decode path or instructions per layer."""
+    data = _schema_3(data)
     for key in ("target", "target_profile", "decode_code_bytes", "flash_change"):
         del data[key]
     for row in data["layers"]:
@@ -493,7 +509,7 @@ def test_byte_estimate_bounds_the_written_file_for_random_plans(digits, byte_mod
             modes = plan_costs.MODES if loose else planner.DEFAULT_MODES
             mode = str(rng.choice(tuple(modes) + (plan_costs.INT8,)))
             facts = byte_model.tensors[name]
-            if mode == plan_costs.INT8 or not planner._fits(facts, bits, mode):
+            if mode == plan_costs.INT8 or not plan_costs.fits(facts, bits, mode):
                 continue
             if byte_model.layer_bytes(name, bits, mode) is not None:
                 choices[name] = (bits, mode)
@@ -688,7 +704,9 @@ def test_a_target_keeps_int8_when_the_saving_is_below_decodes_code():
 
 def test_a_target_compresses_when_the_saving_pays_for_decode():
     found = _choices([("fc", 64_000, 64)], int8_bytes=66_000, lut_sensitivity=0.5)
-    plan = found.plan(70_000, target=_M4)
+    # A budget the int8 file meets: no DECODE, however accurate the LUT.
+    assert not found.plan(70_000, target=_M4).compressed
+    plan = found.plan(40_000, target=_M4)
     assert plan.compressed
     assert plan.flash_change == plan.file_change + _DECODE_CODE < 0
     assert plan.notes() == [] and "decode" not in plan.export_options()
@@ -710,7 +728,8 @@ def test_a_budget_below_int8_forces_compression_and_names_the_growth():
     assert plan.forced_growth and plan.flash_change > 0
     text = plan.table()
     assert f"the firmware grows by {plan.flash_change:,} B" in text
-    assert "file budget 10,000 B is below the int8 file (20,000 B)" in text
+    assert ("meets the file budget 10,000 B (below the int8 file, 20,000 B)"
+            in text)
     options = plan.export_options()
     assert options["target"] == _M4 and options["decode"] == "always"
     check_combinations(**options)  # export takes this combination
@@ -768,7 +787,7 @@ def test_plan_json_round_trip_with_a_target(tmp_path):
     path = tmp_path / "plan.json"
     plan.save(path)
     data = json.loads(path.read_text())
-    assert data["schema"] == 3 and data["target"] == _M4
+    assert data["schema"] == 4 and data["target"] == _M4
     assert data["flash_change"] == 5_292 and data["decode_code_bytes"] == _DECODE_CODE
     assert data["layers"][2]["decode_path"] == "width2_16"
     assert data["export_options"]["decode"] == "always"
@@ -792,8 +811,10 @@ def test_plan_json_round_trip_with_a_target(tmp_path):
                                                  "together"]),
     (("layers", 0), {"layer": "conv1", "layer_type": "Conv2D", "weights": 144,
                      "bits": None, "mode": "int8", "bytes": 144, "sensitivity": 0.0,
-                     "decode_path": "width_any", "decode_instructions": 10.0},
-     ["layers[0] ('conv1').decode_path", "int8 layer"]),
+                     "decode_path": "width_any", "decode_instructions": 10.0,
+                     "representation": "int8", "int4_instructions": None,
+                     "arena_bytes": None},
+     ["layers[0] ('conv1').decode_path", "without DECODE"]),
     (("layers", 2, "decode_instructions"), _DELETE, ["layers[2]", "missing"]),
     # An edited budget above the int8 file: the plan would compress at a loss.
     (("budget_bytes",), 30_000, ["flash_change", "compresses only when"]),
@@ -821,7 +842,7 @@ def test_target_fields_without_a_target_are_refused():
     data["target"] = None
     for key in ("target_profile", "decode_code_bytes", "flash_change"):
         data[key] = None
-    with pytest.raises(ValueError, match="layers .* have a decode path"):
+    with pytest.raises(ValueError, match="layers .* have device costs"):
         planner.Plan.from_dict(data)
 
 
@@ -871,7 +892,13 @@ def depthwise():
 
 @pytest.mark.slow
 def test_a_small_model_planned_for_the_m4(depthwise):
-    found = depthwise[2]
+    # With int4 on offer, a budget between the smallest and the int8 file
+    # is met without DECODE.
+    budget = (depthwise[2].byte_model.int8_bytes + depthwise[2].min_bytes) // 2
+    plan = depthwise[2].plan(budget, target=_M4)
+    assert plan.int4_layers and not plan.compressed and plan.flash_change < 0
+    # LUTs only, as before int4.
+    found = depthwise[2].without_int4()
     facts = found.byte_model.tensors
     # Per-channel depthwise kernels have their channels on the last axis.
     assert facts["dw"][0].alternate_axis and not facts["fc1"][0].alternate_axis
@@ -908,6 +935,7 @@ def test_a_forced_plan_exports_compressed_on_its_target(depthwise, tmp_path):
     budget needs although the firmware grows (decode='always'); 'auto'
     would write the int8 file, over the budget."""
     model, x, found = depthwise
+    found = found.without_int4()
     plan = found.plan((found.byte_model.int8_bytes + found.min_bytes) // 2, target=_M4)
     assert plan.forced_growth
     q = lutq_tf.quantize_model(model, **plan)
@@ -946,3 +974,313 @@ def test_cli_plans_for_a_target_by_name_and_by_json(cli_files, tmp_path, capsys)
     plan = planner.Plan.load(out)
     assert plan.target == "board-with-decode" and not plan.target_profile
     assert plan.compressed and plan.flash_change == plan.file_change < 0
+
+
+# -- int8, native int4 or LUT per layer (issue 23, item 4) ---------------------
+
+
+def _int4_choices(lut_sensitivity=0.3, int4_sensitivity=0.5, macs=2_000_000,
+                  size=40_000):
+    """Hand-made `Choices` of two conv layers of `size` weights (64 channels)
+    in a file of 10,000 B plus their int8 bytes: int8 (sensitivity 1), a
+    per-tensor 4-bit LUT and a per-channel int4 dictionary, `macs` each."""
+    layers = ("conv1", "conv2")
+    tensors = {name: [plan_costs.TensorFacts(
+        name, "kernel", size=size, channels=64, shareable=True, negated=False,
+        dead=False, op="CONV_2D", macs=macs,
+        int4_scratch={"reference": size, "cmsis-nn": 0})] for name in layers}
+    byte_model = plan_costs.ByteModel(int8_bytes=10_000 + 2 * size, tensors=tensors,
+                                      macs={"CONV_2D": 2 * macs})
+    offers = {name: [
+        planner.Offer(None, "int8", size, 1.0),
+        planner.Offer(4, "tensor", byte_model.layer_bytes(name, 4, "tensor"),
+                      lut_sensitivity, "lut"),
+        planner.Offer(4, "channel", byte_model.int4_layer_bytes(name),
+                      int4_sensitivity, "int4"),
+    ] for name in layers}
+    return planner.Choices(byte_model=byte_model, offers=offers,
+                           layer_types={name: "Conv2D" for name in layers},
+                           bits=[4], modes=["tensor", "channel"], fisher="labels")
+
+
+def test_a_target_takes_int4_where_it_meets_the_budget_without_decode():
+    """Two layers of 16,000 weights: LUTs save ~15.7 KB of file, less than
+    DECODE's code; int4 saves 16,000 B and adds no code."""
+    found = _int4_choices(size=16_000)
+    budget = 30_000  # int4 on both layers: 42,000 - 2 x 8,000 = 26,000 B
+    plain = found.plan(budget)
+    # Without a target the file alone counts: the more accurate LUTs.
+    assert [r.representation for r in plain.layers] == ["lut", "lut"]
+    plan = found.plan(budget, target=_M4)
+    assert [r.representation for r in plan.layers] == ["int4", "int4"]
+    assert not plan.compressed and plan.int4_layers == ["conv1", "conv2"]
+    assert plan.estimate_bytes == 42_000 - 2 * 8_000 <= budget
+    assert plan.flash_change == plan.file_change == -16_000
+    assert all(r.decode_path is None for r in plan.layers)
+    # CMSIS-NN: (1.75 - 1) x 2.15 instructions per MAC, no unpack, no arena.
+    expected = 0.75 * 2.15 * 2_000_000
+    assert [r.int4_instructions for r in plan.layers] == [pytest.approx(expected)] * 2
+    assert plan.instructions_growth == pytest.approx(0.75)
+    assert plan.arena_growth_bytes == 0
+    assert plan.export_options() == dict(plan_costs.EXPORT_OPTIONS, int4="always",
+                                         target=_M4)
+    overrides = plan.quantize_options()["overrides"]
+    assert overrides["conv1"] == {"bits": 4, "per_channel": True,
+                                  "channel_scales": False, "constraint": "int4"}
+    text = plan.table()
+    assert "int4" in text and "no DECODE op: 2 int4 layer(s)" in text
+    # Reference kernels unpack each int4 filter into a scratch buffer.
+    ref = found.plan(budget, target="cortex-m4-ref")
+    assert ref.arena_growth_bytes == 16_000
+    assert ref.layers[0].int4_instructions == pytest.approx(4.5 * 16_000)
+    # Even where the LUTs' saving pays for DECODE's code, a plan without
+    # DECODE comes first; where int4 cannot meet the budget, LUTs.
+    found = _int4_choices()
+    assert found.plan(60_000, target=_M4).int4_layers == ["conv1", "conv2"]
+    plan = found.without_int4().plan(60_000, target=_M4)
+    assert plan.compressed and plan.flash_change < 0 and not plan.decode_forced
+    # DECODE linked anyway (no code): the more accurate plan.
+    assert found.plan(60_000, target=_LINKED).compressed
+
+
+def test_an_instruction_cap_takes_luts_over_int4():
+    """int4 is the more accurate here, but costs +75 % instructions on
+    CMSIS-NN; a 4-bit LUT decodes 40,000 weights in ~3.4 each (+3.4 %)."""
+    found = _int4_choices(lut_sensitivity=0.5, int4_sensitivity=0.3)
+    budget = 60_000
+    free = found.plan(budget, target=_LINKED)
+    assert [r.representation for r in free.layers] == ["int4", "int4"]
+    plan = found.plan(budget, target=_LINKED, max_instructions_growth=0.05)
+    assert [r.representation for r in plan.layers] == ["lut", "lut"]
+    assert plan.instructions_growth <= 0.05 and plan.max_instructions_growth == 0.05
+    assert plan.estimate_bytes <= budget
+    # Room for one int4 layer: one of each.
+    plan = found.plan(budget, target=_LINKED, max_instructions_growth=0.4)
+    assert sorted(r.representation for r in plan.layers) == ["int4", "lut"]
+    assert "(cap +40.0%)" in plan.table()
+    assert planner.Plan.from_dict(plan.to_dict()) == plan
+    # An arena cap below a decoded kernel (40,000 B) leaves int4 only.
+    plan = found.plan(budget, target=_LINKED, max_arena_growth_bytes=10_000)
+    assert [r.representation for r in plan.layers] == ["int4", "int4"]
+    assert plan.arena_growth_bytes == 0
+
+
+def test_caps_no_plan_meets_give_the_least_achievable():
+    found = _int4_choices()
+    with pytest.raises(ValueError) as info:
+        found.plan(60_000, target=_LINKED, max_instructions_growth=0.01)
+    message = str(info.value)
+    # Both layers must compress; the LUTs are the cheapest: 2 x ~3.4 x
+    # 40,000 over 2 x 2.15 x 2,000,000.
+    least = sum(found.byte_model.decode_cost(_LINKED, n, 4)[1]
+                for n in ("conv1", "conv2")) / (2.15 * 4_000_000)
+    assert "max_instructions_growth=0.01" in message
+    assert f"is {least:.4g}" in message and "Raise the cap" in message
+    with pytest.raises(ValueError, match=r"max_arena_growth_bytes=100: the least arena "
+                                         r"growth .* cortex-m4-ref .* is 40,000 B"):
+        found.plan(60_000, target="cortex-m4-ref", max_arena_growth_bytes=100)
+    # Within the int8 file's budget all int8 meets any cap.
+    assert not found.plan(90_000, target=_M4, max_instructions_growth=0.0,
+                          max_arena_growth_bytes=0).int4_layers
+
+
+@pytest.mark.parametrize("caps, error, words", [
+    ({"max_instructions_growth": "2%"}, TypeError, ["max_instructions_growth", "0.02"]),
+    ({"max_instructions_growth": -0.1}, ValueError, ["max_instructions_growth", ">= 0"]),
+    ({"max_instructions_growth": float("nan")}, ValueError, ["max_instructions_growth"]),
+    ({"max_instructions_growth": True}, TypeError, ["max_instructions_growth"]),
+    ({"max_arena_growth_bytes": 1.5}, TypeError, ["max_arena_growth_bytes", "int"]),
+    ({"max_arena_growth_bytes": -1}, ValueError, ["max_arena_growth_bytes", ">= 0"]),
+])
+def test_bad_caps_are_refused_naming_the_argument(caps, error, words):
+    with pytest.raises(error) as info:
+        _int4_choices().plan(60_000, target=_M4, **caps)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_caps_need_a_target():
+    with pytest.raises(ValueError, match="max_arena_growth_bytes needs a target"):
+        _int4_choices().plan(60_000, max_arena_growth_bytes=1_000)
+    x = np.zeros((4, 8, 8, 1), np.float32)
+    with pytest.raises(ValueError, match="max_instructions_growth needs a target"):
+        planner.plan_budget(_digits_model(), 10_000, x, max_instructions_growth=0.02)
+
+
+def _int4_plan():
+    """A schema 4 plan with an int4 Dense layer (so FULLY_CONNECTED per
+    tensor), an int4 conv, a LUT and an int8 layer, for the M4:
+    26,864 + (2,000 - 4,608) + (9,216 - 18,432) + (320 - 640) + 64 = 14,784."""
+    rows = [
+        planner.LayerPlan("conv1", "Conv2D", 144, None, "int8", 144, 0.0,
+                          arena_bytes=0),
+        planner.LayerPlan("conv2", "Conv2D", 4608, 3, "tensor", 2000, 0.1,
+                          decode_path="width3_32", decode_instructions=1_000.0,
+                          representation="lut", arena_bytes=4_808),
+        planner.LayerPlan("fc1", "Dense", 18432, 4, "tensor", 9216, 0.2,
+                          representation="int4", int4_instructions=5_000.0,
+                          arena_bytes=0),
+        planner.LayerPlan("fc2", "Conv2D", 640, 4, "channel", 320, 0.3,
+                          representation="int4", int4_instructions=500.0,
+                          arena_bytes=0),
+    ]
+    return planner.Plan(
+        budget_bytes=15_000, estimate_bytes=14_784, int8_bytes=26_864,
+        min_bytes=7_000, layers=rows, target=_M4, target_profile=True,
+        decode_code_bytes=_DECODE_CODE, flash_change=14_784 - 26_864 + _DECODE_CODE,
+        weight_quantization="dense_per_tensor", int8_instructions=1e6,
+        instructions_growth=6_500 / 1e6, arena_growth_bytes=4_808,
+        max_instructions_growth=0.01)
+
+
+def test_schema_4_plan_round_trip_with_int4_layers(tmp_path):
+    plan = _int4_plan()
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    data = json.loads(path.read_text())
+    assert data["schema"] == 4 and data["weight_quantization"] == "dense_per_tensor"
+    assert [r["representation"] for r in data["layers"]] == ["int8", "lut", "int4", "int4"]
+    options = data["export_options"]
+    assert options["int4"] == "auto" and options["weight_quantization"] == "dense_per_tensor"
+    # The LUT saves 2,544 B of file, less than DECODE's code: export must
+    # write it anyway.
+    assert plan.decode_forced and options["decode"] == "always"
+    check_combinations(**options)  # export takes this combination
+    loaded = planner.Plan.load(path)
+    assert loaded == plan
+    assert loaded.quantize_options()["overrides"]["fc1"]["constraint"] == "int4"
+    text = loaded.table()
+    assert "dense_per_tensor" in text and "+0.7%" in text and "(cap +1.0%)" in text
+    # A schema 3 file (no representation) still loads: int8 and LUT layers.
+    old = _schema_3(_target_plan().to_dict())
+    source = tmp_path / "old.json"
+    source.write_text(json.dumps(old))
+    loaded = planner.Plan.load(source)
+    assert [r.representation for r in loaded.layers] == ["int8", "lut", "lut", "lut"]
+    assert loaded.weight_quantization == "per_channel" and not loaded.int4_layers
+    # ... but not with a schema 4 field.
+    old["weight_quantization"] = "per_channel"
+    source.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="weight_quantization: a schema 3 plan has no"):
+        planner.Plan.load(source)
+
+
+@pytest.mark.parametrize("path, value, words", [
+    (("layers", 2, "representation"), "int2", ["layers[2] ('fc1').representation",
+                                               "not one of"]),
+    (("layers", 2, "bits"), 5, ["layers[2] ('fc1').bits", "K <= 16"]),
+    (("layers", 2, "bytes"), 9_000, ["layers[2] ('fc1').bytes", "takes 9,216 B"]),
+    (("layers", 2, "mode"), "channel", ["layers[2] ('fc1').mode", "per tensor only"]),
+    (("layers", 2, "mode"), "int8", ["layers[2] ('fc1').mode", "representation 'int4'"]),
+    (("weight_quantization",), "per_channel", ["layers[2] ('fc1').representation",
+                                               "dense_per_tensor"]),
+    (("weight_quantization",), "per_tensor", ["weight_quantization", "one of"]),
+    (("layers", 2, "int4_instructions"), -1, ["layers[2] ('fc1').int4_instructions"]),
+    (("layers", 1, "int4_instructions"), 3.0, ["layers[1] ('conv2').int4_instructions",
+                                              "null for a lut layer"]),
+    (("layers", 2, "decode_path"), "width4_16", ["layers[2] ('fc1').decode_path",
+                                                "together"]),
+    (("instructions_growth",), 0.002, ["instructions_growth", "give 0.0065"]),
+    (("max_instructions_growth",), 0.005, ["instructions_growth", "exceeds the plan's cap"]),
+    (("max_arena_growth_bytes",), 4_000, ["arena_growth_bytes", "exceeds the plan's cap"]),
+    (("arena_growth_bytes",), 100, ["arena_growth_bytes", "largest layer"]),
+    (("layers", 3, "arena_bytes"), None, ["layers:", "['fc2']"]),
+])
+def test_schema_4_plan_files_with_bad_int4_fields_are_refused(tmp_path, path, value,
+                                                              words):
+    source = tmp_path / "plan.json"
+    _int4_plan().save(source)
+    data = _edit(json.loads(source.read_text()), path, value)
+    data.pop("export_options")  # derived from the fields edited here
+    data.pop("quantize_options")
+    source.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as info:
+        planner.Plan.load(source)
+    message = str(info.value)
+    assert message.startswith(f"{source}: ")
+    for word in words:
+        assert word in message
+
+
+def _int4_model():
+    """conv (Conv2D 8x3x3 on 8x8x2) -> fc1 Dense(32) -> fc2 Dense(10)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inputs)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(32, activation="relu", name="fc1")(x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="fc2")(x))
+
+
+@pytest.mark.slow
+def test_an_int4_plan_exports_int4_weights_within_its_estimate(tmp_path):
+    """plan_budget on a small model for the M4 at a budget that int4 meets:
+    no DECODE; quantize_model(**plan) and export(**plan.export_options())
+    write INT4 weight tensors where the plan says, within the estimate."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    from tflite_export import flatbuffer
+
+    model = _int4_model()
+    x = np.random.default_rng(0).standard_normal((16, 8, 8, 2)).astype(np.float32)
+    found = planner.choices(model, x, max_batches=1, kmeans_iterations=2)
+    facts = found.byte_model.tensors
+    assert [f[0].op for f in facts.values()] == ["CONV_2D", "FULLY_CONNECTED",
+                                                  "FULLY_CONNECTED"]
+    kinds = {n: sorted({o.kind for o in opts}) for n, opts in found.offers.items()}
+    assert kinds["fc1"] == ["int4", "int8", "lut"]
+    # Half of fc1's 9,216 weights beyond what int4 on every layer needs.
+    int4_file = found.byte_model.estimate({n: (4, "tensor", "int4") for n in facts})
+    budget = int4_file + 2_000
+    assert budget < found.byte_model.int8_bytes
+    plan = found.plan(budget, target=_M4)
+    assert not plan.compressed and "fc1" in plan.int4_layers
+    assert plan.flash_change == plan.file_change < 0
+    assert plan.weight_quantization == "dense_per_tensor"
+    assert planner.Plan.from_dict(plan.to_dict()) == plan
+    q = lutq_tf.quantize_model(model, **plan)
+    path = str(tmp_path / "int4.tflite")
+    result = tflite_export.export(q, path, representative_data=x, **plan.export_options())
+    size = os.path.getsize(path)
+    assert size <= plan.estimate_bytes <= budget
+    # The per-channel scales the Dense kernels drop are credited, and the
+    # bias quantisation TFLM may need counted.
+    assert plan.estimate_bytes <= size + _slack(size), (plan.estimate_bytes, size)
+    with open(path, "rb") as f:
+        written = f.read()
+    parsed = schema.ModelT.InitFromPackedBuf(bytearray(written), 0)
+    subgraph = parsed.subgraphs[0]
+    int4_ops = sorted(
+        flatbuffer.op_name(parsed, op) for op in subgraph.operators
+        if flatbuffer.op_name(parsed, op) in ("CONV_2D", "FULLY_CONNECTED")
+        and subgraph.tensors[op.inputs[1]].type == schema.TensorType.INT4)
+    ops = {"conv": "CONV_2D", "fc1": "FULLY_CONNECTED", "fc2": "FULLY_CONNECTED"}
+    assert int4_ops == sorted(ops[n] for n in plan.int4_layers)
+    assert device.DECODE_OP not in device.op_names(written)
+    assert result.verification.bit_exact
+    assert result.device.flash_change < 0
+
+
+@pytest.mark.parametrize("text, expected", [("2%", 0.02), ("0.02", 0.02), ("0", 0.0),
+                                            ("150%", 1.5)])
+def test_cli_instruction_caps(text, expected):
+    assert plan_cli.parse_instructions_cap(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max_instructions_growth", "2%"], ["--max_instructions_growth needs --target"]),
+    (["--target", _M4, "--max_instructions_growth=-1%"],
+     ["--max_instructions_growth='-1%'", "fraction (0.02)"]),
+    (["--target", _M4, "--max_arena_growth_bytes", "lots"],
+     ["--max_arena_growth_bytes='lots'", "bytes >= 0"]),
+])
+def test_cli_names_bad_caps_before_loading_anything(tmp_path, capsys, flags, words):
+    out = tmp_path / "plan.json"
+    code = plan_cli.main([str(tmp_path / "m.keras"), "--budget", "8KiB", "--data",
+                          str(tmp_path / "x.npy"), "--out", str(out)] + flags)
+    assert code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+    assert not out.exists()
+    assert plan_cli.parse_arena_cap("0") == 0 and plan_cli.parse_arena_cap("4KiB") == 4096

@@ -3,8 +3,9 @@
     python -m tflite_export.plan MODEL --budget 64KiB --data x.npy
         [--labels y.npy --loss sparse_categorical_crossentropy]
         [--bits 1,2,3,4] [--modes tensor,channel]
-        [--target cortex-m4-cmsis-nn|profile.json]
-        [--out plan.json] [--quantized lutq.keras]
+        [--target cortex-m4-cmsis-nn|profile.json
+         [--max_instructions_growth 2%] [--max_arena_growth_bytes 4KiB]]
+        [--no_int4] [--out plan.json] [--quantized lutq.keras]
 
 MODEL is a float `.keras` or `.h5` file; with `--labels` and no
 `--loss`, the loss it was compiled with. Prints the plan table; `--out`
@@ -20,6 +21,13 @@ against the all-int8 route (DECODE's code once) and each layer's decode
 path and instructions (`plan_budget(..., target=...)`). The printed export
 command passes the same `--target` (and `--decode always` when a budget
 below the int8 file forces a compression that grows the firmware).
+
+Per layer the plan takes int8, native int4 (an int4-exact dictionary, no
+DECODE; `--no_int4` offers none) or a LUT; the table prints each layer's
+representation. With `--target`, `--max_instructions_growth` caps the
+instructions the plan adds over the int8 model (`2%` or `0.02`) and
+`--max_arena_growth_bytes` the arena it adds (bytes, or with a unit);
+caps no plan meets are an error that gives the least achievable.
 
 Budgets: a number of bytes, or with a unit: `B`, `K`/`KB`/`KiB` (1,024 B,
 as in linker scripts), `M`/`MB`/`MiB` (1,048,576 B).
@@ -52,6 +60,35 @@ def parse_budget(text):
     if value != int(value) or value <= 0:
         raise ValueError(f"--budget={text!r} is not a positive whole number of bytes.")
     return int(value)
+
+
+def parse_instructions_cap(text):
+    """`"2%"` or `"0.02"` -> 0.02; a ValueError naming the flag otherwise."""
+    value = str(text).strip()
+    percent = value.endswith("%")
+    try:
+        number = float(value[:-1] if percent else value)
+    except ValueError:
+        number = float("nan")
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(
+            f"--max_instructions_growth={text!r}: give the share of the int8 model's "
+            "instructions a plan may add, as a percentage (2%) or a fraction (0.02)."
+        )
+    return number / 100 if percent else number
+
+
+def parse_arena_cap(text):
+    """`"4KiB"` -> 4096, `"0"` -> 0; a ValueError naming the flag otherwise."""
+    if str(text).strip() in ("0", "0B", "0b"):
+        return 0
+    try:
+        return parse_budget(text)
+    except ValueError:
+        raise ValueError(
+            f"--max_arena_growth_bytes={text!r}: give bytes >= 0 (4096) or a number "
+            "with a unit B, K, KB, KiB, M, MB or MiB (4KiB; K = 1024 B)."
+        ) from None
 
 
 def parse_bits(text):
@@ -141,8 +178,9 @@ def _load_model(path, loss_flag, labels_given):
 def _parser():
     parser = argparse.ArgumentParser(
         prog="python -m tflite_export.plan",
-        description="Choose index bits, dictionary mode or int8 per layer "
-                    "so that the exported .tflite fits a flash budget.")
+        description="Choose int8, native int4 or a LUT (index bits, dictionary "
+                    "mode) per layer so that the exported .tflite fits a flash "
+                    "budget.")
     parser.add_argument("model", help="float Keras model (.keras or .h5)")
     parser.add_argument("--budget", required=True,
                         help="flash budget: bytes, or e.g. 64KiB (K = 1024 B)")
@@ -157,6 +195,14 @@ def _parser():
     parser.add_argument("--target",
                         help="device profile name (e.g. cortex-m4-cmsis-nn) or a JSON "
                              "profile file: report firmware flash and decode costs")
+    parser.add_argument("--max_instructions_growth",
+                        help="with --target: cap on the instructions the plan adds over "
+                             "the int8 model, e.g. 2%% or 0.02")
+    parser.add_argument("--max_arena_growth_bytes",
+                        help="with --target: cap on the arena the plan adds over the "
+                             "int8 model, bytes or e.g. 4KiB")
+    parser.add_argument("--no_int4", action="store_true",
+                        help="offer no native int4 layers (int8 and LUTs only)")
     parser.add_argument("--out", help="write the plan as JSON here")
     parser.add_argument("--quantized", help="write the LUT-Q model (.keras) here")
     return parser
@@ -177,6 +223,16 @@ def main(argv=None):
         bits = parse_bits(args.bits)
         modes = parse_modes(args.modes)
         target = read_target(args.target)
+        instructions_cap = arena_cap = None
+        if args.max_instructions_growth is not None:
+            instructions_cap = parse_instructions_cap(args.max_instructions_growth)
+        if args.max_arena_growth_bytes is not None:
+            arena_cap = parse_arena_cap(args.max_arena_growth_bytes)
+        capped = [flag for flag, value in (
+            ("--max_instructions_growth", instructions_cap),
+            ("--max_arena_growth_bytes", arena_cap)) if value is not None]
+        if capped and target is None:
+            raise ValueError(f"{capped[0]} needs --target (the costs are the device's).")
         for path, flag in ((args.model, "MODEL"), (args.data, "--data"),
                            (args.labels, "--labels")):
             if path is not None and not os.path.isfile(path):
@@ -204,7 +260,9 @@ def main(argv=None):
     try:
         plan = planner.plan_budget(model, budget, data, labels=labels,
                                    loss=args.loss, bits=bits, modes=modes,
-                                   target=target)
+                                   target=target, int4=not args.no_int4,
+                                   max_arena_growth_bytes=arena_cap,
+                                   max_instructions_growth=instructions_cap)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -219,7 +277,7 @@ def main(argv=None):
     if target is not None and not plan.target_profile:
         # A JSON profile: the export CLI reads the same file.
         options["target"] = args.target
-        if plan.forced_growth:
+        if plan.decode_forced:
             options["decode"] = "always"
     options = " ".join(
         f"--{k} {v if k == 'target' else str(v).lower()}" for k, v in options.items())

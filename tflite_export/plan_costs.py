@@ -41,6 +41,9 @@ from tflite_export import build
 from tflite_export import compress
 from tflite_export import convert
 from tflite_export import device
+from tflite_export import flatbuffer
+from tflite_export import int4 as int4_lib
+from tflite_export import kernel_scratch
 from tflite_export import lut_tensors
 from tflite_export import shared_tables
 from tflite_export import slim
@@ -51,6 +54,21 @@ from tflite_export.lut_tensors import MAX_TABLE_VALUES
 # `per_channel`).
 MODES = ("tensor", "scaled", "channel")
 INT8 = "int8"
+# A layer's representation in the file: int8 weights, TFLM's native int4
+# weights (an int4-exact dictionary, `constraint="int4"`: half the int8
+# bytes, no tables, no DECODE), or a LUT that DECODE expands.
+INT4 = "int4"
+LUT = "lut"
+REPRESENTATIONS = (INT8, INT4, LUT)
+# Dictionary modes of an int4 layer (TFLM takes per-channel int4 for
+# CONV_2D and DEPTHWISE_CONV_2D; FULLY_CONNECTED per tensor only).
+INT4_MODES = ("tensor", "channel")
+# An int4 dictionary holds at most 16 values (K = 2**4).
+INT4_MAX_BITS = 4
+# What `export` is called with when a FULLY_CONNECTED layer is int4: TFLM
+# takes int4 FULLY_CONNECTED weights per tensor only, and the converter
+# then quantises every Dense kernel per tensor.
+DENSE_PER_TENSOR = "dense_per_tensor"
 # What `export` must be called with for the estimate to hold (see
 # `Plan.export_options`): per-channel int8 weights (the accounting's
 # baseline), and shared tables whatever the agreement on the verification
@@ -64,6 +82,10 @@ MAX_BITS = MAX_TABLE_VALUES.bit_length() - 1
 # padded to 16 bytes: one compressed tensor of the digits CNN cost 144 to
 # 184 B beyond its data (128 counted), two cost 272 (256 counted).
 DECODE_OPERATOR_BYTES = 64
+# A bias tensor's quantisation beyond its scales (4 B each): its table,
+# vectors' lengths, a zero point. DS-CNN: 2,636 B for 10 biases of 588
+# channels in all (28 B a tensor beyond the scales).
+BIAS_QUANTIZATION_BYTES = 36
 # TFLM's flatbuffer aligner starts every buffer's data on 16 bytes, so a
 # buffer of n bytes takes ceil(n / 16) * 16 bytes plus a fixed part (its
 # Buffer table and length prefix, in `overhead_bytes`). A compressed tensor
@@ -75,6 +97,13 @@ BUFFER_ALIGNMENT = 16
 
 def _aligned(n):
     return -(-int(n) // BUFFER_ALIGNMENT) * BUFFER_ALIGNMENT
+
+
+def int4_bytes(size):
+    """File bytes of an int4 weight tensor of `size` elements: two codes a
+    byte, its buffer padded to 16 bytes (the int8 buffer it replaces is
+    counted unpadded, on the safe side as for LUTs)."""
+    return _aligned(-(-int(size) // 2))
 
 
 def padded_lut_bytes(size, tables, entries):
@@ -106,6 +135,17 @@ class TensorFacts:
         alternate_axis: Whether its channels are on its last axis (a
             per-channel depthwise kernel): TFLM's DECODE then takes the
             per-weight loop at any width (`device.decode_path`).
+        op: The TFLite op that reads it (`"CONV_2D"`, ...; "" unknown).
+        macs: That op's multiply-accumulates per inference.
+        uses: Ops that read the tensor (int4 needs exactly one).
+        folded: Whether the converter scaled its channels differently (a
+            folded batch norm): its channels then cannot share one int4
+            step, so a FULLY_CONNECTED kernel (per tensor only) cannot be
+            int4, nor a per-tensor LUT under `DENSE_PER_TENSOR`.
+        int4_scratch: `{kernel set: bytes}` the op's scratch buffers grow
+            by when its filter is int4 instead of int8 (reference kernels
+            unpack the filter into one as big; CMSIS-NN's s4 depthwise
+            asks for C*KH*KW int16s), `kernel_scratch`'s figures, aligned.
     """
 
     layer: str
@@ -116,6 +156,41 @@ class TensorFacts:
     negated: bool
     dead: bool
     alternate_axis: bool = False
+    op: str = ""
+    macs: int = 0
+    uses: int = 1
+    folded: bool = False
+    int4_scratch: dict = dataclasses.field(default_factory=dict)
+
+    def int4_modes(self):
+        """The dictionary modes in which this tensor can be native int4."""
+        per_channel = int4_lib.PER_CHANNEL_OPS.get(self.op)
+        if per_channel is None or self.uses != 1:
+            return ()
+        if not per_channel:
+            return () if self.folded else ("tensor",)
+        return INT4_MODES
+
+    def int4_instructions(self, target):
+        """Instructions per inference an int4 filter adds over int8 on
+        `target`: (int4_mac_factor - 1) x the op's int8 instructions per MAC
+        x its MACs, plus an unpack per weight where the kernels unpack."""
+        if self.op not in target.mac_instructions:
+            return 0.0
+        factor = target.int4_mac_factor[self.op]
+        return float((factor - 1) * target.mac_instructions[self.op] * self.macs
+                     + target.int4_unpack_instructions * self.size)
+
+    def dense_per_tensor_lut_bytes(self, bits):
+        """A per-tensor LUT's bytes when the converter quantises this
+        FULLY_CONNECTED kernel per tensor (`DENSE_PER_TENSOR`): one table of
+        K codes (one more for an all-zero channel), or None where that does
+        not hold (a folded batch norm spreads the codes) or does not pay."""
+        if self.folded:
+            return None
+        entries = 2**bits + int(self.dead)
+        cost = padded_lut_bytes(self.size, 1, entries) + compress.overhead_bytes()
+        return cost if cost < self.size else None
 
     def lut_bytes(self, bits, mode):
         """Bytes of the compressed tensor (data + overhead) at `bits`, `mode`."""
@@ -152,10 +227,42 @@ class ByteModel:
     Attributes:
         int8_bytes: The slim file with every weight int8 (nothing compressed).
         tensors: `{layer name: [TensorFacts]}` of the candidate layers.
+        macs: `{op: MACs}` of the int8 file (`device.macs`).
+        dense_per_tensor_bytes: What exporting with `DENSE_PER_TENSOR`
+            changes in the file (may be negative), counted whenever a plan
+            needs it: each FULLY_CONNECTED kernel keeps one scale instead of
+            one per channel (-4 B per channel beyond the first); TFLM checks
+            a per-tensor FULLY_CONNECTED bias's scale at prepare
+            (`kernel_util.cc`: |input scale x filter scale - bias scale| /
+            output scale <= 0.02), so the slim step that drops every bias's
+            quantisation is kept off when that would fail: each bias then
+            keeps its scales (4 B each, one for a FULLY_CONNECTED bias) and
+            ~36 B of tables (`BIAS_QUANTIZATION_BYTES`), counted always.
     """
 
     int8_bytes: int
     tensors: dict
+    macs: dict = dataclasses.field(default_factory=dict)
+    dense_per_tensor_bytes: int = 0
+
+    def int8_instructions(self, target):
+        """Estimated instructions per inference of the int8 model's MAC ops
+        on `target` (`device.report`'s figure: MACs x instructions per MAC)."""
+        return float(sum(target.mac_instructions.get(op, 0.0) * n
+                         for op, n in self.macs.items()))
+
+    def is_dense(self, layer):
+        """Whether a layer's weights are FULLY_CONNECTED filters."""
+        return any(f.op == "FULLY_CONNECTED" for f in self.tensors[layer])
+
+    def int4_modes(self, layer):
+        """The modes in which a layer can be native int4 (one tensor only)."""
+        facts = self.tensors[layer]
+        return facts[0].int4_modes() if len(facts) == 1 else ()
+
+    def int4_layer_bytes(self, layer):
+        """File bytes of a layer's weights as native int4."""
+        return sum(int4_bytes(f.size) for f in self.tensors[layer])
 
     def layer_bytes(self, layer, bits, mode):
         """Bytes of a layer's weight tensors for one choice, or None."""
@@ -194,9 +301,22 @@ class ByteModel:
         return "+".join(paths), total
 
     def estimate(self, choices):
-        """Estimated file bytes of `{layer: (bits, mode)}` (others int8)."""
-        total = self.int8_bytes + (DECODE_OPERATOR_BYTES if choices else 0)
-        for layer, (bits, mode) in choices.items():
+        """Estimated file bytes of `{layer: (bits, mode)}` (others int8).
+
+        A choice may be `(bits, mode, representation)`: `LUT` (the default)
+        or `INT4` (its bits and mode are the dictionary's; the file holds 4
+        bits a weight and no DECODE op). Every LUT layer is costed as under
+        per-channel int8 weights; under `DENSE_PER_TENSOR` a per-tensor LUT
+        of a FULLY_CONNECTED kernel costs `dense_per_tensor_lut_bytes`, at
+        most that.
+        """
+        luts = {k: v for k, v in choices.items() if len(v) < 3 or v[2] == LUT}
+        total = self.int8_bytes + (DECODE_OPERATOR_BYTES if luts else 0)
+        for layer, choice in choices.items():
+            bits, mode = choice[:2]
+            if layer not in luts:
+                total += self.int4_layer_bytes(layer) - self.int8_layer_bytes(layer)
+                continue
             cost = self.layer_bytes(layer, bits, mode)
             if cost is None:
                 raise ValueError(
@@ -205,6 +325,22 @@ class ByteModel:
                 )
             total += cost - self.int8_layer_bytes(layer)
         return total
+
+
+def fits(tensors, bits, mode):
+    """Whether LUT-Q takes a choice: K = 2**bits <= the weights of each table.
+
+    Args:
+        tensors: A layer's `TensorFacts`.
+        bits: Index bits.
+        mode: A dictionary mode (`"channel"`: one table per output channel).
+    """
+    k = 2**bits
+    for facts in tensors:
+        per_table = facts.size // facts.channels if mode == "channel" else facts.size
+        if per_table < k:
+            return False
+    return True
 
 
 def smallest_layer_bytes(weights, bits):
@@ -242,6 +378,96 @@ def _dead_channels(match):
     return bool(np.any(peaks == 0) or np.any(factors == 0))
 
 
+_PADDING = {0: "same", 1: "valid"}  # schema.Padding
+
+
+def _op_facts(model_bytes):
+    """`({weight tensor index: (op, MACs, {kernel set: int4 scratch
+    growth})}, bias quantisation bytes)` of a converted file's CONV_2D,
+    DEPTHWISE_CONV_2D, FULLY_CONNECTED and TRANSPOSE_CONV ops (filter =
+    input 1), from their tensors' shapes; the second, what exporting with
+    `DENSE_PER_TENSOR` changes (`ByteModel.dense_per_tensor_bytes`)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+    subgraph = model.subgraphs[0]
+
+    def shape(index):
+        found = subgraph.tensors[int(index)].shape
+        return tuple(int(d) for d in found) if found is not None else ()
+
+    facts = {}
+    bias_bytes = 0
+    for op in subgraph.operators or []:
+        name = flatbuffer.op_name(model, op)
+        if name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED",
+                        "TRANSPOSE_CONV"):
+            continue
+        weight = int(op.inputs[1])
+        filter_shape, out = shape(weight), shape(op.outputs[0])
+        outputs = int(np.prod(out)) if out else 0
+        if name == "TRANSPOSE_CONV":
+            macs = int(np.prod(shape(op.inputs[2]))) * int(np.prod(filter_shape[:3]))
+        elif name == "CONV_2D":
+            macs = outputs * int(np.prod(filter_shape[1:]))
+        elif name == "DEPTHWISE_CONV_2D":
+            macs = outputs * int(np.prod(filter_shape[1:3]))
+        else:
+            macs = outputs * int(filter_shape[-1])
+        scratch = {}
+        if name in int4_lib.PER_CHANNEL_OPS:
+            params = {"per_channel": name != "FULLY_CONNECTED"}
+            options = op.builtinOptions
+            if name != "FULLY_CONNECTED":
+                params["strides"] = (options.strideH, options.strideW)
+                params["padding"] = _PADDING.get(options.padding, "valid")
+                params["dilation"] = (options.dilationHFactor, options.dilationWFactor)
+            for kernels in kernel_scratch.KERNEL_SETS:
+                sizes = [kernel_scratch.scratch_bytes(
+                    kernels, name, shape(op.inputs[0]), filter_shape, out,
+                    dict(params, filter_dtype=dtype), aligned=True)
+                    for dtype in ("int8", "int4")]
+                scratch[kernels] = max(sizes[1] - sizes[0], 0)
+        facts.setdefault(weight, (name, macs, scratch))
+        dense = name == "FULLY_CONNECTED"
+        if dense:
+            # Per tensor, its kernel keeps one scale of its C (4 B each).
+            quant = subgraph.tensors[weight].quantization
+            scales = 0 if quant is None or quant.scale is None else len(quant.scale)
+            bias_bytes -= 4 * max(scales - 1, 0)
+        if len(op.inputs) > 2 and int(op.inputs[2]) >= 0:
+            bias = subgraph.tensors[int(op.inputs[2])]
+            quant = bias.quantization
+            scales = 0 if quant is None or quant.scale is None else len(quant.scale)
+            if scales:
+                bias_bytes += 4 * (1 if dense else scales) + BIAS_QUANTIZATION_BYTES
+    return facts, bias_bytes
+
+
+def _scaled_channels(match, negated):
+    """Whether the converter scaled the kernel's output channels by
+    different factors (a batch norm folded in): the per-channel int8 scale
+    is max|w_c| / 127, so scale_c * 127 / max|keras_c| is channel c's
+    factor |g_c| (exactly, unlike the least-squares `match.folded`, which
+    int8 rounding moves on a dictionary of few values); or some channel's
+    factor is negative."""
+    weight = match.weight
+    if negated:
+        return True
+    if weight.scales is None or weight.quantized_dimension is None:
+        return bool(match.folded)
+    layout = np.moveaxis(np.abs(match.layout), weight.output_axis, 0)
+    peaks = layout.reshape(layout.shape[0], -1).max(axis=1).astype(np.float64)
+    scales = np.asarray(weight.scales, np.float64)
+    if scales.size != peaks.size:
+        return bool(match.folded)
+    live = peaks > 0
+    if not np.any(live):
+        return False
+    factors = scales[live] * 127.0 / peaks[live]
+    return bool(factors.max() > factors.min() * (1 + 1e-3))
+
+
 def measure(model, representative_data, layers=None):
     """Reads the byte model of `model` from one reference conversion.
 
@@ -270,12 +496,14 @@ def measure(model, representative_data, layers=None):
     # The slim file as `export` writes it when nothing is compressed: the
     # same slimming steps, each checked on TFLM.
     _, slim_bytes, _ = build.build_file(baseline, [], slim.STEPS, [], data)
+    ops, bias_bytes = _op_facts(baseline)
     tensors = {}
     for layout in layouts:
         match = layout.match
         weight = match.weight
         shared, _ = shared_tables.shared_codes(match)
         axis = weight.quantized_dimension
+        op, macs, scratch = ops.get(weight.index, (weight.op, 0, {}))
         tensors.setdefault(match.kernel.layer, []).append(TensorFacts(
             layer=match.kernel.layer,
             tensor=match.kernel.tensor,
@@ -287,6 +515,12 @@ def measure(model, representative_data, layers=None):
             # As `device.decoded_tensors` reads it from a written file.
             alternate_axis=(axis is not None and weight.array.shape[axis] > 1
                             and axis == weight.array.ndim - 1),
+            op=op,
+            macs=int(macs),
+            uses=int(weight.uses),
+            folded=_scaled_channels(
+                match, bool(shared is not None and shared.negated)),
+            int4_scratch=scratch,
         ))
     # A layer with an unmatched kernel (e.g. a SeparableConv whose pointwise
     # kernel the converter fused) cannot be planned tensor by tensor.
@@ -296,4 +530,5 @@ def measure(model, representative_data, layers=None):
     tensors = {name: facts for name, facts in tensors.items()
                if len(facts) == expected.get(name)}
     ordered = {name: tensors[name] for name in layers if name in tensors}
-    return ByteModel(int8_bytes=len(slim_bytes), tensors=ordered)
+    return ByteModel(int8_bytes=len(slim_bytes), tensors=ordered,
+                     macs=device.macs(slim_bytes), dense_per_tensor_bytes=bias_bytes)

@@ -1,4 +1,4 @@
-"""`plan_budget`: index bits, dictionary mode or int8 per layer for a flash budget.
+"""`plan_budget`: int8, native int4 or a LUT per layer for a flash budget.
 
     plan = tflite_export.planner.plan_budget(model, 64 * 1024, x, labels=y)
     print(plan)                                    # the plan table
@@ -6,29 +6,43 @@
     ... fine-tune q ...
     tflite_export.export(q, "m.tflite", x, **plan.export_options())
 
-Per layer the choices are: K = 2**b for b in `bits` with one dictionary per
-tensor, per channel-scaled tensor or per output channel, or int8 (not
-LUT-Q). Each choice has a byte cost (`plan_costs`: the exporter's own
-accounting, from one reference conversion) and a sensitivity
-(`sensitivity`: Fisher-weighted k-means distortion). A multiple-choice
+Per layer the choices are: int8 (not LUT-Q); native int4 where TFLM runs
+the op with int4 filters (CONV_2D and DEPTHWISE_CONV_2D per tensor or per
+channel, FULLY_CONNECTED per tensor): an int4-exact dictionary
+(`constraint="int4"`, K <= 16) stored 4 bits a weight with no tables and
+no DECODE; or a LUT: K = 2**b for b in `bits` with one dictionary per
+tensor, per channel-scaled tensor or per output channel. Each choice has a
+byte cost (`plan_costs`: the exporter's own accounting, from one reference
+conversion) and a sensitivity (`sensitivity`: Fisher-weighted k-means
+distortion; for int4, that of the int4 grid's own fit). A multiple-choice
 knapsack (`knapsack`) picks the least total sensitivity whose estimated
 file fits the budget. The estimate is never below the written file (the
 byte model counts every table entry and the exporter's per-tensor
 overhead), so the export fits when called with `plan.export_options()`.
+An int4 FULLY_CONNECTED layer makes the export quantise every Dense
+kernel per tensor (`weight_quantization="dense_per_tensor"`): the planner
+solves both ways and keeps the better; the per-channel scales that drops
+(4 B per channel) are not credited, so such estimates are looser.
 
 With `target=` (a `tflite_export.target` profile name or `Target`) the
 budget is still the file's; the plan also counts the code it adds to a
-firmware (DECODE once when any layer is compressed, 0 when the firmware
-links it anyway) and reports the firmware flash change against the
-all-int8 route and each layer's DECODE path and instructions per
-inference. When the budget holds the int8 file, it compresses only where
-that saves firmware flash; a budget below the int8 file forces
-compression, and the plan's notes then say how much the firmware grows.
+firmware (DECODE once when any layer is a LUT, 0 when the firmware links
+it anyway; int4 adds none) and reports the firmware flash change against
+the all-int8 route, each layer's DECODE path, decode or int4-kernel
+instructions and arena, and the totals against the int8 model. A plan
+without DECODE (int8 and int4 layers) is taken whenever one meets the
+budget (and caps); else LUTs that save more file than DECODE's code; only
+when none meets them does a plan grow the firmware, and its notes say by
+how much. Optional caps bound the arena
+(`max_arena_growth_bytes`) and the instructions (`max_instructions_growth`)
+the plan adds over the int8 model.
 """
 
 import dataclasses
 import json
+import math
 import numbers
+import typing
 
 import numpy as np
 
@@ -39,9 +53,15 @@ from tflite_export import knapsack
 from tflite_export import plan_costs
 from tflite_export import sensitivity as sensitivity_lib
 from tflite_export import target as targets
+from tflite_export.plan_costs import DENSE_PER_TENSOR
+from tflite_export.plan_costs import INT4
+from tflite_export.plan_costs import INT4_MAX_BITS
+from tflite_export.plan_costs import INT4_MODES
 from tflite_export.plan_costs import INT8
+from tflite_export.plan_costs import LUT
 from tflite_export.plan_costs import MAX_BITS
 from tflite_export.plan_costs import MODES
+from tflite_export.plan_costs import REPRESENTATIONS
 
 # What is offered unless asked otherwise: the byte estimate is within 1 %
 # of the file there (see `plan_costs`); 5-7 bits and scaled dictionaries
@@ -71,6 +91,19 @@ class LayerPlan:
         decode_instructions: With a target, estimated instructions to
             decode the layer once per inference (`device.decode_instructions`);
             None for int8 or without a target.
+        representation: `"int8"`, `"int4"` (TFLM's native int4 weights: an
+            int4-exact dictionary of K = 2**bits values, `constraint="int4"`,
+            stored 4 bits a weight, no DECODE) or `"lut"` (packed indices
+            and value tables that DECODE expands). Derived from `mode` when
+            not given (int8 or lut, as in plans before schema 4).
+        int4_instructions: With a target, the instructions per inference
+            the layer's int4 kernel adds over int8 (`TensorFacts.
+            int4_instructions`); None for other representations or without
+            a target.
+        arena_bytes: With a target, the arena the choice adds while its op
+            runs: the decoded kernel plus DECODE's state for a LUT, the
+            int4 kernels' extra scratch for int4 (the target's kernel set),
+            0 for int8; None without a target.
     """
 
     layer: str
@@ -82,11 +115,23 @@ class LayerPlan:
     sensitivity: float
     decode_path: object = None
     decode_instructions: object = None
+    representation: object = None
+    int4_instructions: object = None
+    arena_bytes: object = None
+
+    def __post_init__(self):
+        if self.representation is None:
+            self.representation = INT8 if self.mode == INT8 else LUT
 
     @property
     def num_values(self):
         """K, or None for int8."""
         return None if self.bits is None else 2**self.bits
+
+    @property
+    def extra_instructions(self):
+        """With a target, what the choice adds per inference over int8."""
+        return (self.decode_instructions or 0.0) + (self.int4_instructions or 0.0)
 
     def options(self):
         """`quantize_model` options of this layer, or None (stays int8)."""
@@ -97,6 +142,9 @@ class LayerPlan:
                 f"layer '{self.layer}': mode {self.mode!r} is not one of "
                 f"{MODES + (INT8,)}."
             )
+        if self.representation == INT4:
+            return {"bits": self.bits, "per_channel": self.mode == "channel",
+                    "channel_scales": False, "constraint": "int4"}
         return {"bits": self.bits, "per_channel": self.mode == "channel",
                 "channel_scales": self.mode == "scaled"}
 
@@ -107,10 +155,11 @@ class Plan:
 
     Usable as keyword arguments of `lutq_tf.quantize_model`:
     `quantize_model(model, **plan)` quantises exactly the planned layers
-    (`layer_names`) with their options (`overrides`); the others stay
-    float and export as int8. It also passes each planned layer's weight
-    count (`expected_weights`), so a model whose layers differ from the
-    planned one's is refused rather than exported above the estimate.
+    (`layer_names`) with their options (`overrides`: int4 layers get
+    `constraint="int4"`); the others stay float and export as int8. It also
+    passes each planned layer's weight count (`expected_weights`), so a
+    model whose layers differ from the planned one's is refused rather
+    than exported above the estimate.
 
     Attributes:
         budget_bytes: The flash budget for the file.
@@ -129,7 +178,27 @@ class Plan:
             firmware links it anyway); else None.
         flash_change: With a target, the estimated firmware flash change
             against the all-int8 route: the file change plus
-            `decode_code_bytes` when any layer is compressed; else None.
+            `decode_code_bytes` when any layer is a LUT; else None.
+        weight_quantization: The export's int8 weight quantisation:
+            `"per_channel"`, or `"dense_per_tensor"` when a
+            FULLY_CONNECTED layer is int4 (TFLM takes int4 FULLY_CONNECTED
+            weights per tensor only; every Dense kernel is then per tensor).
+        int8_instructions: With a target, the int8 model's estimated MAC
+            instructions per inference (`device.report`'s figure); else None.
+        instructions_growth: With a target, the instructions the plan adds
+            (decoding, int4 kernels) over `int8_instructions`, a fraction.
+        arena_growth_bytes: With a target, an upper bound of the arena the
+            plan adds over the int8 model on the target's kernel set: the
+            largest layer's `arena_bytes` (one op runs at a time) plus
+            DECODE's state for every decoded tensor.
+        max_instructions_growth, max_arena_growth_bytes: The caps planned
+            for, or None.
+        dense_per_tensor_bytes: What `"dense_per_tensor"` changes in the
+            file (0 under per-channel weights; `ByteModel.
+            dense_per_tensor_bytes`): the Dense kernels' per-channel scales
+            go, but TFLM checks a per-tensor FULLY_CONNECTED bias's scale
+            at prepare, so the slim step that drops bias quantisation may
+            have to stay off for the whole file (counted always).
     """
 
     budget_bytes: int
@@ -142,6 +211,13 @@ class Plan:
     target_profile: bool = False
     decode_code_bytes: object = None
     flash_change: object = None
+    weight_quantization: str = "per_channel"
+    int8_instructions: object = None
+    instructions_growth: object = None
+    arena_growth_bytes: object = None
+    max_instructions_growth: object = None
+    max_arena_growth_bytes: object = None
+    dense_per_tensor_bytes: int = 0
 
     def quantize_options(self):
         """`{"layer_names", "overrides", "expected_weights"}` for `quantize_model`.
@@ -159,18 +235,29 @@ class Plan:
     def export_options(self):
         """Keyword arguments of `tflite_export.export` the estimate assumes.
 
+        Per-channel weights and shared tables (`plan_costs.EXPORT_OPTIONS`);
+        `weight_quantization="dense_per_tensor"` when a FULLY_CONNECTED
+        layer is int4; `int4="always"` when the int4 layers are the only
+        quantised ones (a kernel off the int4 grid is then an error, not a
+        silent LUT), `"auto"` when LUT layers are there too.
+
         With a shipped profile as target (`target_profile`), also
         `target=<its name>`, so that the export reports on the same device;
-        and `decode="always"` when the plan compresses although the firmware
-        grows (a budget below the int8 file forces it): `"auto"` would write
-        the int8 file, which exceeds the budget. A plan for a custom
-        `Target` leaves both out: pass your `Target` to `export` yourself
-        (with `decode="always"` when `plan.forced_growth`).
+        and `decode="always"` when the plan's DECODE ops do not pay for
+        their code on their own (`decode_forced`: a budget that only
+        compression meets, or LUTs that save flash only with the int4
+        layers): `"auto"` would write those layers int8, over the budget. A
+        plan for a custom `Target` leaves both out: pass your `Target` to
+        `export` yourself (with `decode="always"` when `plan.decode_forced`).
         """
         options = dict(plan_costs.EXPORT_OPTIONS)
+        if self.weight_quantization == DENSE_PER_TENSOR:
+            options["weight_quantization"] = DENSE_PER_TENSOR
+        if self.int4_layers:
+            options["int4"] = "auto" if self.compressed else "always"
         if self.target is not None and self.target_profile:
             options["target"] = self.target
-            if self.forced_growth:
+            if self.decode_forced:
                 options["decode"] = "always"
         return options
 
@@ -187,13 +274,26 @@ class Plan:
 
     @property
     def compressed(self):
-        """Whether any layer is LUT-compressed (the file has DECODE ops)."""
-        return any(row.mode != INT8 for row in self.layers)
+        """Whether any layer is a LUT (the file has DECODE ops)."""
+        return any(row.representation == LUT for row in self.layers)
+
+    @property
+    def int4_layers(self):
+        """The names of the layers stored as native int4."""
+        return [row.layer for row in self.layers if row.representation == INT4]
 
     @property
     def file_change(self):
         """The estimated file minus the all-int8 file, in bytes."""
         return self.estimate_bytes - self.int8_bytes
+
+    @property
+    def lut_saving(self):
+        """File bytes the LUT layers save, less DECODE's operator bytes."""
+        if not self.compressed:
+            return 0
+        return sum(r.weights - r.bytes for r in self.layers
+                   if r.representation == LUT) - plan_costs.DECODE_OPERATOR_BYTES
 
     @property
     def forced_growth(self):
@@ -203,11 +303,25 @@ class Plan:
                 and self.flash_change >= 0)
 
     @property
+    def decode_forced(self):
+        """With a target: the plan's DECODE ops save no more file than their
+        code costs (`export(decode="auto")` would drop them)."""
+        return (self.target is not None and self.compressed
+                and self.lut_saving <= self.decode_code_bytes)
+
+    @property
     def decode_instructions(self):
         """With a target, the estimated decode instructions per inference."""
         if self.target is None:
             return None
         return float(sum(r.decode_instructions or 0.0 for r in self.layers))
+
+    @property
+    def int4_instructions(self):
+        """With a target, the instructions the int4 kernels add per inference."""
+        if self.target is None:
+            return None
+        return float(sum(r.int4_instructions or 0.0 for r in self.layers))
 
     def notes(self):
         """What the plan means on its target, as lines (none without one)."""
@@ -215,7 +329,7 @@ class Plan:
             return []
         code = self.decode_code_bytes
         notes = []
-        if not self.compressed:
+        if not self.compressed and not self.int4_layers:
             saving = self.int8_bytes - self.min_bytes
             if saving <= code:
                 notes.append(
@@ -229,16 +343,31 @@ class Plan:
                     f"{self.int8_bytes - code:,} B (the int8 file less the {code:,} B "
                     f"of code DECODE adds), at most {saving - code:,} B of flash: "
                     f"give such a budget to trade accuracy for it.")
+        elif not self.compressed:
+            notes.append(
+                f"no DECODE op: {len(self.int4_layers)} int4 layer(s) save "
+                f"{-self.file_change:,} B of file and firmware on {self.target} "
+                "(the int8 firmware's kernels take int4 filters); they cost "
+                f"{self.int4_instructions:,.0f} instructions per inference.")
         elif self.forced_growth:
             notes.append(
                 f"the firmware grows by {self.flash_change:,} B against the all-int8 "
                 f"route on {self.target}: the file shrinks by {-self.file_change:,} B "
-                f"but DECODE adds {code:,} B of code. Compressed anyway because the "
-                f"file budget {self.budget_bytes:,} B is below the int8 file "
-                f"({self.int8_bytes:,} B). Export with decode='always'"
+                f"but DECODE adds {code:,} B of code. Compressed anyway because no "
+                f"plan without that growth meets the file budget {self.budget_bytes:,} B"
+                + (f" (below the int8 file, {self.int8_bytes:,} B)"
+                   if self.budget_bytes < self.int8_bytes else "")
+                + " and the caps. Export with decode='always'"
                 + (" (in export_options)" if self.target_profile else
                    " and your target")
-                + ": decode='auto' would write the int8 file, over the budget.")
+                + ": decode='auto' would write the LUT layers int8, over the budget.")
+        elif self.decode_forced:
+            notes.append(
+                f"the LUT layers save {self.lut_saving:,} B of file, not more than "
+                f"DECODE's {code:,} B of code: the plan saves firmware with its int4 "
+                "layers, and meets the budget only with the LUTs. Export with "
+                "decode='always'" + (" (in export_options)" if self.target_profile
+                                     else " and your target") + ".")
         slow = [r.layer for r in self.layers
                 if r.decode_path is not None and "width_any" in r.decode_path]
         if slow:
@@ -249,22 +378,28 @@ class Plan:
         return notes
 
     def table(self):
-        """The plan as a text table (layer, K, mode, bytes, sensitivity; with
-        a target, each layer's decode path and instructions)."""
-        head = ("layer", "type", "weights", "K", "bits", "mode", "bytes",
+        """The plan as a text table (layer, representation, K, mode, bytes,
+        sensitivity; with a target, each layer's decode path, the
+        instructions it adds and its arena)."""
+        head = ("layer", "type", "repr.", "weights", "K", "bits", "mode", "bytes",
                 "sensitivity")
-        rows = [(r.layer, r.layer_type, f"{r.weights:,}",
+        rows = [(r.layer, r.layer_type, r.representation, f"{r.weights:,}",
                  "-" if r.bits is None else str(r.num_values),
-                 "8" if r.bits is None else str(r.bits), r.mode,
+                 "8" if r.bits is None else "4" if r.representation == INT4
+                 else str(r.bits), r.mode,
                  f"{r.bytes:,}", f"{r.sensitivity:.3g}") for r in self.layers]
-        right = {2, 3, 4, 6, 7}
+        right = {3, 4, 5, 7, 8}
         if self.target is not None:
-            head += ("decode path", "decode instr.")
+            head += ("decode path", "decode instr.", "int4 instr.", "arena B")
+
+            def number(value):
+                return "-" if value is None else f"{value:,.0f}"
+
             rows = [row + ("-" if r.decode_path is None else r.decode_path,
-                           "-" if r.decode_instructions is None
-                           else f"{r.decode_instructions:,.0f}")
+                           number(r.decode_instructions), number(r.int4_instructions),
+                           number(r.arena_bytes))
                     for row, r in zip(rows, self.layers)]
-            right |= {9}
+            right |= {10, 11, 12}
         out = [grid(head, rows, right=right)]
         out.append(
             f"estimated file {self.estimate_bytes:,} B of budget "
@@ -272,6 +407,9 @@ class Plan:
             f"all int8 {self.int8_bytes:,} B; smallest possible {self.min_bytes:,} B; "
             f"total sensitivity {self.sensitivity:.3g} (Fisher from {self.fisher})"
         )
+        if self.weight_quantization == DENSE_PER_TENSOR:
+            out.append("FULLY_CONNECTED weights per tensor (an int4 FULLY_CONNECTED "
+                       "layer needs it): weight_quantization='dense_per_tensor'")
         if self.target is not None:
             code = self.decode_code_bytes if self.compressed else 0
             out.append(
@@ -279,6 +417,19 @@ class Plan:
                 f"all-int8 route (file {self.file_change:+,} B, DECODE code {code:+,} B); "
                 f"decode {self.decode_instructions:,.0f} instructions per inference"
             )
+            if self.instructions_growth is not None:
+                caps = []
+                if self.max_instructions_growth is not None:
+                    caps.append(f"cap {self.max_instructions_growth:+.1%}")
+                line = (f"instructions {self.instructions_growth:+.1%} over the int8 "
+                        f"model's {self.int8_instructions:,.0f} (decode "
+                        f"{self.decode_instructions:,.0f}, int4 kernels "
+                        f"{self.int4_instructions:,.0f})")
+                line += f" ({caps[0]})" if caps else ""
+                line += f"; arena at most {self.arena_growth_bytes:+,} B over int8"
+                if self.max_arena_growth_bytes is not None:
+                    line += f" (cap {self.max_arena_growth_bytes:+,} B)"
+                out.append(line)
             out.extend(f"note: {line}" for line in self.notes())
         return "\n".join(out)
 
@@ -298,6 +449,13 @@ class Plan:
             "target_profile": self.target_profile,
             "decode_code_bytes": self.decode_code_bytes,
             "flash_change": self.flash_change,
+            "weight_quantization": self.weight_quantization,
+            "dense_per_tensor_bytes": self.dense_per_tensor_bytes,
+            "int8_instructions": self.int8_instructions,
+            "instructions_growth": self.instructions_growth,
+            "arena_growth_bytes": self.arena_growth_bytes,
+            "max_instructions_growth": self.max_instructions_growth,
+            "max_arena_growth_bytes": self.max_arena_growth_bytes,
             "layers": [dataclasses.asdict(r) for r in self.layers],
             "quantize_options": self.quantize_options(),
             "export_options": self.export_options(),
@@ -357,15 +515,23 @@ class Plan:
 # Plan files: 2 adds `schema` and `quantize_options["expected_weights"]`;
 # files without `schema` (1) hold the same layer fields and load alike. 3
 # adds the target fields (`_TARGET_FIELDS`) and the layers' decode path and
-# instructions; 1 and 2 load as plans without a target.
-SCHEMA = 3
+# instructions; 1 and 2 load as plans without a target. 4 adds native int4:
+# each layer's `representation` (int8, int4 or lut), int4 instructions and
+# arena, and the plan's `weight_quantization` and device totals and caps
+# (`_SCHEMA4_FIELDS`); 1-3 load as plans of int8 and LUT layers.
+SCHEMA = 4
 _PLAN_FIELDS = ("budget_bytes", "estimate_bytes", "int8_bytes", "min_bytes", "layers")
 _TARGET_FIELDS = ("target", "target_profile", "decode_code_bytes", "flash_change")
+_DEVICE_FIELDS = ("int8_instructions", "instructions_growth", "arena_growth_bytes",
+                  "max_instructions_growth", "max_arena_growth_bytes")
+_SCHEMA4_FIELDS = ("weight_quantization", "dense_per_tensor_bytes") + _DEVICE_FIELDS
 _OPTIONAL_FIELDS = ("schema", "fisher", "quantize_options",
-                    "export_options") + _TARGET_FIELDS
+                    "export_options") + _TARGET_FIELDS + _SCHEMA4_FIELDS
 _LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerPlan))
-# The layer fields of schemas 1 and 2.
+# The layer fields of schemas 1 and 2, and of 3.
 _OLD_LAYER_FIELDS = _LAYER_FIELDS[:7]
+_SCHEMA3_LAYER_FIELDS = _LAYER_FIELDS[:9]
+_WEIGHT_QUANTIZATIONS = ("per_channel", DENSE_PER_TENSOR)
 _FISHER_SOURCES = ("labels", "outputs", "none")
 _REPLAN = ("Plans are measured, not edited: plan again (plan_budget with other "
            "bits=/modes=, or a budget) or pass quantize_model your own overrides.")
@@ -398,7 +564,13 @@ def _plan_from_dict(cls, data, source):
         if newer:
             raise fail(newer[0], f"a schema {schema} plan has no target fields; "
                                  "they came with schema 3.")
-    layer_fields = _LAYER_FIELDS if schema >= 3 else _OLD_LAYER_FIELDS
+    if schema < 4:
+        newer = [k for k in _SCHEMA4_FIELDS if k in data]
+        if newer:
+            raise fail(newer[0], f"a schema {schema} plan has no such field; it came "
+                                 "with schema 4 (native int4).")
+    layer_fields = (_LAYER_FIELDS if schema >= 4 else _SCHEMA3_LAYER_FIELDS
+                    if schema == 3 else _OLD_LAYER_FIELDS)
     missing = [k for k in _PLAN_FIELDS if k not in data]
     if missing:
         raise fail(missing[0], f"missing (a plan holds {list(_PLAN_FIELDS)}). {_REPLAN}")
@@ -411,6 +583,19 @@ def _plan_from_dict(cls, data, source):
     fisher = data.get("fisher", "labels")
     if fisher not in _FISHER_SOURCES:
         raise fail("fisher", f"must be one of {_FISHER_SOURCES}, got {fisher!r}.")
+    quantization = data.get("weight_quantization", "per_channel")
+    if quantization not in _WEIGHT_QUANTIZATIONS:
+        raise fail("weight_quantization", f"must be one of {_WEIGHT_QUANTIZATIONS}, "
+                                          f"got {quantization!r}.")
+    dense_bytes = data.get("dense_per_tensor_bytes", 0)
+    if isinstance(dense_bytes, bool) or not isinstance(dense_bytes, numbers.Integral):
+        raise fail("dense_per_tensor_bytes", f"must be a whole number of bytes, got "
+                                             f"{dense_bytes!r}.")
+    dense_bytes = int(dense_bytes)
+    if dense_bytes and quantization != DENSE_PER_TENSOR:
+        raise fail("dense_per_tensor_bytes", f"{dense_bytes:,} B under weight_quantization "
+                                             f"{quantization!r}: only "
+                                             f"'{DENSE_PER_TENSOR}' adds bytes.")
     if not isinstance(data["layers"], list):
         raise fail("layers", f"must be a list of layer rows, got {data['layers']!r}.")
 
@@ -438,6 +623,30 @@ def _plan_from_dict(cls, data, source):
         if mode not in MODES + (INT8,):
             raise fail(f"{where}.mode", f"{mode!r} is not a dictionary mode: one of "
                                         f"{MODES + (INT8,)}.")
+        kind = row.get("representation", INT8 if mode == INT8 else LUT)
+        if kind not in REPRESENTATIONS:
+            raise fail(f"{where}.representation", f"{kind!r} is not one of "
+                                                  f"{REPRESENTATIONS}.")
+        if (kind == INT8) != (mode == INT8):
+            raise fail(f"{where}.mode", f"{mode!r} with representation {kind!r}: an int8 "
+                                        "layer has mode 'int8', the others a "
+                                        "dictionary mode.")
+        if kind == INT4:
+            if mode not in INT4_MODES:
+                raise fail(f"{where}.mode", f"an int4 dictionary is per tensor or per "
+                                            f"channel {INT4_MODES}, got {mode!r}.")
+            if (isinstance(bits, bool) or not isinstance(bits, numbers.Integral)
+                    or not 1 <= bits <= INT4_MAX_BITS):
+                raise fail(f"{where}.bits", f"an int4 dictionary has 1..{INT4_MAX_BITS} "
+                                            f"index bits (K <= 16), got {bits!r}.")
+            if row["layer_type"] == "Dense" and quantization != DENSE_PER_TENSOR:
+                raise fail(f"{where}.representation", (
+                    "an int4 Dense layer needs weight_quantization "
+                    f"'{DENSE_PER_TENSOR}' (TFLM takes int4 FULLY_CONNECTED weights "
+                    f"per tensor only), got {quantization!r}."))
+            if row["layer_type"] == "Dense" and mode != "tensor":
+                raise fail(f"{where}.mode", "TFLM takes int4 FULLY_CONNECTED weights "
+                                            f"per tensor only, got {mode!r}.")
         if mode == INT8:
             if bits is not None:
                 raise fail(f"{where}.bits", f"must be null for an int8 layer, got {bits!r}.")
@@ -447,11 +656,21 @@ def _plan_from_dict(cls, data, source):
                                         f"(TFLM's LUT decoding), got {bits!r}.")
         elif 2**bits > weights:
             raise fail(f"{where}.bits", f"K = {2**bits} values for {weights} weights.")
+        if (kind == LUT and quantization == DENSE_PER_TENSOR
+                and row["layer_type"] == "Dense" and mode != "tensor"):
+            raise fail(f"{where}.mode", (
+                f"{mode!r}: under weight_quantization '{DENSE_PER_TENSOR}' a Dense "
+                "kernel has one int8 scale, so its LUT is per tensor. " + _REPLAN))
         size = count(f"{where}.bytes", size)
         if mode == INT8 and size != weights:
             raise fail(f"{where}.bytes", f"an int8 layer's bytes are its weights "
                                          f"({weights:,}), got {size:,}.")
-        if mode != INT8:
+        if kind == INT4 and size != plan_costs.int4_bytes(weights):
+            raise fail(f"{where}.bytes", (
+                f"an int4 layer of {weights:,} weights takes "
+                f"{plan_costs.int4_bytes(weights):,} B (two a byte, padded to 16), "
+                f"got {size:,}. {_REPLAN}"))
+        if kind == LUT:
             floor = plan_costs.smallest_layer_bytes(weights, int(bits))
             if not floor <= size < weights:
                 raise fail(f"{where}.bytes", (
@@ -469,11 +688,23 @@ def _plan_from_dict(cls, data, source):
                 f"all, got {path!r} and {instructions!r}."))
         if path is not None:
             instructions = _check_decode(fail, where, path, instructions, int(bits)
-                                         if mode != INT8 else None)
+                                         if kind == LUT else None)
+        int4_instructions = row.get("int4_instructions")
+        if int4_instructions is not None:
+            if kind != INT4:
+                raise fail(f"{where}.int4_instructions", (
+                    f"must be null for a {kind} layer, got {int4_instructions!r}."))
+            int4_instructions = _number(fail, f"{where}.int4_instructions",
+                                        int4_instructions)
+        arena = row.get("arena_bytes")
+        if arena is not None:
+            arena = count(f"{where}.arena_bytes", arena, minimum=0)
         rows.append(LayerPlan(layer=name, layer_type=row["layer_type"],
                               weights=weights, bits=None if bits is None else int(bits),
                               mode=mode, bytes=size, sensitivity=float(sens),
-                              decode_path=path, decode_instructions=instructions))
+                              decode_path=path, decode_instructions=instructions,
+                              representation=kind, int4_instructions=int4_instructions,
+                              arena_bytes=arena))
 
     # The numbers against each other: the estimate is what the layers' bytes
     # give on top of the all-int8 file (`plan_costs.ByteModel.estimate`).
@@ -481,15 +712,19 @@ def _plan_from_dict(cls, data, source):
     if int8_bytes <= all_weights:
         raise fail("int8_bytes", f"{int8_bytes:,} B cannot hold the layers' "
                                  f"{all_weights:,} int8 weights. {_REPLAN}")
-    compressed = [r for r in rows if r.mode != INT8]
-    expected = (int8_bytes + sum(r.bytes - r.weights for r in compressed)
-                + (plan_costs.DECODE_OPERATOR_BYTES if compressed else 0))
+    luts = [r for r in rows if r.representation == LUT]
+    expected = (int8_bytes + sum(r.bytes - r.weights for r in rows)
+                + (plan_costs.DECODE_OPERATOR_BYTES if luts else 0) + dense_bytes)
     if estimate != expected:
         raise fail("estimate_bytes", (
             f"{estimate:,} B, but int8_bytes and the layers' bytes give {expected:,} B "
             f"(smallest possible: min_bytes {minimum:,} B). {_REPLAN}"))
     floor = int8_bytes - all_weights + sum(
-        min(r.weights, plan_costs.smallest_layer_bytes(r.weights, 1)) for r in rows)
+        min(r.weights, plan_costs.smallest_layer_bytes(r.weights, 1),
+            plan_costs.int4_bytes(r.weights)) for r in rows)
+    # Per-tensor Dense kernels drop 4 B per channel beyond the first (a
+    # channel has at least 2 weights).
+    floor -= 2 * sum(r.weights for r in rows if r.layer_type == "Dense")
     if not floor <= minimum <= min(estimate, int8_bytes):
         raise fail("min_bytes", (
             f"{minimum:,} B must lie between {floor:,} B (every layer at its least "
@@ -500,7 +735,9 @@ def _plan_from_dict(cls, data, source):
 
     device_fields = _check_target(fail, data, rows, budget, estimate, int8_bytes)
     plan = cls(budget_bytes=budget, estimate_bytes=estimate, int8_bytes=int8_bytes,
-               min_bytes=minimum, layers=rows, fisher=fisher, **device_fields)
+               min_bytes=minimum, layers=rows, fisher=fisher,
+               weight_quantization=quantization, dense_per_tensor_bytes=dense_bytes,
+               **device_fields)
     # Written for readers; loading derives them from the layers, so an
     # edited copy would be ignored: refuse it instead.
     written = data.get("quantize_options")
@@ -519,11 +756,20 @@ def _plan_from_dict(cls, data, source):
     return plan
 
 
+def _number(fail, field, value, positive=False):
+    """A finite real >= 0 (> 0 with `positive`), as a float."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not np.isfinite(value) or value < 0 or (positive and value == 0)):
+        raise fail(field, f"must be a finite number {'>' if positive else '>='} 0, "
+                          f"got {value!r}.")
+    return float(value)
+
+
 def _check_decode(fail, where, path, instructions, bits):
-    """A compressed row's decode path and instructions; returns the latter."""
+    """A LUT row's decode path and instructions; returns the latter."""
     if bits is None:
-        raise fail(f"{where}.decode_path", f"must be null for an int8 layer (no "
-                                           f"DECODE), got {path!r}.")
+        raise fail(f"{where}.decode_path", f"must be null for a layer without "
+                                           f"DECODE (int8 or int4), got {path!r}.")
     fast = device.decode_path(bits)
     allowed = sorted({fast, "width_any"})
     parts = path.split("+") if isinstance(path, str) else [None]
@@ -545,17 +791,20 @@ def _check_target(fail, data, rows, budget, estimate, int8_bytes):
         The `Plan` keyword arguments of the target fields.
     """
     name = data.get("target")
-    compressed = any(r.mode != INT8 for r in rows)
+    compressed = any(r.representation == LUT for r in rows)
     if name is None:
-        given = [k for k in _TARGET_FIELDS[1:] if data.get(k) is not None
+        given = [k for k in _TARGET_FIELDS[1:] + _DEVICE_FIELDS
+                 if data.get(k) is not None
                  and not (k == "target_profile" and data[k] is False)]
         if given:
             raise fail(given[0], f"{data[given[0]]!r} without a target: a plan "
                                  "without one has null here. " + _REPLAN)
-        decoded = [r.layer for r in rows if r.decode_path is not None]
+        decoded = [r.layer for r in rows if r.decode_path is not None
+                   or r.int4_instructions is not None or r.arena_bytes is not None]
         if decoded:
-            raise fail("target", f"null, but layers {decoded} have a decode path: "
-                                 "a plan without a target has none. " + _REPLAN)
+            raise fail("target", f"null, but layers {decoded} have device costs (a "
+                                 "decode path, int4 instructions or arena): a plan "
+                                 "without a target has none. " + _REPLAN)
         return {}
     if not isinstance(name, str) or not name:
         raise fail("target", f"must be a target name or null, got {name!r}.")
@@ -576,9 +825,9 @@ def _check_target(fail, data, rows, budget, estimate, int8_bytes):
             raise fail("decode_code_bytes", (
                 f"{code:,} B, but profile {name!r} counts {shipped.decode_code_cost:,} B "
                 f"of DECODE code. {_REPLAN}"))
-    missing = [r.layer for r in rows if r.mode != INT8 and r.decode_path is None]
+    missing = [r.layer for r in rows if r.representation == LUT and r.decode_path is None]
     if missing:
-        raise fail("target", f"{name!r}, but compressed layers {missing} have no "
+        raise fail("target", f"{name!r}, but LUT layers {missing} have no "
                              f"decode path. {_REPLAN}")
     change = data.get("flash_change")
     expected = estimate - int8_bytes + (int(code) if compressed else 0)
@@ -593,8 +842,93 @@ def _check_target(fail, data, rows, budget, estimate, int8_bytes):
             f"{change:+,} B: a plan for a target compresses only when that saves "
             f"firmware, or when the budget ({budget:,} B) is below the int8 file "
             f"({int8_bytes:,} B). {_REPLAN}"))
-    return {"target": name, "target_profile": profile, "decode_code_bytes": int(code),
-            "flash_change": int(change)}
+    fields = {"target": name, "target_profile": profile, "decode_code_bytes": int(code),
+              "flash_change": int(change)}
+    fields.update(_check_device(fail, data, rows))
+    return fields
+
+
+def _check_device(fail, data, rows):
+    """Schema 4's device totals and caps, against the layers' figures."""
+    given = {k: data.get(k) for k in _DEVICE_FIELDS}
+    if all(v is None for v in given.values()):
+        late = [r.layer for r in rows if r.int4_instructions is not None
+                or r.arena_bytes is not None]
+        if late:
+            raise fail("int8_instructions", f"null, but layers {late} have device "
+                                            "figures. " + _REPLAN)
+        return {}
+    for key in _DEVICE_FIELDS[:3]:
+        if given[key] is None:
+            raise fail(key, "missing: a schema 4 plan for a target gives "
+                            f"{list(_DEVICE_FIELDS[:3])}. " + _REPLAN)
+    total = _number(fail, "int8_instructions", given["int8_instructions"])
+    growth = _number(fail, "instructions_growth", given["instructions_growth"])
+    arena = given["arena_growth_bytes"]
+    if isinstance(arena, bool) or not isinstance(arena, numbers.Integral) or arena < 0:
+        raise fail("arena_growth_bytes", f"must be a whole number >= 0, got {arena!r}.")
+    absent = [r.layer for r in rows if r.arena_bytes is None
+              or (r.representation == INT4 and r.int4_instructions is None)]
+    if absent:
+        raise fail("layers", f"{absent}: a plan for a target gives each layer's "
+                             "arena_bytes (and an int4 layer's int4_instructions). "
+                             + _REPLAN)
+    added = sum(r.extra_instructions for r in rows)
+    share = added / total if total else 0.0
+    if not math.isclose(growth, share, rel_tol=1e-6, abs_tol=1e-12):
+        raise fail("instructions_growth", (
+            f"{growth!r}, but the layers' decode and int4 instructions "
+            f"({added:,.0f}) over int8_instructions ({total:,.0f}) give "
+            f"{share!r}. {_REPLAN}"))
+    largest = max((r.arena_bytes for r in rows), default=0)
+    if arena < largest:
+        raise fail("arena_growth_bytes", (
+            f"{arena:,} B is below the largest layer's arena_bytes ({largest:,} B). "
+            + _REPLAN))
+    cap = given["max_instructions_growth"]
+    if cap is not None:
+        cap = check_instructions_cap(cap)
+        if growth > cap * (1 + 1e-9):
+            raise fail("instructions_growth", f"{growth:.4g} exceeds the plan's cap "
+                                              f"max_instructions_growth={cap:.4g}. "
+                                              + _REPLAN)
+    arena_cap = given["max_arena_growth_bytes"]
+    if arena_cap is not None:
+        arena_cap = check_arena_cap(arena_cap)
+        if arena > arena_cap:
+            raise fail("arena_growth_bytes", f"{arena:,} B exceeds the plan's cap "
+                                             f"max_arena_growth_bytes={arena_cap:,}. "
+                                             + _REPLAN)
+    return {"int8_instructions": total, "instructions_growth": growth,
+            "arena_growth_bytes": int(arena), "max_instructions_growth": cap,
+            "max_arena_growth_bytes": arena_cap}
+
+
+def check_instructions_cap(value, argument="max_instructions_growth"):
+    """A cap on instructions over the int8 model: a fraction >= 0 (0.02 for
+    +2 %), else a TypeError/ValueError naming `argument`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{argument} must be a number, the fraction of the int8 model's "
+            f"instructions a plan may add (0.02 for +2 %), got {value!r} "
+            f"({type(value).__name__}).")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{argument} must be a finite fraction >= 0 (0.02 for +2 %), "
+                         f"got {value!r}.")
+    return float(value)
+
+
+def check_arena_cap(value, argument="max_arena_growth_bytes"):
+    """A cap on the arena over the int8 model's: whole bytes >= 0, else a
+    TypeError/ValueError naming `argument`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{argument} must be an int number of bytes, got {value!r} "
+                        f"({type(value).__name__}).")
+    if value < 0:
+        raise ValueError(
+            f"{argument} must be >= 0 bytes, got {value}: the estimates never put a "
+            "plan's arena below the int8 model's.")
+    return int(value)
 
 
 def check_flash_budget(budget_bytes, argument="budget_bytes"):
@@ -774,8 +1108,12 @@ def plan_budget(
     max_batches=8,
     kmeans_iterations=8,
     target=None,
+    int4=True,
+    max_arena_growth_bytes=None,
+    max_instructions_growth=None,
 ):
-    """Chooses index bits, dictionary mode or int8 per layer for a flash budget.
+    """Chooses int8, native int4 or a LUT (bits, dictionary mode) per layer
+    for a flash budget.
 
     Args:
         model: The float Keras model (Sequential or Functional, one input).
@@ -789,14 +1127,15 @@ def plan_budget(
             (no labels needed, but random inputs make it meaningless).
         loss: A Keras loss (name or callable) for `labels`; default the
             compiled model's loss.
-        bits: Index bits to offer (each in 1..7; K = 2**b). Default 1-4:
+        bits: LUT index bits to offer (each in 1..7; K = 2**b). Default 1-4:
             at 5-7 bits int8 rounding often merges dictionary values, and
             the estimate (which counts all K) exceeds the file by > 1 %.
         modes: Dictionary modes to offer, from `"tensor"`, `"scaled"`,
             `"channel"` (per-channel only where a channel has >= K
             weights). Default tensor and channel: a scaled dictionary's
             shared table is counted at 2K entries (rounding noise can
-            split its codes), so it rarely pays.
+            split its codes), so it rarely pays. int4 takes the tensor and
+            channel modes among these.
         batch_size: Examples per gradient of the Fisher estimate.
         max_batches: Gradients averaged.
         kmeans_iterations: Lloyd steps of each choice's trial fit (LUT-Q's
@@ -805,12 +1144,31 @@ def plan_budget(
         target: Optional device (`tflite_export.target`): a profile name
             such as `"cortex-m4-cmsis-nn"`, or a `Target`. `budget_bytes`
             stays the file's budget; with a target the plan also counts the
-            code it adds (DECODE once if any layer is compressed, 0 when
-            `decode_linked`), never compresses when that does not save
-            firmware flash unless the budget is below the int8 file (then
-            the notes say by how much the firmware grows, and why), breaks
-            ties of sensitivity towards faster decode paths, and reports
-            each layer's decode path and instructions (see `Choices.plan`).
+            code it adds (DECODE once if any layer is a LUT, 0 when
+            `decode_linked`; int4 adds none). It takes a plan without
+            DECODE (int8 and int4) whenever one meets the budget and caps,
+            else LUTs that save firmware against all int8, and grows the
+            firmware only when nothing else meets them (the notes say by
+            how much, and why); it breaks ties of sensitivity towards fewer
+            instructions, and reports each layer's decode path,
+            instructions and arena (see `Choices.plan`).
+        int4: Offer TFLM's native int4 weights (True, default): an
+            int4-exact dictionary (`constraint="int4"`, K <= 16) per layer
+            whose op TFLM runs with int4 filters (CONV_2D and
+            DEPTHWISE_CONV_2D per tensor or per channel, FULLY_CONNECTED
+            per tensor: then every Dense kernel is exported per tensor).
+            Its sensitivity is the int4 grid's own k-means distortion.
+        max_arena_growth_bytes: With a target, a cap (an int, bytes >= 0)
+            on the arena the plan adds over the int8 model's on the
+            target's kernel set: a LUT adds its decoded kernel (while its
+            op runs) and DECODE's state; int4 adds the kernels' unpack
+            scratch (reference kernels: the filter; CMSIS-NN: only the s4
+            depthwise's).
+        max_instructions_growth: With a target, a cap on the instructions
+            per inference the plan adds over the int8 model's estimate, as
+            a fraction (0.02 for +2 %): decoding (per weight, by DECODE
+            path) and int4 kernels ((int4_mac_factor - 1) x the per-MAC
+            cost x MACs, plus any unpack per weight).
 
     Returns:
         A `Plan`: `print(plan)` shows the table; `quantize_model(model,
@@ -819,16 +1177,81 @@ def plan_budget(
 
     Raises:
         TypeError: `budget_bytes` is not an int (e.g. a float or a string),
-            or `target` is neither a profile name nor a `Target`.
-        ValueError: A bad argument (named, an unknown target name too), or
-            a budget below the smallest file the choices allow (the message
-            gives that minimum).
+            `target` is neither a profile name nor a `Target`, or a cap or
+            `int4` of the wrong type (named).
+        ValueError: A bad argument (named, an unknown target name too), a
+            cap without a target, a budget below the smallest file the
+            choices allow (the message gives that minimum), or caps no plan
+            within the budget meets (the message gives the least
+            achievable).
     """
     budget = check_flash_budget(budget_bytes)
-    targets.get(target)  # an unknown name is refused before any conversion
+    profile = targets.get(target)  # an unknown name is refused before any conversion
+    _check_caps(profile, max_arena_growth_bytes, max_instructions_growth)
+    if not isinstance(int4, (bool, np.bool_)):
+        raise TypeError(f"int4 must be True or False, got {int4!r}.")
     return choices(model, calibration_data, labels=labels, loss=loss, bits=bits,
                    modes=modes, batch_size=batch_size, max_batches=max_batches,
-                   kmeans_iterations=kmeans_iterations).plan(budget, target=target)
+                   kmeans_iterations=kmeans_iterations, int4=bool(int4)).plan(
+        budget, target=target, max_arena_growth_bytes=max_arena_growth_bytes,
+        max_instructions_growth=max_instructions_growth)
+
+
+def _check_caps(profile, max_arena_growth_bytes, max_instructions_growth):
+    """The caps, checked (None where not given); they need a target."""
+    arena = (None if max_arena_growth_bytes is None
+             else check_arena_cap(max_arena_growth_bytes))
+    instructions = (None if max_instructions_growth is None
+                    else check_instructions_cap(max_instructions_growth))
+    for name, value in (("max_arena_growth_bytes", arena),
+                        ("max_instructions_growth", instructions)):
+        if value is not None and profile is None:
+            raise ValueError(
+                f"{name} needs a target (target='cortex-m4-cmsis-nn' or a Target): "
+                "the arena and instruction costs are the device's.")
+    return arena, instructions
+
+
+class Offer(typing.NamedTuple):
+    """One choice for a layer.
+
+    Attributes:
+        bits: Index bits (K = 2**bits), None for int8.
+        mode: `"int8"` or a dictionary mode.
+        bytes: File bytes of the layer's weights.
+        sensitivity: Expected loss increase.
+        representation: `"int8"`, `"int4"` or `"lut"` (None: from `mode`).
+        dense_per_tensor: None where the choice holds whatever the
+            FULLY_CONNECTED weight quantisation; True where it needs
+            `"dense_per_tensor"` (an int4 FULLY_CONNECTED layer, or a LUT
+            costed so), False where it needs per-channel weights.
+    """
+
+    bits: object
+    mode: str
+    bytes: int
+    sensitivity: float
+    representation: object = None
+    dense_per_tensor: object = None
+
+    @property
+    def kind(self):
+        if self.representation is not None:
+            return self.representation
+        return INT8 if self.mode == INT8 else LUT
+
+
+class _Cost(typing.NamedTuple):
+    """An offer's device costs: instructions added per inference, arena its
+    op adds while it runs, arena kept for the whole run (DECODE state),
+    decoded tensors, DECODE path."""
+
+    instructions: float
+    buffer: int
+    state: int
+    path: object
+    decode: object
+    int4: object
 
 
 @dataclasses.dataclass
@@ -840,7 +1263,8 @@ class Choices:
 
     Attributes:
         byte_model: The `plan_costs.ByteModel`.
-        offers: `{layer: [(bits or None, mode, bytes, sensitivity)]}`, int8
+        offers: `{layer: [Offer]}` (plain `(bits or None, mode, bytes,
+            sensitivity)` tuples are taken as int8 or LUT offers), int8
             first.
         layer_types: `{layer: Keras class name}`.
         bits: The index bits offered.
@@ -855,46 +1279,126 @@ class Choices:
     modes: list
     fisher: str
 
+    def __post_init__(self):
+        self.offers = {name: [Offer(*o) for o in opts]
+                       for name, opts in self.offers.items()}
+
+    def without_int4(self):
+        """These choices with no native int4 (int8 and LUTs per channel
+        only), e.g. to compare a plan with the LUT-only one."""
+        offers = {name: [o for o in opts if o.kind != INT4 and not o.dense_per_tensor]
+                  for name, opts in self.offers.items()}
+        return dataclasses.replace(self, offers=offers)
+
     @property
     def fixed_bytes(self):
         """File bytes outside the candidate layers' weight tensors."""
         model = self.byte_model
         return model.int8_bytes - sum(model.int8_layer_bytes(n) for n in model.tensors)
 
+    def _scenarios(self):
+        """The FULLY_CONNECTED weight quantisations the offers need: per
+        channel, and dense per tensor when an offer needs it."""
+        needed = any(o.dense_per_tensor for opts in self.offers.values() for o in opts)
+        return [False, True] if needed else [False]
+
+    def _allowed(self, dense, lut):
+        """`{layer: [offer index]}` under one weight quantisation, with or
+        without LUTs."""
+        return {name: [i for i, o in enumerate(opts)
+                       if o.dense_per_tensor in (None, dense) and (lut or o.kind != LUT)]
+                for name, opts in self.offers.items()}
+
     @property
     def min_bytes(self):
         """The smallest file the offered choices allow."""
-        smallest = {n: min(o, key=lambda c: c[2]) for n, o in self.offers.items()}
-        compressed = self.byte_model.estimate(
-            {n: (c[0], c[1]) for n, c in smallest.items() if c[1] != INT8})
+        best = self.byte_model.int8_bytes
+        for dense in self._scenarios():
+            for lut in (False, True):
+                allowed = self._allowed(dense, lut)
+                picks = {n: min(idx, key=lambda i, n=n: self.offers[n][i].bytes)
+                         for n, idx in allowed.items()}
+                best = min(best, self._estimate(picks))
         # The DECODE operator code can outweigh tiny savings: all int8 is
         # then smaller.
-        return min(compressed, self.byte_model.int8_bytes)
+        return int(best)
 
-    def plan(self, budget_bytes, target=None):
+    def _estimate(self, picks):
+        """Estimated file of `{layer: offer index}`."""
+        chosen = [self.offers[n][i] for n, i in picks.items()]
+        lut = any(o.kind == LUT for o in chosen)
+        dense = any(o.dense_per_tensor for o in chosen)
+        return (self.fixed_bytes + sum(o.bytes for o in chosen)
+                + (plan_costs.DECODE_OPERATOR_BYTES if lut else 0)
+                + (self.byte_model.dense_per_tensor_bytes if dense else 0))
+
+    def _costs(self, profile):
+        """`{layer: [_Cost]}` of every offer on a target (zeros without)."""
+        model = self.byte_model
+        costs = {}
+        for name, opts in self.offers.items():
+            facts = model.tensors[name]
+            row = []
+            for o in opts:
+                if profile is None or o.kind == INT8:
+                    row.append(_Cost(0.0, 0, 0, None, None, None))
+                elif o.kind == LUT:
+                    path, count = model.decode_cost(profile, name, o.bits)
+                    row.append(_Cost(float(count), sum(f.size for f in facts),
+                                     profile.decode_state_bytes * len(facts),
+                                     path, float(count), None))
+                else:
+                    count = sum(f.int4_instructions(profile) for f in facts)
+                    scratch = sum(f.int4_scratch.get(
+                        profile.kernels, f.size if profile.kernels == "reference" else 0)
+                        for f in facts)
+                    row.append(_Cost(float(count), int(scratch), 0, None, None,
+                                     float(count)))
+            costs[name] = row
+        return costs
+
+    def plan(self, budget_bytes, target=None, max_arena_growth_bytes=None,
+             max_instructions_growth=None):
         """The least-sensitivity `Plan` whose estimated file fits the budget.
 
-        With a `target` (a profile name or a `target.Target`):
+        Per layer: int8, native int4 (where offered) or a LUT. With a
+        `target` (a profile name or a `target.Target`):
 
-        - when the budget holds the all-int8 file, a compressed plan is
-          chosen only if it saves firmware flash (file saving above the
-          code DECODE adds, `Target.decode_code_cost`; a tie counts as a
-          loss, as with `export(decode="auto")`) and is more accurate than
-          all int8; otherwise the plan is all int8 and its notes say why;
-        - a budget below the int8 file can only be met by compressing: the
-          plan is the one without a target, and its notes give the firmware
-          growth against int8 when DECODE's code outweighs the saving;
-        - among choices of equal sensitivity, the one with fewer decode
+        - where DECODE costs code (not `decode_linked`), plans without
+          DECODE (int8 and int4 layers only) come first: the
+          least sensitive of them that meets the budget and caps is taken
+          (no DECODE code, no decoded kernel in the arena, no decoding; the
+          file change is the flash change). A LUT plan may be more
+          accurate at the same file size, but it pays DECODE's code, arena
+          and decoding: cap the instructions (`max_instructions_growth`)
+          to trade int4's slower kernels for LUTs;
+        - when none meets them, the least sensitive plan with LUTs whose
+          file saving exceeds the code DECODE adds
+          (`Target.decode_code_cost`; a tie counts as a loss, as with
+          `export(decode="auto")`), i.e. that saves firmware;
+        - only when none of those meets the budget and caps does the plan
+          grow the firmware: the least sensitive plan within them, and its
+          notes give the growth;
+        - among choices of equal sensitivity, the one with fewer added
           instructions (e.g. 2 bits' block path over 1 bit's per-weight
           loop), where the budget allows;
-        - each compressed layer's decode path and instructions per
-          inference (`device.decode_instructions`) are in the plan.
+        - each layer's decode path, decode or int4 instructions and arena
+          are in the plan, and its totals against the int8 model;
+        - `max_arena_growth_bytes` and `max_instructions_growth` cap the
+          plan's arena and instructions over the int8 model's (see
+          `plan_budget`). The instruction cap is met by a Lagrangian search
+          (sensitivity + lambda x instructions, bisected on lambda), the
+          arena cap by trying each largest per-op buffer: the plan is
+          within both caps, the most accurate such plan found (not always
+          the exact optimum).
 
         Raises:
             TypeError, ValueError: as `plan_budget`.
         """
         budget = check_flash_budget(budget_bytes)
         profile = targets.get(target)
+        arena_cap, instructions_cap = _check_caps(
+            profile, max_arena_growth_bytes, max_instructions_growth)
         minimum = self.min_bytes
         if budget < minimum:
             hint = ""
@@ -908,65 +1412,271 @@ class Choices:
                 f"bytes).{hint}"
             )
         int8_file = self.byte_model.int8_bytes
-        decode = {}  # (layer, bits) -> (path, instructions)
-        if profile is not None:
-            for name, opts in self.offers.items():
-                for b, mode, _, _ in opts:
-                    if mode != INT8 and (name, b) not in decode:
-                        decode[(name, b)] = self.byte_model.decode_cost(profile, name, b)
+        costs = self._costs(profile)
+        int8_instructions = (self.byte_model.int8_instructions(profile)
+                             if profile is not None else None)
+        solver = _Solver(self, costs, arena_cap,
+                         None if instructions_cap is None
+                         else instructions_cap * (int8_instructions or 0.0))
+        scenarios = self._scenarios()
 
-        def tie(name, b, mode):
-            return 0.0 if mode == INT8 or profile is None else decode[(name, b)][1]
+        def candidates(lut, limit):
+            found = []
+            for dense in scenarios:
+                picks = solver.solve(self._allowed(dense, lut), limit, lut, dense)
+                if picks is not None:
+                    found.append((dense, picks))
+            return found
 
-        groups = [[(c[2], c[3], tie(name, c[0], c[1])) for c in opts]
-                  for name, opts in self.offers.items()]
-        all_int8 = [0] * len(groups)  # each layer's first offer is int8
-
-        def solve(limit):
-            # Any compressed layer adds the DECODE operator code once. None
-            # when no compressed plan fits `limit`: then all int8 is taken,
-            # which fits where this is called (the smallest options fit the
-            # budget, checked above, and the grid rounds bytes above each
-            # layer's smallest option only; all int8 is the smallest file
-            # when no compressed one fits).
-            picks = knapsack.solve(
-                groups, limit - self.fixed_bytes - plan_costs.DECODE_OPERATOR_BYTES)
-            return all_int8 if picks is None else picks
+        if profile is None:
+            found = candidates(True, budget)
+        else:
+            # No DECODE first (when it costs code); then DECODE where it
+            # saves firmware against all int8; then whatever meets the
+            # budget and caps.
+            found = candidates(False, budget)
+            if not profile.decode_code_cost:
+                found += candidates(True, budget)
+            if not found:
+                saving = min(budget, int8_file - profile.decode_code_cost - 1)
+                found = candidates(True, saving)
+            if not found:
+                found = candidates(True, budget)
+        if not found:
+            if arena_cap is None and instructions_cap is None:
+                # Only the byte grid's rounding can leave nothing: all int8
+                # then fits (the smallest file is checked above).
+                found = [(False, {n: 0 for n in self.offers})]
+            else:
+                raise ValueError(solver.impossible(budget, scenarios, profile,
+                                                   int8_instructions))
 
         def sensitivity(picks):
-            return sum(opts[p][3] for opts, p in zip(self.offers.values(), picks))
+            return sum(self.offers[n][i].sensitivity for n, i in picks.items())
 
-        if profile is None or budget < int8_file:
-            picks = solve(budget)
-        else:
-            # Compressed plans that save firmware against all int8, which fits.
-            picks = solve(min(budget, int8_file - profile.decode_code_cost - 1))
-            if sensitivity(picks) >= sensitivity(all_int8):
-                picks = all_int8
+        dense, picks = min(found, key=lambda f: sensitivity(f[1]))
+        return self._plan(budget, profile, picks, dense, costs, int8_instructions,
+                          arena_cap, instructions_cap, minimum)
+
+    def _plan(self, budget, profile, picks, dense, costs, int8_instructions,
+              arena_cap, instructions_cap, minimum):
         rows = []
-        for (name, opts), pick in zip(self.offers.items(), picks):
-            b, mode, cost, sens = opts[pick]
-            path, instructions = (None, None) if mode == INT8 or profile is None \
-                else decode[(name, b)]
+        for name, index in picks.items():
+            o, cost = self.offers[name][index], costs[name][index]
             rows.append(LayerPlan(
                 layer=name, layer_type=self.layer_types[name],
-                weights=self.byte_model.int8_layer_bytes(name), bits=b,
-                mode=mode, bytes=int(cost), sensitivity=float(sens),
-                decode_path=path, decode_instructions=instructions))
-        compressed = {r.layer: (r.bits, r.mode) for r in rows if r.mode != INT8}
-        estimate = int(self.byte_model.estimate(compressed))
-        device_fields = {}
+                weights=self.byte_model.int8_layer_bytes(name), bits=o.bits,
+                mode=o.mode, bytes=int(o.bytes), sensitivity=float(o.sensitivity),
+                decode_path=cost.path, decode_instructions=cost.decode,
+                representation=o.kind,
+                int4_instructions=cost.int4,
+                arena_bytes=(None if profile is None
+                             else int(cost.buffer + cost.state))))
+        estimate = int(self._estimate(picks))
+        lut = any(r.representation == LUT for r in rows)
+        # Per-tensor Dense kernels where a choice needs them (an int4 Dense
+        # layer, or a LUT costed so).
+        dense_used = any(self.offers[n][i].dense_per_tensor for n, i in picks.items())
+        fields = {"weight_quantization": DENSE_PER_TENSOR if dense_used else "per_channel",
+                  "dense_per_tensor_bytes": (self.byte_model.dense_per_tensor_bytes
+                                             if dense_used else 0)}
         if profile is not None:
             code = profile.decode_code_cost
-            device_fields = {
-                "target": profile.name,
-                "target_profile": targets.PROFILES.get(profile.name) == profile,
-                "decode_code_bytes": code,
-                "flash_change": estimate - int8_file + (code if compressed else 0),
-            }
+            added = sum(r.extra_instructions for r in rows)
+            fields.update(
+                target=profile.name,
+                target_profile=targets.PROFILES.get(profile.name) == profile,
+                decode_code_bytes=code,
+                flash_change=estimate - self.byte_model.int8_bytes + (code if lut else 0),
+                int8_instructions=float(int8_instructions),
+                instructions_growth=(added / int8_instructions if int8_instructions
+                                     else 0.0),
+                arena_growth_bytes=int(_arena(
+                    [costs[n][i] for n, i in picks.items()])),
+                max_instructions_growth=instructions_cap,
+                max_arena_growth_bytes=arena_cap)
         return Plan(budget_bytes=budget, estimate_bytes=estimate,
-                    int8_bytes=int8_file, min_bytes=int(minimum), layers=rows,
-                    fisher=self.fisher, **device_fields)
+                    int8_bytes=self.byte_model.int8_bytes, min_bytes=int(minimum),
+                    layers=rows, fisher=self.fisher, **fields)
+
+
+def _arena(costs):
+    """Arena a plan adds: the largest op's buffer (one op runs at a time,
+    and each DECODE sits right before its op) plus every DECODE's state."""
+    return max((c.buffer for c in costs), default=0) + sum(c.state for c in costs)
+
+
+class _Solver:
+    """The knapsack under a plan's caps (`Choices.plan`)."""
+
+    # Lagrangian bisection steps for the instruction cap.
+    STEPS = 24
+
+    def __init__(self, found, costs, arena_cap, instructions_cap):
+        self.found = found
+        self.costs = costs
+        self.arena_cap = arena_cap
+        self.instructions_cap = instructions_cap
+
+    def _knapsack(self, allowed, capacity, weight=0.0, by_instructions=False):
+        names = list(allowed)
+        groups = []
+        for name in names:
+            group = []
+            for i in allowed[name]:
+                o, c = self.found.offers[name][i], self.costs[name][i]
+                if by_instructions:
+                    group.append((o.bytes, c.instructions, o.sensitivity))
+                else:
+                    group.append((o.bytes, o.sensitivity + weight * c.instructions,
+                                  c.instructions))
+            groups.append(group)
+        picks = knapsack.solve(groups, capacity)
+        if picks is None:
+            return None
+        return {name: allowed[name][p] for name, p in zip(names, picks)}
+
+    def _instructions(self, picks):
+        return sum(self.costs[n][i].instructions for n, i in picks.items())
+
+    def _sensitivity(self, picks):
+        return sum(self.found.offers[n][i].sensitivity for n, i in picks.items())
+
+    def _capacity(self, limit, lut, dense):
+        return (limit - self.found.fixed_bytes
+                - (plan_costs.DECODE_OPERATOR_BYTES if lut else 0)
+                - (self.found.byte_model.dense_per_tensor_bytes if dense else 0))
+
+    def _within_instructions(self, allowed, capacity):
+        """The least-sensitivity picks within the instruction cap, or None."""
+        base = self._knapsack(allowed, capacity)
+        cap = self.instructions_cap
+        if base is None or cap is None or self._instructions(base) <= cap:
+            return base
+        low = self._knapsack(allowed, capacity, by_instructions=True)
+        if self._instructions(low) > cap:
+            return None
+        best = low
+        gap_s = max(self._sensitivity(low) - self._sensitivity(base), 1e-30)
+        gap_i = max(self._instructions(base) - self._instructions(low), 1e-30)
+        lo, hi = math.log(gap_s / gap_i) - 12.0, math.log(gap_s / gap_i) + 12.0
+        for _ in range(self.STEPS):
+            mid = 0.5 * (lo + hi)
+            picks = self._knapsack(allowed, capacity, weight=math.exp(mid))
+            if picks is not None and self._instructions(picks) <= cap:
+                if self._sensitivity(picks) < self._sensitivity(best):
+                    best = picks
+                hi = mid
+            else:
+                lo = mid
+        return self._improve(allowed, capacity, best)
+
+    def _improve(self, allowed, capacity, picks):
+        """Single-layer swaps that lower the sensitivity within the bytes and
+        the instruction cap, best first, until none does: the Lagrangian
+        search only reaches plans on its convex hull (with identical
+        layers, one of each choice is never on it)."""
+        picks = dict(picks)
+        cap = self.instructions_cap
+        while True:
+            size = sum(self.found.offers[n][i].bytes for n, i in picks.items())
+            count = self._instructions(picks)
+            best, gain = None, 1e-12
+            for name, idx in allowed.items():
+                now = self.found.offers[name][picks[name]]
+                cost = self.costs[name][picks[name]]
+                for i in idx:
+                    o, c = self.found.offers[name][i], self.costs[name][i]
+                    if (size - now.bytes + o.bytes <= capacity
+                            and count - cost.instructions + c.instructions <= cap
+                            and now.sensitivity - o.sensitivity > gain):
+                        best, gain = (name, i), now.sensitivity - o.sensitivity
+            if best is None:
+                return picks
+            picks[best[0]] = best[1]
+
+    def _thresholds(self, allowed):
+        buffers = sorted({self.costs[n][i].buffer for n, idx in allowed.items()
+                          for i in idx}, reverse=True)
+        return [b for b in buffers if b <= self.arena_cap]
+
+    @staticmethod
+    def _below(allowed, costs, threshold):
+        return {n: [i for i in idx if costs[n][i].buffer <= threshold]
+                for n, idx in allowed.items()}
+
+    def solve(self, allowed, limit, lut, dense):
+        """The picks `{layer: offer index}` within `limit` file bytes and the
+        caps, or None."""
+        capacity = self._capacity(limit, lut, dense)
+        if capacity < 0:
+            return None
+        if self.arena_cap is None:
+            return self._within_instructions(allowed, capacity)
+        for threshold in self._thresholds(allowed):
+            below = self._below(allowed, self.costs, threshold)
+            picks = self._within_instructions(below, capacity)
+            if picks is None:
+                if self._knapsack(below, capacity) is None:
+                    return None  # smaller buffers leave even less
+                continue
+            if _arena([self.costs[n][i] for n, i in picks.items()]) <= self.arena_cap:
+                return picks
+        return None
+
+    def impossible(self, budget, scenarios, profile, int8_instructions):
+        """The message for caps that no plan within the budget meets: the
+        least instructions and arena each achieves alone."""
+        least_instructions, least_arena = math.inf, math.inf
+        for dense in scenarios:
+            for lut in (False, True):
+                allowed = self.found._allowed(dense, lut)
+                capacity = self._capacity(budget, lut, dense)
+                if capacity < 0:
+                    continue
+                picks = self._knapsack(allowed, capacity, by_instructions=True)
+                if picks is not None:
+                    least_instructions = min(least_instructions, self._instructions(picks))
+                for threshold in sorted({self.costs[n][i].buffer
+                                         for n, idx in allowed.items() for i in idx}):
+                    below = self._below(allowed, self.costs, threshold)
+                    groups = {n: idx for n, idx in below.items()}
+                    names = list(groups)
+                    state = [[(self.found.offers[n][i].bytes, self.costs[n][i].state,
+                               self.found.offers[n][i].sensitivity) for i in groups[n]]
+                             for n in names]
+                    chosen = knapsack.solve(state, capacity)
+                    if chosen is None:
+                        continue
+                    picks = {n: groups[n][p] for n, p in zip(names, chosen)}
+                    least_arena = min(least_arena, _arena(
+                        [self.costs[n][i] for n, i in picks.items()]))
+        parts = []
+        total = int8_instructions or 0.0
+        if self.instructions_cap is not None:
+            cap = self.instructions_cap / total if total else 0.0
+            parts.append(
+                f"max_instructions_growth={cap:.4g} (+{cap:.2%} over the int8 model's "
+                f"{total:,.0f} instructions): the least a plan within budget_bytes="
+                f"{budget:,} adds on {profile.name} is "
+                f"{least_instructions / total if total else 0.0:.4g} "
+                f"(+{least_instructions / total if total else 0.0:.2%}, "
+                f"{least_instructions:,.0f} instructions)")
+        if self.arena_cap is not None:
+            parts.append(
+                f"max_arena_growth_bytes={self.arena_cap:,}: the least arena growth a "
+                f"plan within budget_bytes={budget:,} has on {profile.name} "
+                f"({profile.kernels} kernels) is {least_arena:,.0f} B")
+        met = ((self.instructions_cap is None
+                or least_instructions <= self.instructions_cap)
+               and (self.arena_cap is None or least_arena <= self.arena_cap))
+        text = "no plan meets the caps: " + "; ".join(parts)
+        if met:
+            text += (". Each cap alone can be met, but no plan found meets both: "
+                     "raise one of them")
+        else:
+            text += ". Raise the cap to at least that, or the budget"
+        return text + "."
 
 
 def choices(
@@ -980,6 +1690,7 @@ def choices(
     max_batches=8,
     kmeans_iterations=8,
     weighting="fisher",
+    int4=True,
 ):
     """Measures every layer's choices: bytes and sensitivity (no budget yet).
 
@@ -1012,7 +1723,7 @@ def choices(
     else:
         fisher = {k: np.ones(v.shape) for k, v in kernels.items()}
 
-    def sensitivity(name, b, mode):
+    def sensitivity(name, b, mode, representation=LUT):
         total = 0.0
         for key in kernels:
             if key[0] != name:
@@ -1021,22 +1732,50 @@ def choices(
             axes = specs[key].channel_axes
             if mode == INT8:
                 total += sensitivity_lib.int8_distortion(array, axes, fisher[key])
+            elif representation == INT4:
+                total += int4_distortion(array, axes, b, mode, fisher[key],
+                                         kmeans_iterations)
             else:
                 total += sensitivity_lib.kmeans_distortion(
                     array, axes, b, mode, fisher[key], kmeans_iterations)
         return total
 
+    def int4_modes(name):
+        return [m for m in byte_model.int4_modes(name) if m in modes] if int4 else []
+
+    # An int4 FULLY_CONNECTED layer needs every Dense kernel per tensor:
+    # then each Dense layer's LUTs are offered twice, costed per channel
+    # (dense_per_tensor False) and, per tensor, with one table (True).
+    split = any(byte_model.is_dense(n) and int4_modes(n) for n in byte_model.tensors)
     offers = {}
     for name in byte_model.tensors:
         int8_bytes = byte_model.int8_layer_bytes(name)
-        offers[name] = [(None, INT8, int8_bytes, sensitivity(name, None, INT8))]
+        facts = byte_model.tensors[name]
+        offers[name] = [Offer(None, INT8, int8_bytes, sensitivity(name, None, INT8))]
+        dense = byte_model.is_dense(name)
         for b in bits:
             for mode in modes:
-                if not _fits(byte_model.tensors[name], b, mode):
+                if not plan_costs.fits(facts, b, mode):
                     continue
                 cost = byte_model.layer_bytes(name, b, mode)
+                per_tensor = None
+                if dense and split and mode == "tensor":
+                    per_tensor = _dense_per_tensor_bytes(facts, b)
+                if cost is None and per_tensor is None:
+                    continue
+                value = sensitivity(name, b, mode)
                 if cost is not None:
-                    offers[name].append((b, mode, cost, sensitivity(name, b, mode)))
+                    offers[name].append(Offer(b, mode, cost, value, LUT,
+                                              False if dense and split else None))
+                if per_tensor is not None:
+                    offers[name].append(Offer(b, mode, per_tensor, value, LUT, True))
+        for mode in int4_modes(name):
+            b = _int4_bits(facts, mode)
+            if b is None:
+                continue
+            offers[name].append(Offer(
+                b, mode, byte_model.int4_layer_bytes(name),
+                sensitivity(name, b, mode, INT4), INT4, True if dense else None))
     return Choices(byte_model=byte_model, offers=offers,
                    layer_types={n: type(layers[n]).__name__ for n in offers},
                    bits=bits, modes=modes,
@@ -1044,11 +1783,51 @@ def choices(
                            else "labels" if y is not None else "outputs"))
 
 
-def _fits(tensors, bits, mode):
-    """Whether LUT-Q takes this choice: K <= the weights of each table."""
-    k = 2**bits
+def _dense_per_tensor_bytes(tensors, bits):
+    """A Dense layer's per-tensor LUT bytes under `DENSE_PER_TENSOR`, or
+    None where that does not hold or pay."""
+    total = 0
     for facts in tensors:
-        per_table = facts.size // facts.channels if mode == "channel" else facts.size
-        if per_table < k:
-            return False
-    return True
+        cost = facts.dense_per_tensor_lut_bytes(bits)
+        if cost is None:
+            return None
+        total += cost
+    return total
+
+
+def _int4_bits(tensors, mode):
+    """The index bits of an int4 dictionary for a layer: 4 (K = 16) where
+    each table has >= 16 weights, else the most its tables allow, or None."""
+    for b in range(INT4_MAX_BITS, 0, -1):
+        if plan_costs.fits(tensors, b, mode):
+            return b
+    return None
+
+
+def int4_distortion(array, channel_axes, bits, mode, weights, iterations=20):
+    """`1/2 sum F (w - q)^2` of LUT-Q's initial fit of an int4-exact dictionary.
+
+    As `sensitivity.kmeans_distortion`, with the `Int4` constraint's own
+    projection (`constraint="int4"`: every table s * k, k in [-8, 7]).
+
+    Args:
+        array: float32 kernel.
+        channel_axes: Its output-channel axes.
+        bits: Index bits (K = 2**bits <= 16).
+        mode: `"tensor"` or `"channel"`.
+        weights: F, shaped like `array`.
+        iterations: Lloyd steps after the quantile seeds.
+    """
+    import tensorflow as tf
+
+    from lutq_tf.quantizer import LUTQuantizer
+    from lutq_tf.registry import channel_matrix
+
+    w = channel_matrix(np.asarray(array, np.float32), channel_axes)
+    f = channel_matrix(np.asarray(weights, np.float64), channel_axes)
+    quantizer = LUTQuantizer(bits=bits, per_channel=mode == "channel",
+                             constraint="int4", init_iterations=iterations)
+    shaped = w if mode != "tensor" else w.reshape(-1, 1)
+    _, _, q = quantizer.initialize(tf.constant(shaped))
+    q = np.asarray(q, np.float64).reshape(w.shape)
+    return 0.5 * float(np.sum(f * np.square(w - q)))
