@@ -99,9 +99,6 @@ class Row:
     float_snr_db: object = None
     float_max_diff: float = 0.0
     reference_scratch: int = 0
-    # The arena without the reference kernels' int4 unpack buffers: see
-    # `arena_without_unpack` (equal to `arena_bytes` for files without int4).
-    unpacked_arena_bytes: int = 0
     notes: list = dataclasses.field(default_factory=list)
 
 
@@ -157,63 +154,12 @@ def agreement(expected, real):
 
 def reference_scratch(model_bytes):
     """The largest scratch buffer the reference kernels request for a file's
-    ops (aligned): for int4 filters, the unpacked filter. The CMSIS-NN arena
-    estimate (`device.arena`) keeps it, as an upper bound."""
+    ops (aligned): for int4 filters, the unpacked filter, which CMSIS-NN
+    does not allocate (`device.arena` leaves it out for CMSIS-NN)."""
     from tflite_export import kernel_scratch
 
     rows = kernel_scratch.op_scratch(model_bytes, aligned=True)
     return max((r.reference or 0 for r in rows), default=0)
-
-
-def int8_twin(model_bytes):
-    """The file with every INT4 tensor unpacked to INT8 (same codes, scales
-    and graph), or None when it holds no INT4 tensor."""
-    import numpy as np
-    from tflite_micro.tensorflow.lite.micro.compression import model_editor
-    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated
-
-    from tflite_export import int4
-    from tflite_export import tflm
-
-    model = model_editor.read(model_bytes)
-    found = False
-    for tensor in model.subgraphs[0].tensors:
-        if tensor.dtype == schema_py_generated.TensorType.INT4:
-            codes = int4.unpack(tensor.buffer.data, int(np.prod(tensor.shape)))
-            tensor.dtype = schema_py_generated.TensorType.INT8
-            tensor.buffer = model_editor.Buffer(data=codes.tobytes())
-            found = True
-    if not found:
-        return None
-    model_editor.prune_buffers(model)
-    return tflm.align(model.build())
-
-
-def _largest_cmsis_scratch(model_bytes):
-    from tflite_export import kernel_scratch
-
-    rows = kernel_scratch.op_scratch(model_bytes, aligned=True)
-    return max((r.cmsis_nn or 0 for r in rows), default=0)
-
-
-def arena_without_unpack(target, model_bytes, arena_bytes):
-    """The CMSIS-NN arena of a file with int4 filters, without the reference
-    kernels' unpack buffers that `device.arena` keeps (its bound runs the
-    wheel's reference kernels, which unpack each int4 filter into a scratch
-    buffer; CMSIS-NN's s4 kernels do not): the estimate of the file's int8
-    twin (same graph, no unpacking) with its largest CMSIS-NN scratch
-    buffer replaced by the int4 file's. `arena_bytes` for files without
-    int4 weights and for reference-kernel targets."""
-    from tflite_export import arena
-    from tflite_export import device as device_lib
-    from tflite_export import target as targets
-
-    twin = int8_twin(model_bytes)
-    if twin is None or targets.get(target).kernels != "cmsis-nn":
-        return arena_bytes
-    twin_arena, _ = device_lib.arena(target, twin, arena.find_arena_size(twin))
-    return (twin_arena - _largest_cmsis_scratch(twin)
-            + _largest_cmsis_scratch(model_bytes))
 
 
 def dense_layers(model):
@@ -261,7 +207,6 @@ def _row(name, variant, bits, result, int8, total_weights, data, expected, path,
         int8_weights=int8_weights(total_weights, report),
         float_top1=top1, float_snr_db=snr, float_max_diff=diff,
         reference_scratch=reference_scratch(written),
-        unpacked_arena_bytes=int(arena_without_unpack(report.target, written, arena_bytes)),
         notes=list(notes),
     )
 
@@ -344,6 +289,7 @@ def markdown(rows, command, seconds, target):
     from tflite_export import target as targets
 
     profile = targets.get(target)
+    unpack = ", which CMSIS-NN does not allocate" if profile.kernels == "cmsis-nn" else ""
     lines = [
         f"# Exports on the device ({profile.name})",
         "",
@@ -361,12 +307,11 @@ def markdown(rows, command, seconds, target):
         "*arena*: an upper bound for a 32-bit Cortex-M build "
         "with the profile's kernel set (the wheel's activations and scratch, its "
         "persistent data recomputed for 32-bit pointers, plus CMSIS-NN's largest "
-        "scratch buffer; `device.arena`; the wheel's scratch includes the reference "
-        "kernels' int4 unpack buffers, which CMSIS-NN does not allocate; *ref. scratch* is "
-        "the largest reference-kernel scratch buffer); *arena w/o unpack*: for int4 files, "
-        "the same estimate made on the file's int8 twin (same graph, no unpacking) with "
-        "its largest CMSIS-NN scratch buffer replaced by the int4 file's "
-        "(`arena_without_unpack`); *host arena*: "
+        "scratch buffer; `device.arena`; for CMSIS-NN, without the reference kernels' "
+        "int4 unpack buffers, which CMSIS-NN's s4 kernels do not allocate: the wheel's "
+        "figures are those of the file with its int4 filters stored int8; *ref. scratch* "
+        "is the largest reference-kernel scratch buffer, for int4 files the largest "
+        "unpack buffer); *host arena*: "
         "the smallest arena on the x86-64 tflite-micro wheel (reference kernels). "
         "*decode*: instructions per inference decoding the weights; *int4 instr.*: "
         "the int4 kernels' extra instructions over int8; shares are of the int8 "
@@ -375,10 +320,10 @@ def markdown(rows, command, seconds, target):
         "(top-1 for classifiers, SNR otherwise). *default* is what `export(..., "
         f"target=\"{profile.name}\")` writes; *LUT (forced)* is `decode=\"always\"`.",
         "",
-        "| model | variant | bits | file | firmware | report | arena | arena w/o unpack "
+        "| model | variant | bits | file | firmware | report | arena "
         "| host arena | decode ops | decode instr. | share | int4 ops | int4 instr. | share "
         "| int8 weights | ref. scratch | paths | bit-exact | vs float |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for r in rows:
@@ -386,7 +331,7 @@ def markdown(rows, command, seconds, target):
         lines.append(
             f"| {r.model} | {r.variant} | {r.bits} | {r.file_bytes:,} "
             f"| {r.firmware_change:+,} | {r.flash_change:+,} "
-            f"| {r.arena_bytes:,} | {r.unpacked_arena_bytes:,} | {r.host_arena_bytes:,} "
+            f"| {r.arena_bytes:,} | {r.host_arena_bytes:,} "
             f"| {r.decode_ops} "
             f"| {r.decode_instructions:,.0f} | {100 * r.decode_share:.1f} % "
             f"| {r.int4_ops} | {r.int4_instructions:,.0f} | {100 * r.int4_share:.1f} % "
@@ -401,9 +346,9 @@ def markdown(rows, command, seconds, target):
         f"- {r.model}: {r.int4_weights:,} weights int4 in {r.int4_ops} op(s), "
         f"{r.int8_weights:,} left int8; firmware {r.firmware_change:+,} B against the "
         f"int8 row ({r.flash_change:+,} B against its own int8 twin); arena "
-        f"{r.unpacked_arena_bytes - r.int8_arena_bytes:+,} B against int8 without the "
-        f"reference kernels' unpack buffers ({r.arena_bytes - r.int8_arena_bytes:+,} B "
-        f"with them, `result.device`'s bound; largest {r.reference_scratch:,} B); "
+        f"{r.arena_bytes - r.int8_arena_bytes:+,} B against int8 "
+        f"(`result.device.arena_bytes`; the reference kernels' largest unpack buffer "
+        f"{r.reference_scratch:,} B{unpack}); "
         f"{_agreement_text(r)} against float Keras."
         + "".join(f" {n[0].upper()}{n[1:]}." for n in r.notes)
         for r in rows if r.variant == "int4"

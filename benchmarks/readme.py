@@ -279,7 +279,7 @@ def device():
         int4 = row(m, "int4")
         cells = ["-"] * 4 if int4 is None else [
             f"{int4['file_bytes']:,}", f"{int4['firmware_change']:+,}",
-            f"{int4['unpacked_arena_bytes']:,}", share(int4["int4_share"])]
+            f"{int4['arena_bytes']:,}", share(int4["int4_share"])]
         lines.append(
             f"| {m} | {int8['file_bytes']:,} | {int8['arena_bytes']:,} | {lut['bits']} "
             f"| {lut['file_bytes']:,} | {lut['firmware_change']:+,} | {lut['arena_bytes']:,} "

@@ -81,7 +81,6 @@ def _rows():
         device.Row(variant="int4", file_bytes=550, flash_change=-400, arena_bytes=900,
                    firmware_change=-450, int4_ops=3, int4_weights=900,
                    int4_instructions=8e5, int4_share=0.8, reference_scratch=400,
-                   unpacked_arena_bytes=520,
                    notes=["two batch norm(s) folded"],
                    **{**base, "float_top1": None, "float_snr_db": 30.0}),
     ]
@@ -91,12 +90,13 @@ def test_markdown_has_the_int4_row_and_its_summary():
     text = device.markdown(_rows(), "python -m benchmarks.device", 60, "cortex-m4-cmsis-nn")
     (row,) = [line for line in text.splitlines() if line.startswith("| M | int4 |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[3:9] == ["550", "-450", "-400", "900", "520", "600"]
-    assert cells[12:15] == ["3", "800,000", "80.0 %"]
+    assert cells[3:8] == ["550", "-450", "-400", "900", "600"]
+    assert cells[11:14] == ["3", "800,000", "80.0 %"]
     assert cells[-1] == "SNR 30.0 dB" and cells[-2] == "yes"
     assert ("- M: 900 weights int4 in 3 op(s), 0 left int8; firmware -450 B against the "
-            "int8 row (-400 B against its own int8 twin); arena +20 B against int8 "
-            "without the reference kernels' unpack buffers (+400 B with them") in text
+            "int8 row (-400 B against its own int8 twin); arena +400 B against int8 "
+            "(`result.device.arena_bytes`; the reference kernels' largest unpack buffer "
+            "400 B, which CMSIS-NN does not allocate)") in text
     assert "Two batch norm(s) folded." in text
 
 
@@ -115,51 +115,10 @@ def test_readme_block_shows_lut_and_int4_per_model(monkeypatch, tmp_path):
     (row,) = [line for line in lines if line.startswith("| M |")]
     cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
     assert cells["LUT firmware"] == "+20,100" and cells["LUT instr."] == "+2.0 %"
-    assert cells["int4 firmware"] == "-450" and cells["int4 arena"] == "520"
+    assert cells["int4 firmware"] == "-450" and cells["int4 arena"] == "900"
     assert cells["int4 instr."] == "+80.0 %" and cells["default export writes"] == "int8"
     # A record without int4 rows still renders.
     record["rows"] = record["rows"][:3]
     write()
     (row,) = [line for line in readme.device() if line.startswith("| M |")]
     assert row.count("| - ") == 4
-
-
-def test_int8_twin_unpacks_int4_tensors_and_is_none_without_them():
-    from tflite_micro.tensorflow.lite.micro.compression import model_editor
-    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
-
-    from tflite_export import int4
-
-    codes = np.array([1, -2, 7, -8, 0], np.int8)
-    other = np.array([5, 6], np.int8)
-    packed = model_editor.Tensor(shape=(5,), dtype=schema.TensorType.INT4,
-                                 data=int4.pack(codes))
-    plain = model_editor.Tensor(shape=(2,), dtype=schema.TensorType.INT8, data=other.tobytes())
-    out = model_editor.Tensor(shape=(2,), dtype=schema.TensorType.INT8)
-    op = model_editor.Operator(opcode=schema.BuiltinOperator.ADD, inputs=[packed, plain],
-                               outputs=[out])
-    model = model_editor.Model(subgraphs=[model_editor.Subgraph(
-        tensors=[packed, plain, out], operators=[op], outputs=[out])])
-    twin = model_editor.read(device.int8_twin(model.build()))
-    first, second, _ = twin.subgraphs[0].tensors
-    assert first.dtype == second.dtype == schema.TensorType.INT8
-    assert bytes(first.buffer.data) == codes.tobytes()
-    assert bytes(second.buffer.data) == other.tobytes()
-    assert device.int8_twin(model_editor.read(device.int8_twin(model.build())).build()) is None
-
-
-def test_arena_without_unpack_swaps_the_twins_cmsis_nn_scratch(monkeypatch):
-    from tflite_export import arena
-    from tflite_export import device as device_lib
-    from tflite_export import kernel_scratch
-
-    monkeypatch.setattr(device, "int8_twin", lambda b: None if b == b"plain" else b"twin")
-    monkeypatch.setattr(arena, "find_arena_size", lambda b: 1000)
-    monkeypatch.setattr(device_lib, "arena", lambda target, b, wheel: (wheel + 300, "note"))
-    scratch = {b"twin": 100, b"int4": 250}
-    monkeypatch.setattr(kernel_scratch, "op_scratch", lambda b, aligned: [
-        types.SimpleNamespace(cmsis_nn=scratch[b], reference=None)])
-    assert device.arena_without_unpack("cortex-m4-cmsis-nn", b"int4", 99_999) == 1300 - 100 + 250
-    # The reference kernels do unpack; files without int4 keep their estimate.
-    assert device.arena_without_unpack("cortex-m4-ref", b"int4", 99_999) == 99_999
-    assert device.arena_without_unpack("cortex-m4-cmsis-nn", b"plain", 5) == 5

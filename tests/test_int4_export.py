@@ -284,3 +284,63 @@ def test_int4_on_a_target_adds_no_code_and_reports_its_instructions(tmp_path, pr
     assert int4.instructions == pytest.approx(expected) and int4.instructions > 0
     assert int4.saved_bytes == k.size // 2
     assert "int4 weights in 1 op(s)" in str(result)
+
+
+def test_slim_keeps_the_bias_scale_tflm_reads_and_drops_the_others(tmp_path):
+    """TFLM checks the bias scale of a per-tensor FULLY_CONNECTED (against
+    input x filter scale) and of no per-channel op: the slim file keeps the
+    Dense bias's quantisation, drops the conv's, and the step is kept."""
+    from tflite_export import flatbuffer
+
+    rng = np.random.default_rng(4)
+    inp = keras.Input((6, 6, 4))
+    conv = keras.layers.Conv2D(8, 3, activation="relu", name="conv")
+    head = keras.layers.Dense(4, name="head")
+    model = keras.Model(inp, head(keras.layers.Flatten()(conv(inp))))
+    conv.kernel.assign(_grid_kernel(tuple(conv.kernel.shape), 3, rng, True)[0])
+    # Every channel holds all 16 codes: one dictionary per tensor.
+    k = np.stack([rng.permutation(np.tile(np.arange(-8, 8), 8)) for _ in range(4)], 1)
+    head.kernel.assign((0.02 * k).astype(np.float32))
+    for layer in (conv, head):
+        layer.bias.assign(rng.normal(0, 0.05, layer.bias.shape).astype(np.float32))
+    data = rng.normal(size=(16, 6, 6, 4)).astype(np.float32)
+    path = str(tmp_path / "m.tflite")
+    result = tflite_export.export(model, path, data, int4="always",
+                                  weight_quantization="dense_per_tensor")
+    assert result.verification.bit_exact
+    assert "bias_quantization" in result.slim_steps
+    assert not any("bias_quantization" in n for n in result.notes)
+    with open(path, "rb") as f:
+        flat = schema.ModelT.InitFromPackedBuf(bytearray(f.read()), 0)
+    sub = flat.subgraphs[0]
+    biases = {}
+    for op in sub.operators:
+        name = flatbuffer.op_name(flat, op)
+        if name in ("CONV_2D", "FULLY_CONNECTED"):
+            assert sub.tensors[op.inputs[1]].type == schema.TensorType.INT4
+            biases[name] = sub.tensors[op.inputs[2]].quantization
+    assert biases["CONV_2D"] is None
+    assert biases["FULLY_CONNECTED"] is not None
+    assert len(biases["FULLY_CONNECTED"].scale) == 1
+
+
+def test_as_int8_unpacks_int4_tensors_and_is_none_without_them():
+    from tflite_micro.tensorflow.lite.micro.compression import model_editor
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as mschema
+
+    codes = np.array([1, -2, 7, -8, 0], np.int8)
+    other = np.array([5, 6], np.int8)
+    packed = model_editor.Tensor(shape=(5,), dtype=mschema.TensorType.INT4,
+                                 data=int4_lib.pack(codes))
+    plain = model_editor.Tensor(shape=(2,), dtype=mschema.TensorType.INT8, data=other.tobytes())
+    out = model_editor.Tensor(shape=(2,), dtype=mschema.TensorType.INT8)
+    op = model_editor.Operator(opcode=mschema.BuiltinOperator.ADD, inputs=[packed, plain],
+                               outputs=[out])
+    model = model_editor.Model(subgraphs=[model_editor.Subgraph(
+        tensors=[packed, plain, out], operators=[op], outputs=[out])])
+    unpacked = int4_lib.as_int8(model.build())
+    first, second, _ = model_editor.read(unpacked).subgraphs[0].tensors
+    assert first.dtype == second.dtype == mschema.TensorType.INT8
+    assert bytes(first.buffer.data) == codes.tobytes()
+    assert bytes(second.buffer.data) == other.tobytes()
+    assert int4_lib.as_int8(unpacked) is None

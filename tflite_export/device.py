@@ -14,7 +14,9 @@ same model), so it judges any .tflite the same way:
 - the arena for the target's kernel set (`arena`): an upper bound of a
   32-bit Cortex-M build's, from the wheel's recorded split (activations
   kept, persistent data recomputed for 32-bit pointers: `arena.device_arena`),
-  plus the largest CMSIS-NN scratch request (`kernel_scratch`) for CMSIS-NN.
+  plus the largest CMSIS-NN scratch request (`kernel_scratch`) for CMSIS-NN
+  (without the reference kernels' int4 unpack buffers, which CMSIS-NN does
+  not allocate).
 """
 
 import dataclasses
@@ -24,6 +26,7 @@ from tensorflow.lite.python import schema_py_generated as schema
 
 from tflite_export import arena as arena_lib
 from tflite_export import flatbuffer
+from tflite_export import int4 as int4_lib
 from tflite_export import kernel_scratch
 from tflite_export import target as targets
 
@@ -447,7 +450,19 @@ def arena(target, model_bytes, wheel_arena_bytes, compiler="gcc", recording=None
     aligned to 16 B) is added, and a 4-byte handle per request; the
     reference kernels' own scratch, already in the wheel's head, is not
     subtracted (a scratch buffer lives only while its op runs, so the
-    largest one bounds what CMSIS-NN adds to the plan).
+    largest one bounds what CMSIS-NN adds to the plan), except the int4
+    unpack buffers: for a file with INT4 filters the CMSIS-NN estimate is
+    made on the wheel's arena of the file with those filters stored INT8
+    (`int4.as_int8`: the same graph, which the reference kernels run
+    without unpacking), with the int4 file's CMSIS-NN requests. The
+    reference kernels unpack each INT4 filter into a scratch buffer of its
+    element count (conv_common.cc:204-212, depthwise_conv_common.cc:202-210,
+    fully_connected.cc:69-77 at 90b983c2); CMSIS-NN's kernels run s4
+    filters packed and request only their own scratch: CONV_2D the s8
+    im2col buffer (cmsis_nn/conv.cc:154-168), DEPTHWISE_CONV_2D
+    `arm_depthwise_conv_wrapper_s4_get_buffer_size` (C x KH x KW int16 on
+    the opt path, even for 3x3; cmsis_nn/depthwise_conv.cc:175-191),
+    FULLY_CONNECTED none (cmsis_nn/fully_connected.cc:127).
 
     Args:
         target: A profile name or `target.Target`.
@@ -465,20 +480,35 @@ def arena(target, model_bytes, wheel_arena_bytes, compiler="gcc", recording=None
     """
     target = targets.get(target)
     names, decodes, num_inputs = arena_ops(model_bytes)
+    packed = None
+    if target.kernels == "cmsis-nn":
+        unpacked = int4_lib.as_int8(model_bytes)
+        if unpacked is not None:
+            # The wheel's head without the reference int4 unpack buffers.
+            packed = model_bytes
+            model_bytes = unpacked
+            wheel_arena_bytes = arena_lib.find_arena_size(
+                unpacked, num_inputs, "model with its int4 filters as int8")
+            recording = None
     if recording is None:
         recording = arena_lib.record(
             model_bytes, wheel_arena_bytes + arena_lib.MARGIN, num_inputs)
     if recording is None:
-        return _host_arena(target, model_bytes, wheel_arena_bytes, compiler,
+        return _host_arena(target, packed or model_bytes, wheel_arena_bytes, compiler,
                            "the wheel reported no split of its arena")
     estimate = arena_lib.device_arena(
         recording, names, decodes, target.kernels, wheel_arena_bytes)
     basis = (
         f"estimated for a 32-bit Cortex-M build of TFLM {kernel_scratch.TFLM_COMMIT[:8]} "
         f"with {target.kernels} kernels, an upper bound: the wheel's activations and "
-        f"scratch {estimate.head:,} B + persistent data recomputed for 32-bit pointers "
+        f"scratch {estimate.head:,} B"
+        + (" (of the file with its int4 filters as int8: CMSIS-NN runs them packed, "
+           "without the reference kernels' unpack buffers)" if packed else "")
+        + f" + persistent data recomputed for 32-bit pointers "
         f"{estimate.tail_bytes:,} B (the wheel's {estimate.wheel_tail:,} B)"
     )
+    if packed is not None:
+        model_bytes = packed
     total = estimate.after_allocation
     peak = estimate.prepare_peak
     if target.kernels == "cmsis-nn":
@@ -490,8 +520,9 @@ def arena(target, model_bytes, wheel_arena_bytes, compiler="gcc", recording=None
         peak += count * arena_lib.SCRATCH_REQUEST[1] if peak else 0
         basis += (
             f" + the largest CMSIS-NN scratch request {extra:,} B{where} (read from "
-            f"CMSIS-NN {kernel_scratch.CMSIS_NN_COMMIT[:8]}, {compiler} build; reference "
-            f"scratch not subtracted) + {handles} B of scratch handles"
+            f"CMSIS-NN {kernel_scratch.CMSIS_NN_COMMIT[:8]}, {compiler} build; "
+            f"{'other ' if packed else ''}reference scratch not subtracted) + {handles} B "
+            "of scratch handles"
         )
         data = sorted(set(names) & arena_lib.CMSIS_NN_UNMODELLED_DATA)
         if data:

@@ -345,3 +345,29 @@ def write(model_bytes, tensors):
         target.buffer = model_editor.Buffer(data=tensor.packed)
     model_editor.prune_buffers(model)
     return tflm.align(model.build())
+
+
+def as_int8(model_bytes):
+    """The file with every INT4 tensor of subgraph 0 stored as INT8 (the same
+    codes, scales and graph), or None when it holds no INT4 tensor.
+
+    TFLM's reference kernels run it without unpacking anything: its arena
+    on the wheel is the int4 file's without the unpack scratch buffers
+    (`device.arena` estimates CMSIS-NN's from it).
+    """
+    tflm.require()
+    from tflite_micro.tensorflow.lite.micro.compression import model_editor
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated
+
+    model = model_editor.read(bytes(model_bytes))
+    found = False
+    for tensor in model.subgraphs[0].tensors:
+        if tensor.dtype == schema_py_generated.TensorType.INT4:
+            codes = unpack(tensor.buffer.data, int(np.prod(tensor.shape)))
+            tensor.dtype = schema_py_generated.TensorType.INT8
+            tensor.buffer = model_editor.Buffer(data=codes.tobytes())
+            found = True
+    if not found:
+        return None
+    model_editor.prune_buffers(model)
+    return tflm.align(model.build())

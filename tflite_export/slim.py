@@ -3,9 +3,11 @@
 TF's converter writes tensor names, signature defs, conversion metadata, a
 zero point per channel (int64), quantisation arrays for int32 biases and
 one empty buffer per activation tensor. On a small model that is half the
-file. Each step below is named so that the exporter can drop one that
-changes an output on TFLM (it verifies the slim file bit-exact against the
-full one) and say so in its report.
+file. Bias quantisation goes only where TFLM never reads it (it checks the
+bias scale of FULLY_CONNECTED with a per-tensor filter: `_bias_and_encoded`).
+Each step below is named so that the exporter can drop one that changes an
+output on TFLM (it verifies the slim file bit-exact against the full one)
+and say so in its report.
 """
 
 import flatbuffers
@@ -31,20 +33,42 @@ STEPS = (
 _DECODE = "TFLM_DECODE"
 
 
+def _per_tensor(subgraph, index):
+    """Whether tensor `index` is quantised with one scale (per tensor)."""
+    quant = subgraph.tensors[index].quantization
+    scales = quant.scale if quant is not None else None
+    return scales is not None and len(scales) == 1
+
+
 def _bias_and_encoded(model, subgraph):
-    """Indices of the weight ops' biases and of DECODE's encoded inputs."""
-    biases, encoded = set(), set()
+    """Indices of the weight ops' biases whose quantisation TFLM never
+    reads, and of DECODE's encoded inputs.
+
+    TFLM reads a bias's scale only where a kernel checks it against input
+    scale x filter scale: FULLY_CONNECTED with a per-tensor filter
+    (fully_connected_common.cc:136-141 -> kernel_util.cc:291-325 at
+    90b983c2, int8 and int4 filters, reference and CMSIS-NN kernels alike;
+    a bias without quantisation has scale 0 and fails the check). Per-channel
+    filters (conv, depthwise, FULLY_CONNECTED) take per-channel multipliers
+    from the filter's scales, and CONV_2D / DEPTHWISE_CONV_2D check the bias
+    only for uint8 input (kernel_util.cc:271-281), which the exporter never
+    writes.
+    """
+    biases, read, encoded = set(), set(), set()
     for op in subgraph.operators:
         name = flatbuffer.op_name(model, op)
         inputs = list(op.inputs) if op.inputs is not None else []
         if name in flatbuffer.WEIGHT_OPS:
             slot = 3 if name == "TRANSPOSE_CONV" else 2
             if len(inputs) > slot and inputs[slot] >= 0:
-                biases.add(int(inputs[slot]))
+                bias = int(inputs[slot])
+                biases.add(bias)
+                if name == "FULLY_CONNECTED" and _per_tensor(subgraph, inputs[1]):
+                    read.add(bias)
         elif name == _DECODE:
             # Inputs come in (encoded, ancillary) pairs.
             encoded.update(int(i) for i in inputs[0::2])
-    return biases, encoded
+    return biases - read, encoded
 
 
 def slim(model_bytes, steps=STEPS):
