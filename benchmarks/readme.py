@@ -5,7 +5,7 @@ committed results files.
 
 Each block sits between `<!-- generated: NAME -->` and `<!-- end -->`, in
 README.md (the headline), `benchmarks/RESULTS.md` (every other measured
-table) or a page of `docs/`; `tests/test_readme.py` checks that each file
+table) or a page of `docs/`; `tests/harness/test_readme.py` checks that each file
 holds what this renders, so no figure can drift from its results file.
 Blocks write links from the repository root (`benchmarks/results/...`);
 `render` makes them relative to the file that holds the block, and shows

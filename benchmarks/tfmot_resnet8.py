@@ -211,7 +211,7 @@ tfmot; fixed dictionary: -0.4 +- 0.3 pp for LUT-Q):
    layer, BN included (its registry lists BN with no clusterable weights),
    and `ClusterWeights.call` calls the wrapped layer without `training`, so
    BN normalises by the pretrained moving statistics and never updates them
-   (largest change over the epoch: 0.0; `tests/test_tfmot_resnet8.py`).
+   (largest change over the epoch: 0.0; `tests/harness/test_tfmot_resnet8.py`).
    LUT-Q with BN held the same way gains nothing on average (+0.4 +- 6.4).
    Wrapping only Conv2D/Dense (tfmot's documented `clone_model` pattern)
    lets BN train: 70.8 +- 1.0 % at K=4 (`tfmot-bntrain`).

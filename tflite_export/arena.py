@@ -245,7 +245,7 @@ def record(model_bytes, arena_bytes, num_inputs=1):
 # bytes: GCC for arm-none-eabi defaults to short enums, which only shrink
 # the structs, so the sizes bound either build. Read at TFLM 90b983c2
 # (`kernel_scratch.TFLM_COMMIT`); the wheel's sizes reproduce its recorded
-# bytes (tests/test_device.py).
+# bytes (tests/tflite_export/test_device.py).
 #
 # tensorflow/lite/core/c/common.h:753-765: {data, dims, type}.
 EVAL_TENSOR = (24, 12)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import paths
 import pytest
 
 from benchmarks import accuracy_vs_bits
@@ -17,7 +18,7 @@ from benchmarks import report
 from benchmarks import run_all
 from experiments import pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.REPO
 
 
 def _row(variant, accuracy, flash, **fields):

@@ -6,6 +6,7 @@ import pickle
 import tarfile
 
 import numpy as np
+import paths
 import pytest
 
 from experiments import datasets
@@ -129,8 +130,7 @@ def test_mnist_errors(tmp_path):
         datasets.load_mnist(tmp_path / "junk.npz")
 
 
-SHARED_MNIST = os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "data", "mnist.npz"
+SHARED_MNIST = os.path.join(paths.SHARED, "data", "mnist.npz"
 )
 
 

@@ -10,6 +10,7 @@ import os
 
 import keras
 import numpy as np
+import paths
 import pytest
 from test_export import check_written
 from test_export import tflm_outputs
@@ -277,7 +278,7 @@ def test_sign_test():
     assert verify_lib.sign_test(9, 1) == pytest.approx(11 / 1024)
 
 
-_AD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models",
+_AD = os.path.join(paths.SHARED, "models",
                    "mlperf_tiny_ad01.h5")
 
 

@@ -7,12 +7,13 @@ import subprocess
 
 import keras
 import numpy as np
+import paths
 import pytest
 
 from benchmarks import tfmot_resnet8
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SHARED = os.path.join(os.path.dirname(_REPO), "shared")
+_REPO = paths.REPO
+_SHARED = paths.SHARED
 _H5 = os.path.join(_SHARED, "models", "mlperf_tiny_resnet8.h5")
 _CIFAR = os.path.join(_SHARED, "data", "cifar10_jpeg.tgz")
 _COMPARE = os.environ.get("LUTQ_COMPARE_PYTHON", "/work/venv-compare/bin/python")

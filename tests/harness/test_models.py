@@ -4,16 +4,12 @@ import os
 
 import keras
 import numpy as np
+import paths
 import pytest
 
 from experiments import models
 
-RESNET8_H5 = os.path.join(
-    os.path.dirname(__file__),
-    "..",
-    "..",
-    "shared",
-    "models",
+RESNET8_H5 = os.path.join(paths.SHARED, "models",
     "mlperf_tiny_resnet8.h5",
 )
 needs_h5 = pytest.mark.skipif(

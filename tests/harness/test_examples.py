@@ -4,9 +4,10 @@ import os
 import subprocess
 import sys
 
+import paths
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.REPO
 
 
 def _run(module, *flags, timeout=300):

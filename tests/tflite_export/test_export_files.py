@@ -7,13 +7,14 @@ import sys
 import tempfile
 import zlib
 
+import paths
 import pytest
 
 from tflite_export import c_array
 from tflite_export import tempfiles
 from tflite_export import writer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = paths.REPO
 
 
 def _dead_pid():

@@ -1,13 +1,13 @@
-"""Runs LUT-Q training under tf.distribute, for `tests/test_distributed.py`.
+"""Runs LUT-Q training under tf.distribute, for `tests/lutq_tf/test_distributed.py`.
 
 Each mode runs in its own process (logical devices and the multi-worker
 runtime must be configured before TensorFlow initialises), trains the same
 LUT-Q MLP on the same data with a global batch of 32 for 20 steps (4 epochs
 of the same 5 batches), and saves what the test compares to an `.npz` file:
 
-    python tests/distributed_run.py reference OUT.npz
-    python tests/distributed_run.py mirrored OUT.npz WORKDIR
-    python tests/distributed_run.py worker INDEX PORT0,PORT1 OUT.npz WORKDIR
+    python tests/lutq_tf/distributed_run.py reference OUT.npz
+    python tests/lutq_tf/distributed_run.py mirrored OUT.npz WORKDIR
+    python tests/lutq_tf/distributed_run.py worker INDEX PORT0,PORT1 OUT.npz WORKDIR
 
 `mirrored` splits the CPU into 2 logical devices and uses MirroredStrategy;
 `worker` is one of 2 MultiWorkerMirroredStrategy processes on localhost.
@@ -22,7 +22,7 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 GLOBAL_BATCH = 32
 STEPS = 20

@@ -1,6 +1,6 @@
 """LUT-Q `fit` under tf.distribute matches single-device training.
 
-Each run is a `tests/distributed_run.py` process: logical devices and the
+Each run is a `tests/lutq_tf/distributed_run.py` process: logical devices and the
 multi-worker runtime must be set up before TensorFlow initialises, which
 pytest's process has long done. All runs train the same LUT-Q MLP (no
 BatchNormalization) for 20 steps with a global batch of 32. The four
@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import numpy as np
+import paths
 import pytest
 
 RUN = os.path.join(os.path.dirname(__file__), "distributed_run.py")
@@ -208,7 +209,7 @@ for name, case in (
 @pytest.mark.slow
 def test_a_model_made_outside_the_strategy_scope_gets_a_clear_error():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = paths.REPO
     done = subprocess.run([sys.executable, "-c", _SCOPE_CASES, root], env=env,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -431,7 +431,7 @@ def test_ram_budget_below_int8_arena_names_the_minimum(tmp_path):
 
 @pytest.mark.slow
 def test_cli_max_decode_bytes_and_bad_budget(tmp_path):
-    # In this process: tests/test_export_cli.py runs the entry point itself.
+    # In this process: tests/tflite_export/test_export_cli.py runs the entry point itself.
     model, data = lut_model("dense")
     model.save(tmp_path / "model.keras")
     np.save(tmp_path / "data.npy", data)

@@ -102,7 +102,7 @@ def test_k_larger_than_the_tensor_names_the_layer():
     with pytest.raises(ValueError, match="'conv'.*K=64.*36 weights"):
         lutq_tf.quantize_model(_model(), bits=6)
     # Per channel too when the tensor is smaller than K (with a smaller K,
-    # per_channel falls back to per tensor: tests/test_small_channels.py).
+    # per_channel falls back to per tensor: tests/lutq_tf/test_small_channels.py).
     with pytest.raises(ValueError, match="'conv'.*K=64.*9 weights.*channel"):
         lutq_tf.quantize_model(_model(), bits=6, per_channel=True)
     # The hint works: skipping the layer fixes it.

@@ -15,6 +15,7 @@ import types
 
 import keras
 import numpy as np
+import paths
 import pytest
 from test_loading import save_tf_keras_style_h5
 from test_loading import small_model
@@ -22,7 +23,7 @@ from test_loading import small_model
 import tflite_export
 from tflite_export import c_array
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = paths.REPO
 
 
 def _lut_model(seed=0):

@@ -12,14 +12,14 @@ import warnings
 
 import keras
 import numpy as np
+import paths
 import pytest
 
 import lutq_tf
 import tflite_export
 
 L = keras.layers
-SHARED_MODELS = os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "models")
+SHARED_MODELS = os.path.join(paths.SHARED, "models")
 FALLBACK_MARK = "tensor (channels < K)"
 
 
