@@ -43,8 +43,8 @@ _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024,
           "m": 1024**2, "mb": 1024**2, "mib": 1024**2}
 # `plan_costs.MAX_BITS` and `MODES`, written out: usage errors are reported
 # before TensorFlow is imported (tests check that they agree).
-_MAX_BITS = 7
-_MODES = ("tensor", "scaled", "channel")
+MAX_BITS = 7
+MODES = ("tensor", "scaled", "channel")
 
 
 def parse_budget(text):
@@ -94,9 +94,9 @@ def parse_arena_cap(text):
 def parse_bits(text):
     """`"1,2,4"` -> [1, 2, 4]; a ValueError naming `--bits` otherwise."""
     parts = [b.strip() for b in str(text).split(",") if b.strip()]
-    if not parts or not all(p.isdigit() and 1 <= int(p) <= _MAX_BITS for p in parts):
+    if not parts or not all(p.isdigit() and 1 <= int(p) <= MAX_BITS for p in parts):
         raise ValueError(
-            f"--bits={text!r}: give index bits in 1..{_MAX_BITS}, comma "
+            f"--bits={text!r}: give index bits in 1..{MAX_BITS}, comma "
             "separated (e.g. 1,2,3,4)."
         )
     return [int(p) for p in parts]
@@ -105,9 +105,9 @@ def parse_bits(text):
 def parse_modes(text):
     """`"tensor,channel"` -> a list; a ValueError naming `--modes` otherwise."""
     modes = [m.strip() for m in str(text).split(",") if m.strip()]
-    if not modes or any(m not in _MODES for m in modes):
+    if not modes or any(m not in MODES for m in modes):
         raise ValueError(
-            f"--modes={text!r}: give dictionary modes from {', '.join(_MODES)}, "
+            f"--modes={text!r}: give dictionary modes from {', '.join(MODES)}, "
             "comma separated (e.g. tensor,channel)."
         )
     return modes

@@ -413,8 +413,8 @@ def test_cli_names_bad_bits_and_modes_before_loading_anything(tmp_path, capsys):
                               "--data", str(tmp_path / "x.npy"), flag, text])
         assert code == 2
         assert f"{flag}='{text}'" in capsys.readouterr().err
-    assert plan_cli._MAX_BITS == plan_costs.MAX_BITS
-    assert plan_cli._MODES == plan_costs.MODES
+    assert plan_cli.MAX_BITS == plan_costs.MAX_BITS
+    assert plan_cli.MODES == plan_costs.MODES
 
 
 @pytest.fixture
