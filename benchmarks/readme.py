@@ -125,6 +125,7 @@ def recipe():
               "(`benchmarks.recipe.TARGETS`):", ""]
     lines += _recipe_table(recipe_lib, record, "resnet8")
     lines += recipe_lib.tfmot_pairs(record)
+    lines += recipe_lib.int4_pairs(record)
     if os.path.exists(os.path.join(RESULTS, "recipe_lenet.json")):
         lenet = _json("recipe_lenet.json")
         if "learning_rates" in lenet:
@@ -133,6 +134,7 @@ def recipe():
                       f"search: `{lenet['command']}`", ""]
             lines += _recipe_table(recipe_lib, lenet, "lenet")
             lines += recipe_lib.tfmot_pairs(lenet)
+            lines += recipe_lib.int4_pairs(lenet)
     return lines
 
 

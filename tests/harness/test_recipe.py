@@ -10,13 +10,14 @@ import types
 
 from absl import app
 import numpy as np
+import paths
 import pytest
 
 from benchmarks import recipe
 from benchmarks.record import save_record
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SHARED = os.path.join(os.path.dirname(_REPO), "shared")
+_REPO = paths.REPO
+_SHARED = paths.SHARED
 _H5 = os.path.join(_SHARED, "models", "mlperf_tiny_resnet8.h5")
 _CIFAR = os.path.join(_SHARED, "data", "cifar10_jpeg.tgz")
 _MNIST = os.path.join(_SHARED, "data", "mnist.npz")
@@ -84,7 +85,7 @@ def test_a_record_of_other_settings_is_refused(tmp_path):
 
 # Each variant's best rate in the fake search below.
 _BEST = {"float": 1e-4, "lutq2": 1e-3, "lutq4": 3e-4, "tfmot4": 3e-3, "lutq-t4": 1e-4,
-         "lutq-t16": 3e-5, "lutq4-pruned50": 1e-3}
+         "lutq-t16": 3e-5, "lutq4-pruned50": 1e-3, "int4-c": 3e-4, "int4-t": 1e-3}
 
 
 def _fake_search(monkeypatch, warmup_gain, dictionary_gain=0.04, callback_gains=None):
@@ -131,6 +132,44 @@ def test_search_chooses_a_schedule_then_every_rows_rate(tmp_path, monkeypatch):
     assert record["learning_rates"]["lutq-t16"] == 3e-5
     with open(path) as f:
         assert json.load(f)["schedule"] == "warmup"
+
+
+def test_int4_rows_are_opt_in_and_take_their_dictionary_modes_rate(tmp_path, monkeypatch):
+    assert not set(recipe.INT4) & set(recipe.VARIANTS)
+    assert recipe.INT4["int4-c"] == {"bits": 4, "per_channel": True, "constraint": "int4"}
+    recipe.validate(_flags(variants=["float", "int4-c", "int4-t"]))
+    calls = _fake_search(monkeypatch, warmup_gain=0.0, dictionary_gain=0.0)
+    stage = recipe.Stage("validation", None, (None, np.zeros(100)), "start")
+    record = {"runs": []}
+    recipe.search(record, str(tmp_path / "r.json"), _flags(variants=["int4-t"]), stage)
+    # A per-tensor int4 row alone brings the per-tensor dictionary rate's choice.
+    assert "tensor_dictionary_rate" in record
+    assert record["learning_rates"]["int4-t"] == 1e-3
+    assert not [k for k in calls if k.startswith("search/int4-t/") and "/+" in k]
+    assert "int4-t" not in record["callbacks"]
+    record["dictionary_rate"], record["tensor_dictionary_rate"] = 1.0, 0.0
+    assert recipe.dictionary_rate(record, "int4-t") == 0.0
+    assert recipe.dictionary_rate(record, "int4-c") == 1.0
+    assert not recipe.per_tensor("float") and not recipe.per_tensor("tfmot16")
+
+
+def test_int4_rows_are_reported_against_float_and_free_4_bit():
+    record = _record()
+    record["settings"] = {"task": "resnet8", "limit": None}
+    assert "Int4-exact" not in recipe.markdown(record)
+    tests = {"lutq4": (0.99, 0.99), "int4-c": (0.986, 0.99), "int4-t": (0.95, 0.95)}
+    for variant, values in tests.items():
+        record["runs"] += [{"key": f"test/{variant}/e2/seed{s}", "accuracy": a}
+                           for s, a in enumerate(values)]
+    text = recipe.markdown(record)
+    assert ("| int4-c | 98.80 +- 0.20 (n=2) | float | 99.10 +- 0.06 (n=3) "
+            "| -0.30 +- 0.21 pp | >= -0.3 pp: met |") in text
+    assert ("| int4-c | 98.80 +- 0.20 (n=2) | lutq4 | 99.00 +- 0.00 (n=2) "
+            "| -0.20 +- 0.20 pp |  |") in text
+    assert ("| lutq-t16 | 96.50 +- 0.29 (n=3) | -1.50 +- 0.29 pp "
+            "| >= -1 pp: missed by 0.50 pp |") in text
+    record["settings"]["task"] = "lenet"  # the targets are ResNet-8's
+    assert "| -0.30 +- 0.21 pp |  |" in recipe.markdown(record)
 
 
 def test_choices_within_the_noise_keep_the_defaults(tmp_path, monkeypatch):
