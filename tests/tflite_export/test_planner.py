@@ -147,6 +147,24 @@ def _edit(data, path, value):
     return data
 
 
+def _assert_edit_refused(tmp_path, plan, path, value, words):
+    """`plan` saved, the field at `path` edited (`_edit`), and `Plan.load`
+    refusing the file with a message naming it and holding `words`."""
+    source = tmp_path / "plan.json"
+    plan.save(source)
+    data = _edit(json.loads(source.read_text()), path, value)
+    # Derived from the fields edited here.
+    data.pop("export_options")
+    data.pop("quantize_options", None)
+    source.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as info:
+        planner.Plan.load(source)
+    message = str(info.value)
+    assert message.startswith(f"{source}: ")
+    for word in words:
+        assert word in message
+
+
 _DELETE = object()
 
 
@@ -820,17 +838,7 @@ def test_plan_json_round_trip_with_a_target(tmp_path):
     (("budget_bytes",), 30_000, ["flash_change", "compresses only when"]),
 ])
 def test_plan_files_with_bad_target_fields_are_refused(tmp_path, path, value, words):
-    source = tmp_path / "plan.json"
-    _target_plan().save(source)
-    data = _edit(json.loads(source.read_text()), path, value)
-    data.pop("export_options")  # derived from the fields edited here
-    source.write_text(json.dumps(data))
-    with pytest.raises(ValueError) as info:
-        planner.Plan.load(source)
-    message = str(info.value)
-    assert message.startswith(f"{source}: ")
-    for word in words:
-        assert word in message
+    _assert_edit_refused(tmp_path, _target_plan(), path, value, words)
 
 
 def test_target_fields_without_a_target_are_refused():
@@ -1188,18 +1196,7 @@ def test_schema_4_plan_round_trip_with_int4_layers(tmp_path):
 ])
 def test_schema_4_plan_files_with_bad_int4_fields_are_refused(tmp_path, path, value,
                                                               words):
-    source = tmp_path / "plan.json"
-    _int4_plan().save(source)
-    data = _edit(json.loads(source.read_text()), path, value)
-    data.pop("export_options")  # derived from the fields edited here
-    data.pop("quantize_options")
-    source.write_text(json.dumps(data))
-    with pytest.raises(ValueError) as info:
-        planner.Plan.load(source)
-    message = str(info.value)
-    assert message.startswith(f"{source}: ")
-    for word in words:
-        assert word in message
+    _assert_edit_refused(tmp_path, _int4_plan(), path, value, words)
 
 
 def _int4_model():
