@@ -640,7 +640,7 @@ def _report(layout, int4=None):
     weight = layout.match.weight
     kernel = layout.match.kernel
     if int4 and weight.index in int4:
-        return int4_lib.report(layout, int4[weight.index])
+        return _int4_report(layout, int4[weight.index])
     return TensorReport(
         layer=kernel.layer,
         tensor=kernel.tensor,
@@ -658,6 +658,28 @@ def _report(layout, int4=None):
         bytes_after=layout.bytes_after if layout.compress else layout.bytes_before,
         compressed=layout.compress,
         note=layout.note,
+    )
+
+
+def _int4_report(layout, tensor):
+    """The `TensorReport` of a weight tensor stored as int4."""
+    weight, kernel = layout.match.weight, layout.match.kernel
+    axis = weight.quantized_dimension
+    return TensorReport(
+        layer=kernel.layer,
+        tensor=kernel.tensor,
+        op=weight.op,
+        tflite_name=weight.name,
+        num_values=kernel.num_values,
+        codes=tensor.codes,
+        index_bits=4,
+        table_mode="int4(per-tensor)" if axis is None else f"int4(axis={axis})",
+        tables=tensor.tables,
+        bytes_before=layout.bytes_before,
+        bytes_after=tensor.nbytes,
+        compressed=True,
+        # The layout's notes are about the LUT not written.
+        note="native int4 (no DECODE)",
     )
 
 

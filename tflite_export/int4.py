@@ -272,30 +272,6 @@ def twin_rewrites(tensors):
     return {index: (t.requantized, t.bias_index) for index, t in tensors.items()}
 
 
-def report(layout, tensor):
-    """The `TensorReport` of a weight tensor stored as int4."""
-    from tflite_export.result import TensorReport
-
-    weight, kernel = layout.match.weight, layout.match.kernel
-    axis = weight.quantized_dimension
-    return TensorReport(
-        layer=kernel.layer,
-        tensor=kernel.tensor,
-        op=weight.op,
-        tflite_name=weight.name,
-        num_values=kernel.num_values,
-        codes=tensor.codes,
-        index_bits=4,
-        table_mode="int4(per-tensor)" if axis is None else f"int4(axis={axis})",
-        tables=tensor.tables,
-        bytes_before=layout.bytes_before,
-        bytes_after=tensor.nbytes,
-        compressed=True,
-        # The layout's notes are about the LUT not written.
-        note="native int4 (no DECODE)",
-    )
-
-
 def check_combinations(int4, quantize="int8", max_decode_bytes=None, ram_bytes=None):
     """Refuses `int4` (when given) where `export` would not apply it."""
     if int4 is None:
