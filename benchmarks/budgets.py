@@ -112,7 +112,7 @@ def run_mlperf(results, out, models_dir, work):
     from benchmarks import mlperf_flash
     import lutq_tf
     import tflite_export
-    from tflite_export import planner
+    from tflite_export.planning import planner
 
     done = {(r["model"], r["fraction"]) for r in results["mlperf"]}
     for name in MLPERF_MODELS:
@@ -161,7 +161,7 @@ def _int4_choices(name, models_dir):
 
     from benchmarks import mlperf_flash
     import lutq_tf
-    from tflite_export import planner
+    from tflite_export.planning import planner
 
     h5, _, kind = mlperf_flash.MODELS[name]
     model = lutq_tf.load_model(os.path.join(models_dir, h5))
@@ -181,7 +181,7 @@ def run_int4(results, out, models_dir, work):
 
     import lutq_tf
     import tflite_export
-    from tflite_export import device
+    from tflite_export.device import firmware
 
     results.setdefault("int4", [])
     done = {(r["model"], r["budget_bytes"]) for r in results["int4"]}
@@ -215,7 +215,7 @@ def run_int4(results, out, models_dir, work):
             "file_bytes": len(written), "estimate_bytes": plan.estimate_bytes,
             "estimate_minus_file": plan.estimate_bytes - len(written),
             "int8_slim_bytes": plan.int8_bytes,
-            "decode_ops": sum(1 for t in device.decoded_tensors(report.target, written)),
+            "decode_ops": sum(1 for t in firmware.decoded_tensors(report.target, written)),
             "int4_layers": len(plan.int4_layers), "lut_layers": sum(
                 r.representation == "lut" for r in plan.layers),
             "weight_quantization": plan.weight_quantization,
@@ -265,8 +265,8 @@ def _accuracy_suite(results, out, suite, float_model, train, test, bits_list,
     from experiments import pipeline
     import lutq_tf
     import tflite_export
-    from tflite_export import plan_costs
-    from tflite_export import planner
+    from tflite_export.planning import plan_costs
+    from tflite_export.planning import planner
 
     done = {(r["suite"], r["variant"], r["bits"], r["seed"]) for r in results["accuracy"]}
     calibration = train[0][:64]
@@ -386,7 +386,7 @@ def run_ranking(results, out, seed):
     from experiments import models
     from lutq_tf import registry
     from lutq_tf.quantizer import LUTQuantizer
-    from tflite_export import planner
+    from tflite_export.planning import planner
 
     if any(r.get("seed") == seed for r in results.get("ranking", [])):
         return

@@ -3,7 +3,7 @@
 For the quickstart digits CNN (2-bit) and the five MLPerf Tiny models (4-bit,
 one dictionary per tensor), with dictionaries fitted to the weights by
 k-means (no training: size and cost do not depend on it), each model is
-exported four ways with a device profile (`tflite_export.target`):
+exported four ways with a device profile (`tflite_export.device.target`):
 
 - `int8`: the slim int8 file, the route every figure is set against;
 - `LUT (forced)`: `decode="always"`: the LUT file whatever it costs;
@@ -18,7 +18,7 @@ exported four ways with a device profile (`tflite_export.target`):
 Figures are estimates from the profile's measured costs, not a device run:
 firmware flash change against the int8 route (file change plus the code the
 file links), arena for the profile's kernel set (an upper bound for a
-32-bit Cortex-M build: `device.arena`) beside the host wheel's, decode
+32-bit Cortex-M build: `firmware.arena`) beside the host wheel's, decode
 instructions per inference and their share of the int8 model's MAC
 instructions, the int4 kernels' extra instructions likewise, the weights
 left int8, and each file's agreement with the float Keras model on the
@@ -124,7 +124,7 @@ def _inputs(model, kind, rng):
 
 def weight_count(model_bytes):
     """Weights of a file's CONV / DEPTHWISE / FC / TRANSPOSE_CONV filters."""
-    from tflite_export import flatbuffer
+    from tflite_export.pipeline import flatbuffer
 
     return sum(int(w.array.size) for w in flatbuffer.read(model_bytes).weights)
 
@@ -155,8 +155,8 @@ def agreement(expected, real):
 def reference_scratch(model_bytes):
     """The largest scratch buffer the reference kernels request for a file's
     ops (aligned): for int4 filters, the unpacked filter, which CMSIS-NN
-    does not allocate (`device.arena` leaves it out for CMSIS-NN)."""
-    from tflite_export import kernel_scratch
+    does not allocate (`firmware.arena` leaves it out for CMSIS-NN)."""
+    from tflite_export.device import kernel_scratch
 
     rows = kernel_scratch.op_scratch(model_bytes, aligned=True)
     return max((r.reference or 0 for r in rows), default=0)
@@ -286,7 +286,7 @@ def _agreement_text(r):
 
 
 def markdown(rows, command, seconds, target):
-    from tflite_export import target as targets
+    from tflite_export.device import target as targets
 
     profile = targets.get(target)
     unpack = ", which CMSIS-NN does not allocate" if profile.kernels == "cmsis-nn" else ""
@@ -307,7 +307,7 @@ def markdown(rows, command, seconds, target):
         "*arena*: an upper bound for a 32-bit Cortex-M build "
         "with the profile's kernel set (the wheel's activations and scratch, its "
         "persistent data recomputed for 32-bit pointers, plus CMSIS-NN's largest "
-        "scratch buffer; `device.arena`; for CMSIS-NN, without the reference kernels' "
+        "scratch buffer; `firmware.arena`; for CMSIS-NN, without the reference kernels' "
         "int4 unpack buffers, which CMSIS-NN's s4 kernels do not allocate: the wheel's "
         "figures are those of the file with its int4 filters stored int8; *ref. scratch* "
         "is the largest reference-kernel scratch buffer, for int4 files the largest "

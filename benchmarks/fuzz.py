@@ -227,8 +227,8 @@ def _stage_decode(rng, context, entry):
     import numpy as np
 
     import tflite_export
-    from tflite_export import arena
-    from tflite_export import ram_budget
+    from tflite_export.pipeline import arena
+    from tflite_export.ram import ram_budget
 
     largest = context["result"].decode_buffer_bytes
     if not largest:
@@ -443,8 +443,8 @@ def draw_plan_options(rng):
     """
     import numpy as np
 
-    from tflite_export import plan_costs
-    from tflite_export import planner
+    from tflite_export.planning import plan_costs
+    from tflite_export.planning import planner
 
     if rng.random() < 0.4:
         return {"bits": list(planner.DEFAULT_BITS),
@@ -463,7 +463,7 @@ def _stage_plan(rng, context, entry):
 
     import lutq_tf
     import tflite_export
-    from tflite_export import planner
+    from tflite_export.planning import planner
 
     case, workdir = context["case"], context["workdir"]
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -12,7 +12,7 @@ Flags that the export would ignore in the combination given (e.g.
 --noverify, --decode without --target) are errors, as in
 `tflite_export.export`.
 
---target names a device profile (`tflite_export.target.PROFILES`) or a JSON
+--target names a device profile (`tflite_export.PROFILES`) or a JSON
 file of one (`json.dump(target.to_dict(), f)`: a value ending in .json or
 naming a file is read as a file); the report then judges the file on that
 device, and with --decode auto (the default) the int8 file is written where
@@ -30,7 +30,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from tflite_export import target as targets
+from tflite_export.device import target as targets
 
 _OUT = flags.DEFINE_string(
     "out", None, "The .tflite file to write (default: MODEL with .tflite)."
@@ -201,7 +201,7 @@ def load_representative(path, model):
     """
     import numpy as np
 
-    from tflite_export import convert
+    from tflite_export.pipeline import convert
 
     flag = f"--representative {path}"
     if not os.path.isfile(path):

@@ -14,19 +14,19 @@ import warnings
 import keras
 import numpy as np
 
-from tflite_export import anatomy
-from tflite_export import build
-from tflite_export import c_array as c_array_lib
-from tflite_export import convert
-from tflite_export import device as device_lib
-from tflite_export import int4 as int4_lib
-from tflite_export import lut_tensors
-from tflite_export import ram_budget
-from tflite_export import resolver
-from tflite_export import target as targets
-from tflite_export import tempfiles
-from tflite_export import tflm
-from tflite_export import writer
+from tflite_export.device import anatomy
+from tflite_export.device import firmware
+from tflite_export.device import resolver
+from tflite_export.device import target as targets
+from tflite_export.pipeline import build
+from tflite_export.pipeline import c_array as c_array_lib
+from tflite_export.pipeline import convert
+from tflite_export.pipeline import int4 as int4_lib
+from tflite_export.pipeline import lut_tensors
+from tflite_export.pipeline import tempfiles
+from tflite_export.pipeline import tflm
+from tflite_export.pipeline import writer
+from tflite_export.ram import ram_budget
 from tflite_export.result import ExportResult
 from tflite_export.result import RamChoice
 from tflite_export.result import TensorReport
@@ -102,8 +102,8 @@ def export(
             (outputs must be bit-exact) and compare with Keras.
         c_array: Optional path of a `.cc` file to write the model to as a C
             array, with a `.h` beside it that records the model's length and
-            CRC-32 (`c_array.matches(tflite, header)` checks the .tflite,
-            the .h and the .cc's array against each other).
+            CRC-32 (`tflite_export.c_array_matches(tflite, header)` checks
+            the .tflite, the .h and the .cc's array against each other).
         io_dtype: Type of the model input and output: `"int8"` (default for
             int8) or `"float32"`.
         weight_quantization: For int8 only, how the converter quantises
@@ -152,17 +152,17 @@ def export(
             compressed and save more file bytes than the extra ops cost;
             otherwise it stays int8, unsplit, and the report says why.
         target: The device the file is for, int8 only: a profile name
-            (`tflite_export.target.PROFILES`, e.g. `"cortex-m4-cmsis-nn"`)
+            (`tflite_export.PROFILES`, e.g. `"cortex-m4-cmsis-nn"`)
             or a `tflite_export.Target` with your firmware's own costs.
             The file is then judged against the int8 route of the same
             model (the slim uncompressed file) in firmware flash (file
             bytes plus the code of DECODE, linked once, and of any
             CONCATENATION a split adds), arena for the target's kernel
-            set (`device.arena`: an upper bound for a 32-bit build,
+            set (`firmware.arena`: an upper bound for a 32-bit build,
             estimated from the wheel's recorded arena, plus the largest
             CMSIS-NN scratch request for CMSIS-NN; `ram_bytes` budgets
             it), and decode instructions: `result.device`, a
-            `device.DeviceReport`, printed with the report. Unset, the
+            `firmware.DeviceReport`, printed with the report. Unset, the
             report gives host figures only (file bytes and the wheel's
             reference-kernel arena).
         decode: With a `target` only, when to write DECODE ops. `"auto"`
@@ -186,7 +186,7 @@ def export(
             `"always"`: every LUT kernel; one that cannot be int4 is an
             ExportError naming it. The file is verified bit-exact against
             an int8 twin holding the same codes (requantised scales and
-            biases, `tflite_export.int4`). Refused with quantize='float32',
+            biases, `tflite_export.pipeline.int4`). Refused with quantize='float32',
             max_decode_bytes or ram_bytes (not supported yet); with a
             target, the device report counts int4 ops' instructions.
 
@@ -520,7 +520,7 @@ def _loses(target, model_bytes, int8_bytes):
     """A `_Declined` if the file's DECODE ops save no firmware flash on
     `target` against the int8 file `int8_bytes` (a tie too: the int8 file
     spends no decode instructions), else None."""
-    report = device_lib.report(target, model_bytes, int8_bytes)
+    report = firmware.report(target, model_bytes, int8_bytes)
     if report.decoded and not report.decode_pays:
         return _Declined(model_bytes, report)
     return None
@@ -538,7 +538,7 @@ def _int8_build(plain, kernels, notes, settings, route, target, declined):
     """
     reason = (
         f"kept int8: on {target.name} the code compression links "
-        f"({device_lib.format_code(declined.report.code_added)}) outweighs the "
+        f"({firmware.format_code(declined.report.code_added)}) outweighs the "
         "file bytes it saves"
     )
     keep = {t.match.kernel.layer: reason for t in route.layouts}
@@ -589,12 +589,12 @@ def _device_report(target, built, int8_bytes, declined, basis):
     """
     if declined is not None:
         int8_bytes = built.compressed
-    report = device_lib.report(
+    report = firmware.report(
         target, built.compressed, int8_bytes,
         *basis.estimate(built.compressed, built.arena_bytes),
     )
     if declined is not None:
-        report.declined = device_lib.report(target, declined.model_bytes, int8_bytes)
+        report.declined = firmware.report(target, declined.model_bytes, int8_bytes)
     return report
 
 
@@ -605,10 +605,10 @@ def _declined_note(report):
         f"written int8 for {report.target.name}: compressing "
         f"{len(declined.decoded)} tensor(s) would change the file by "
         f"{declined.file_change:+,} B but link "
-        f"{device_lib.format_code(declined.code_added)}, firmware "
+        f"{firmware.format_code(declined.code_added)}, firmware "
         f"{declined.flash_change:+,} B."
     )
-    if device_lib.DECODE_OP in declined.code_added:
+    if firmware.DECODE_OP in declined.code_added:
         text += (
             f" It pays on this target only if DECODE's code is under "
             f"{declined.break_even_decode_bytes:,} B (the break-even) or the "

@@ -9,12 +9,12 @@
 
 MODEL is a float `.keras` or `.h5` file; with `--labels` and no
 `--loss`, the loss it was compiled with. Prints the plan table; `--out`
-writes the plan as JSON (`tflite_export.planner.Plan.load`), `--quantized`
+writes the plan as JSON (`tflite_export.Plan.load`), `--quantized`
 the LUT-Q model `quantize_model(model, **plan)` ready for fine-tuning.
 Export it with `python -m tflite_export ... --weight_quantization
 per_channel --shared_tables true` (the plan's `export_options`).
 
-`--target` names a device profile (`tflite_export.target.PROFILES`) or a
+`--target` names a device profile (`tflite_export.PROFILES`) or a
 JSON file of one (`json.dump(target.to_dict(), f)`): the budget stays the
 file's, and the plan also counts and reports the firmware flash change
 against the all-int8 route (DECODE's code once) and each layer's decode
@@ -142,7 +142,7 @@ def read_target(value):
             read or holds no valid profile (the message names `--target`,
             the file and the field).
     """
-    from tflite_export import target as targets  # no TensorFlow
+    from tflite_export.device import target as targets  # no TensorFlow
 
     try:
         return targets.from_flag(value)
@@ -248,7 +248,7 @@ def main(argv=None):
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import lutq_tf
-    from tflite_export import planner
+    from tflite_export.planning import planner
 
     try:
         data = load_array(args.data, "--data")

@@ -3,9 +3,9 @@
 import dataclasses
 
 from lutq_tf.text import grid
-from tflite_export.anatomy import Anatomy
-from tflite_export.device import DeviceReport
-from tflite_export.verify import Verification
+from tflite_export.device.anatomy import Anatomy
+from tflite_export.device.firmware import DeviceReport
+from tflite_export.pipeline.verify import Verification
 
 # The report's device line without a target.
 HOST_ONLY = (
@@ -194,7 +194,7 @@ class ExportResult:
             take it out of the main arena).
         ram: A `RamReport` for an export under `max_decode_bytes` or
             `ram_bytes`, else None.
-        device: A `device.DeviceReport` of the file on the export's
+        device: A `firmware.DeviceReport` of the file on the export's
             `target` against the int8 route of the same model (firmware
             flash, arena for the target's kernels, decode instructions,
             verdict), or None without a target.
@@ -238,8 +238,8 @@ class ExportResult:
             decoded kernel rounded up to 16 bytes; `(arena_bytes, 0)` when
             nothing is compressed.
         """
-        from tflite_export import arena
-        from tflite_export import verify
+        from tflite_export.pipeline import arena
+        from tflite_export.pipeline import verify
 
         if not self.decode_buffer_bytes:
             return self.arena_bytes, 0

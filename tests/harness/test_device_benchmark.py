@@ -38,8 +38,8 @@ def test_int8_weights_are_the_total_less_decoded_and_int4_ones():
 
 
 def test_weight_count_and_reference_scratch_read_the_file(monkeypatch):
-    from tflite_export import flatbuffer
-    from tflite_export import kernel_scratch
+    from tflite_export.device import kernel_scratch
+    from tflite_export.pipeline import flatbuffer
 
     monkeypatch.setattr(flatbuffer, "read", lambda b: types.SimpleNamespace(
         weights=[types.SimpleNamespace(array=np.zeros((4, 3))),

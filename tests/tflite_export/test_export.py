@@ -16,8 +16,8 @@ import pytest
 
 import lutq_tf
 import tflite_export
-from tflite_export import compress as compress_lib
-from tflite_export import lut_tensors
+from tflite_export.pipeline import compress as compress_lib
+from tflite_export.pipeline import lut_tensors
 
 # -- Building stripped LUT-Q models -----------------------------------------
 

@@ -13,8 +13,8 @@ from tensorflow.lite.python import schema_py_generated as schema
 from test_export import set_lut
 
 import tflite_export
-from tflite_export import convert
-from tflite_export import verify as verify_lib
+from tflite_export.pipeline import convert
+from tflite_export.pipeline import verify as verify_lib
 
 
 def _two_in_two_out(seed=0):

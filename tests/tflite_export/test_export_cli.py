@@ -21,7 +21,6 @@ from test_loading import save_tf_keras_style_h5
 from test_loading import small_model
 
 import tflite_export
-from tflite_export import c_array
 
 ROOT = paths.REPO
 
@@ -174,7 +173,7 @@ def test_c_array_compiles_and_holds_the_model_bytes(tmp_path):
     subprocess.run([str(binary), str(tmp_path / "dumped.bin")], check=True)
     with open(tmp_path / "dumped.bin", "rb") as f, open(result.path, "rb") as g:
         assert f.read() == g.read()
-    assert c_array.matches(result.path, tmp_path / "model_data.h")
+    assert tflite_export.c_array_matches(result.path, tmp_path / "model_data.h")
 
 
 def _two_input_model(seed=0):
@@ -237,7 +236,7 @@ def test_cli_names_a_bad_data_file_and_a_damaged_model(tmp_path):
 def test_cli_names_a_bad_target_file_before_loading(tmp_path):
     import json
 
-    from tflite_export import target as targets
+    from tflite_export.device import target as targets
 
     (tmp_path / "model.keras").write_bytes(b"not read")
     (tmp_path / "broken.json").write_text('{"name": "board",')
@@ -261,7 +260,7 @@ def test_cli_target_by_name_and_by_json_file(tmp_path):
     import dataclasses
     import json
 
-    from tflite_export import target as targets
+    from tflite_export.device import target as targets
 
     model, data = _lut_model()
     model.save(tmp_path / "model.keras")
