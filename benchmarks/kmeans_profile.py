@@ -15,8 +15,11 @@ formulations tried instead:
 - alternatives: cluster sums as K masked reductions (no scatter), and Q as
   a chain of selects on the old midpoints (no gather).
 
-Process CPU ms per step over the three kernels, median of `--repeats`
-interleaved rounds of `--calls` calls each.
+Each part is one XLA function over the three kernels, called once per
+step as the train step calls the k-means step (one call per kernel would
+add each call's dispatch, ~0.2 ms, three times). A function that reads one
+weight per kernel gives the dispatch floor. Process CPU ms per step,
+median of `--repeats` interleaved rounds of `--calls` calls each.
 
     python -m benchmarks.kmeans_profile     # ~2 min
 
@@ -85,6 +88,8 @@ def functions(num_values):
         "sums": ("cluster sums (scatter-add)",
                  lambda x, d, a: kmeans.cluster_sums(x, a, num_values)),
         "lookup": ("Q = d[A] (gather)", lambda x, d, a: kmeans.lookup(d, a)),
+        "dispatch": ("floor: the call alone (reads one weight)",
+                     lambda x, d, a: x[0, 0] + 1.0),
         "pass": ("floor: read W, write a copy", lambda x, d, a: 1.5 * x),
         "reduce": ("floor: read W into a sum",
                    lambda x, d, a: tf.reduce_sum(x)),
@@ -94,8 +99,10 @@ def functions(num_values):
     if num_values <= 16:
         parts["select_lookup"] = ("tried: Q by selects on the midpoints",
                                   lambda x, d, a: select_lookup(x, d, d))
-    return {key: (label, tf.function(f, jit_compile=True))
-            for key, (label, f) in parts.items()}
+    # One function over every kernel, as one train step calls it.
+    return {key: (label, tf.function(
+        lambda inputs, f=f: [f(*i) for i in inputs], jit_compile=True))
+        for key, (label, f) in parts.items()}
 
 
 def measure(num_values, calls, repeats):
@@ -111,9 +118,8 @@ def measure(num_values, calls, repeats):
     rounds = {key: [] for key in timed}
     for _ in range(repeats):
         for key, (_, f) in timed.items():
-            rounds[key].append(sum(
-                train_speed.cpu_ms_per_call(lambda f=f, i=i: f(*i), calls)
-                for i in inputs))
+            rounds[key].append(train_speed.cpu_ms_per_call(
+                lambda f=f: f(inputs), calls))
     return {key: (label, float(np.median(rounds[key])))
             for key, (label, _) in timed.items()}
 
@@ -124,7 +130,7 @@ def markdown(results, config):
         "",
         f"`{config['command']}` on {config['machine']}, TF {config['tf']}: "
         "process CPU ms per step over the three kernels (670k weights), "
-        "each part compiled alone; median of "
+        "each part one XLA call over the three; median of "
         f"{config['repeats']} interleaved rounds of {config['calls']} calls.",
         "",
         "| what | " + " | ".join(f"K={k}" for k in results) + " |",

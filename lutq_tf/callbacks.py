@@ -1,8 +1,9 @@
 """Keras callbacks for LUT-Q training: schedules, figures and TensorBoard.
 
 Schedules act on every LUT-Q layer of the model (`LUTQWrapper`s, also in
-models without `LUTQModelMixin`); each changes a layer's state only when
-its value changes, so they cost nothing per step:
+models without `LUTQModelMixin`); on a LUT-Q model each changes a layer's
+state only when its value changes, so they cost nothing per step (on a
+plain `keras.Model`, a pause is renewed before each batch while it holds):
 
     model.fit(x, y, epochs=5, callbacks=[
         lutq_tf.callbacks.KMeansWarmup(steps=200),
@@ -50,17 +51,23 @@ class _Pause(keras.callbacks.Callback):
 
     Pauses from several callbacks (a warm-up, frozen epochs) add up: a
     layer's steps run when no callback pauses them. A pause never outlives
-    its fit: `on_train_end` ends it; when `fit` raises (Ctrl-C included)
-    that never runs, so a LUT-Q model's `fit` ends it in a `finally`, and
-    the next `fit` with any of these schedules ends one left behind (on a
-    plain `keras.Model`, whose `fit` cannot).
+    its fit. `on_train_end` ends it, but when `fit` raises (Ctrl-C included)
+    that never runs: a LUT-Q model's `fit` then ends it in a `finally`.
+    Keras' own `fit` (a plain `keras.Model` with LUT-Q layers) has none, so
+    there the pause is renewed before each batch and lasts one training
+    step (`LUTQWrapper.pause_next_kmeans_step`).
     """
 
     def set_model(self, model):
         super().set_model(model)
         self._lutq_layers = _layers(model, type(self).__name__)
+        self._step_by_step = not isinstance(model, LUTQModelMixin)
+        self._pausing = False
 
     def _pause(self, paused):
+        self._pausing = paused
+        if self._step_by_step:
+            return  # renewed by `on_train_batch_begin`
         # A layer writes its variable only when its pause state changes.
         for layer in self._lutq_layers:
             if paused:
@@ -68,13 +75,10 @@ class _Pause(keras.callbacks.Callback):
             else:
                 layer.resume_kmeans(self)
 
-    def on_train_begin(self, logs=None):
-        # No schedule of an earlier fit still runs: any pause one holds
-        # was left by a fit that raised.
-        for layer in self._lutq_layers:
-            layer.clear_kmeans_pauses(keep=[
-                reason for reason in layer.kmeans_pauses
-                if not isinstance(reason, _Pause)])
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._step_by_step and self._pausing:
+            for layer in self._lutq_layers:
+                layer.pause_next_kmeans_step()
 
     def on_train_end(self, logs=None):
         # A later fit without this callback runs the k-means steps.
@@ -107,6 +111,7 @@ class KMeansWarmup(_Pause):
     def on_train_batch_begin(self, batch, logs=None):
         # The update about to run is number `_epoch_step + batch + 1`.
         self._pause(self._epoch_step + batch + 1 <= self.steps)
+        super().on_train_batch_begin(batch, logs)
 
 
 class FreezeDictionaries(_Pause):

@@ -92,7 +92,9 @@ class _Schedule:
 
     Pauses: each holder (a schedule callback, a user) pauses training's
     k-means steps under its own reason; they run when no reason is left.
-    The reasons outlive a rebuild; the variables are made by `build`.
+    The reasons outlive a rebuild; the variables are made by `build`. A
+    one-step pause (`pause_next_step`) skips only the next training step's
+    k-means step, which ends it.
     """
 
     def __init__(self, name):
@@ -111,6 +113,10 @@ class _Schedule:
         # True: training skips the k-means steps (warm-up, frozen epochs).
         self.paused = variable("kmeans_paused", "bool",
                                "ones" if self._reasons else "zeros")
+        # True: the next training step skips its k-means step and clears
+        # it. A schedule renews it batch by batch where no `finally` can
+        # end a pause (Keras' own fit), so it never outlives its fit.
+        self.paused_once = variable("kmeans_paused_once", "bool")
         # Of the last measured step: sum |W - Q| over the layer's weights,
         # and the number of assignments that step changed.
         self.error = variable("quantization_error", "float32")
@@ -126,6 +132,10 @@ class _Schedule:
 
     def resume(self, reason):
         self._set(self._reasons - {reason})
+
+    def pause_next_step(self):
+        if self.paused_once is not None:
+            self.paused_once.assign(True)
 
     def clear_pauses(self, keep=()):
         # Always written: the safety net must not trust a stale mirror.
@@ -413,6 +423,18 @@ class LUTQWrapper(keras.layers.Wrapper):
         """Ends the pause set with `reason` (nothing if there is none)."""
         self._schedule.resume(reason)
 
+    def pause_next_kmeans_step(self):
+        """Skips the k-means step of the next training step only.
+
+        That step ends the pause, however the training around it ends, so
+        a schedule that renews it before each batch (`lutq_tf.callbacks`
+        on a model whose `fit` cannot end pauses itself, such as a plain
+        `keras.Model`) never leaves the steps paused after its `fit`. A
+        `fit` that raises after the renewal and before the step leaves it
+        for the next training step.
+        """
+        self._schedule.pause_next_step()
+
     def clear_kmeans_pauses(self, keep=()):
         """Ends every pause but those whose reason is in `keep`."""
         self._schedule.clear_pauses(keep)
@@ -505,7 +527,11 @@ class LUTQWrapper(keras.layers.Wrapper):
         Returns:
             A bool scalar tensor: False if some W held NaN or Inf.
         """
-        run = tf.logical_and(due, tf.logical_not(self._schedule.paused.value))
+        paused_once = self._schedule.paused_once
+        run = tf.logical_and(due, tf.logical_not(tf.logical_or(
+            self._schedule.paused.value, paused_once.value)))
+        # Read above, cleared here (program order on one variable).
+        paused_once.assign(False)
         finite, changed = tf.cond(
             run, lambda: self._kmeans_step(measure),
             lambda: (tf.constant(True), tf.constant(0.0)))

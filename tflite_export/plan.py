@@ -4,7 +4,8 @@
         [--labels y.npy --loss sparse_categorical_crossentropy]
         [--bits 1,2,3,4] [--modes tensor,channel]
         [--target cortex-m4-cmsis-nn|profile.json
-         [--max_instructions_growth 2%] [--max_arena_growth_bytes 4KiB]]
+         [--max_instructions_growth 2%] [--max_arena_growth_bytes 4KiB]
+         [--budget_includes_code]]
         [--no_int4] [--out plan.json] [--quantized lutq.keras]
 
 MODEL is a float `.keras` or `.h5` file; with `--labels` and no
@@ -16,11 +17,13 @@ per_channel --shared_tables true` (the plan's `export_options`).
 
 `--target` names a device profile (`tflite_export.PROFILES`) or a
 JSON file of one (`json.dump(target.to_dict(), f)`): the budget stays the
-file's, and the plan also counts and reports the firmware flash change
-against the all-int8 route (DECODE's code once) and each layer's decode
-path and instructions (`plan_budget(..., target=...)`). The printed export
-command passes the same `--target` (and `--decode always` when a budget
-below the int8 file forces a compression that grows the firmware).
+file's (with `--budget_includes_code`, the file's plus the code the plan
+adds: DECODE's, once, if any layer is a LUT), and the plan also counts
+and reports the firmware flash change against the all-int8 route
+(DECODE's code once) and each layer's decode path and instructions
+(`plan_budget(..., target=...)`). The printed export command passes the
+same `--target` (and `--decode always` when a budget below the int8 file
+forces a compression that grows the firmware).
 
 Per layer the plan takes int8, native int4 (an int4-exact dictionary, no
 DECODE; `--no_int4` offers none) or a LUT; the table prints each layer's
@@ -201,6 +204,9 @@ def _parser():
     parser.add_argument("--max_arena_growth_bytes",
                         help="with --target: cap on the arena the plan adds over the "
                              "int8 model, bytes or e.g. 4KiB")
+    parser.add_argument("--budget_includes_code", action="store_true",
+                        help="with --target: the budget counts the file plus the code "
+                             "the plan adds (DECODE's, once, if any layer is a LUT)")
     parser.add_argument("--no_int4", action="store_true",
                         help="offer no native int4 layers (int8 and LUTs only)")
     parser.add_argument("--out", help="write the plan as JSON here")
@@ -230,7 +236,9 @@ def main(argv=None):
             arena_cap = parse_arena_cap(args.max_arena_growth_bytes)
         capped = [flag for flag, value in (
             ("--max_instructions_growth", instructions_cap),
-            ("--max_arena_growth_bytes", arena_cap)) if value is not None]
+            ("--max_arena_growth_bytes", arena_cap),
+            ("--budget_includes_code", args.budget_includes_code or None))
+            if value is not None]
         if capped and target is None:
             raise ValueError(f"{capped[0]} needs --target (the costs are the device's).")
         for path, flag in ((args.model, "MODEL"), (args.data, "--data"),
@@ -262,7 +270,8 @@ def main(argv=None):
                                    loss=args.loss, bits=bits, modes=modes,
                                    target=target, int4=not args.no_int4,
                                    max_arena_growth_bytes=arena_cap,
-                                   max_instructions_growth=instructions_cap)
+                                   max_instructions_growth=instructions_cap,
+                                   budget_includes_code=args.budget_includes_code)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -132,19 +132,23 @@ class _Raise(keras.callbacks.Callback):
             raise self.error
 
 
-def _kmeans_runs_at_each_step(model, callbacks=()):
-    """Fits 2 steps; True if d or A moved at each of them."""
+def _kmeans_moves(model, callbacks=()):
+    """Fits 2 steps; per step, whether d or A moved."""
     states = [_state(model)]
     record = _Record(_state)
     _fit(model, [*callbacks, record], n=32)
     states += record.values
-    return all(any(not np.array_equal(u, v)
-                   for name in a for u, v in zip(a[name], b[name]))
-               for a, b in zip(states, states[1:]))
+    return [any(not np.array_equal(u, v)
+                for name in a for u, v in zip(a[name], b[name]))
+            for a, b in zip(states, states[1:])]
 
 
-def test_a_pause_ends_with_a_fit_that_raises():
-    model = _model()
+def _kmeans_runs_at_each_step(model, callbacks=()):
+    return all(_kmeans_moves(model, callbacks))
+
+
+def _aborted_fits(model):
+    """`(error, fit)` pairs: fits that raise in the middle of a pause."""
     x, y = _data()
 
     def batches():
@@ -152,17 +156,21 @@ def test_a_pause_ends_with_a_fit_that_raises():
         yield from ((x[:BATCH], y[:BATCH]) for _ in range(3))
         raise OSError("the data went away")
 
-    for error, fit in (
-            # An exception, then Ctrl-C, raised by a callback mid-pause...
-            (RuntimeError, lambda: _fit(model, [
-                cb.KMeansWarmup(steps=100), _Raise(RuntimeError())])),
-            (KeyboardInterrupt, lambda: _fit(model, [
-                cb.FreezeDictionaries(epochs=1),
-                _Raise(KeyboardInterrupt())])),
-            # ... and by the data.
-            (Exception, lambda: model.fit(
-                batches(), steps_per_epoch=8, verbose=0, shuffle=False,
-                callbacks=[cb.KMeansWarmup(steps=100)]))):
+    return (
+        # An exception, then Ctrl-C, raised by a callback mid-pause...
+        (RuntimeError, lambda: _fit(model, [
+            cb.KMeansWarmup(steps=100), _Raise(RuntimeError())])),
+        (KeyboardInterrupt, lambda: _fit(model, [
+            cb.FreezeDictionaries(epochs=1), _Raise(KeyboardInterrupt())])),
+        # ... and by the data.
+        (Exception, lambda: model.fit(
+            batches(), steps_per_epoch=8, verbose=0, shuffle=False,
+            callbacks=[cb.KMeansWarmup(steps=100)])))
+
+
+def test_a_pause_ends_with_a_fit_that_raises():
+    model = _model()
+    for error, fit in _aborted_fits(model):
         with pytest.raises(error):
             fit()
         # The next fit, without the schedule, runs its k-means steps.
@@ -194,14 +202,21 @@ def _plain_model():
     return model
 
 
-def test_on_a_plain_model_the_next_schedule_ends_a_pause_left_behind():
+def test_on_a_plain_model_a_pause_ends_with_a_fit_that_raises():
+    # Keras' own fit has no `finally`: the schedules pause one step at a
+    # time, and the step ends the pause.
     model = _plain_model()
-    with pytest.raises(KeyboardInterrupt):
-        _fit(model, [cb.KMeansWarmup(steps=100),
-                     _Raise(KeyboardInterrupt())])
-    # Keras' own fit has no `finally`: the next fit's schedule (a warm-up
-    # long over here) ends the pause at its start.
-    assert _kmeans_runs_at_each_step(model, [cb.KMeansWarmup(steps=1)])
+    for error, fit in _aborted_fits(model):
+        with pytest.raises(error):
+            fit()
+        assert _kmeans_runs_at_each_step(model), error
+
+
+def test_on_a_plain_model_the_schedules_still_pause():
+    model = _plain_model()
+    assert not any(_kmeans_moves(model, [cb.KMeansWarmup(steps=100)]))
+    assert not any(_kmeans_moves(model, [cb.FreezeDictionaries(epochs=1)]))
+    assert _kmeans_runs_at_each_step(model)
 
 
 def test_figures_end_with_a_fit_that_raises():

@@ -162,7 +162,8 @@ class Plan:
     than exported above the estimate.
 
     Attributes:
-        budget_bytes: The flash budget for the file.
+        budget_bytes: The flash budget: for the file, or with
+            `budget_includes_code` for the file plus the code the plan adds.
         estimate_bytes: The estimated file (never below the written one).
         int8_bytes: The slim file with every layer int8.
         min_bytes: The smallest file the offered choices allow.
@@ -199,6 +200,10 @@ class Plan:
             go, but TFLM checks a per-tensor FULLY_CONNECTED bias's scale
             at prepare, so the slim step that drops bias quantisation may
             have to stay off for the whole file (counted always).
+        budget_includes_code: Whether `budget_bytes` also counts the code
+            the plan adds to the firmware (DECODE's, once, when any layer
+            is a LUT; a target's figure): then `estimate_bytes` plus that
+            code fits the budget (`counted_bytes`).
     """
 
     budget_bytes: int
@@ -218,6 +223,14 @@ class Plan:
     max_instructions_growth: object = None
     max_arena_growth_bytes: object = None
     dense_per_tensor_bytes: int = 0
+    budget_includes_code: bool = False
+
+    @property
+    def counted_bytes(self):
+        """What the budget counts: the estimated file, plus DECODE's code
+        when `budget_includes_code` and any layer is a LUT."""
+        code = self.decode_code_bytes if self.compressed else 0
+        return self.estimate_bytes + (code if self.budget_includes_code else 0)
 
     def quantize_options(self):
         """`{"layer_names", "overrides", "expected_weights"}` for `quantize_model`.
@@ -354,7 +367,9 @@ class Plan:
                 f"the firmware grows by {self.flash_change:,} B against the all-int8 "
                 f"route on {self.target}: the file shrinks by {-self.file_change:,} B "
                 f"but DECODE adds {code:,} B of code. Compressed anyway because no "
-                f"plan without that growth meets the file budget {self.budget_bytes:,} B"
+                f"plan without that growth meets the "
+                f"{'budget' if self.budget_includes_code else 'file budget'} "
+                f"{self.budget_bytes:,} B"
                 + (f" (below the int8 file, {self.int8_bytes:,} B)"
                    if self.budget_bytes < self.int8_bytes else "")
                 + " and the caps. Export with decode='always'"
@@ -401,9 +416,14 @@ class Plan:
                     for row, r in zip(rows, self.layers)]
             right |= {10, 11, 12}
         out = [grid(head, rows, right=right)]
+        counted = f"estimated file {self.estimate_bytes:,} B"
+        if self.budget_includes_code:
+            counted += (f" + DECODE code {self.counted_bytes - self.estimate_bytes:,} B"
+                        f" = {self.counted_bytes:,} B")
         out.append(
-            f"estimated file {self.estimate_bytes:,} B of budget "
-            f"{self.budget_bytes:,} B ({self.estimate_bytes / self.budget_bytes:.1%}); "
+            f"{counted} of budget {self.budget_bytes:,} B"
+            f"{' (file and code)' if self.budget_includes_code else ''} "
+            f"({self.counted_bytes / self.budget_bytes:.1%}); "
             f"all int8 {self.int8_bytes:,} B; smallest possible {self.min_bytes:,} B; "
             f"total sensitivity {self.sensitivity:.3g} (Fisher from {self.fisher})"
         )
@@ -456,6 +476,7 @@ class Plan:
             "arena_growth_bytes": self.arena_growth_bytes,
             "max_instructions_growth": self.max_instructions_growth,
             "max_arena_growth_bytes": self.max_arena_growth_bytes,
+            "budget_includes_code": self.budget_includes_code,
             "layers": [dataclasses.asdict(r) for r in self.layers],
             "quantize_options": self.quantize_options(),
             "export_options": self.export_options(),
@@ -518,15 +539,17 @@ class Plan:
 # instructions; 1 and 2 load as plans without a target. 4 adds native int4:
 # each layer's `representation` (int8, int4 or lut), int4 instructions and
 # arena, and the plan's `weight_quantization` and device totals and caps
-# (`_SCHEMA4_FIELDS`); 1-3 load as plans of int8 and LUT layers.
-SCHEMA = 4
+# (`_SCHEMA4_FIELDS`); 1-3 load as plans of int8 and LUT layers. 5 adds
+# `budget_includes_code`; 1-4 load with it false.
+SCHEMA = 5
 _PLAN_FIELDS = ("budget_bytes", "estimate_bytes", "int8_bytes", "min_bytes", "layers")
 _TARGET_FIELDS = ("target", "target_profile", "decode_code_bytes", "flash_change")
 _DEVICE_FIELDS = ("int8_instructions", "instructions_growth", "arena_growth_bytes",
                   "max_instructions_growth", "max_arena_growth_bytes")
 _SCHEMA4_FIELDS = ("weight_quantization", "dense_per_tensor_bytes") + _DEVICE_FIELDS
+_SCHEMA5_FIELDS = ("budget_includes_code",)
 _OPTIONAL_FIELDS = ("schema", "fisher", "quantize_options",
-                    "export_options") + _TARGET_FIELDS + _SCHEMA4_FIELDS
+                    "export_options") + _TARGET_FIELDS + _SCHEMA4_FIELDS + _SCHEMA5_FIELDS
 _LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerPlan))
 # The layer fields of schemas 1 and 2, and of 3.
 _OLD_LAYER_FIELDS = _LAYER_FIELDS[:7]
@@ -569,6 +592,11 @@ def _plan_from_dict(cls, data, source):
         if newer:
             raise fail(newer[0], f"a schema {schema} plan has no such field; it came "
                                  "with schema 4 (native int4).")
+    if schema < 5:
+        newer = [k for k in _SCHEMA5_FIELDS if k in data]
+        if newer:
+            raise fail(newer[0], f"a schema {schema} plan has no such field; it came "
+                                 "with schema 5.")
     layer_fields = (_LAYER_FIELDS if schema >= 4 else _SCHEMA3_LAYER_FIELDS
                     if schema == 3 else _OLD_LAYER_FIELDS)
     missing = [k for k in _PLAN_FIELDS if k not in data]
@@ -734,10 +762,20 @@ def _plan_from_dict(cls, data, source):
             f"the estimate {estimate:,} B exceeds the budget {budget:,} B. {_REPLAN}"))
 
     device_fields = _check_target(fail, data, rows, budget, estimate, int8_bytes)
+    with_code = data.get("budget_includes_code", False)
+    if not isinstance(with_code, bool):
+        raise fail("budget_includes_code", f"must be true or false, got {with_code!r}.")
+    if with_code and not device_fields:
+        raise fail("budget_includes_code", "true without a target: the code counted "
+                                           "is a target's. " + _REPLAN)
     plan = cls(budget_bytes=budget, estimate_bytes=estimate, int8_bytes=int8_bytes,
                min_bytes=minimum, layers=rows, fisher=fisher,
                weight_quantization=quantization, dense_per_tensor_bytes=dense_bytes,
-               **device_fields)
+               budget_includes_code=with_code, **device_fields)
+    if plan.counted_bytes > budget:
+        raise fail("budget_bytes", (
+            f"the estimate {estimate:,} B and DECODE's {plan.decode_code_bytes:,} B of "
+            f"code exceed the budget {budget:,} B, which counts both. {_REPLAN}"))
     # Written for readers; loading derives them from the layers, so an
     # edited copy would be ignored: refuse it instead.
     written = data.get("quantize_options")
@@ -1111,6 +1149,7 @@ def plan_budget(
     int4=True,
     max_arena_growth_bytes=None,
     max_instructions_growth=None,
+    budget_includes_code=False,
 ):
     """Chooses int8, native int4 or a LUT (bits, dictionary mode) per layer
     for a flash budget.
@@ -1143,8 +1182,8 @@ def plan_budget(
             choices is settled after a few).
         target: Optional device (`tflite_export.PROFILES`): a profile name
             such as `"cortex-m4-cmsis-nn"`, or a `Target`. `budget_bytes`
-            stays the file's budget; with a target the plan also counts the
-            code it adds (DECODE once if any layer is a LUT, 0 when
+            stays the file's budget (unless `budget_includes_code`); with a
+            target the plan also counts the code it adds (DECODE once if any layer is a LUT, 0 when
             `decode_linked`; int4 adds none). It takes a plan without
             DECODE (int8 and int4) whenever one meets the budget and caps,
             else LUTs that save firmware against all int8, and grows the
@@ -1169,6 +1208,10 @@ def plan_budget(
             a fraction (0.02 for +2 %): decoding (per weight, by DECODE
             path) and int4 kernels ((int4_mac_factor - 1) x the per-MAC
             cost x MACs, plus any unpack per weight).
+        budget_includes_code: With a target, True makes `budget_bytes` a
+            budget for the file plus the code the plan adds (DECODE's,
+            once, when any layer is a LUT): what the weights cost the
+            firmware's flash. Default False: the file alone.
 
     Returns:
         A `Plan`: `print(plan)` shows the table; `quantize_model(model,
@@ -1180,8 +1223,9 @@ def plan_budget(
             `target` is neither a profile name nor a `Target`, or a cap or
             `int4` of the wrong type (named).
         ValueError: A bad argument (named, an unknown target name too), a
-            cap without a target, a budget below the smallest file the
-            choices allow (the message gives that minimum), or caps no plan
+            cap or `budget_includes_code` without a target, a budget below
+            the smallest file the choices allow (plus DECODE's code where
+            the budget counts it; the message gives that minimum), or caps no plan
             within the budget meets (the message gives the least
             achievable).
     """
@@ -1190,11 +1234,27 @@ def plan_budget(
     _check_caps(profile, max_arena_growth_bytes, max_instructions_growth)
     if not isinstance(int4, (bool, np.bool_)):
         raise TypeError(f"int4 must be True or False, got {int4!r}.")
+    _code_counted(profile, budget_includes_code)
     return choices(model, calibration_data, labels=labels, loss=loss, bits=bits,
                    modes=modes, batch_size=batch_size, max_batches=max_batches,
                    kmeans_iterations=kmeans_iterations, int4=bool(int4)).plan(
         budget, target=target, max_arena_growth_bytes=max_arena_growth_bytes,
-        max_instructions_growth=max_instructions_growth)
+        max_instructions_growth=max_instructions_growth,
+        budget_includes_code=bool(budget_includes_code))
+
+
+def _code_counted(profile, budget_includes_code):
+    """The code bytes a budget counts for a LUT plan: DECODE's on the
+    target with `budget_includes_code`, else 0."""
+    if not isinstance(budget_includes_code, (bool, np.bool_)):
+        raise TypeError(f"budget_includes_code must be True or False, got "
+                        f"{budget_includes_code!r}.")
+    if not budget_includes_code:
+        return 0
+    if profile is None:
+        raise ValueError("budget_includes_code=True needs a target: the code "
+                         "counted is DECODE's on that device (pass target=).")
+    return profile.decode_code_cost
 
 
 def _check_caps(profile, max_arena_growth_bytes, max_instructions_growth):
@@ -1312,15 +1372,21 @@ class Choices:
     @property
     def min_bytes(self):
         """The smallest file the offered choices allow."""
+        return self.least_budget()
+
+    def least_budget(self, code=0):
+        """The smallest budget a plan meets when a LUT plan's budget also
+        counts `code` bytes (DECODE's): `min_bytes` when `code` is 0."""
+        # All int8 is the fallback: DECODE's operator bytes can outweigh
+        # tiny savings.
         best = self.byte_model.int8_bytes
         for dense in self._scenarios():
             for lut in (False, True):
                 allowed = self._allowed(dense, lut)
                 picks = {n: min(idx, key=lambda i, n=n: self.offers[n][i].bytes)
                          for n, idx in allowed.items()}
-                best = min(best, self._estimate(picks))
-        # The DECODE operator code can outweigh tiny savings: all int8 is
-        # then smaller.
+                has_lut = any(self.offers[n][i].kind == LUT for n, i in picks.items())
+                best = min(best, self._estimate(picks) + (code if has_lut else 0))
         return int(best)
 
     def _estimate(self, picks):
@@ -1358,7 +1424,7 @@ class Choices:
         return costs
 
     def plan(self, budget_bytes, target=None, max_arena_growth_bytes=None,
-             max_instructions_growth=None):
+             max_instructions_growth=None, budget_includes_code=False):
         """The least-sensitivity `Plan` whose estimated file fits the budget.
 
         Per layer: int8, native int4 (where offered) or a LUT. With a
@@ -1384,6 +1450,8 @@ class Choices:
           loop), where the budget allows;
         - each layer's decode path, decode or int4 instructions and arena
           are in the plan, and its totals against the int8 model;
+        - with `budget_includes_code`, a plan with LUTs fits when its file
+          plus DECODE's code does;
         - `max_arena_growth_bytes` and `max_instructions_growth` cap the
           plan's arena and instructions over the int8 model's (see
           `plan_budget`). The instruction cap is met by a Lagrangian search
@@ -1399,17 +1467,21 @@ class Choices:
         profile = targets.get(target)
         arena_cap, instructions_cap = _check_caps(
             profile, max_arena_growth_bytes, max_instructions_growth)
+        code = _code_counted(profile, budget_includes_code)
         minimum = self.min_bytes
-        if budget < minimum:
+        least = self.least_budget(code)
+        if budget < least:
             hint = ""
-            if budget < 4096 <= budget * 1024 and budget * 1024 >= minimum:
+            if budget < 4096 <= budget * 1024 and budget * 1024 >= least:
                 hint = (f" Budgets are in bytes: if you meant {budget} KiB, "
                         f"pass {budget * 1024}.")
+            what = (f"the smallest file plus DECODE's code ({code:,} B on "
+                    f"{profile.name}) this model can have"
+                    if code else "the smallest file this model can have")
             raise ValueError(
-                f"budget_bytes={budget:,} is below the smallest file this model "
-                f"can have with bits={self.bits} and modes={self.modes}: "
-                f"{minimum:,} bytes (all int8: {self.byte_model.int8_bytes:,} "
-                f"bytes).{hint}"
+                f"budget_bytes={budget:,} is below {what} with bits={self.bits} "
+                f"and modes={self.modes}: {least:,} bytes (all int8: "
+                f"{self.byte_model.int8_bytes:,} bytes).{hint}"
             )
         int8_file = self.byte_model.int8_bytes
         costs = self._costs(profile)
@@ -1437,11 +1509,13 @@ class Choices:
             found = candidates(False, budget)
             if not profile.decode_code_cost:
                 found += candidates(True, budget)
+            # A LUT plan's file must leave room for the code the budget counts.
+            lut_limit = budget - code
             if not found:
-                saving = min(budget, int8_file - profile.decode_code_cost - 1)
+                saving = min(lut_limit, int8_file - profile.decode_code_cost - 1)
                 found = candidates(True, saving)
             if not found:
-                found = candidates(True, budget)
+                found = candidates(True, lut_limit)
         if not found:
             if arena_cap is None and instructions_cap is None:
                 # Only the byte grid's rounding can leave nothing: all int8
@@ -1449,17 +1523,17 @@ class Choices:
                 found = [(False, {n: 0 for n in self.offers})]
             else:
                 raise ValueError(solver.impossible(budget, scenarios, profile,
-                                                   int8_instructions))
+                                                   int8_instructions, code))
 
         def sensitivity(picks):
             return sum(self.offers[n][i].sensitivity for n, i in picks.items())
 
         dense, picks = min(found, key=lambda f: sensitivity(f[1]))
         return self._plan(budget, profile, picks, dense, costs, int8_instructions,
-                          arena_cap, instructions_cap, minimum)
+                          arena_cap, instructions_cap, minimum, bool(code))
 
     def _plan(self, budget, profile, picks, dense, costs, int8_instructions,
-              arena_cap, instructions_cap, minimum):
+              arena_cap, instructions_cap, minimum, budget_includes_code):
         rows = []
         for name, index in picks.items():
             o, cost = self.offers[name][index], costs[name][index]
@@ -1497,7 +1571,8 @@ class Choices:
                 max_arena_growth_bytes=arena_cap)
         return Plan(budget_bytes=budget, estimate_bytes=estimate,
                     int8_bytes=self.byte_model.int8_bytes, min_bytes=int(minimum),
-                    layers=rows, fisher=self.fisher, **fields)
+                    layers=rows, fisher=self.fisher,
+                    budget_includes_code=budget_includes_code, **fields)
 
 
 def _arena(costs):
@@ -1624,14 +1699,15 @@ class _Solver:
                 return picks
         return None
 
-    def impossible(self, budget, scenarios, profile, int8_instructions):
+    def impossible(self, budget, scenarios, profile, int8_instructions, code=0):
         """The message for caps that no plan within the budget meets: the
-        least instructions and arena each achieves alone."""
+        least instructions and arena each achieves alone (a LUT plan's file
+        within the budget less `code`, the DECODE code it counts)."""
         least_instructions, least_arena = math.inf, math.inf
         for dense in scenarios:
             for lut in (False, True):
                 allowed = self.found._allowed(dense, lut)
-                capacity = self._capacity(budget, lut, dense)
+                capacity = self._capacity(budget - (code if lut else 0), lut, dense)
                 if capacity < 0:
                     continue
                 picks = self._knapsack(allowed, capacity, by_instructions=True)
@@ -1723,7 +1799,7 @@ def choices(
     else:
         fisher = {k: np.ones(v.shape) for k, v in kernels.items()}
 
-    def sensitivity(name, b, mode, representation=LUT):
+    def sensitivity(name, b, mode, representation=LUT, per_tensor=False):
         total = 0.0
         for key in kernels:
             if key[0] != name:
@@ -1731,7 +1807,8 @@ def choices(
             array = np.asarray(kernels[key].numpy())
             axes = specs[key].channel_axes
             if mode == INT8:
-                total += sensitivity_lib.int8_distortion(array, axes, fisher[key])
+                total += sensitivity_lib.int8_distortion(array, axes, fisher[key],
+                                                         per_tensor)
             elif representation == INT4:
                 total += int4_distortion(array, axes, b, mode, fisher[key],
                                          kmeans_iterations)
@@ -1744,15 +1821,22 @@ def choices(
         return [m for m in byte_model.int4_modes(name) if m in modes] if int4 else []
 
     # An int4 FULLY_CONNECTED layer needs every Dense kernel per tensor:
-    # then each Dense layer's LUTs are offered twice, costed per channel
-    # (dense_per_tensor False) and, per tensor, with one table (True).
+    # then each Dense layer's int8 and LUTs are offered twice, costed per
+    # channel (dense_per_tensor False) and per tensor (True: one int8 scale,
+    # whose rounding counts in int8's sensitivity; one table).
     split = any(byte_model.is_dense(n) and int4_modes(n) for n in byte_model.tensors)
     offers = {}
     for name in byte_model.tensors:
         int8_bytes = byte_model.int8_layer_bytes(name)
         facts = byte_model.tensors[name]
-        offers[name] = [Offer(None, INT8, int8_bytes, sensitivity(name, None, INT8))]
         dense = byte_model.is_dense(name)
+        if dense and split:
+            offers[name] = [
+                Offer(None, INT8, int8_bytes, sensitivity(name, None, INT8), INT8, False),
+                Offer(None, INT8, int8_bytes,
+                      sensitivity(name, None, INT8, per_tensor=True), INT8, True)]
+        else:
+            offers[name] = [Offer(None, INT8, int8_bytes, sensitivity(name, None, INT8))]
         for b in bits:
             for mode in modes:
                 if not plan_costs.fits(facts, b, mode):

@@ -112,11 +112,15 @@ def kmeans_distortion(array, channel_axes, bits, mode, weights, iterations=20):
     return 0.5 * float(np.sum(f * np.square(w - q)))
 
 
-def int8_distortion(array, channel_axes, weights):
-    """`1/2 sum F (w - q)^2` of symmetric per-channel int8 rounding."""
+def int8_distortion(array, channel_axes, weights, per_tensor=False):
+    """`1/2 sum F (w - q)^2` of symmetric int8 rounding: per channel, or
+    with `per_tensor` one scale for the tensor (per-tensor FULLY_CONNECTED
+    weights)."""
     w = channel_matrix(np.asarray(array, np.float64), channel_axes)
     f = channel_matrix(np.asarray(weights, np.float64), channel_axes)
     scale = np.abs(w).max(axis=0) / 127.0
+    if per_tensor:
+        scale = np.full_like(scale, np.abs(w).max() / 127.0)
     scale = np.where(scale > 0, scale, 1.0)
     q = np.round(w / scale) * scale
     return 0.5 * float(np.sum(f * np.square(w - q)))

@@ -80,6 +80,12 @@ def test_distortion_falls_with_bits_and_follows_the_fisher_weights():
               for b in (1, 2, 4)]
     assert errors[0] > errors[1] > errors[2] > 0
     assert sensitivity.int8_distortion(w, (-1,), ones) < errors[2]
+    # One int8 scale for the tensor rounds a 10x smaller channel coarser.
+    w[:, 0] *= 0.1
+    per_channel = sensitivity.int8_distortion(w, (-1,), ones)
+    assert sensitivity.int8_distortion(w, (-1,), ones, per_tensor=True) > per_channel
+    assert (sensitivity.int8_distortion(w[:, :1], (-1,), ones[:, :1], per_tensor=True)
+            == sensitivity.int8_distortion(w[:, :1], (-1,), ones[:, :1]))
     # Zero Fisher weight: the tensor does not matter.
     assert sensitivity.kmeans_distortion(w, (-1,), 1, "channel", 0 * ones, 4) == 0
 
@@ -184,7 +190,9 @@ _DELETE = object()
     (("layers", 1, "extra"), 1, ["layers[1]", "unknown ['extra']"]),
     (("estimate_byte",), 1, ["estimate_byte:", "not a plan field"]),
     (("budget_bytes",), 10_000, ["budget_bytes", "exceeds the budget"]),
-    (("schema",), 5, ["schema", "1 to 4"]),
+    (("schema",), 6, ["schema", "1 to 5"]),
+    (("budget_includes_code",), "yes", ["budget_includes_code", "true or false"]),
+    (("budget_includes_code",), True, ["budget_includes_code", "without a target"]),
     (("fisher",), "hessian", ["fisher"]),
     (("quantize_options", "overrides", "fc2", "bits"), 1, ["quantize_options"]),
     (("export_options", "shared_tables"), False, ["export_options"]),
@@ -231,10 +239,18 @@ def test_plan_files_without_a_schema_load_as_before(tmp_path):
     assert loaded.quantize_options()["expected_weights"]["fc1"] == 18432
 
 
+def _schema_4(data):
+    """A schema 5 plan's data as schema 4 wrote it: no budget_includes_code."""
+    del data["budget_includes_code"]
+    data["schema"] = 4
+    return data
+
+
 def _schema_3(data):
-    """A schema 4 plan's data as schema 3 wrote it: no representation, int4
+    """A schema 5 plan's data as schema 3 wrote it: no representation, int4
     instructions or arena per layer, no weight quantisation, device totals
     or caps."""
+    data = _schema_4(data)
     for key in ("weight_quantization", "dense_per_tensor_bytes", "int8_instructions",
                 "instructions_growth",
                 "arena_growth_bytes", "max_instructions_growth",
@@ -805,7 +821,7 @@ def test_plan_json_round_trip_with_a_target(tmp_path):
     path = tmp_path / "plan.json"
     plan.save(path)
     data = json.loads(path.read_text())
-    assert data["schema"] == 4 and data["target"] == _M4
+    assert data["schema"] == 5 and data["target"] == _M4
     assert data["flash_change"] == 5_292 and data["decode_code_bytes"] == _DECODE_CODE
     assert data["layers"][2]["decode_path"] == "width2_16"
     assert data["export_options"]["decode"] == "always"
@@ -1115,6 +1131,60 @@ def test_caps_need_a_target():
         planner.plan_budget(_digits_model(), 10_000, x, max_instructions_growth=0.02)
 
 
+def test_a_budget_that_counts_decodes_code():
+    """AD's case in small: at 45,000 B a file budget takes 4-bit LUTs; a
+    budget for the file and DECODE's 21,408 B of code leaves 23,592 B of
+    file, so 2 bits."""
+    found = _choices([("fc", 64_000, 64)], int8_bytes=66_000, lut_sensitivity=0.5,
+                     bits=(1, 2, 3, 4))
+    file_only = found.plan(45_000, target=_M4)
+    plan = found.plan(45_000, target=_M4, budget_includes_code=True)
+    assert file_only.layers[0].bits == 4 and not file_only.budget_includes_code
+    assert file_only.estimate_bytes + _DECODE_CODE > 45_000
+    assert plan.layers[0].bits == 2 and plan.budget_includes_code
+    assert plan.counted_bytes == plan.estimate_bytes + _DECODE_CODE <= 45_000
+    assert "+ DECODE code 21,408 B" in plan.table()
+    assert "of budget 45,000 B (file and code)" in plan.table()
+    assert planner.Plan.from_dict(plan.to_dict()) == plan
+    # All int8 needs no code: a budget it meets stays int8.
+    assert not found.plan(66_000, target=_M4, budget_includes_code=True).compressed
+    # The least budget counts the code: the 1-bit file plus 21,408 B.
+    least = found.byte_model.estimate({"fc": (1, "tensor")}) + _DECODE_CODE
+    assert found.least_budget(_DECODE_CODE) == least
+    assert found.plan(least, target=_M4, budget_includes_code=True).layers[0].bits == 1
+    with pytest.raises(ValueError, match=f"plus DECODE's code .*: {least:,} bytes"):
+        found.plan(least - 1, target=_M4, budget_includes_code=True)
+    found.plan(least - 1, target=_M4)  # a file budget: fits
+    # Where the firmware links DECODE anyway, there is no code to count.
+    linked = found.plan(45_000, target=_LINKED, budget_includes_code=True)
+    assert linked.layers[0].bits == 4 and linked.counted_bytes == linked.estimate_bytes
+
+
+def test_a_budget_that_counts_code_needs_a_target(cli_files, capsys):
+    found = _choices([("fc", 64_000, 64)], int8_bytes=66_000)
+    with pytest.raises(ValueError, match="budget_includes_code=True needs a target"):
+        found.plan(45_000, budget_includes_code=True)
+    with pytest.raises(TypeError, match="budget_includes_code must be True or False"):
+        found.plan(45_000, target=_M4, budget_includes_code="yes")
+    code = plan_cli.main([cli_files["m.keras"], "--budget", "8KiB", "--data",
+                          cli_files["x.npy"], "--budget_includes_code"])
+    assert code == 2
+    assert "--budget_includes_code needs --target" in capsys.readouterr().err
+
+
+def test_plan_files_whose_file_and_code_exceed_the_budget_are_refused(tmp_path):
+    found = _choices([("fc", 64_000, 64)], int8_bytes=66_000, lut_sensitivity=0.5,
+                     bits=(1, 2, 3, 4))
+    plan = found.plan(45_000, target=_M4, budget_includes_code=True)
+    _assert_edit_refused(tmp_path, plan, ("budget_bytes",), plan.counted_bytes - 1,
+                         ["budget_bytes", "DECODE's 21,408 B of code exceed"])
+    # A schema 4 file has no such field.
+    data = plan.to_dict()
+    data["schema"] = 4
+    with pytest.raises(ValueError, match="budget_includes_code: a schema 4 plan"):
+        planner.Plan.from_dict(data)
+
+
 def _int4_plan():
     """A schema 4 plan with an int4 Dense layer (so FULLY_CONNECTED per
     tensor), an int4 conv, a LUT and an int8 layer, for the M4:
@@ -1146,7 +1216,7 @@ def test_schema_4_plan_round_trip_with_int4_layers(tmp_path):
     path = tmp_path / "plan.json"
     plan.save(path)
     data = json.loads(path.read_text())
-    assert data["schema"] == 4 and data["weight_quantization"] == "dense_per_tensor"
+    assert data["schema"] == 5 and data["weight_quantization"] == "dense_per_tensor"
     assert [r["representation"] for r in data["layers"]] == ["int8", "lut", "int4", "int4"]
     options = data["export_options"]
     assert options["int4"] == "auto" and options["weight_quantization"] == "dense_per_tensor"
@@ -1226,6 +1296,12 @@ def test_an_int4_plan_exports_int4_weights_within_its_estimate(tmp_path):
                                                   "FULLY_CONNECTED"]
     kinds = {n: sorted({o.kind for o in opts}) for n, opts in found.offers.items()}
     assert kinds["fc1"] == ["int4", "int8", "lut"]
+    # A Dense layer's int8 is offered per channel and per tensor (what it
+    # becomes beside an int4 Dense layer), each with its own rounding.
+    int8 = {n: {o.dense_per_tensor: o.sensitivity for o in opts if o.kind == "int8"}
+            for n, opts in found.offers.items()}
+    assert set(int8["fc1"]) == {False, True} and set(int8["conv"]) == {None}
+    assert int8["fc1"][True] > int8["fc1"][False] > 0
     # Half of fc1's 9,216 weights beyond what int4 on every layer needs.
     int4_file = found.byte_model.estimate({n: (4, "tensor", "int4") for n in facts})
     budget = int4_file + 2_000
@@ -1234,6 +1310,9 @@ def test_an_int4_plan_exports_int4_weights_within_its_estimate(tmp_path):
     assert not plan.compressed and "fc1" in plan.int4_layers
     assert plan.flash_change == plan.file_change < 0
     assert plan.weight_quantization == "dense_per_tensor"
+    for row in plan.layers:
+        if row.mode == "int8" and row.layer_type == "Dense":
+            assert row.sensitivity == int8[row.layer][True]
     assert planner.Plan.from_dict(plan.to_dict()) == plan
     q = lutq_tf.quantize_model(model, **plan)
     path = str(tmp_path / "int4.tflite")
