@@ -14,6 +14,11 @@ exported four ways with a device profile (`tflite_export.device.target`):
   (`lutq_tf.fold_batchnorm`), 4-bit `constraint="int4"` dictionaries per
   output channel, one per tensor for Dense (TFLM's FULLY_CONNECTED takes int4
   per tensor only: `weight_quantization="dense_per_tensor"`).
+- `planned`: `plan_budget(..., target=...)` on the model with its batch
+  norms folded, for the `LUT (forced)` file's bytes (random inputs, so the
+  Fisher weights come from the outputs): int8, int4 or a LUT per layer,
+  quantised with `quantize_model(**plan)` and exported with
+  `plan.export_options()`.
 
 Figures are estimates from the profile's measured costs, not a device run:
 firmware flash change against the int8 route (file change plus the code the
@@ -276,7 +281,32 @@ def run_model(name, models_dir, target, work):
     path = os.path.join(work, "int4.tflite")
     result, notes = _int4_export(model, data, target, path)
     rows.append(row("int4", 4, result, path, notes))
+    budget = rows[1].file_bytes  # the LUT (forced) file
+    path = os.path.join(work, "planned.tflite")
+    result, notes = _planned_export(model, data, target, budget, path)
+    rows.append(row("planned", "plan", result, path, notes))
     return rows
+
+
+def _planned_export(model, data, target, budget, path):
+    """The planned row's export at `budget` bytes: `(result, notes)`."""
+    import lutq_tf
+    import tflite_export
+
+    folded, folds = lutq_tf.fold_batchnorm(model)
+    plan = tflite_export.plan_budget(folded, budget, data, target=target)
+    print(plan, flush=True)
+    counts = {}
+    for r in plan.layers:
+        counts[r.representation] = counts.get(r.representation, 0) + 1
+    notes = [f"plan for {budget:,} B: " + ", ".join(
+        f"{n} {kind}" for kind, n in sorted(counts.items()))
+        + f", estimate {plan.estimate_bytes:,} B"]
+    if folds:
+        notes.append(f"{len(folds)} batch norm(s) folded")
+    q = lutq_tf.quantize_model(folded, **plan)
+    return tflite_export.export(q, path, representative_data=data,
+                                **plan.export_options()), notes
 
 
 def _agreement_text(r):
@@ -318,7 +348,11 @@ def markdown(rows, command, seconds, target):
         "model's MAC instructions. *int8 weights*: filter weights left int8. "
         "*vs float*: TFLM against the float Keras model on the random inputs "
         "(top-1 for classifiers, SNR otherwise). *default* is what `export(..., "
-        f"target=\"{profile.name}\")` writes; *LUT (forced)* is `decode=\"always\"`.",
+        f"target=\"{profile.name}\")` writes; *LUT (forced)* is `decode=\"always\"`; "
+        "*planned* is `plan_budget(..., target=...)` for the LUT (forced) file's bytes "
+        "(batch norms folded; Fisher weights from the outputs of the random inputs), "
+        "quantised with `quantize_model(**plan)` and exported with "
+        "`plan.export_options()`.",
         "",
         "| model | variant | bits | file | firmware | report | arena "
         "| host arena | decode ops | decode instr. | share | int4 ops | int4 instr. | share "
@@ -353,6 +387,16 @@ def markdown(rows, command, seconds, target):
         + "".join(f" {n[0].upper()}{n[1:]}." for n in r.notes)
         for r in rows if r.variant == "int4"
     ]
+    planned = [r for r in rows if r.variant == "planned"]
+    if planned:
+        lines += ["", "The planned exports:", ""]
+        lines += [
+            f"- {r.model}: " + "; ".join(r.notes) + f"; firmware {r.firmware_change:+,} B "
+            f"against the int8 row, arena {r.arena_bytes - r.int8_arena_bytes:+,} B, "
+            f"instructions +{100 * (r.decode_share + r.int4_share):.1f} % "
+            f"({r.decode_ops} DECODE, {r.int4_ops} int4 op(s)); "
+            f"{_agreement_text(r)} against float Keras."
+            for r in planned]
     return "\n".join(lines) + "\n"
 
 

@@ -273,15 +273,19 @@ def device():
              f"profile `{record['target']}`):", "",
              "| model | int8 file | int8 arena | LUT bits | LUT file | LUT firmware | LUT arena "
              "| LUT instr. | int4 file | int4 firmware | int4 arena | int4 instr. "
-             "| default export writes |",
+             "| planned firmware | planned instr. | default export writes |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-             "| --- |"]
+             "| ---: | ---: | --- |"]
     for m in models:
         int8, lut, default = row(m, "int8"), row(m, "LUT (forced)"), row(m, "default")
         int4 = row(m, "int4")
         cells = ["-"] * 4 if int4 is None else [
             f"{int4['file_bytes']:,}", f"{int4['firmware_change']:+,}",
             f"{int4['arena_bytes']:,}", share(int4["int4_share"])]
+        planned = row(m, "planned")
+        cells += ["-"] * 2 if planned is None else [
+            f"{planned['firmware_change']:+,}",
+            share(planned["decode_share"] + planned["int4_share"])]
         lines.append(
             f"| {m} | {int8['file_bytes']:,} | {int8['arena_bytes']:,} | {lut['bits']} "
             f"| {lut['file_bytes']:,} | {lut['firmware_change']:+,} | {lut['arena_bytes']:,} "

@@ -83,11 +83,19 @@ def _rows():
                    int4_instructions=8e5, int4_share=0.8, reference_scratch=400,
                    notes=["two batch norm(s) folded"],
                    **{**base, "float_top1": None, "float_snr_db": 30.0}),
+        device.Row(variant="planned", file_bytes=600, flash_change=-300, arena_bytes=700,
+                   firmware_change=-300, int4_ops=2, int4_weights=600,
+                   int4_instructions=3e5, int4_share=0.3,
+                   notes=["plan for 700 B: 2 int4, 1 lut, estimate 650 B"],
+                   **{**base, "bits": "plan", "decode_ops": 1, "decode_share": 0.01}),
     ]
 
 
 def test_markdown_has_the_int4_row_and_its_summary():
     text = device.markdown(_rows(), "python -m benchmarks.device", 60, "cortex-m4-cmsis-nn")
+    (line,) = [line for line in text.splitlines() if line.startswith("- M: plan for")]
+    assert ("plan for 700 B: 2 int4, 1 lut, estimate 650 B; firmware -300 B against the "
+            "int8 row, arena +200 B, instructions +31.0 % (1 DECODE, 2 int4 op(s))") in line
     (row,) = [line for line in text.splitlines() if line.startswith("| M | int4 |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3:8] == ["550", "-450", "-400", "900", "600"]
@@ -117,8 +125,10 @@ def test_readme_block_shows_lut_and_int4_per_model(monkeypatch, tmp_path):
     assert cells["LUT firmware"] == "+20,100" and cells["LUT instr."] == "+2.0 %"
     assert cells["int4 firmware"] == "-450" and cells["int4 arena"] == "900"
     assert cells["int4 instr."] == "+80.0 %" and cells["default export writes"] == "int8"
+    # The planned row: its firmware, and decode plus int4 instructions.
+    assert cells["planned firmware"] == "-300" and cells["planned instr."] == "+31.0 %"
     # A record without int4 rows still renders.
     record["rows"] = record["rows"][:3]
     write()
     (row,) = [line for line in readme.device() if line.startswith("| M |")]
-    assert row.count("| - ") == 4
+    assert row.count("| - ") == 6
