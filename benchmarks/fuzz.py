@@ -40,19 +40,31 @@ run) does not stop the others: each stage's outcome is in the record's
 
 prints the counts by outcome and each non-ok case, and writes them to
 `benchmarks/results/fuzz.json` with the command and date, after every case
-(`run.finished` is false until the end). One process accumulates the XLA
-code of every case's k-means steps: about 1,200 memory maps a case, so
-past ~50 cases it can reach the kernel's `vm.max_map_count` (65,530) and
-LLVM aborts ("Cannot allocate memory"); run long sweeps in slices
-(`--start`).
+(`run.finished` is false until the end).
+
+The cases run in child processes, each a fresh interpreter (`spawn`)
+that runs at most `--cases_per_process` cases (default 20) and exits: a
+process accumulates the XLA code of every case's k-means steps, about
+1,200 memory maps a case, so past ~50 cases it would reach the kernel's
+`vm.max_map_count` (65,530) and LLVM would abort it ("Cannot allocate
+memory"). The parent hands a child one seed at a time and takes back its
+record, so any number of seeds runs in one command. A child that dies
+(killed, an LLVM abort, a segfault) loses no more than its case: that
+case is recorded as an "error" at stage "worker", with the exit status or
+signal and the last lines of the child's stderr, and the next seed runs
+in a fresh child. `--cases_per_process=0` runs every case in this process
+instead (for a debugger; a long sweep then dies as described).
 """
 
 import collections
 import datetime
+import faulthandler
 import functools
 import json
+import multiprocessing
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -72,6 +84,11 @@ STAGES = ("decode", "callbacks", "plan")
 STAGE_OUTCOMES = OUTCOMES + ("skipped",)
 FIT_STEPS = 3
 _BATCH = 8
+# Cases a child process runs before a fresh one takes over (see the module
+# doc: ~1,200 memory maps a case, 65,530 allowed).
+CASES_PER_PROCESS = 20
+# The lines of a dead child's stderr kept in its record.
+STDERR_LINES = 40
 
 
 class CheckFailed(AssertionError):
@@ -564,33 +581,171 @@ def _check_tables(quantized, stripped):
 
 
 def run(seeds, workdir=None, report=functools.partial(print, flush=True),
-        deadline=None, stages=STAGES, each=None):
+        deadline=None, stages=STAGES, each=None,
+        cases_per_process=CASES_PER_PROCESS, case=None):
     """Runs `seeds` (with `stages`), until `deadline` (a `time.time()`).
 
-    `each(records)` is called after every case (e.g. to write them, so a
-    process that dies, say XLA out of memory, leaves its results).
+    Each case runs in a child process that runs at most `cases_per_process`
+    cases (0: every case in this process); a child that dies gives its case
+    an "error" record (stage "worker") and the next seed a fresh child.
+    `each(records)` is called after every case (e.g. to write them).
+    `case(seed, workdir, stages=...)` runs a case, `run_case` by default
+    (another must be picklable by reference: a module-level function).
 
     Returns:
-        The records (`run_case`).
+        The records (`run_case`), in seed order.
     """
+    case = case or run_case
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in seeds:
-            if deadline is not None and time.time() > deadline:
-                report(f"time budget spent: stopped before seed {seed}")
-                break
-            record = run_case(seed, workdir or tmp, stages=stages)
-            records.append(record)
-            report(f"{record['outcome']:17s} {record['seconds']:6.1f} s  "
-                   f"{record.get('case', seed)}")
-            for name, entry in record["stages"].items():
-                report(f"    {name}: {entry['outcome']} ({entry['seconds']} s)"
-                       + (f": {entry['message'][:200]}" if entry["message"] else ""))
-            if record["outcome"] != "ok":
-                report(f"    at {record['stage']}: {record['message'][:300]}")
-            if each is not None:
-                each(records)
+        if cases_per_process > 0:
+            runner = _Workers(workdir or tmp, stages, cases_per_process, case,
+                              logdir=tmp)
+        else:
+            runner = functools.partial(_run_here, case, workdir or tmp, stages)
+        try:
+            for seed in seeds:
+                if deadline is not None and time.time() > deadline:
+                    report(f"time budget spent: stopped before seed {seed}")
+                    break
+                record = runner(seed)
+                records.append(record)
+                _report(record, report)
+                if each is not None:
+                    each(records)
+        finally:
+            if isinstance(runner, _Workers):
+                runner.close()
     return records
+
+
+def _run_here(case, workdir, stages, seed):
+    return case(seed, workdir, stages=stages)
+
+
+def _report(record, report):
+    report(f"{record['outcome']:17s} {record['seconds']:6.1f} s  "
+           f"{record.get('case', record['seed'])}")
+    for name, entry in record.get("stages", {}).items():
+        report(f"    {name}: {entry['outcome']} ({entry['seconds']} s)"
+               + (f": {entry['message'][:200]}" if entry["message"] else ""))
+    if record["outcome"] != "ok":
+        report(f"    at {record['stage']}: {record['message'][:300]}")
+        for line in record.get("stderr", [])[-5:]:
+            report(f"    | {line[:200]}")
+
+
+def _worker(conn, workdir, stages, case, stderr_path):
+    """A child's loop: runs the seeds it receives until it receives None."""
+    # The child's stderr (Python's and native code's, e.g. an LLVM abort)
+    # goes to a file the parent reads if the child dies.
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    faulthandler.enable()  # a segfault's or abort's Python stack
+    logging.set_verbosity(logging.WARNING)
+    while True:
+        seed = conn.recv()
+        if seed is None:
+            break
+        conn.send(case(seed, workdir, stages=stages))
+    conn.close()
+
+
+class _Workers:
+    """Child processes running one case at a time, each at most `per_process`.
+
+    Called with a seed, returns its record: the child's, or an "error" if
+    the child died running it.
+    """
+
+    def __init__(self, workdir, stages, per_process, case, logdir):
+        self._context = multiprocessing.get_context("spawn")
+        self._args = (workdir, tuple(stages), case)
+        self._per_process = per_process
+        self._logdir = logdir
+        self._process = self._conn = self._stderr = None
+        self._done = self._started = 0
+
+    def _start(self):
+        self._started += 1
+        self._stderr = os.path.join(self._logdir,
+                                    f"worker_{self._started}.stderr")
+        parent, child = self._context.Pipe()
+        self._process = self._context.Process(
+            target=_worker, args=(child, *self._args, self._stderr),
+            daemon=True, name=f"fuzz-worker-{self._started}")
+        self._process.start()
+        child.close()  # so that recv() sees the child's death as EOF
+        self._conn, self._done = parent, 0
+
+    def __call__(self, seed):
+        if self._process is None:
+            self._start()
+        start = time.perf_counter()
+        try:
+            self._conn.send(seed)
+            record = self._conn.recv()
+        except (EOFError, OSError):
+            return self._died(seed, time.perf_counter() - start)
+        self._done += 1
+        if self._done >= self._per_process:
+            self.close()
+        return record
+
+    def _died(self, seed, seconds):
+        process = self._process
+        process.join(timeout=30)
+        if process.is_alive():  # the pipe broke but the child lives on
+            process.kill()
+            process.join()
+        code = process.exitcode
+        if code is not None and code < 0:
+            try:
+                status = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                status = f"killed by signal {-code}"
+        else:
+            status = f"exit status {code}"
+        try:
+            with open(self._stderr, errors="replace") as f:
+                lines = [line.rstrip("\n") for line in f]
+        except OSError:
+            lines = []
+        # faulthandler's "Fatal Python error: ..." and the stacks it dumps
+        # after it: kept apart, so that the tail shows what came before
+        # (e.g. "LLVM ERROR: ...").
+        fatal = next((i for i, line in enumerate(lines)
+                      if line.startswith("Fatal Python error")), len(lines))
+        tail, stack = lines[:fatal + 1][-STDERR_LINES:], lines[fatal + 1:]
+        self._conn.close()
+        self._process = self._conn = None
+        message = (f"the worker process running seed {seed} died ({status}) "
+                   f"after {self._done} case(s) of its own")
+        telling = [line for line in lines[:fatal]
+                   if re.search(r"error|abort|memory|killed", line, re.I)]
+        if telling or tail:
+            message += f"; its stderr: {(telling or tail)[-1].strip()}"
+        extra = {"stack": stack[:STDERR_LINES]} if stack else {}
+        return {"seed": seed, "outcome": "error", "stage": "worker",
+                "message": message, "exit_status": status, "stderr": tail,
+                **extra, "stage_seconds": {}, "stages": {},
+                "pipeline_outcome": "error", "seconds": round(seconds, 2)}
+
+    def close(self):
+        """Ends the current child (after its case), if any."""
+        if self._process is None:
+            return
+        try:
+            self._conn.send(None)
+        except OSError:
+            pass
+        self._process.join(timeout=120)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._conn.close()
+        self._process = self._conn = None
 
 
 def counts(records):
@@ -617,6 +772,10 @@ def define_flags():
     flags.DEFINE_list("stages", list(STAGES),
                       "Stages to run after the pipeline, from " + ", ".join(STAGES)
                       + " (empty: the pipeline only).")
+    flags.DEFINE_integer("cases_per_process", CASES_PER_PROCESS,
+                         "Cases each child process runs before a fresh one "
+                         "takes over (0: every case in this process, which "
+                         "past ~50 cases runs out of memory maps).")
     flags.DEFINE_string("out", os.path.join(RESULTS, "fuzz.json"),
                         "JSON file for the counts and the non-ok cases.")
 
@@ -653,7 +812,8 @@ def main(argv):
         return result
 
     records = run(range(FLAGS.start, FLAGS.start + FLAGS.seeds),
-                  deadline=deadline, stages=tuple(FLAGS.stages), each=write)
+                  deadline=deadline, stages=tuple(FLAGS.stages), each=write,
+                  cases_per_process=FLAGS.cases_per_process)
     result = write(records, done=True)
     print("counts:", result["counts"])
     print("by stage:", result["stage_counts"])

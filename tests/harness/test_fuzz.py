@@ -8,7 +8,9 @@ set of seeds runs in CI; the script `python -m benchmarks.fuzz --seeds=N`
 runs many more.
 """
 
+import os
 import re
+import time
 
 import keras
 import numpy as np
@@ -209,3 +211,65 @@ def test_schedule_draws_are_valid(prunes):
             # Within the fit, so that the raise happens.
             assert epoch < draw["epochs"] and batch < fuzz.FIT_STEPS
             assert when in ("begin", "end")
+
+
+def test_run_survives_dying_workers():
+    """A worker that dies (killed, aborted, exiting) costs only its case.
+
+    Before child processes, a case's death (e.g. LLVM aborting once the
+    process reached `vm.max_map_count`) ended the whole sweep.
+    """
+    import fuzz_fakes
+
+    seen, lines = [], []
+    records = fuzz.run(range(8), report=lines.append, case=fuzz_fakes.case,
+                       cases_per_process=2, stages=("plan",),
+                       each=lambda records: seen.append(len(records)))
+    assert [r["seed"] for r in records] == list(range(8))
+    assert seen == list(range(1, 9))  # written after every case
+    dead = {fuzz_fakes.KILLED: "killed by SIGKILL",
+            fuzz_fakes.ABORTED: "killed by SIGABRT",
+            fuzz_fakes.EXITED: "exit status 0"}  # never "ok"
+    for record in records:
+        if record["seed"] in dead:
+            assert record["outcome"] == "error" and record["stage"] == "worker"
+            assert record["exit_status"] == dead[record["seed"]], record
+            assert f"seed {record['seed']} died ({dead[record['seed']]})" in (
+                record["message"])
+        else:
+            assert record["outcome"] == "ok" and record["stages_asked"] == ["plan"]
+    aborted = records[fuzz_fakes.ABORTED]
+    assert fuzz_fakes.LLVM_ERROR in aborted["stderr"]
+    assert aborted["message"].endswith(fuzz_fakes.LLVM_ERROR)
+    assert any(fuzz_fakes.LLVM_ERROR in line for line in lines)
+    # Each case ran in a child, at most 2 a child, a fresh one after a death:
+    # 0 | 1 dies | 2 | 3 dies | 4 5 | 6 dies | 7.
+    pids = [r.get("pid") for r in records]
+    assert os.getpid() not in pids
+    assert pids[0] != pids[2] != pids[4] == pids[5] != pids[7]
+    assert len({pids[0], pids[2], pids[4], pids[7]}) == 4
+
+
+def test_run_in_process_and_deadline():
+    """`cases_per_process=0` runs the cases here; a spent deadline none."""
+    import fuzz_fakes
+
+    records = fuzz.run([0, 2], case=fuzz_fakes.case, cases_per_process=0,
+                       report=lambda line: None)
+    assert [(r["seed"], r["outcome"], r["pid"]) for r in records] == [
+        (0, "ok", os.getpid()), (2, "ok", os.getpid())]
+    lines = []
+    assert fuzz.run([0], case=fuzz_fakes.case, deadline=time.time() - 1,
+                    report=lines.append) == []
+    assert lines == ["time budget spent: stopped before seed 0"]
+
+
+@pytest.mark.slow
+def test_run_case_in_a_worker(tmp_path):
+    """A real case in a fresh child gives the record it gives here (seed 35,
+    the quickest: refused at export, see EXPECTED)."""
+    records = fuzz.run([35], workdir=str(tmp_path), stages=(),
+                       report=lambda line: None)
+    outcome, message = EXPECTED[35]
+    assert [r["outcome"] for r in records] == [outcome], records
+    assert re.search(message, records[0]["message"])

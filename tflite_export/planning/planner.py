@@ -1377,17 +1377,24 @@ class Choices:
     def least_budget(self, code=0):
         """The smallest budget a plan meets when a LUT plan's budget also
         counts `code` bytes (DECODE's): `min_bytes` when `code` is 0."""
-        # All int8 is the fallback: DECODE's operator bytes can outweigh
-        # tiny savings.
-        best = self.byte_model.int8_bytes
+        return self._smallest(code)[0]
+
+    def _smallest(self, code=0):
+        """`(bytes, dense, picks)` of the smallest plan, a LUT plan's bytes
+        counting `code`."""
+        # All int8 (per channel: offer 0) to start with: DECODE's operator
+        # bytes can outweigh tiny savings.
+        best = (self.byte_model.int8_bytes, False, {n: 0 for n in self.offers})
         for dense in self._scenarios():
             for lut in (False, True):
                 allowed = self._allowed(dense, lut)
                 picks = {n: min(idx, key=lambda i, n=n: self.offers[n][i].bytes)
                          for n, idx in allowed.items()}
                 has_lut = any(self.offers[n][i].kind == LUT for n, i in picks.items())
-                best = min(best, self._estimate(picks) + (code if has_lut else 0))
-        return int(best)
+                size = int(self._estimate(picks)) + (code if has_lut else 0)
+                if size < best[0]:
+                    best = (size, dense, picks)
+        return best
 
     def _estimate(self, picks):
         """Estimated file of `{layer: offer index}`."""
@@ -1501,7 +1508,9 @@ class Choices:
             return found
 
         if profile is None:
-            found = candidates(True, budget)
+            # Without LUTs too: a LUT scenario's capacity leaves room for
+            # DECODE's operator, which an int8/int4-only plan does not need.
+            found = candidates(False, budget) + candidates(True, budget)
         else:
             # No DECODE first (when it costs code); then DECODE where it
             # saves firmware against all int8; then whatever meets the
@@ -1518,9 +1527,9 @@ class Choices:
                 found = candidates(True, lut_limit)
         if not found:
             if arena_cap is None and instructions_cap is None:
-                # Only the byte grid's rounding can leave nothing: all int8
-                # then fits (the smallest file is checked above).
-                found = [(False, {n: 0 for n in self.offers})]
+                # Only the byte grid's rounding can leave nothing: the
+                # smallest plan then fits (checked against the budget above).
+                found = [self._smallest(code)[1:]]
             else:
                 raise ValueError(solver.impossible(budget, scenarios, profile,
                                                    int8_instructions, code))

@@ -1131,6 +1131,28 @@ def test_caps_need_a_target():
         planner.plan_budget(_digits_model(), 10_000, x, max_instructions_growth=0.02)
 
 
+def test_a_budget_only_all_int8_per_tensor_meets_is_planned_so():
+    """Dense kernels per tensor drop their per-channel scales: all int8 that
+    way is the smallest file here (no DECODE operator to pay), and a budget
+    below the per-channel int8 file gets it, within the budget (the
+    planner used to fall back to per-channel int8, over it)."""
+    tensors = {"fc": [_facts("fc", 64, 4)]}
+    byte_model = plan_costs.ByteModel(int8_bytes=800, tensors=tensors,
+                                      dense_per_tensor_bytes=-32)
+    offers = {"fc": [(None, "int8", 64, 1.0, "int8", False),
+                     (None, "int8", 64, 1.5, "int8", True),
+                     (1, "tensor", 60, 3.0, "lut", False)]}
+    found = planner.Choices(byte_model=byte_model, offers=offers,
+                            layer_types={"fc": "Dense"}, bits=[1], modes=["tensor"],
+                            fisher="labels")
+    assert found.min_bytes == 768
+    plan = found.plan(777)
+    assert plan.estimate_bytes == 768 <= 777
+    assert plan.weight_quantization == "dense_per_tensor" and not plan.compressed
+    assert plan.layers[0].sensitivity == 1.5
+    assert found.plan(800).estimate_bytes == 800  # per channel, more accurate
+
+
 def test_a_budget_that_counts_decodes_code():
     """AD's case in small: at 45,000 B a file budget takes 4-bit LUTs; a
     budget for the file and DECODE's 21,408 B of code leaves 23,592 B of
