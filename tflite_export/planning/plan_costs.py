@@ -101,9 +101,19 @@ def _aligned(n):
 
 def int4_bytes(size):
     """File bytes of an int4 weight tensor of `size` elements: two codes a
-    byte, its buffer padded to 16 bytes (the int8 buffer it replaces is
-    counted unpadded, on the safe side as for LUTs)."""
-    return _aligned(-(-int(size) // 2))
+    byte, its buffer padded to 16 bytes, and up to 16 more for what lies
+    between two buffers' data (the Buffer table, the next length prefix:
+    12 B here); the int8 buffer it replaces is counted unpadded, on the
+    safe side as for LUTs."""
+    return _aligned(-(-int(size) // 2)) + BUFFER_ALIGNMENT
+
+
+def unshared_bias_bytes(size):
+    """File bytes a bias buffer of `size` bytes adds when a rewrite (an
+    int4 tensor's requantised bias) gives it its own buffer where the
+    converter shared it with an identical one: its data and what lies
+    between buffers, and an entry of the buffers vector (aligned)."""
+    return 0 if not size else _aligned(size) + 2 * BUFFER_ALIGNMENT
 
 
 def padded_lut_bytes(size, tables, entries):
@@ -138,6 +148,9 @@ class TensorFacts:
         op: The TFLite op that reads it (`"CONV_2D"`, ...; "" unknown).
         macs: That op's multiply-accumulates per inference.
         uses: Ops that read the tensor (int4 needs exactly one).
+        shared_bias: Bytes of its op's bias where the converter shares
+            that bias's buffer with another tensor (identical values), else
+            0: stored as int4, the requantised bias needs its own buffer.
         folded: Whether the converter scaled its channels differently (a
             folded batch norm): its channels then cannot share one int4
             step, so a FULLY_CONNECTED kernel (per tensor only) cannot be
@@ -159,6 +172,7 @@ class TensorFacts:
     op: str = ""
     macs: int = 0
     uses: int = 1
+    shared_bias: int = 0
     folded: bool = False
     int4_scratch: dict = dataclasses.field(default_factory=dict)
 
@@ -262,7 +276,8 @@ class ByteModel:
 
     def int4_layer_bytes(self, layer):
         """File bytes of a layer's weights as native int4."""
-        return sum(int4_bytes(f.size) for f in self.tensors[layer])
+        return sum(int4_bytes(f.size) + unshared_bias_bytes(f.shared_bias)
+                   for f in self.tensors[layer])
 
     def layer_bytes(self, layer, bits, mode):
         """Bytes of a layer's weight tensors for one choice, or None."""
@@ -383,7 +398,8 @@ _PADDING = {0: "same", 1: "valid"}  # schema.Padding
 
 def _op_facts(model_bytes):
     """`({weight tensor index: (op, MACs, {kernel set: int4 scratch
-    growth})}, bias quantisation bytes)` of a converted file's CONV_2D,
+    growth}, shared bias bytes)}, bias quantisation bytes)` of a converted
+    file's CONV_2D,
     DEPTHWISE_CONV_2D, FULLY_CONNECTED and TRANSPOSE_CONV ops (filter =
     input 1), from their tensors' shapes; the second, what exporting with
     `DENSE_PER_TENSOR` changes (`ByteModel.dense_per_tensor_bytes`)."""
@@ -396,6 +412,11 @@ def _op_facts(model_bytes):
         found = subgraph.tensors[int(index)].shape
         return tuple(int(d) for d in found) if found is not None else ()
 
+    # Tensors per buffer: the converter shares one buffer among identical
+    # constants (e.g. two equal biases).
+    users = {}
+    for tensor in subgraph.tensors:
+        users[tensor.buffer] = users.get(tensor.buffer, 0) + 1
     facts = {}
     bias_bytes = 0
     for op in subgraph.operators or []:
@@ -428,7 +449,13 @@ def _op_facts(model_bytes):
                     dict(params, filter_dtype=dtype), aligned=True)
                     for dtype in ("int8", "int4")]
                 scratch[kernels] = max(sizes[1] - sizes[0], 0)
-        facts.setdefault(weight, (name, macs, scratch))
+        shared_bias = 0
+        if len(op.inputs) > 2 and int(op.inputs[2]) >= 0:
+            bias = subgraph.tensors[int(op.inputs[2])]
+            data = model.buffers[bias.buffer].data
+            if data is not None and users.get(bias.buffer, 0) > 1:
+                shared_bias = len(data)
+        facts.setdefault(weight, (name, macs, scratch, shared_bias))
         dense = name == "FULLY_CONNECTED"
         if dense:
             # Per tensor, its kernel keeps one scale of its C (4 B each).
@@ -503,7 +530,7 @@ def measure(model, representative_data, layers=None):
         weight = match.weight
         shared, _ = shared_tables.shared_codes(match)
         axis = weight.quantized_dimension
-        op, macs, scratch = ops.get(weight.index, (weight.op, 0, {}))
+        op, macs, scratch, shared_bias = ops.get(weight.index, (weight.op, 0, {}, 0))
         tensors.setdefault(match.kernel.layer, []).append(TensorFacts(
             layer=match.kernel.layer,
             tensor=match.kernel.tensor,
@@ -518,6 +545,7 @@ def measure(model, representative_data, layers=None):
             op=op,
             macs=int(macs),
             uses=int(weight.uses),
+            shared_bias=int(shared_bias),
             folded=_scaled_channels(
                 match, bool(shared is not None and shared.negated)),
             int4_scratch=scratch,

@@ -693,11 +693,11 @@ def _plan_from_dict(cls, data, source):
         if mode == INT8 and size != weights:
             raise fail(f"{where}.bytes", f"an int8 layer's bytes are its weights "
                                          f"({weights:,}), got {size:,}.")
-        if kind == INT4 and size != plan_costs.int4_bytes(weights):
+        if kind == INT4 and size < plan_costs.int4_bytes(weights):
             raise fail(f"{where}.bytes", (
-                f"an int4 layer of {weights:,} weights takes "
-                f"{plan_costs.int4_bytes(weights):,} B (two a byte, padded to 16), "
-                f"got {size:,}. {_REPLAN}"))
+                f"an int4 layer of {weights:,} weights takes at least "
+                f"{plan_costs.int4_bytes(weights):,} B (two a byte, padded to 16, "
+                f"and its buffer's entry), got {size:,}. {_REPLAN}"))
         if kind == LUT:
             floor = plan_costs.smallest_layer_bytes(weights, int(bits))
             if not floor <= size < weights:
