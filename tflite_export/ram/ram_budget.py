@@ -689,6 +689,7 @@ def fit(plain, kernels, notes, settings, max_decode_bytes, ram_bytes, basis=None
                 model, split_kernels, notes, settings, keep=keep, built=built
             )
         else:  # every decoded kernel fits already
+            info = {}
             notes.extend(unsplit_notes)
             built, verification = build.assemble_verified(
                 plain, kernels, notes, settings, built=unsplit

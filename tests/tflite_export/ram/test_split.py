@@ -262,6 +262,23 @@ def test_depthwise_over_the_limit_stays_int8_with_a_note(tmp_path):
     assert result.decode_buffer_bytes <= 512
 
 
+@pytest.mark.slow
+def test_limit_above_every_decoded_kernel_writes_the_unsplit_file(tmp_path):
+    # Fuzz seed 106: with nothing to split, the report raised UnboundLocalError.
+    model, data = lut_model("dense")  # 'lut' decodes to 64 x 256 = 16,384 B
+    plain = tflite_export.export(model, tmp_path / "plain.tflite",
+                                 representative_data=data)
+    limited = tflite_export.export(model, tmp_path / "limited.tflite",
+                                   representative_data=data, max_decode_bytes=20000)
+    assert limited.verification.bit_exact
+    assert limited.ram.concat_ops == {}
+    assert all(c.choice != "split" for c in limited.ram.choices)
+    assert limited.decode_buffer_bytes == plain.decode_buffer_bytes <= 20000
+    with open(tmp_path / "plain.tflite", "rb") as a, \
+            open(tmp_path / "limited.tflite", "rb") as b:
+        assert a.read() == b.read()
+
+
 def _tiny_lut_model(kind):
     """Two-bit (K=4 per tensor) models whose layer to split is small.
 
