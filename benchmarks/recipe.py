@@ -64,7 +64,9 @@ dictionaries (`constraint="int4"`, storable as TFLM's native int4): `int4-c`
 per channel, `int4-t` per tensor, each with its own peak rate under the
 task's schedule and its mode's dictionary rate; the report sets them against
 float and free 4-bit LUT-Q of the same mode (`lutq4`, `lutq-t16`) with issue
-23's ResNet-8 targets (`INT4_PAIRS`).
+23's ResNet-8 targets (`INT4_PAIRS`). `tfmot-qat4` (`QAT`) is the int4 anchor:
+tfmot's 4-bit quantisation-aware training as shipped, in tfmot's process,
+set against `int4-c`.
 
     nice python -m benchmarks.recipe --cifar10=../shared/data/cifar10_jpeg.tgz \\
         --resnet8_h5=../shared/models/mlperf_tiny_resnet8.h5
@@ -81,6 +83,9 @@ and the int4-exact rows beside their references (here ResNet-8's):
     nice python -m benchmarks.recipe --cifar10=../shared/data/cifar10_jpeg.tgz \\
         --resnet8_h5=../shared/models/mlperf_tiny_resnet8.h5 \\
         --variants=float,lutq4,lutq-t16,int4-c,int4-t
+    LUTQ_COMPARE_PYTHON=/work/venv-compare/bin/python nice python -m benchmarks.recipe \\
+        --cifar10=../shared/data/cifar10_jpeg.tgz \\
+        --resnet8_h5=../shared/models/mlperf_tiny_resnet8.h5 --variants=tfmot-qat4
 
 Each finished run is appended to `benchmarks/results/recipe.json`
 (`recipe_lenet.json` for LeNet) at once (a rerun skips the runs already
@@ -153,9 +158,13 @@ INT4 = {
 }
 # (int4 row, the row it is reported against): the largest shortfall (pp)
 # issue 23 allows on ResNet-8 (None: shown without a target).
+# The int4 anchor, opt-in by name: tfmot's 4-bit quantisation-aware training
+# ({"tfmot_qat": bits} runs in tfmot's process; `tfmot_baseline.quantize_aware`).
+QAT = {"tfmot-qat4": {"tfmot_qat": 4}}
 INT4_PAIRS = {("int4-c", "float"): 0.3, ("int4-c", "lutq4"): None,
-              ("int4-t", "lutq-t16"): 1.0}
-KNOWN = {**VARIANTS, **COMPARISON, **INT4, **{name: d[0] for name, d in DIAGNOSES.items()}}
+              ("int4-c", "tfmot-qat4"): None, ("int4-t", "lutq-t16"): 1.0}
+KNOWN = {**VARIANTS, **COMPARISON, **INT4, **QAT,
+         **{name: d[0] for name, d in DIAGNOSES.items()}}
 # Peak rates: the first four are always tried, and the search climbs the
 # ladder while the largest rate tried is the best.
 RATES = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
@@ -369,21 +378,24 @@ def _keras_run(task, stage, options, peak, schedule, epochs, seed, dictionary_ra
 
 
 def _tfmot_run(f, stage, options, peak, schedule, epochs, seed):
-    """tfmot clustering, in tfmot's process; its accuracy.
+    """tfmot clustering or QAT, in tfmot's process; its accuracy.
 
     `options`: {"tfmot": K} and, optionally, "centroids": tfmot_baseline's
-    `--centroids` (default "train": by gradient).
+    `--centroids` (default "train": by gradient); or {"tfmot_qat": bits}.
     """
     from benchmarks import tfmot_runner
 
-    extra = ["--pretrained", "--bn=train", f"--schedule={schedule}", f"--split={stage.split}",
-             f"--centroids={options.get('centroids', 'train')}"]
+    extra = ["--pretrained", f"--schedule={schedule}", f"--split={stage.split}"]
+    if "tfmot_qat" in options:
+        extra += ["--method=qat", f"--weight_bits={options['tfmot_qat']}"]
+    else:
+        extra += ["--bn=train", f"--centroids={options.get('centroids', 'train')}"]
     if f.limit:
         extra.append(f"--limit={f.limit}")
     if f.task == "resnet8":
         extra.append(f"--resnet8_h5={stage.start}")
     result = tfmot_runner.run_tfmot_baseline(
-        model=f.task, num_clusters=options["tfmot"], epochs=epochs, batch_size=BATCH,
+        model=f.task, num_clusters=options.get("tfmot", 16), epochs=epochs, batch_size=BATCH,
         data=f.cifar10 if f.task == "resnet8" else f.mnist,
         weights_in=None if f.task == "resnet8" else stage.start,
         learning_rate=peak, seed=seed, extra_flags=extra)
@@ -416,7 +428,7 @@ def run_variant(record, path, key, f, stage, variant, peak, schedule, epochs, se
             return run["accuracy"]
     options = KNOWN[variant]
     start = time.time()
-    if options is not None and "tfmot" in options:
+    if runs_in_tfmot(variant):
         accuracy = _tfmot_run(f, stage, options, peak, schedule, epochs, seed)
     else:
         accuracy = _keras_run(f.task, stage, options, peak, schedule, epochs, seed,
@@ -502,7 +514,14 @@ def per_tensor(variant):
     """Whether `variant` is a LUT-Q row with one dictionary per tensor (no
     `per_channel`): those rows take the per-tensor dictionary rate."""
     options = KNOWN.get(variant)
-    return options is not None and "tfmot" not in options and not options.get("per_channel")
+    return options is not None and not runs_in_tfmot(variant) and not options.get("per_channel")
+
+
+def runs_in_tfmot(variant):
+    """Whether `variant` is a tfmot row (clustering or QAT), run in tfmot's
+    process."""
+    options = KNOWN.get(variant) or {}
+    return "tfmot" in options or "tfmot_qat" in options
 
 
 def dictionary_rate(record, variant):
@@ -671,6 +690,13 @@ def int4_pairs(record):
                 "met" if diff >= -margin else f"missed by {-margin - diff:.2f} pp")
         lines.append(f"| {name} | {cell(s)} | {row(record, other)} | {cell(o)} "
                      f"| {diff:+.2f}{spread} pp | {target} |")
+    if any(other in QAT for _, other, *_ in pairs):
+        lines += ["", "`tfmot-qat4` (`--variants=tfmot-qat4`, with `LUTQ_COMPARE_PYTHON` set), "
+                  "the int4 anchor: tfmot's 4-bit quantisation-aware training as shipped "
+                  "(`DefaultNBitQuantizeScheme`: symmetric weights on [-7, 7] per output "
+                  "channel for Conv2D, per tensor for Dense; 8-bit activations, which the "
+                  "Keras 3 rows do not simulate), searched and seeded alike, evaluated as "
+                  "tf_keras' fake-quantised model."]
     return lines
 
 
@@ -689,7 +715,7 @@ def validate(f):
     if unknown:
         raise app.UsageError(f"--variants: unknown {', '.join(unknown)}; "
                              f"known: {', '.join(KNOWN)}")
-    if any("tfmot" in (KNOWN[v] or {}) for v in f.variants):
+    if any(runs_in_tfmot(v) for v in f.variants):
         from benchmarks import tfmot_runner
 
         try:

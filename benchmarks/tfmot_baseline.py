@@ -7,7 +7,7 @@ never imports it. Set that environment up with:
 
     python3 -m venv /work/venv-compare
     /work/venv-compare/bin/pip install tensorflow==2.21.0 tf-keras==2.21.0 \\
-        tensorflow-model-optimization numpy absl-py scikit-learn
+        tensorflow-model-optimization numpy absl-py scikit-learn pillow
 
 and call it from the Keras 3 side with `benchmarks.tfmot_runner`
 (`run_tfmot_baseline(...)`), or directly:
@@ -138,6 +138,12 @@ flags.DEFINE_enum(
     "so BN runs in inference mode during fine-tuning (wrapped); or wrap only "
     "the Conv2D/Dense layers (tfmot's clone_model pattern), so BN trains "
     "(train).")
+flags.DEFINE_enum(
+    "method", "cluster", ["cluster", "qat"],
+    "--pretrained: tfmot weight clustering (cluster), or tfmot's n-bit "
+    "quantisation-aware training with --weight_bits weights and 8-bit "
+    "activations (qat; `run_pretrained_qat`).")
+flags.DEFINE_integer("weight_bits", 4, "--method=qat: bits of the weights.")
 flags.DEFINE_integer("limit", None, "--pretrained: use only this many "
                      "training and test images (smoke tests).")
 
@@ -488,6 +494,21 @@ def cluster_means(tf, wrapper):
     return out
 
 
+def fit_in_order(model, x, y, epochs, batch_size, seed, callbacks=()):
+    """Fits `model` epoch by epoch, each in a fresh order drawn from
+    `np.random.default_rng(seed)` (the first: that of
+    `benchmarks/tfmot_resnet8.py`'s LUT-Q runs), unshuffled by `fit`;
+    returns the seconds it took."""
+    start = time.perf_counter()
+    order = np.random.default_rng(seed)
+    for epoch in range(epochs):
+        permutation = order.permutation(len(x))
+        x, y = x[permutation], y[permutation]
+        model.fit(x, y, batch_size=batch_size, initial_epoch=epoch, epochs=epoch + 1,
+                  shuffle=False, verbose=0, callbacks=list(callbacks))
+    return time.perf_counter() - start
+
+
 def run_pretrained(model_name, start, data, num_clusters, epochs, batch_size, learning_rate,
                    seed, centroids="train", bn="wrapped", limit=None, schedule="constant",
                    split="test", centroid_init="kmeans_plus_plus"):
@@ -556,14 +577,7 @@ def run_pretrained(model_name, start, data, num_clusters, epochs, batch_size, le
                     for c, value in cluster_means(tf, wr):
                         c.assign(value)
 
-    fit_start = time.perf_counter()
-    order = np.random.default_rng(seed)
-    for epoch in range(epochs):
-        permutation = order.permutation(len(x))
-        x, y = x[permutation], y[permutation]
-        clustered.fit(x, y, batch_size=batch_size, initial_epoch=epoch, epochs=epoch + 1,
-                      shuffle=False, verbose=0, callbacks=[Centroids()])
-    fit_seconds = time.perf_counter() - fit_start
+    fit_seconds = fit_in_order(clustered, x, y, epochs, batch_size, seed, [Centroids()])
     trained = [c.numpy() for c in variables]
     bn_moved = float(max((np.abs(l.moving_mean.numpy() - m).max()
                           for l, m in zip(bn_layers, moving_mean)), default=0.0))
@@ -602,16 +616,114 @@ def run_pretrained(model_name, start, data, num_clusters, epochs, batch_size, le
     }
 
 
+def quantize_aware(tfmot, model, weight_bits):
+    """tfmot's n-bit quantisation-aware training model of `model`.
+
+    tfmot's `DefaultNBitQuantizeScheme` as shipped: symmetric weights on
+    [-(2^(b-1) - 1), 2^(b-1) - 1] per output channel for Conv2D and
+    DepthwiseConv2D and per tensor for Dense (TFLM's int4 layouts),
+    8-bit activations; batch norms stay separate layers.
+    """
+    from tensorflow_model_optimization.python.core.quantization.keras.experimental.default_n_bit import (  # noqa: E501
+        default_n_bit_quantize_scheme as n_bit,
+    )
+
+    annotated = tfmot.quantization.keras.quantize_annotate_model(model)
+    scheme = n_bit.DefaultNBitQuantizeScheme(num_bits_weight=weight_bits,
+                                             num_bits_activation=8)
+    return tfmot.quantization.keras.quantize_apply(annotated, scheme)
+
+
+def grid_levels(tf, model, weight_bits):
+    """{layer: the most distinct values one output channel of its kernel
+    takes once fake-quantised with the ranges QAT learnt}: at most
+    2^weight_bits - 1 if the weights the model computes with are on the
+    grid (a check that the scheme quantised what it says)."""
+    levels = {}
+    for wrapper in model.layers:
+        # By variable name: during a call the wrapper replaces the inner
+        # layer's `kernel` attribute with its fake-quantised tensor.
+        by_name = {v.name.split("/")[-1].split(":")[0]: v for v in wrapper.weights}
+        kernel, low, high = (by_name.get(n) for n in ("kernel", "kernel_min", "kernel_max"))
+        if kernel is None or low is None or high is None:
+            continue
+        if low.shape.rank == 0:
+            quantised = tf.quantization.fake_quant_with_min_max_vars(
+                kernel, low, high, num_bits=weight_bits, narrow_range=True)
+        else:
+            quantised = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                kernel, low, high, num_bits=weight_bits, narrow_range=True)
+        values = np.reshape(quantised.numpy(), (-1, kernel.shape[-1]))
+        levels[wrapper.name] = int(max(np.unique(values[:, c]).size
+                                     for c in range(values.shape[1])))
+    return levels
+
+
+def run_pretrained_qat(model_name, start, data, weight_bits, epochs, batch_size,
+                       learning_rate, seed, limit=None, schedule="constant", split="test"):
+    """tfmot's `weight_bits`-bit quantisation-aware training of a pretrained
+    model (`quantize_aware`), fine-tuned with Adam; the anchor for LUT-Q's
+    int4-exact dictionaries.
+
+    Args: as `run_pretrained`; `weight_bits`: the weights' bits (4: int4).
+
+    Returns:
+        The result dict: `test_accuracy` of the QAT model (fake-quantised
+        weights and activations) on `split`'s evaluation images, and
+        `grid_levels` (see there).
+    """
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+    import tf_keras as keras
+
+    from benchmarks.recipe import learning_rate as schedule_rate
+    from experiments import datasets
+
+    begin = time.perf_counter()
+    keras.utils.set_random_seed(seed)
+    base, ((x, y), evaluate) = load_pretrained(keras, model_name, start, data, limit)
+    if split == "validation":
+        (x, y), evaluate = datasets.validation_split(x, y)
+    steps = epochs * -(-len(x) // batch_size)
+    rate = schedule_rate(learning_rate, schedule, steps, keras)
+    compile_model(keras, base, rate)
+    float_acc = accuracy(base, *evaluate)
+    model = quantize_aware(tfmot, base, weight_bits)
+    compile_model(keras, model, rate)
+    before = accuracy(model, *evaluate)
+    fit_seconds = fit_in_order(model, x, y, epochs, batch_size, seed)
+    levels = grid_levels(tf, model, weight_bits)
+    if not levels or max(levels.values()) > 2**weight_bits - 1:
+        raise RuntimeError(f"QAT kernels are not on a {weight_bits}-bit grid: {levels}")
+    return {
+        "model": model_name, "method": "qat", "weight_bits": weight_bits,
+        "activation_bits": 8, "epochs": epochs, "batch_size": batch_size,
+        "learning_rate": learning_rate, "schedule": schedule, "split": split,
+        "num_train": int(len(x)), "num_evaluated": int(len(evaluate[0])), "seed": seed,
+        "float_test_accuracy": float_acc, "qat_test_accuracy_before_finetune": before,
+        "test_accuracy": accuracy(model, *evaluate), "grid_levels": levels,
+        "fit_seconds": fit_seconds, "wall_seconds": time.perf_counter() - begin,
+        "versions": {"tensorflow": tf.__version__, "tf_keras": keras.__version__,
+                     "tfmot": getattr(tfmot, "__version__", "unknown")},
+    }
+
+
 def main(argv):
     del argv
     if FLAGS.model == "resnet8" or FLAGS.pretrained:
         start = FLAGS.resnet8_h5 if FLAGS.model == "resnet8" else FLAGS.weights_in
         if not start:
             raise app.UsageError("--pretrained needs --resnet8_h5 (resnet8) or --weights_in")
-        result = run_pretrained(
-            FLAGS.model, start, FLAGS.data, FLAGS.num_clusters, FLAGS.epochs,
-            FLAGS.batch_size, FLAGS.learning_rate, FLAGS.seed, FLAGS.centroids,
-            FLAGS.bn, FLAGS.limit, FLAGS.schedule, FLAGS.split, FLAGS.centroid_init)
+        if FLAGS.method == "qat":
+            result = run_pretrained_qat(
+                FLAGS.model, start, FLAGS.data, FLAGS.weight_bits, FLAGS.epochs,
+                FLAGS.batch_size, FLAGS.learning_rate, FLAGS.seed, FLAGS.limit,
+                FLAGS.schedule, FLAGS.split)
+        else:
+            result = run_pretrained(
+                FLAGS.model, start, FLAGS.data, FLAGS.num_clusters, FLAGS.epochs,
+                FLAGS.batch_size, FLAGS.learning_rate, FLAGS.seed, FLAGS.centroids,
+                FLAGS.bn, FLAGS.limit, FLAGS.schedule, FLAGS.split, FLAGS.centroid_init)
     else:
         result = run(
             FLAGS.model,

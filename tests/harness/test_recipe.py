@@ -315,6 +315,37 @@ def test_a_diagnostic_row_passes_its_centroids_to_tfmot(tmp_path, monkeypatch):
         assert f"--centroids={centroids}" in seen["extra_flags"]
 
 
+def test_the_int4_anchor_runs_tfmot_qat_and_is_reported_against_int4_c(tmp_path,
+                                                                       monkeypatch):
+    from benchmarks import tfmot_runner
+
+    assert recipe.runs_in_tfmot("tfmot-qat4") and not recipe.per_tensor("tfmot-qat4")
+    assert not recipe.runs_in_tfmot("int4-c")
+    seen = {}
+
+    def fake_baseline(**kwargs):
+        seen.update(kwargs)
+        return {"num_train": 3, "num_evaluated": 2, "test_accuracy": 0.5}
+
+    monkeypatch.setattr(tfmot_runner, "run_tfmot_baseline", fake_baseline)
+    stage = recipe.Stage("validation", (None, np.zeros(3)), (None, np.zeros(2)), "start.h5")
+    record = {"runs": []}
+    assert recipe.run_variant(record, str(tmp_path / "r.json"), "search/tfmot-qat4",
+                              _flags(variants=["tfmot-qat4"]), stage, "tfmot-qat4", 1e-3,
+                              "cosine", 1, 0) == 0.5
+    assert {"--method=qat", "--weight_bits=4", "--split=validation"} <= set(seen["extra_flags"])
+    assert not [f for f in seen["extra_flags"] if f.startswith(("--bn", "--centroids"))]
+    report = _record()
+    report["settings"] = {"task": "resnet8", "limit": None}
+    for variant, values in {"int4-c": (0.986, 0.99), "tfmot-qat4": (0.97, 0.98)}.items():
+        report["runs"] += [{"key": f"test/{variant}/e2/seed{s}", "accuracy": a}
+                           for s, a in enumerate(values)]
+    text = recipe.markdown(report)
+    assert ("| int4-c | 98.80 +- 0.20 (n=2) | tfmot-qat4 | 97.50 +- 0.50 (n=2) "
+            "| +1.30 +- 0.54 pp |  |") in text
+    assert "`tfmot-qat4` (`--variants=tfmot-qat4`" in text
+
+
 def test_report_shows_the_callback_search_and_the_chosen_rows():
     base = "search/lutq4-pruned50/cosine/0.001"
     runs = [{"key": base, "accuracy": 0.80}, {"key": base + "/+kmeans-warmup", "accuracy": 0.79},
