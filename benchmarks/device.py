@@ -20,6 +20,13 @@ exported four ways with a device profile (`tflite_export.device.target`):
   quantised with `quantize_model(**plan)` and exported with
   `plan.export_options()`.
 
+With `--cifar10=PATH`, ResNet-8 takes real images instead of random ones:
+the first 32 CIFAR-10 training images (x255, as the .h5 expects) calibrate
+and weight the plan, and the agreement is taken on `--agreement_images` test
+images. Random inputs make a classifier's top-1 agreement a coin toss on
+near-ties (ResNet-8 puts 27 of 32 of them in one class), so it says little
+about the file.
+
 Figures are estimates from the profile's measured costs, not a device run:
 firmware flash change against the int8 route (file change plus the code the
 file links), arena for the profile's kernel set (an upper bound for a
@@ -27,9 +34,10 @@ file links), arena for the profile's kernel set (an upper bound for a
 instructions per inference and their share of the int8 model's MAC
 instructions, the int4 kernels' extra instructions likewise, the weights
 left int8, and each file's agreement with the float Keras model on the
-random inputs (TFLM against Keras: top-1 for a classifier, SNR otherwise).
+random inputs, or the real ones (TFLM against Keras: top-1 for a
+classifier, SNR otherwise).
 
-    python -m benchmarks.device --models_dir=PATH
+    python -m benchmarks.device --models_dir=PATH --cifar10=PATH
 
 `PATH` holds the MLPerf Tiny `.h5` files (mlcommons/tiny,
 `benchmark/training/*/trained_models/`); models that are absent are skipped.
@@ -68,6 +76,10 @@ def define_flags():
     flags.DEFINE_string("models_dir", "../shared/models", "Folder with the MLPerf .h5 files.")
     flags.DEFINE_list("models", list(MODELS), "Models to run.")
     flags.DEFINE_string("target", "cortex-m4-cmsis-nn", "Device profile.")
+    flags.DEFINE_string("cifar10", None, "Optional CIFAR-10 path (experiments.datasets): "
+                        "ResNet-8 takes real images instead of random ones.")
+    flags.DEFINE_integer("agreement_images", 256, "--cifar10: test images the "
+                         "agreement with float Keras is taken on.")
     flags.DEFINE_string("out", os.path.join(RESULTS, "device"),
                         "Output path without extension (.json and .md).")
 
@@ -105,6 +117,8 @@ class Row:
     float_max_diff: float = 0.0
     reference_scratch: int = 0
     notes: list = dataclasses.field(default_factory=list)
+    # What the agreement is taken on: "random" or a real data set's name.
+    inputs: str = "random"
 
 
 def _model(name, models_dir):
@@ -246,7 +260,29 @@ def _int4_export(model, data, target, path):
         return tflite_export.export(q, path, int4="auto", **options), notes
 
 
-def run_model(name, models_dir, target, work):
+def real_images(cifar10, agreement_images):
+    """`{model: (calibration, evaluation, name)}`: ResNet-8's real inputs
+    from CIFAR-10 (`_SAMPLES` training images, `agreement_images` test
+    images, x255 as the .h5 expects); empty without `cifar10`."""
+    if not cifar10:
+        return {}
+    from experiments import datasets
+
+    (x, _), (test, _) = datasets.load_cifar10(cifar10)
+    return {"ResNet-8": (255.0 * x[:_SAMPLES], 255.0 * test[:agreement_images],
+                         f"{agreement_images} CIFAR-10 test images")}
+
+
+def run_model(name, models_dir, target, work, real=None):
+    """The rows of one model.
+
+    Args:
+        name: a key of `MODELS`.
+        models_dir, target: see the flags.
+        work: a folder for the files.
+        real: `(calibration, evaluation, name)` of real inputs (`real_images`),
+            or None for `_SAMPLES` random ones, used for both.
+    """
     import numpy as np
 
     import lutq_tf
@@ -257,15 +293,21 @@ def run_model(name, models_dir, target, work):
         print(f"{name}: not in {models_dir}, skipped", flush=True)
         return []
     _, kind, bits = MODELS[name]
-    data = _inputs(model, kind, np.random.default_rng(0))
-    expected = model.predict(data, verbose=0)
+    if real is None:
+        data = evaluation = _inputs(model, kind, np.random.default_rng(0))
+        inputs = "random"
+    else:
+        data, evaluation, inputs = real
+    expected = model.predict(evaluation, verbose=0)
     int8_path = os.path.join(work, "int8.tflite")
     int8 = tflite_export.export(model, int8_path, representative_data=data, target=target)
     with open(int8_path, "rb") as f:
         total = weight_count(f.read())
 
     def row(variant, row_bits, result, path, notes=()):
-        r = _row(name, variant, row_bits, result, int8, total, data, expected, path, notes)
+        r = _row(name, variant, row_bits, result, int8, total, evaluation, expected, path,
+                 notes)
+        r.inputs = inputs
         print(f"{name} {variant}: file {r.file_bytes:,} B, firmware {r.firmware_change:+,} B, "
               f"arena {r.arena_bytes:,} B (int8 {r.int8_arena_bytes:,}), "
               f"int8 weights {r.int8_weights:,}", flush=True)
@@ -310,9 +352,10 @@ def _planned_export(model, data, target, budget, path):
 
 
 def _agreement_text(r):
+    where = "" if r.inputs == "random" else f" on {r.inputs}"
     if r.float_top1 is not None:
-        return f"top-1 {100 * r.float_top1:.1f} %"
-    return "exact" if r.float_snr_db is None else f"SNR {r.float_snr_db:.1f} dB"
+        return f"top-1 {100 * r.float_top1:.1f} %{where}"
+    return "exact" if r.float_snr_db is None else f"SNR {r.float_snr_db:.1f} dB{where}"
 
 
 def markdown(rows, command, seconds, target):
@@ -320,6 +363,10 @@ def markdown(rows, command, seconds, target):
 
     profile = targets.get(target)
     unpack = ", which CMSIS-NN does not allocate" if profile.kernels == "cmsis-nn" else ""
+    real = {r.model: r.inputs for r in rows if r.inputs != "random"}
+    real_calibration = "".join(f" ({m}: {_SAMPLES} training images of the same set)"
+                               for m in real)
+    real_agreement = "".join(f" ({m}: on {inputs})" for m, inputs in real.items())
     lines = [
         f"# Exports on the device ({profile.name})",
         "",
@@ -330,7 +377,8 @@ def markdown(rows, command, seconds, target):
         "`constraint=\"int4\"` dictionaries fitted by k-means per output channel "
         "(per tensor for Dense and where a channel holds fewer than 16 weights), "
         "exported with `int4=\"always\"` and `weight_quantization=\"dense_per_tensor\"`. "
-        f"No fine-tuning; calibration on {_SAMPLES} random inputs. *firmware*: "
+        f"No fine-tuning; calibration on {_SAMPLES} random inputs{real_calibration}. "
+        "*firmware*: "
         "firmware flash change against the int8 row's file (file change plus the "
         "code the file links: DECODE once); *report*: `result.device.flash_change`, "
         "against the export's own int8 twin (the same when both are slimmed alike). "
@@ -346,11 +394,12 @@ def markdown(rows, command, seconds, target):
         "*decode*: instructions per inference decoding the weights; *int4 instr.*: "
         "the int4 kernels' extra instructions over int8; shares are of the int8 "
         "model's MAC instructions. *int8 weights*: filter weights left int8. "
-        "*vs float*: TFLM against the float Keras model on the random inputs "
+        "*vs float*: TFLM against the float Keras model on the random inputs"
+        f"{real_agreement} "
         "(top-1 for classifiers, SNR otherwise). *default* is what `export(..., "
         f"target=\"{profile.name}\")` writes; *LUT (forced)* is `decode=\"always\"`; "
         "*planned* is `plan_budget(..., target=...)` for the LUT (forced) file's bytes "
-        "(batch norms folded; Fisher weights from the outputs of the random inputs), "
+        "(batch norms folded; Fisher weights from the outputs of the calibration inputs), "
         "quantised with `quantize_model(**plan)` and exported with "
         "`plan.export_options()`.",
         "",
@@ -414,12 +463,14 @@ def main(argv):
     f = flags.FLAGS
     command = "python -m benchmarks.device " + " ".join(sys.argv[1:])
     start = time.time()
+    unknown = [name for name in f.models if name not in MODELS]
+    if unknown:
+        raise app.UsageError(f"--models: unknown {unknown}; known: {list(MODELS)}")
+    real = real_images(f.cifar10, f.agreement_images)
     rows = []
     for name in f.models:
-        if name not in MODELS:
-            raise app.UsageError(f"--models: unknown model {name!r}; known: {list(MODELS)}")
         with tempfile.TemporaryDirectory() as work:
-            rows += run_model(name, f.models_dir, f.target, work)
+            rows += run_model(name, f.models_dir, f.target, work, real.get(name))
         _write(f.out, rows, command, time.time() - start, f.target)
     print(markdown(rows, command, time.time() - start, f.target))
 

@@ -261,7 +261,7 @@ def device():
     record = _json("device.json")
     rows = record["rows"]
     models = list(dict.fromkeys(r["model"] for r in rows))
-    command = re.sub(r"--models_dir=\S+", "--models_dir=PATH", record["command"])
+    command = re.sub(r"--(models_dir|cifar10)=\S+", r"--\1=PATH", record["command"])
 
     def row(model, variant):
         return next((r for r in rows if r["model"] == model and r["variant"] == variant), None)

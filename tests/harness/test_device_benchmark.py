@@ -108,6 +108,33 @@ def test_markdown_has_the_int4_row_and_its_summary():
     assert "Two batch norm(s) folded." in text
 
 
+def test_real_images_are_resnet8s_cifar10_scaled_as_the_h5_expects(monkeypatch):
+    from experiments import datasets
+
+    assert device.real_images(None, 256) == {}
+    train = np.random.default_rng(0).random((100, 32, 32, 3)).astype(np.float32)
+    test = np.random.default_rng(1).random((300, 32, 32, 3)).astype(np.float32)
+    monkeypatch.setattr(datasets, "load_cifar10",
+                        lambda path: ((train, np.zeros(100)), (test, np.zeros(300))))
+    ((model, (calibration, evaluation, name)),) = device.real_images("c.tgz", 256).items()
+    assert model == "ResNet-8" and model in device.MODELS
+    np.testing.assert_allclose(calibration, 255 * train[:device._SAMPLES])
+    np.testing.assert_allclose(evaluation, 255 * test[:256])
+    assert name == "256 CIFAR-10 test images"
+
+
+def test_markdown_says_which_rows_agree_on_real_images():
+    rows = _rows()
+    for r in rows:
+        r.inputs = "256 CIFAR-10 test images"
+    text = device.markdown(rows, "python -m benchmarks.device", 60, "cortex-m4-cmsis-nn")
+    (row,) = [line for line in text.splitlines() if line.startswith("| M | int4 |")]
+    assert row.rstrip(" |").endswith("SNR 30.0 dB on 256 CIFAR-10 test images")
+    assert "(M: on 256 CIFAR-10 test images)" in text
+    assert "(M: 32 training images of the same set)" in text
+    assert "on 256 CIFAR" not in device.markdown(_rows(), "c", 60, "cortex-m4-cmsis-nn")
+
+
 def test_readme_block_shows_lut_and_int4_per_model(monkeypatch, tmp_path):
     record = {"command": "python -m benchmarks.device --models_dir=/x/models",
               "date": "2026-12-07", "seconds": 120, "target": "cortex-m4-cmsis-nn",
