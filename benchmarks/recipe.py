@@ -550,7 +550,7 @@ def markdown(record):
         start = "Every variant starts from the MLPerf Tiny .h5."
     rates = [r for r in RATES if any(k.split("/")[3:] == [f"{r:g}"] for k in runs)]
     lines = [f"# {TASKS[task][0]}: the fine-tuning recipe", "",
-             f"`{record.get('command', '')}`", "",
+             "; ".join(f"`{c}`" for c in commands(record)), "",
              f"{start} Search: one epoch per run on 90 % of the training set, accuracy on "
              "the held-out 10 % (seed 0). Peak learning rate per variant:", "",
              "| variant | schedule | " + " | ".join(f"{r:g}" for r in rates) + " |",
@@ -743,7 +743,9 @@ def run(f, command):
     if record.setdefault("settings", settings) != settings:
         raise app.UsageError(f"{path} holds runs with {record['settings']}, not {settings}: "
                              "give another --out")
-    record["command"] = command
+    # A record gathers the runs of several commands (rows added later).
+    record["commands"] = [c for c in commands(record) if c != command] + [command]
+    record.pop("command", None)
     record["epochs"] = f.epochs
     if f.task == "resnet8":
         (x, y), test = datasets.load_cifar10(f.cifar10, limit=f.limit)
@@ -766,6 +768,14 @@ def run(f, command):
                         record["learning_rates"][variant], record["schedule"], f.epochs, seed,
                         dictionary_rate(record, variant), record["callbacks"].get(variant, ()))
             write_markdown(record, out)
+
+
+def commands(record):
+    """The commands whose runs a record holds, the latest last (records from
+    before the list hold one, `command`)."""
+    if "commands" in record:
+        return list(record["commands"])
+    return [record["command"]] if "command" in record else []
 
 
 def write_markdown(record, out):

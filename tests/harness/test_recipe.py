@@ -346,6 +346,13 @@ def test_the_int4_anchor_runs_tfmot_qat_and_is_reported_against_int4_c(tmp_path,
     assert "`tfmot-qat4` (`--variants=tfmot-qat4`" in text
 
 
+def test_a_record_names_every_command_that_added_runs():
+    assert recipe.commands({"runs": []}) == []
+    assert recipe.commands({"command": "a"}) == ["a"]
+    record = {"commands": ["a", "b --variants=tfmot-qat4"], "runs": [], "epochs": 5}
+    assert recipe.markdown(record).splitlines()[2] == "`a`; `b --variants=tfmot-qat4`"
+
+
 def test_report_shows_the_callback_search_and_the_chosen_rows():
     base = "search/lutq4-pruned50/cosine/0.001"
     runs = [{"key": base, "accuracy": 0.80}, {"key": base + "/+kmeans-warmup", "accuracy": 0.79},
