@@ -20,12 +20,14 @@ exported four ways with a device profile (`tflite_export.device.target`):
   quantised with `quantize_model(**plan)` and exported with
   `plan.export_options()`.
 
-With `--cifar10=PATH`, ResNet-8 takes real images instead of random ones:
-the first 32 CIFAR-10 training images (x255, as the .h5 expects) calibrate
-and weight the plan, and the agreement is taken on `--agreement_images` test
-images. Random inputs make a classifier's top-1 agreement a coin toss on
-near-ties (ResNet-8 puts 27 of 32 of them in one class), so it says little
-about the file.
+The quickstart model is trained as the quickstart's float stage does
+(seed 0) and takes scikit-learn's digits; with `--cifar10=PATH`, ResNet-8
+takes CIFAR-10 images (x255, as the .h5 expects). Each: its first 32
+training images calibrate and weight the plan, and the agreement is taken
+on `--agreement_images` test images. The other models take random inputs,
+on which a classifier's top-1 agreement is a coin toss on near-ties
+(ResNet-8 puts 27 of 32 of them in one class) and says little about the
+file.
 
 Figures are estimates from the profile's measured costs, not a device run:
 firmware flash change against the int8 route (file change plus the code the
@@ -122,12 +124,20 @@ class Row:
 
 
 def _model(name, models_dir):
+    import keras
+
+    from experiments import datasets
     from experiments import models
+    from experiments import pipeline
     import lutq_tf
 
     h5 = MODELS[name][0]
-    if h5 is None:
-        return models.digits_cnn()
+    if h5 is None:  # as the quickstart's float stage: 30 epochs, batch 32, Adam 1e-3
+        keras.utils.set_random_seed(0)
+        model = models.digits_cnn()
+        pipeline.train_float(model, datasets.load_digits(seed=0)[0], 30, 32, 1e-3,
+                             verbose=0, seed=0)
+        return model
     path = os.path.join(models_dir, h5)
     return lutq_tf.load_model(path) if os.path.exists(path) else None
 
@@ -261,16 +271,20 @@ def _int4_export(model, data, target, path):
 
 
 def real_images(cifar10, agreement_images):
-    """`{model: (calibration, evaluation, name)}`: ResNet-8's real inputs
-    from CIFAR-10 (`_SAMPLES` training images, `agreement_images` test
-    images, x255 as the .h5 expects); empty without `cifar10`."""
-    if not cifar10:
-        return {}
+    """`{model: (calibration, evaluation, name)}`: real inputs, `_SAMPLES`
+    training images and `agreement_images` test images: the quickstart's
+    from scikit-learn's bundled digits, ResNet-8's from CIFAR-10 (x255, as
+    the .h5 expects) if `cifar10` is given."""
     from experiments import datasets
 
-    (x, _), (test, _) = datasets.load_cifar10(cifar10)
-    return {"ResNet-8": (255.0 * x[:_SAMPLES], 255.0 * test[:agreement_images],
-                         f"{agreement_images} CIFAR-10 test images")}
+    (x, _), (test, _) = datasets.load_digits(seed=0)
+    real = {"quickstart": (x[:_SAMPLES], test[:agreement_images],
+                           f"{len(test[:agreement_images])} digits test images")}
+    if cifar10:
+        (x, _), (test, _) = datasets.load_cifar10(cifar10)
+        real["ResNet-8"] = (255.0 * x[:_SAMPLES], 255.0 * test[:agreement_images],
+                            f"{len(test[:agreement_images])} CIFAR-10 test images")
+    return real
 
 
 def run_model(name, models_dir, target, work, real=None):
@@ -364,9 +378,11 @@ def markdown(rows, command, seconds, target):
     profile = targets.get(target)
     unpack = ", which CMSIS-NN does not allocate" if profile.kernels == "cmsis-nn" else ""
     real = {r.model: r.inputs for r in rows if r.inputs != "random"}
-    real_calibration = "".join(f" ({m}: {_SAMPLES} training images of the same set)"
-                               for m in real)
-    real_agreement = "".join(f" ({m}: on {inputs})" for m, inputs in real.items())
+    real_calibration = real_agreement = ""
+    if real:
+        real_calibration = (f" ({', '.join(real)}: {_SAMPLES} training images of the set "
+                            "they are evaluated on)")
+        real_agreement = " (" + "; ".join(f"{m}: on {inputs}" for m, inputs in real.items()) + ")"
     lines = [
         f"# Exports on the device ({profile.name})",
         "",

@@ -108,16 +108,20 @@ def test_markdown_has_the_int4_row_and_its_summary():
     assert "Two batch norm(s) folded." in text
 
 
-def test_real_images_are_resnet8s_cifar10_scaled_as_the_h5_expects(monkeypatch):
+def test_real_images_are_the_digits_and_cifar10_scaled_as_the_h5_expects(monkeypatch):
     from experiments import datasets
 
-    assert device.real_images(None, 256) == {}
+    # The quickstart's digits are bundled: always there.
+    ((model, (calibration, evaluation, name)),) = device.real_images(None, 256).items()
+    assert model == "quickstart" and calibration.shape == (device._SAMPLES, 8, 8, 1)
+    assert evaluation.shape == (256, 8, 8, 1) and name == "256 digits test images"
     train = np.random.default_rng(0).random((100, 32, 32, 3)).astype(np.float32)
     test = np.random.default_rng(1).random((300, 32, 32, 3)).astype(np.float32)
     monkeypatch.setattr(datasets, "load_cifar10",
                         lambda path: ((train, np.zeros(100)), (test, np.zeros(300))))
-    ((model, (calibration, evaluation, name)),) = device.real_images("c.tgz", 256).items()
-    assert model == "ResNet-8" and model in device.MODELS
+    real = device.real_images("c.tgz", 256)
+    assert set(real) == {"quickstart", "ResNet-8"} <= set(device.MODELS)
+    calibration, evaluation, name = real["ResNet-8"]
     np.testing.assert_allclose(calibration, 255 * train[:device._SAMPLES])
     np.testing.assert_allclose(evaluation, 255 * test[:256])
     assert name == "256 CIFAR-10 test images"
@@ -131,7 +135,7 @@ def test_markdown_says_which_rows_agree_on_real_images():
     (row,) = [line for line in text.splitlines() if line.startswith("| M | int4 |")]
     assert row.rstrip(" |").endswith("SNR 30.0 dB on 256 CIFAR-10 test images")
     assert "(M: on 256 CIFAR-10 test images)" in text
-    assert "(M: 32 training images of the same set)" in text
+    assert "(M: 32 training images of the set they are evaluated on)" in text
     assert "on 256 CIFAR" not in device.markdown(_rows(), "c", 60, "cortex-m4-cmsis-nn")
 
 
