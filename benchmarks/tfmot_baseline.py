@@ -30,8 +30,10 @@ only the clustering run, from a pretrained model: the MLPerf Tiny ResNet-8
 CIFAR-10 (`--data`), or LeNet from `--weights_in` on MNIST; with the
 learning-rate schedule of `benchmarks.recipe` (`--schedule`), on the test
 set or on its validation split (`--split`), and with `--centroids` and
-`--bn` ablations. `benchmarks/recipe.py` (the tfmot rows) and
-`benchmarks/tfmot_resnet8.py` (the ablations) drive it.
+`--bn` ablations; with `--method=qat`, tfmot's n-bit quantisation-aware
+training instead of clustering (`run_pretrained_qat`). `benchmarks/recipe.py`
+(the tfmot rows, `tfmot-qat4` among them) and `benchmarks/tfmot_resnet8.py`
+(the ablations) drive it.
 
 The other architectures are the tf_keras twins of `experiments/models.py`
 (`digits_cnn`, `lenet`, `mlp`), layer by layer, so that
