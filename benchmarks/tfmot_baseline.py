@@ -3,11 +3,11 @@
 tfmot only works with tf_keras (Keras 2), and importing it sets
 `TF_USE_LEGACY_KERAS=1` for the whole process. So this is a standalone
 script, run in its own process and in its own environment; the library
-never imports it. Set that environment up with:
+never imports it. Set that environment up with the project's `compare`
+extra (tf-keras, tfmot; `examples` brings Pillow for CIFAR-10's images):
 
     python3 -m venv /work/venv-compare
-    /work/venv-compare/bin/pip install tensorflow==2.21.0 tf-keras==2.21.0 \\
-        tensorflow-model-optimization numpy absl-py scikit-learn pillow
+    /work/venv-compare/bin/pip install -e ".[compare,examples]"
 
 and call it from the Keras 3 side with `benchmarks.tfmot_runner`
 (`run_tfmot_baseline(...)`), or directly:
