@@ -103,7 +103,7 @@ def recipe():
     if not os.path.exists(os.path.join(RESULTS, "recipe.json")):
         return ["(Not run yet: `python -m benchmarks.recipe --cifar10=... --resnet8_h5=...`.)"]
     record = _json("recipe.json")
-    lines = ["; ".join(f"`{c}`" for c in recipe_lib.commands(record))]
+    lines = [recipe_lib.command_line(record)]
     if "dictionary_rate" not in record:
         return lines + ["", "(The search is still running.)"]
     schedule = {"cosine": "cosine decay to 0 over all steps",
@@ -131,8 +131,7 @@ def recipe():
         if "learning_rates" in lenet:
             lines += ["", "MNIST LeNet-5 ([`recipe_lenet.md`](benchmarks/results/"
                       "recipe_lenet.md); from a float LeNet-5 trained here), the same "
-                      "search: " + "; ".join(f"`{c}`" for c in recipe_lib.commands(lenet)),
-                      ""]
+                      f"search: {recipe_lib.command_line(lenet)}", ""]
             lines += _recipe_table(recipe_lib, lenet, "lenet")
             lines += recipe_lib.tfmot_pairs(lenet)
             lines += recipe_lib.int4_pairs(lenet)

@@ -550,7 +550,7 @@ def markdown(record):
         start = "Every variant starts from the MLPerf Tiny .h5."
     rates = [r for r in RATES if any(k.split("/")[3:] == [f"{r:g}"] for k in runs)]
     lines = [f"# {TASKS[task][0]}: the fine-tuning recipe", "",
-             "; ".join(f"`{c}`" for c in commands(record)), "",
+             command_line(record), "",
              f"{start} Search: one epoch per run on 90 % of the training set, accuracy on "
              "the held-out 10 % (seed 0). Peak learning rate per variant:", "",
              "| variant | schedule | " + " | ".join(f"{r:g}" for r in rates) + " |",
@@ -776,6 +776,11 @@ def commands(record):
     if "commands" in record:
         return list(record["commands"])
     return [record["command"]] if "command" in record else []
+
+
+def command_line(record):
+    """`commands(record)` as markdown: each in backticks, `; ` between."""
+    return "; ".join(f"`{c}`" for c in commands(record))
 
 
 def write_markdown(record, out):

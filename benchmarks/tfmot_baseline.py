@@ -511,6 +511,28 @@ def fit_in_order(model, x, y, epochs, batch_size, seed, callbacks=()):
     return time.perf_counter() - start
 
 
+def start_pretrained(keras, model_name, start, data, limit, split, epochs, batch_size,
+                     learning_rate, schedule, seed):
+    """The common start of `run_pretrained` and `run_pretrained_qat`: seeds
+    tf_keras, loads the model and `split`'s images, builds the learning
+    rate and compiles the float model with it.
+
+    Returns:
+        `(model, (x, y), evaluate, rate, float accuracy on evaluate)`.
+    """
+    from benchmarks.recipe import learning_rate as schedule_rate
+    from experiments import datasets
+
+    keras.utils.set_random_seed(seed)
+    model, ((x, y), evaluate) = load_pretrained(keras, model_name, start, data, limit)
+    if split == "validation":
+        (x, y), evaluate = datasets.validation_split(x, y)
+    steps = epochs * -(-len(x) // batch_size)
+    rate = schedule_rate(learning_rate, schedule, steps, keras)
+    compile_model(keras, model, rate)
+    return model, (x, y), evaluate, rate, accuracy(model, *evaluate)
+
+
 def run_pretrained(model_name, start, data, num_clusters, epochs, batch_size, learning_rate,
                    seed, centroids="train", bn="wrapped", limit=None, schedule="constant",
                    split="test", centroid_init="kmeans_plus_plus"):
@@ -547,18 +569,10 @@ def run_pretrained(model_name, start, data, num_clusters, epochs, batch_size, le
     import tensorflow_model_optimization as tfmot
     import tf_keras as keras
 
-    from benchmarks.recipe import learning_rate as schedule_rate
-    from experiments import datasets
-
     begin = time.perf_counter()
-    keras.utils.set_random_seed(seed)
-    base, ((x, y), evaluate) = load_pretrained(keras, model_name, start, data, limit)
-    if split == "validation":
-        (x, y), evaluate = datasets.validation_split(x, y)
-    steps = epochs * -(-len(x) // batch_size)
-    rate = schedule_rate(learning_rate, schedule, steps, keras)
-    compile_model(keras, base, rate)
-    float_acc = accuracy(base, *evaluate)
+    base, (x, y), evaluate, rate, float_acc = start_pretrained(
+        keras, model_name, start, data, limit, split, epochs, batch_size, learning_rate,
+        schedule, seed)
     clustered = cluster_model(keras, tfmot, base, num_clusters, centroid_init, bn)
     wrappers = [l for l in clustered.layers if getattr(l, "cluster_centroids", None)]
     bn_layers = [getattr(l, "layer", l) for l in clustered.layers
@@ -678,18 +692,10 @@ def run_pretrained_qat(model_name, start, data, weight_bits, epochs, batch_size,
     import tensorflow_model_optimization as tfmot
     import tf_keras as keras
 
-    from benchmarks.recipe import learning_rate as schedule_rate
-    from experiments import datasets
-
     begin = time.perf_counter()
-    keras.utils.set_random_seed(seed)
-    base, ((x, y), evaluate) = load_pretrained(keras, model_name, start, data, limit)
-    if split == "validation":
-        (x, y), evaluate = datasets.validation_split(x, y)
-    steps = epochs * -(-len(x) // batch_size)
-    rate = schedule_rate(learning_rate, schedule, steps, keras)
-    compile_model(keras, base, rate)
-    float_acc = accuracy(base, *evaluate)
+    base, (x, y), evaluate, rate, float_acc = start_pretrained(
+        keras, model_name, start, data, limit, split, epochs, batch_size, learning_rate,
+        schedule, seed)
     model = quantize_aware(tfmot, base, weight_bits)
     compile_model(keras, model, rate)
     before = accuracy(model, *evaluate)

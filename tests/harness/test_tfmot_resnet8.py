@@ -72,42 +72,39 @@ def test_runs_are_appended_skipped_on_rerun_and_reported(tmp_path, monkeypatch):
     assert "| `tfmot`: tfmot as shipped" in text and "60.00 +- 0.00 (n=2)" in text
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (os.path.exists(_COMPARE) and os.path.exists(_H5)
-                         and os.path.exists(_CIFAR)),
-                    reason="needs the compare venv (tfmot, LUTQ_COMPARE_PYTHON) and "
-                           "../shared's ResNet-8 .h5 and CIFAR-10")
-def test_tfmot_cluster_weights_runs_batchnorm_in_inference_mode(tmp_path):
-    out = tmp_path / "t.json"
+_NEEDS_COMPARE = pytest.mark.skipif(
+    not (os.path.exists(_COMPARE) and os.path.exists(_H5) and os.path.exists(_CIFAR)),
+    reason="needs the compare venv (tfmot, LUTQ_COMPARE_PYTHON) and ../shared's "
+           "ResNet-8 .h5 and CIFAR-10")
+
+
+def _baseline(tmp_path, *flags):
+    """`tfmot_baseline.py` on ResNet-8 and 128 CIFAR-10 images, one epoch of
+    batch 64, with `flags`; its result."""
+    out = tmp_path / "result.json"
     subprocess.run(
         [_COMPARE, os.path.join(_REPO, "benchmarks", "tfmot_baseline.py"),
-         "--model=resnet8", f"--resnet8_h5={_H5}", f"--data={_CIFAR}",
-         "--num_clusters=4", "--epochs=1", "--batch_size=64", "--limit=128",
-         "--centroids=kmeans", f"--out={out}"],
+         "--model=resnet8", f"--resnet8_h5={_H5}", f"--data={_CIFAR}", "--epochs=1",
+         "--batch_size=64", "--limit=128", *flags, f"--out={out}"],
         check=True, capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     with open(out) as f:
-        r = json.load(f)
+        return json.load(f)
+
+
+@pytest.mark.slow
+@_NEEDS_COMPARE
+def test_tfmot_cluster_weights_runs_batchnorm_in_inference_mode(tmp_path):
+    r = _baseline(tmp_path, "--num_clusters=4", "--centroids=kmeans")
     assert r["bn_moving_mean_max_change"] == 0.0  # BN never in training mode
     assert len(r["clustered_layers"]) == 10
     assert all(n <= 4 for n in r["distinct_values_per_kernel"].values())
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (os.path.exists(_COMPARE) and os.path.exists(_H5)
-                         and os.path.exists(_CIFAR)),
-                    reason="needs the compare venv (tfmot, LUTQ_COMPARE_PYTHON) and "
-                           "../shared's ResNet-8 .h5 and CIFAR-10")
+@_NEEDS_COMPARE
 def test_tfmot_qat_4_bit_trains_every_kernel_on_a_4_bit_grid(tmp_path):
     # The int4 anchor of benchmarks.recipe (`tfmot-qat4`).
-    out = tmp_path / "q.json"
-    subprocess.run(
-        [_COMPARE, os.path.join(_REPO, "benchmarks", "tfmot_baseline.py"),
-         "--model=resnet8", f"--resnet8_h5={_H5}", f"--data={_CIFAR}", "--method=qat",
-         "--weight_bits=4", "--epochs=1", "--batch_size=64", "--limit=128",
-         "--split=validation", f"--out={out}"],
-        check=True, capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    with open(out) as f:
-        r = json.load(f)
+    r = _baseline(tmp_path, "--method=qat", "--weight_bits=4", "--split=validation")
     assert (r["method"], r["weight_bits"], r["num_train"]) == ("qat", 4, 115)
     assert len(r["grid_levels"]) == 10  # 9 Conv2D and the Dense
     assert all(2 <= n <= 15 for n in r["grid_levels"].values())
